@@ -1,0 +1,587 @@
+//! Configuration: one TOML file, then `OPTIROUTE__SECTION__KEY=value`
+//! environment overrides, then `--set section.key=value` flags. Every process
+//! reads the same file and uses its own sections. Unknown keys are errors that
+//! name the key, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::Error;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub log: LogConfig,
+    pub ingress: IngressConfig,
+    pub router: RouterConfig,
+    pub cache: CacheConfig,
+    pub local: LocalConfig,
+    pub cloud: CloudConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Comma-separated server URLs.
+    pub url: String,
+    /// Subject prefix, so several deployments can share one NATS system.
+    pub prefix: String,
+    /// Upper bound of the reconnect backoff, in milliseconds.
+    pub max_reconnect_delay_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: "optiroute".into(),
+            max_reconnect_delay_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// `tracing` filter directive; `RUST_LOG` wins when set.
+    pub level: String,
+    /// Log prompts and answers (user data). Off by default.
+    pub log_payloads: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+            log_payloads: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngressConfig {
+    pub listen: String,
+    /// Deadline given to each request, end to end.
+    pub request_timeout_ms: u64,
+    pub max_prompt_bytes: usize,
+    /// How long `/ready` waits for a router to answer its probe.
+    pub ready_probe_timeout_ms: u64,
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig {
+            listen: "0.0.0.0:8000".into(),
+            request_timeout_ms: 30_000,
+            max_prompt_bytes: 32 * 1024,
+            ready_probe_timeout_ms: 500,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Address of `/metrics`, `/health`, `/ready` (port 0 picks a free one).
+    pub admin_listen: String,
+    pub max_in_flight: usize,
+    pub max_prompt_bytes: usize,
+    /// Longest a single provider attempt may take; the request deadline still wins.
+    pub provider_timeout_ms: u64,
+    /// Deadline used when a direct NATS publisher sends none.
+    pub default_deadline_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub routing: RoutingConfig,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            admin_listen: "127.0.0.1:9101".into(),
+            max_in_flight: 4096,
+            max_prompt_bytes: 32 * 1024,
+            provider_timeout_ms: 20_000,
+            default_deadline_ms: 30_000,
+            drain_timeout_ms: 10_000,
+            routing: RoutingConfig::default(),
+        }
+    }
+}
+
+/// Weights of the complexity score; see `router-worker/src/routing.rs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Score at or above which `auto` goes to the cloud.
+    pub threshold: f32,
+    /// How far `route_bias` = ±1 moves the threshold.
+    pub bias_span: f32,
+    pub weight_length: f32,
+    pub weight_max_tokens: f32,
+    pub weight_code: f32,
+    pub weight_math: f32,
+    pub weight_reasoning: f32,
+    pub weight_longform: f32,
+    pub weight_questions: f32,
+    pub weight_non_english: f32,
+    pub weight_simple: f32,
+    pub reasoning_keywords: Vec<String>,
+    pub longform_keywords: Vec<String>,
+    pub simple_keywords: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        fn words(list: &[&str]) -> Vec<String> {
+            list.iter().map(|s| s.to_string()).collect()
+        }
+        RoutingConfig {
+            threshold: 1.0,
+            bias_span: 0.6,
+            weight_length: 0.5,
+            weight_max_tokens: 0.3,
+            weight_code: 1.2,
+            weight_math: 1.0,
+            weight_reasoning: 1.0,
+            weight_longform: 1.0,
+            weight_questions: 0.2,
+            weight_non_english: 0.5,
+            weight_simple: -0.6,
+            reasoning_keywords: words(&[
+                "explain why", "explain how", "compare", "contrast", "step by step",
+                "step-by-step", "prove", "proof", "design", "architect", "analyze", "analyse",
+                "evaluate", "trade-off", "tradeoff", "trade-offs", "pros and cons", "derive",
+                "critique", "justify", "why did", "why does", "why do", "why is", "implications",
+                "strategy", "optimize", "optimise", "debug", "refactor", "implement",
+                "algorithm", "complexity", "in depth", "in-depth", "detailed", "thorough",
+                "comprehensive", "reason about", "what would happen", "how would you",
+            ]),
+            longform_keywords: words(&[
+                "write a detailed", "write an essay", "essay", "write a story", "short story",
+                "write a report", "write an article", "article", "blog post", "cover letter",
+                "speech", "chapter", "poem about", "screenplay", "1000 words", "500 words",
+                "several paragraphs", "multiple paragraphs", "business plan", "proposal",
+            ]),
+            simple_keywords: words(&[
+                "hello", "hi", "hey", "thanks", "thank you", "good morning", "how are you",
+                "what is the capital", "capital of", "fix the capitalization", "capitalize",
+                "spell", "synonym", "translate the word", "what time", "lowercase", "uppercase",
+            ]),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub bucket: String,
+    pub ttl_secs: u64,
+    pub max_bytes: i64,
+    pub replicas: usize,
+    /// A KV operation slower than this is treated as a cache error (fail open).
+    pub op_timeout_ms: u64,
+    /// Longest an identical request waits for another replica's in-flight answer.
+    pub coalesce_wait_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            bucket: "optiroute-cache".into(),
+            ttl_secs: 3600,
+            max_bytes: 1 << 30,
+            replicas: 1,
+            op_timeout_ms: 250,
+            coalesce_wait_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalEngineKind {
+    /// The original's latency model with a deterministic text.
+    #[default]
+    Simulated,
+    /// Any OpenAI-compatible local server (llama.cpp, vLLM, Ollama, LM Studio).
+    Openai,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    pub admin_listen: String,
+    pub engine: LocalEngineKind,
+    /// USD per second of compute.
+    pub price_per_second: f64,
+    pub max_in_flight: usize,
+    pub max_prompt_bytes: usize,
+    pub default_deadline_ms: u64,
+    pub drain_timeout_ms: u64,
+    pub simulated: SimulatedConfig,
+    pub openai: UpstreamConfig,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            admin_listen: "127.0.0.1:9102".into(),
+            engine: LocalEngineKind::Simulated,
+            price_per_second: 0.000005,
+            max_in_flight: 256,
+            max_prompt_bytes: 32 * 1024,
+            default_deadline_ms: 30_000,
+            drain_timeout_ms: 10_000,
+            simulated: SimulatedConfig::default(),
+            openai: UpstreamConfig {
+                base_url: "http://127.0.0.1:8080/v1".into(),
+                model: "local".into(),
+                ..UpstreamConfig::default()
+            },
+        }
+    }
+}
+
+/// The original OptiRoute's "local GPU": a fixed cost plus a cost per token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatedConfig {
+    pub base_ms: u64,
+    pub per_token_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for SimulatedConfig {
+    fn default() -> Self {
+        SimulatedConfig {
+            base_ms: 500,
+            per_token_ms: 20,
+            max_ms: 5000,
+        }
+    }
+}
+
+/// An OpenAI-compatible chat completions endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub base_url: String,
+    pub model: String,
+    /// API key; for the cloud pool `HF_API_TOKEN` or `OPTIROUTE_CLOUD_API_KEY` fill it.
+    pub api_key: Option<String>,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: "https://router.huggingface.co/v1".into(),
+            model: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            api_key: None,
+            connect_timeout_ms: 3_000,
+            timeout_ms: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    pub admin_listen: String,
+    pub upstream: UpstreamConfig,
+    /// USD per 1k prompt tokens, for models without an entry in `prices`.
+    pub input_price_per_1k: f64,
+    /// USD per 1k completion tokens, for models without an entry in `prices`.
+    pub output_price_per_1k: f64,
+    /// Per-model prices.
+    pub prices: BTreeMap<String, ModelPrice>,
+    pub breaker: BreakerConfig,
+    pub max_in_flight: usize,
+    pub max_prompt_bytes: usize,
+    pub default_deadline_ms: u64,
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            admin_listen: "127.0.0.1:9103".into(),
+            upstream: UpstreamConfig::default(),
+            input_price_per_1k: 0.0002,
+            output_price_per_1k: 0.0002,
+            prices: BTreeMap::new(),
+            breaker: BreakerConfig::default(),
+            max_in_flight: 1024,
+            max_prompt_bytes: 32 * 1024,
+            default_deadline_ms: 30_000,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrice {
+    pub input_per_1k: f64,
+    pub output_per_1k: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open before one probe is let through.
+    pub open_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failure_threshold: 3,
+            open_ms: 30_000,
+        }
+    }
+}
+
+/// Command-line options every binary accepts.
+#[derive(Debug, Default, Clone)]
+pub struct CliArgs {
+    pub config: Option<PathBuf>,
+    pub sets: Vec<(String, String)>,
+    pub log_json: bool,
+}
+
+pub const USAGE: &str = "options:
+  --config FILE          TOML configuration file (default: $OPTIROUTE_CONFIG, else built-in defaults)
+  --set SECTION.KEY=VAL  override one setting (repeatable), e.g. --set nats.url=nats://host:4222
+  --log-json             JSON logs
+  -h, --help             this help
+environment: OPTIROUTE__SECTION__KEY=value overrides the file, e.g. OPTIROUTE__NATS__URL";
+
+impl CliArgs {
+    /// Parses `std::env::args`; `Ok(None)` means help was printed.
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<CliArgs>, Error> {
+        let mut out = CliArgs::default();
+        let mut it = args.into_iter();
+        while let Some(arg) = it.next() {
+            let mut value_of = |name: &str, inline: Option<&str>| -> Result<String, Error> {
+                match inline {
+                    Some(v) => Ok(v.to_string()),
+                    None => it
+                        .next()
+                        .ok_or_else(|| Error::bad_request(format!("{name} needs a value"))),
+                }
+            };
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v)),
+                _ => (arg.clone(), None),
+            };
+            match flag.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--config" => out.config = Some(PathBuf::from(value_of("--config", inline)?)),
+                "--set" => {
+                    let kv = value_of("--set", inline)?;
+                    let (k, v) = kv.split_once('=').ok_or_else(|| {
+                        Error::bad_request(format!("--set expects SECTION.KEY=VALUE, got `{kv}`"))
+                    })?;
+                    out.sets.push((k.trim().to_string(), v.to_string()));
+                }
+                "--log-json" => out.log_json = true,
+                other => {
+                    return Err(Error::bad_request(format!(
+                        "unknown argument `{other}`\n{USAGE}"
+                    )))
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+impl Config {
+    /// Loads the file (if any), then environment overrides, then `--set` flags.
+    pub fn load(args: &CliArgs) -> Result<Config, Error> {
+        let path = args
+            .config
+            .clone()
+            .or_else(|| std::env::var_os("OPTIROUTE_CONFIG").map(PathBuf::from));
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let mut cfg = Self::from_parts(path.as_deref(), &env, &args.sets)?;
+        if args.log_json {
+            cfg.log.format = LogFormat::Json;
+        }
+        Ok(cfg)
+    }
+
+    /// The pure part of [`Config::load`], for tests.
+    pub fn from_parts(
+        path: Option<&Path>,
+        env: &[(String, String)],
+        sets: &[(String, String)],
+    ) -> Result<Config, Error> {
+        let mut root = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    Error::bad_request(format!("cannot read config file {}: {e}", p.display()))
+                })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    Error::bad_request(format!("config file {}: {e}", p.display()))
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in env {
+            if let Some(rest) = k.strip_prefix("OPTIROUTE__") {
+                let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+                set_path(&mut root, &path, v, k)?;
+            }
+        }
+        for (k, v) in sets {
+            let path: Vec<String> = k.split('.').map(str::to_string).collect();
+            set_path(&mut root, &path, v, &format!("--set {k}"))?;
+        }
+        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| Error::bad_request(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        // Credentials the original OptiRoute users already have.
+        if cfg.cloud.upstream.api_key.is_none() {
+            cfg.cloud.upstream.api_key = env
+                .iter()
+                .find(|(k, v)| (k == "OPTIROUTE_CLOUD_API_KEY" || k == "HF_API_TOKEN") && !v.is_empty())
+                .map(|(_, v)| v.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, why: &str| Err(Error::bad_request(format!("config key `{key}`: {why}")));
+        if self.nats.prefix.is_empty()
+            || self
+                .nats
+                .prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c == '*' || c == '>')
+        {
+            return bad("nats.prefix", "must be a non-empty subject token without spaces or wildcards");
+        }
+        if self.cache.ttl_secs == 0 {
+            return bad("cache.ttl_secs", "must be at least 1");
+        }
+        if self.cache.replicas == 0 || self.cache.replicas > 5 {
+            return bad("cache.replicas", "must be between 1 and 5");
+        }
+        if self.cloud.breaker.failure_threshold == 0 {
+            return bad("cloud.breaker.failure_threshold", "must be at least 1");
+        }
+        for (key, n) in [
+            ("router.max_in_flight", self.router.max_in_flight),
+            ("local.max_in_flight", self.local.max_in_flight),
+            ("cloud.max_in_flight", self.cloud.max_in_flight),
+        ] {
+            if n == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sets `root.a.b.c = value`, reading `value` as a TOML literal when it is one
+/// (number, boolean, array) and as a string otherwise.
+fn set_path(root: &mut toml::Table, path: &[String], value: &str, origin: &str) -> Result<(), Error> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err(Error::bad_request(format!("{origin}: empty key")));
+    };
+    let mut table = root;
+    for p in parents {
+        let entry = table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::bad_request(format!("{origin}: `{p}` is not a section")))?;
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    table.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_parts(None, &[], &[]).unwrap();
+        assert_eq!(c.ingress.listen, "0.0.0.0:8000");
+        assert_eq!(c.cloud.breaker.failure_threshold, 3);
+        assert_eq!(c.cache.ttl_secs, 3600);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[nats]\nurl = \"nats://file:1\"\n[cache]\nttl_secs = 5\n").unwrap();
+        let env = vec![
+            ("OPTIROUTE__CACHE__TTL_SECS".to_string(), "7".to_string()),
+            ("HF_API_TOKEN".to_string(), "hf_x".to_string()),
+        ];
+        let sets = vec![("cloud.breaker.open_ms".to_string(), "10".to_string())];
+        let c = Config::from_parts(Some(&p), &env, &sets).unwrap();
+        assert_eq!(c.nats.url, "nats://file:1");
+        assert_eq!(c.cache.ttl_secs, 7);
+        assert_eq!(c.cloud.breaker.open_ms, 10);
+        assert_eq!(c.cloud.upstream.api_key.as_deref(), Some("hf_x"));
+    }
+
+    #[test]
+    fn unknown_and_invalid_keys_are_named() {
+        let e = Config::from_parts(None, &[], &[("cache.ttl".into(), "5".into())]).unwrap_err();
+        assert!(e.message.contains("ttl"), "{}", e.message);
+        let e = Config::from_parts(None, &[], &[("cache.ttl_secs".into(), "0".into())]).unwrap_err();
+        assert!(e.message.contains("cache.ttl_secs"), "{}", e.message);
+        let e = Config::from_parts(None, &[], &[("router.max_in_flight".into(), "many".into())])
+            .unwrap_err();
+        assert!(e.message.contains("max_in_flight"), "{}", e.message);
+    }
+
+    #[test]
+    fn cli_flags_parse() {
+        let a = CliArgs::parse(
+            ["--config", "x.toml", "--set", "nats.url=nats://h:1", "--log-json"]
+                .map(String::from),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(a.config.as_deref(), Some(Path::new("x.toml")));
+        assert_eq!(a.sets, vec![("nats.url".to_string(), "nats://h:1".to_string())]);
+        assert!(a.log_json);
+        assert!(CliArgs::parse(["--bogus".to_string()]).is_err());
+        assert!(CliArgs::parse(["--help".to_string()]).unwrap().is_none());
+    }
+}

@@ -1,0 +1,173 @@
+//! One error type for every boundary, with a kind that each transport maps once:
+//! HTTP status for the ingress, `Nats-Service-Error-Code` for NATS replies.
+
+use serde::{Deserialize, Serialize};
+
+/// What went wrong, as a bounded set (also used as a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is invalid (bad JSON, empty prompt, out-of-range field).
+    BadRequest,
+    /// Nobody listens on the subject the request was sent to.
+    NoResponders,
+    /// NATS is not connected.
+    NatsUnavailable,
+    /// The deadline passed before an answer came.
+    Timeout,
+    /// The upstream refused the request because of the request itself (400, 413, 422).
+    UpstreamClientError,
+    /// The upstream failed (connection error, 5xx, unusable answer).
+    UpstreamError,
+    /// The upstream rate-limited us (429).
+    RateLimited,
+    /// The cloud circuit breaker is open: no upstream call was made.
+    CircuitOpen,
+    /// The provider has no credentials or endpoint configured.
+    NotConfigured,
+    /// The worker is at capacity and its queue deadline passed.
+    Overloaded,
+    /// Every provider that was tried failed.
+    AllProvidersFailed,
+    /// A bug or an unexpected state; details are logged, not returned.
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::BadRequest,
+        ErrorKind::NoResponders,
+        ErrorKind::NatsUnavailable,
+        ErrorKind::Timeout,
+        ErrorKind::UpstreamClientError,
+        ErrorKind::UpstreamError,
+        ErrorKind::RateLimited,
+        ErrorKind::CircuitOpen,
+        ErrorKind::NotConfigured,
+        ErrorKind::Overloaded,
+        ErrorKind::AllProvidersFailed,
+        ErrorKind::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NoResponders => "no_responders",
+            ErrorKind::NatsUnavailable => "nats_unavailable",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::UpstreamClientError => "upstream_client_error",
+            ErrorKind::UpstreamError => "upstream_error",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::CircuitOpen => "circuit_open",
+            ErrorKind::NotConfigured => "not_configured",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::AllProvidersFailed => "all_providers_failed",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ErrorKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The HTTP status this kind maps to; also sent as `Nats-Service-Error-Code`.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorKind::BadRequest | ErrorKind::UpstreamClientError => 400,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Internal => 500,
+            ErrorKind::UpstreamError | ErrorKind::AllProvidersFailed => 502,
+            ErrorKind::NoResponders
+            | ErrorKind::NatsUnavailable
+            | ErrorKind::CircuitOpen
+            | ErrorKind::NotConfigured
+            | ErrorKind::Overloaded => 503,
+            ErrorKind::Timeout => 504,
+        }
+    }
+
+    /// Whether the router should try the other pool after this failure.
+    /// Client errors are the caller's to fix; retrying elsewhere would not help.
+    pub fn allows_fallback(self) -> bool {
+        !matches!(self, ErrorKind::BadRequest | ErrorKind::UpstreamClientError)
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error with a kind and a message safe to show to the caller.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+}
+
+/// The body of an error reply on NATS: `{code, message}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub code: ErrorKind,
+    pub message: String,
+}
+
+impl From<&Error> for ErrorBody {
+    fn from(e: &Error) -> Self {
+        ErrorBody {
+            code: e.kind,
+            message: e.message.clone(),
+        }
+    }
+}
+
+impl From<ErrorBody> for Error {
+    fn from(b: ErrorBody) -> Self {
+        Error::new(b.code, b.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for k in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(k.as_str()), Some(k));
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+        }
+        assert_eq!(ErrorKind::parse("nope"), None);
+    }
+
+    #[test]
+    fn statuses_follow_the_style_guide() {
+        assert_eq!(ErrorKind::BadRequest.status(), 400);
+        assert_eq!(ErrorKind::NoResponders.status(), 503);
+        assert_eq!(ErrorKind::Timeout.status(), 504);
+        assert_eq!(ErrorKind::AllProvidersFailed.status(), 502);
+        assert_eq!(ErrorKind::RateLimited.status(), 429);
+        assert!(!ErrorKind::UpstreamClientError.allows_fallback());
+        assert!(ErrorKind::CircuitOpen.allows_fallback());
+    }
+}

@@ -1,0 +1,20 @@
+//! Library shared by every OptiRoute process: wire types and codec, subject
+//! names, configuration, NATS connection and service helpers, metrics,
+//! telemetry, cost model and error kinds.
+
+pub mod admin;
+pub mod config;
+pub mod cost;
+pub mod error;
+pub mod metrics;
+pub mod nats;
+pub mod service;
+pub mod shutdown;
+pub mod subjects;
+pub mod telemetry;
+pub mod wire;
+
+pub use error::{Error, ErrorKind};
+
+/// Version of the OptiRoute build, reported in `optiroute_build_info` and `$SRV.INFO`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

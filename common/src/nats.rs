@@ -1,0 +1,172 @@
+//! NATS connection and the request side of request-reply.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::{client::RequestErrorKind, connection::State, Client, HeaderMap};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::config::NatsConfig;
+use crate::error::{Error, ErrorBody, ErrorKind};
+use crate::wire::{self, Format, DEADLINE_HEADER, REQUEST_ID_HEADER};
+
+pub use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+
+/// Connects with unlimited reconnects and capped exponential backoff, and
+/// logs every connection state change. Returns at once even when NATS is
+/// down: the client keeps trying in the background.
+pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
+    let max_delay = Duration::from_millis(cfg.max_reconnect_delay_ms.max(10));
+    let opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(2))
+        .ping_interval(Duration::from_secs(10))
+        .request_timeout(Some(Duration::from_secs(30)))
+        .reconnect_delay_callback(move |attempts| {
+            let exp = 10u64.saturating_mul(1u64 << attempts.min(16));
+            Duration::from_millis(exp).min(max_delay)
+        })
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("nats connected"),
+                async_nats::Event::Disconnected => tracing::warn!("nats disconnected, reconnecting"),
+                other => tracing::info!(event = %other, "nats event"),
+            }
+        });
+    opts.connect(cfg.url.as_str())
+        .await
+        .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("cannot connect to NATS at {}: {e}", cfg.url)))
+}
+
+pub fn is_connected(client: &Client) -> bool {
+    client.connection_state() == State::Connected
+}
+
+/// Milliseconds since the Unix epoch, the unit of [`DEADLINE_HEADER`].
+pub fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn from_epoch_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// What travels with every hop: who the request is and when it must be done.
+#[derive(Debug, Clone)]
+pub struct RequestMeta {
+    pub request_id: String,
+    pub deadline: SystemTime,
+}
+
+impl RequestMeta {
+    pub fn new(request_id: String, timeout: Duration) -> Self {
+        RequestMeta {
+            request_id,
+            deadline: SystemTime::now() + timeout,
+        }
+    }
+
+    /// Time left before the deadline (zero when it has passed).
+    pub fn remaining(&self) -> Duration {
+        self.deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// Reads the id and deadline from headers; missing ones get a fresh id and
+    /// `default_timeout` from now. A malformed deadline is a bad request.
+    pub fn from_headers(headers: Option<&HeaderMap>, default_timeout: Duration) -> Result<Self, Error> {
+        let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let request_id = match get(REQUEST_ID_HEADER) {
+            Some(id) if !id.is_empty() && id.len() <= 128 => id,
+            Some(_) => return Err(Error::bad_request(format!("header {REQUEST_ID_HEADER} must be 1 to 128 bytes"))),
+            None => new_request_id(),
+        };
+        let deadline = match get(DEADLINE_HEADER) {
+            Some(v) => from_epoch_ms(v.trim().parse::<u64>().map_err(|_| {
+                Error::bad_request(format!("header {DEADLINE_HEADER} must be Unix epoch milliseconds, got `{v}`"))
+            })?),
+            None => SystemTime::now() + default_timeout,
+        };
+        Ok(RequestMeta { request_id, deadline })
+    }
+
+    pub fn headers(&self, format: Format) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID_HEADER, self.request_id.as_str());
+        h.insert(DEADLINE_HEADER, epoch_ms(self.deadline).to_string().as_str());
+        if format == Format::Json {
+            h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);
+        }
+        h
+    }
+}
+
+/// A fresh, unique request id (a NUID: 22 characters, no coordination needed).
+pub fn new_request_id() -> String {
+    nuid::next().to_string()
+}
+
+/// Sends a request and waits for its reply, within the meta's deadline (and
+/// `cap`, when given). Fails fast with `nats_unavailable` when disconnected
+/// and `no_responders` when nobody listens; decodes error replies into their kind.
+pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+    client: &Client,
+    subject: &str,
+    meta: &RequestMeta,
+    cap: Option<Duration>,
+    req: &Req,
+) -> Result<Resp, Error> {
+    if !is_connected(client) {
+        return Err(Error::new(ErrorKind::NatsUnavailable, "NATS is not connected"));
+    }
+    let mut timeout = meta.remaining();
+    if let Some(c) = cap {
+        timeout = timeout.min(c);
+    }
+    if timeout.is_zero() {
+        return Err(Error::new(ErrorKind::Timeout, "deadline passed before the request was sent"));
+    }
+    let body = wire::encode(Format::MsgPack, req)?;
+    let request = async_nats::Request::new()
+        .payload(body)
+        .headers(meta.headers(Format::MsgPack))
+        .timeout(Some(timeout));
+    let msg = client
+        .send_request(subject.to_string(), request)
+        .await
+        .map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders => Error::new(ErrorKind::NoResponders, format!("no responders on {subject}")),
+            RequestErrorKind::TimedOut => Error::new(ErrorKind::Timeout, format!("no reply on {subject} within {timeout:?}")),
+            _ => Error::new(ErrorKind::NatsUnavailable, format!("request on {subject} failed: {e}")),
+        })?;
+    if let Some(err) = reply_error(msg.headers.as_ref(), &msg.payload, Format::MsgPack) {
+        return Err(err);
+    }
+    wire::decode(Format::MsgPack, &msg.payload)
+        .map_err(|e| Error::internal(format!("undecodable reply on {subject}: {}", e.message)))
+}
+
+/// The error a reply carries, if it is an error reply.
+pub fn reply_error(headers: Option<&HeaderMap>, body: &[u8], format: Format) -> Option<Error> {
+    let headers = headers?;
+    let code = headers.get(NATS_SERVICE_ERROR_CODE)?;
+    if let Ok(b) = wire::decode::<ErrorBody>(format, body) {
+        return Some(b.into());
+    }
+    let status: u16 = code.as_str().parse().unwrap_or(500);
+    let message = headers
+        .get(NATS_SERVICE_ERROR)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default();
+    let kind = match status {
+        400 => ErrorKind::BadRequest,
+        429 => ErrorKind::RateLimited,
+        502 => ErrorKind::UpstreamError,
+        503 => ErrorKind::NoResponders,
+        504 => ErrorKind::Timeout,
+        _ => ErrorKind::Internal,
+    };
+    Some(Error::new(kind, message))
+}

@@ -1,0 +1,198 @@
+//! The serving side of request-reply: one NATS service endpoint in a queue
+//! group, registered with the NATS service API (so `$SRV.PING/INFO/STATS`
+//! and `nats micro` see it), decoding MessagePack or JSON, bounding
+//! concurrency, replying with `Nats-Service-Error` headers plus a
+//! `{code, message}` body on failure, and draining on shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::service::ServiceExt;
+use async_nats::{Client, HeaderMap};
+use futures::StreamExt;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
+
+use crate::error::{Error, ErrorBody, ErrorKind};
+use crate::metrics::ServiceMetrics;
+use crate::nats::{RequestMeta, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+use crate::wire::{self, Format};
+
+/// Handles one decoded request.
+pub trait Handler: Send + Sync + 'static {
+    type Request: DeserializeOwned + Send + 'static;
+    type Reply: Serialize + Send + 'static;
+
+    fn handle(
+        &self,
+        meta: RequestMeta,
+        request: Self::Request,
+    ) -> impl Future<Output = Result<Self::Reply, Error>> + Send;
+}
+
+/// Where and how an endpoint is served.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    /// Service name for discovery (`nats micro ls`), e.g. `optiroute-router`.
+    pub service: String,
+    pub description: String,
+    /// Endpoint name, e.g. `generate`.
+    pub endpoint: String,
+    pub subject: String,
+    /// Queue group: every replica of a pool shares it.
+    pub queue_group: String,
+    pub max_in_flight: usize,
+    /// Deadline for messages that carry none.
+    pub default_deadline: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+/// Serves `spec.subject` until `shutdown` is cancelled, then stops intake and
+/// waits (bounded) for the requests in flight.
+pub async fn serve<H: Handler>(
+    client: Client,
+    spec: EndpointSpec,
+    handler: Arc<H>,
+    metrics: ServiceMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let service = client
+        .service_builder()
+        .description(spec.description.clone())
+        .queue_group(spec.queue_group.clone())
+        .start(spec.service.clone(), crate::VERSION)
+        .await
+        .map_err(|e| Error::internal(format!("cannot start service {}: {e}", spec.service)))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name(spec.endpoint.clone())
+        .add(spec.subject.clone())
+        .await
+        .map_err(|e| Error::internal(format!("cannot add endpoint {}: {e}", spec.subject)))?;
+    tracing::info!(subject = %spec.subject, queue_group = %spec.queue_group, "serving");
+
+    let permits = Arc::new(Semaphore::new(spec.max_in_flight));
+    let tracker = TaskTracker::new();
+    let spec = Arc::new(spec);
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = endpoint.next() => match r {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        let handler = handler.clone();
+        let metrics = metrics.clone();
+        let spec = spec.clone();
+        tracker.spawn(async move {
+            handle_one(&*handler, &spec, &metrics, request).await;
+            drop(permit);
+        });
+    }
+    // Stop intake first, then let the work in flight finish.
+    if let Err(e) = endpoint.stop().await {
+        tracing::warn!(error = %e, "endpoint stop");
+    }
+    if let Err(e) = service.stop().await {
+        tracing::warn!(error = %e, "service stop");
+    }
+    tracker.close();
+    if tokio::time::timeout(spec.drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(in_flight = tracker.len(), "drain timeout: abandoning requests in flight");
+    }
+    tracing::info!(subject = %spec.subject, "stopped serving");
+    Ok(())
+}
+
+async fn handle_one<H: Handler>(
+    handler: &H,
+    spec: &EndpointSpec,
+    metrics: &ServiceMetrics,
+    request: async_nats::service::Request,
+) {
+    let started = Instant::now();
+    let in_flight = metrics.in_flight.with_label_values(&[&spec.service]);
+    in_flight.inc();
+    let headers = request.message.headers.as_ref();
+    let format = Format::from_headers(headers);
+    let meta = RequestMeta::from_headers(headers, spec.default_deadline);
+    let request_id = meta
+        .as_ref()
+        .map(|m| m.request_id.clone())
+        .unwrap_or_default();
+    let span = tracing::info_span!("request", request_id = %request_id, service = %spec.service);
+    let result = async {
+        let meta = meta?;
+        if meta.remaining().is_zero() {
+            return Err(Error::new(ErrorKind::Timeout, "deadline passed before the work started"));
+        }
+        let decoded: H::Request = wire::decode(format, &request.message.payload)?;
+        handler.handle(meta, decoded).await
+    }
+    .instrument(span.clone())
+    .await;
+
+    let (outcome, body, reply_headers) = match result.and_then(|r| wire::encode(format, &r)) {
+        Ok(body) => {
+            let mut h = HeaderMap::new();
+            if format == Format::Json {
+                h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);
+            }
+            ("ok", body, h)
+        }
+        Err(e) => {
+            let _g = span.enter();
+            if e.kind == ErrorKind::Internal {
+                tracing::error!(error = %e, "request failed");
+            } else {
+                tracing::info!(kind = %e.kind, message = %e.message, "request refused");
+            }
+            let (h, body) = error_reply(format, &e);
+            (e.kind.as_str(), body, h)
+        }
+    };
+    if request.message.reply.is_none() {
+        let _g = span.enter();
+        tracing::warn!(subject = %request.message.subject, "message without a reply subject: nothing to answer");
+    } else if let Err(e) = request.respond_with_headers(Ok(body), reply_headers).await {
+        let _g = span.enter();
+        tracing::warn!(error = %e, "could not send reply");
+    }
+    metrics.requests.with_label_values(&[&spec.service, outcome]).inc();
+    metrics
+        .duration
+        .with_label_values(&[&spec.service])
+        .observe(started.elapsed().as_secs_f64());
+    in_flight.dec();
+}
+
+/// Headers and body of an error reply. Internal details stay in the logs.
+pub fn error_reply(format: Format, e: &Error) -> (HeaderMap, bytes::Bytes) {
+    let shown = if e.kind == ErrorKind::Internal {
+        Error::internal("internal error")
+    } else {
+        e.clone()
+    };
+    let mut h = HeaderMap::new();
+    // Header values must be one line.
+    let one_line: String = shown.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    h.insert(NATS_SERVICE_ERROR, one_line.as_str());
+    h.insert(NATS_SERVICE_ERROR_CODE, shown.kind.status().to_string().as_str());
+    if format == Format::Json {
+        h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);
+    }
+    let body = wire::encode(format, &ErrorBody::from(&shown)).unwrap_or_default();
+    (h, body)
+}
