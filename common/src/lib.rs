@@ -3,6 +3,7 @@
 //! telemetry, cost model and error kinds.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod cost;
 pub mod error;

@@ -1,0 +1,212 @@
+//! The HTTP ingress: validates each request, gives it a request id and a
+//! deadline, sends it to the router over NATS and maps the answer (or the
+//! error) to HTTP.
+
+mod error;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use optiroute_common::config::Config;
+use optiroute_common::nats::{self, is_connected, new_request_id, RequestMeta};
+use optiroute_common::subjects::Subjects;
+use optiroute_common::wire::{self, CacheMode, Format, GenerateRequest, GenerateResponse};
+use optiroute_common::{admin, Error, ErrorKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use error::ApiError;
+pub use metrics::IngressMetrics;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    subjects: Subjects,
+    metrics: IngressMetrics,
+    request_timeout: Duration,
+    ready_probe_timeout: Duration,
+    max_prompt_bytes: usize,
+}
+
+impl AppState {
+    pub fn new(client: Client, cfg: &Config, metrics: IngressMetrics) -> Self {
+        AppState {
+            inner: Arc::new(Inner {
+                client,
+                subjects: Subjects::new(&cfg.nats.prefix),
+                metrics,
+                request_timeout: Duration::from_millis(cfg.ingress.request_timeout_ms),
+                ready_probe_timeout: Duration::from_millis(cfg.ingress.ready_probe_timeout_ms),
+                max_prompt_bytes: cfg.ingress.max_prompt_bytes,
+            }),
+        }
+    }
+}
+
+/// The HTTP API, apart from `main` so tests can drive it.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/generate", post(generate))
+        .route("/health", get(admin::health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_handler))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Records `http_request_duration_seconds{method,endpoint,status}` with the
+/// route template (never the raw path) as `endpoint`.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_string();
+    let endpoint = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let m = &state.inner.metrics;
+    m.in_flight.inc();
+    let resp = next.run(req).await;
+    m.in_flight.dec();
+    m.http_duration
+        .with_label_values(&[&method, &endpoint, resp.status().as_str()])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        error: Error::bad_request("no such endpoint; see README for the API"),
+        request_id: None,
+        status: Some(StatusCode::NOT_FOUND),
+    }
+}
+
+/// A caller's `x-request-id` when it is usable, else a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id)
+}
+
+/// `Cache-Control: no-cache` skips the read (and refreshes the entry);
+/// `no-store` skips the write; both skip the cache.
+fn cache_mode_from_headers(headers: &HeaderMap, mode: CacheMode) -> CacheMode {
+    let Some(cc) = headers.get("cache-control").and_then(|v| v.to_str().ok()) else {
+        return mode;
+    };
+    let cc = cc.to_ascii_lowercase();
+    let no_cache = cc.contains("no-cache");
+    let no_store = cc.contains("no-store");
+    let reads = mode.reads() && !no_cache;
+    let writes = mode.writes() && !no_store;
+    match (reads, writes) {
+        (true, true) => CacheMode::On,
+        (true, false) => CacheMode::ReadOnly,
+        (false, true) => CacheMode::WriteOnly,
+        (false, false) => CacheMode::Off,
+    }
+}
+
+async fn generate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = request_id(&headers);
+    let body = body.map_err(|rej| ApiError {
+        error: Error::bad_request(format!("cannot read the body: {}", rej.body_text())),
+        request_id: Some(id.clone()),
+        status: Some(rej.status()),
+    })?;
+    let s = &state.inner;
+    let mut req: GenerateRequest = wire::decode(Format::Json, &body).map_err(|e| ApiError::new(e, Some(&id)))?;
+    req.validate(s.max_prompt_bytes).map_err(|e| ApiError::new(e, Some(&id)))?;
+    req.cache = cache_mode_from_headers(&headers, req.cache);
+    let meta = RequestMeta::new(id.clone(), s.request_timeout);
+    let started = Instant::now();
+    let result: Result<GenerateResponse, Error> = nats::request(&s.client, &s.subjects.generate, &meta, None, &req).await;
+    s.metrics.nats_request.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(answer) => {
+            let mut resp = Json(answer).into_response();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            Ok(resp)
+        }
+        Err(e) => {
+            s.metrics.errors.with_label_values(&[e.kind.as_str()]).inc();
+            tracing::info!(request_id = %id, kind = %e.kind, message = %e.message, "generate failed");
+            let e = if e.kind == ErrorKind::NoResponders {
+                Error::new(ErrorKind::NoResponders, "no router is available to serve the request")
+            } else {
+                e
+            };
+            Err(ApiError::new(e, Some(&id)))
+        }
+    }
+}
+
+/// Ready when NATS is connected and a router answers a service ping.
+async fn ready(State(state): State<AppState>) -> Response {
+    let s = &state.inner;
+    let not_ready = |reason: &str| {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready", "reason": reason}))).into_response()
+    };
+    if !is_connected(&s.client) {
+        return not_ready("nats_unavailable: NATS is not connected");
+    }
+    let ping = tokio::time::timeout(s.ready_probe_timeout, s.client.request("$SRV.PING.optiroute-router", Bytes::new())).await;
+    match ping {
+        Ok(Ok(_)) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response(),
+        _ => not_ready("no_responders: no router answered"),
+    }
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> Response {
+    admin::metrics_response(&state.inner.metrics.registry)
+}
+
+/// A started ingress.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics: IngressMetrics,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task.await.map_err(|e| Error::internal(format!("ingress task: {e}")))?
+    }
+}
+
+/// Binds `ingress.listen` and serves until `shutdown`, then finishes open requests.
+pub async fn run(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    let metrics = IngressMetrics::new();
+    let listener = admin::bind(&cfg.ingress.listen, "ingress HTTP").await?;
+    let addr = listener.local_addr().map_err(|e| Error::internal(format!("ingress address: {e}")))?;
+    let app = app(AppState::new(client, cfg, metrics.clone()));
+    let task = tokio::spawn(admin::serve(listener, app, shutdown));
+    Ok(Running { addr, metrics, task })
+}

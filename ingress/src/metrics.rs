@@ -1,0 +1,33 @@
+//! Every metric the ingress exports, registered once at startup.
+
+use optiroute_common::metrics::{counter_vec, gauge, histogram, histogram_vec, new_registry};
+use prometheus::{Histogram, HistogramVec, IntCounterVec, IntGauge, Registry};
+
+#[derive(Clone)]
+pub struct IngressMetrics {
+    pub registry: Registry,
+    /// `http_request_duration_seconds{method,endpoint,status}`; endpoint is the route template.
+    pub http_duration: HistogramVec,
+    pub nats_request: Histogram,
+    pub errors: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+impl IngressMetrics {
+    pub fn new() -> Self {
+        let r = new_registry("ingress");
+        IngressMetrics {
+            http_duration: histogram_vec(&r, "http_request_duration_seconds", "HTTP request latency, by method, route template and status.", &["method", "endpoint", "status"]),
+            nats_request: histogram(&r, "optiroute_ingress_nats_request_duration_seconds", "Latency of the NATS request from ingress to router."),
+            errors: counter_vec(&r, "optiroute_ingress_errors_total", "Failed generate requests, by error kind.", &["kind"]),
+            in_flight: gauge(&r, "optiroute_ingress_in_flight_requests", "HTTP requests being served now."),
+            registry: r,
+        }
+    }
+}
+
+impl Default for IngressMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

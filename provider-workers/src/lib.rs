@@ -1,0 +1,12 @@
+//! Provider worker pools: `optiroute.provider.local` and
+//! `optiroute.provider.cloud`, each a queue group that scales by starting
+//! more processes.
+
+pub mod breaker;
+pub mod engine;
+pub mod metrics;
+pub mod openai;
+pub mod simulated;
+pub mod worker;
+
+pub use worker::{run_cloud, run_local, Running};

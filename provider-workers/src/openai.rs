@@ -1,0 +1,197 @@
+//! A client for any OpenAI-compatible chat completions API (the Hugging Face
+//! router, OpenAI, Together, vLLM, llama.cpp, Ollama...). One shared reqwest
+//! client per worker, so connections are pooled.
+
+use std::time::{Duration, Instant};
+
+use optiroute_common::config::UpstreamConfig;
+use optiroute_common::cost::estimate_tokens;
+use optiroute_common::wire::{ProviderRequest, Usage};
+use optiroute_common::{Error, ErrorKind};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Generation;
+
+/// Why a call failed, and whether that says the upstream is unhealthy.
+#[derive(Debug)]
+pub struct CallFailure {
+    pub error: Error,
+    /// True for connection errors, timeouts, 5xx and 429: the breaker counts these.
+    pub upstream_fault: bool,
+    pub retry_after: Option<Duration>,
+}
+
+impl CallFailure {
+    fn fault(kind: ErrorKind, message: String) -> Self {
+        CallFailure { error: Error::new(kind, message), upstream_fault: true, retry_after: None }
+    }
+}
+
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    url: String,
+    pub model: String,
+    api_key: Option<String>,
+    timeout: Duration,
+    pub upstream_duration: Option<prometheus::Histogram>,
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: [ChatMessage<'a>; 1],
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_p: Option<f32>,
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<UpstreamUsage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: ResponseMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ResponseMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct UpstreamUsage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl OpenAiClient {
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| Error::internal(format!("http client: {e}")))?;
+        let base = cfg.base_url.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(Error::bad_request(format!(
+                "base_url must start with http:// or https://, got `{}`",
+                cfg.base_url
+            )));
+        }
+        Ok(OpenAiClient {
+            http,
+            url: format!("{base}/chat/completions"),
+            model: cfg.model.clone(),
+            api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            upstream_duration: None,
+        })
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    /// One chat completion, bounded by the configured timeout and `remaining`.
+    pub async fn chat(&self, req: &ProviderRequest, model: &str, remaining: Duration) -> Result<Generation, CallFailure> {
+        let timeout = self.timeout.min(remaining);
+        if timeout.is_zero() {
+            return Err(CallFailure {
+                error: Error::new(ErrorKind::Timeout, "deadline passed before the upstream call"),
+                upstream_fault: false,
+                retry_after: None,
+            });
+        }
+        let body = ChatRequest {
+            model,
+            messages: [ChatMessage { role: "user", content: &req.prompt }],
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            stream: false,
+        };
+        let mut builder = self.http.post(&self.url).json(&body).timeout(timeout);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        let started = Instant::now();
+        let result = builder.send().await;
+        if let Some(h) = &self.upstream_duration {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        let resp = result.map_err(|e| {
+            if e.is_timeout() {
+                CallFailure::fault(ErrorKind::Timeout, format!("upstream did not answer within {timeout:?}"))
+            } else {
+                CallFailure::fault(ErrorKind::UpstreamError, format!("upstream unreachable: {}", without_url(&e)))
+            }
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let detail: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+            return Err(match status.as_u16() {
+                400 | 404 | 413 | 422 => CallFailure {
+                    error: Error::new(ErrorKind::UpstreamClientError, format!("upstream rejected the request ({status}): {detail}")),
+                    upstream_fault: false,
+                    retry_after: None,
+                },
+                401 | 403 => CallFailure::fault(ErrorKind::NotConfigured, format!("upstream refused the credentials ({status})")),
+                429 => CallFailure {
+                    error: Error::new(ErrorKind::RateLimited, format!("upstream rate limit ({status})")),
+                    upstream_fault: true,
+                    retry_after,
+                },
+                _ => CallFailure::fault(ErrorKind::UpstreamError, format!("upstream failed ({status})")),
+            });
+        }
+        let parsed: ChatResponse = resp.json().await.map_err(|e| {
+            if e.is_timeout() {
+                CallFailure::fault(ErrorKind::Timeout, "upstream body did not arrive in time".into())
+            } else {
+                CallFailure::fault(ErrorKind::UpstreamError, format!("upstream answer unreadable: {}", without_url(&e)))
+            }
+        })?;
+        let choice = parsed
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| CallFailure::fault(ErrorKind::UpstreamError, "upstream answer has no choices".into()))?;
+        let text = choice.message.content.unwrap_or_default();
+        let usage = match parsed.usage {
+            Some(u) => Usage::new(u.prompt_tokens, u.completion_tokens, false),
+            None => Usage::new(estimate_tokens(&req.prompt), estimate_tokens(&text), true),
+        };
+        Ok(Generation { text, usage, model: model.to_string(), finish_reason: choice.finish_reason })
+    }
+}
+
+/// reqwest errors print the URL; keep tokens in query strings out of replies.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<upstream>");
+    }
+    s
+}

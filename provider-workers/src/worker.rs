@@ -1,0 +1,251 @@
+//! The provider worker: a NATS service endpoint that validates a
+//! [`ProviderRequest`], runs its engine, prices the answer and counts it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use optiroute_common::admin;
+use optiroute_common::config::{CloudConfig, Config, LocalEngineKind};
+use optiroute_common::cost::{cloud_cost, local_cost};
+use optiroute_common::nats::{is_connected, RequestMeta};
+use optiroute_common::service::{self, EndpointSpec, Handler};
+use optiroute_common::subjects::Subjects;
+use optiroute_common::wire::{Pool, ProviderReply, ProviderRequest};
+use optiroute_common::{Error, ErrorKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::CircuitBreaker;
+use crate::engine::{Engine, Generation};
+use crate::metrics::ProviderMetrics;
+use crate::openai::OpenAiClient;
+use crate::simulated::SimulatedEngine;
+
+/// The local pool's engine, chosen in config.
+pub enum LocalEngine {
+    Simulated(SimulatedEngine),
+    OpenAi(OpenAiClient),
+}
+
+impl Engine for LocalEngine {
+    async fn generate(&self, meta: &RequestMeta, req: &ProviderRequest) -> Result<Generation, Error> {
+        match self {
+            LocalEngine::Simulated(e) => e.generate(meta, req).await,
+            LocalEngine::OpenAi(c) => {
+                let model = c.model.clone();
+                c.chat(req, &model, meta.remaining()).await.map_err(|f| f.error)
+            }
+        }
+    }
+}
+
+/// The cloud pool's engine: an OpenAI-compatible client behind a circuit breaker.
+pub struct CloudEngine {
+    client: OpenAiClient,
+    breaker: CircuitBreaker,
+    cfg: CloudConfig,
+    upstream_errors: prometheus::IntCounterVec,
+}
+
+impl CloudEngine {
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    /// Models a caller may name: the configured one and those with prices.
+    /// Anything else is refused, which also keeps metric labels bounded.
+    fn model_for(&self, req: &ProviderRequest) -> Result<String, Error> {
+        match &req.model_id {
+            None => Ok(self.cfg.upstream.model.clone()),
+            Some(m) if *m == self.cfg.upstream.model || self.cfg.prices.contains_key(m) => Ok(m.clone()),
+            Some(m) => Err(Error::bad_request(format!(
+                "model_id `{m}` is not configured for the cloud pool (configured: {})",
+                std::iter::once(self.cfg.upstream.model.as_str())
+                    .chain(self.cfg.prices.keys().map(String::as_str))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+}
+
+impl Engine for CloudEngine {
+    async fn generate(&self, meta: &RequestMeta, req: &ProviderRequest) -> Result<Generation, Error> {
+        if !self.client.has_key() {
+            return Err(Error::new(
+                ErrorKind::NotConfigured,
+                "the cloud pool has no API key (set HF_API_TOKEN or OPTIROUTE_CLOUD_API_KEY)",
+            ));
+        }
+        let model = self.model_for(req)?;
+        let admission = self.breaker.admit().map_err(|wait| {
+            Error::new(ErrorKind::CircuitOpen, format!("cloud circuit breaker is open; next probe in {:.1}s", wait.as_secs_f64()))
+        })?;
+        match self.client.chat(req, &model, meta.remaining()).await {
+            Ok(g) => {
+                self.breaker.on_success();
+                Ok(g)
+            }
+            Err(f) => {
+                self.upstream_errors.with_label_values(&["cloud", f.error.kind.as_str()]).inc();
+                if f.upstream_fault {
+                    self.breaker.on_failure(f.retry_after);
+                } else {
+                    self.breaker.on_neutral(admission);
+                }
+                Err(f.error)
+            }
+        }
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.client.has_key() {
+            Ok(())
+        } else {
+            Err("not_configured: no cloud API key (HF_API_TOKEN or OPTIROUTE_CLOUD_API_KEY)".into())
+        }
+    }
+}
+
+/// How a pool prices what it served.
+enum Pricing {
+    Local { price_per_second: f64 },
+    Cloud(CloudConfig),
+}
+
+struct ProviderHandler<E> {
+    pool: Pool,
+    engine: Arc<E>,
+    pricing: Pricing,
+    metrics: ProviderMetrics,
+    max_prompt_bytes: usize,
+}
+
+impl<E: Engine> Handler for ProviderHandler<E> {
+    type Request = ProviderRequest;
+    type Reply = ProviderReply;
+
+    async fn handle(&self, meta: RequestMeta, req: ProviderRequest) -> Result<ProviderReply, Error> {
+        req.validate(self.max_prompt_bytes)?;
+        let started = Instant::now();
+        let g = self.engine.generate(&meta, &req).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let cost = match &self.pricing {
+            Pricing::Local { price_per_second } => local_cost(*price_per_second, seconds),
+            Pricing::Cloud(cfg) => cloud_cost(cfg, &g.model, &g.usage),
+        };
+        let pool = self.pool.as_str();
+        let m = &self.metrics;
+        m.cost.with_label_values(&[pool, &g.model]).inc_by(cost);
+        m.tokens.with_label_values(&[pool, "input"]).inc_by(u64::from(g.usage.prompt_tokens));
+        m.tokens.with_label_values(&[pool, "output"]).inc_by(u64::from(g.usage.completion_tokens));
+        m.provider_latency.with_label_values(&[pool]).observe(seconds);
+        Ok(ProviderReply {
+            text: g.text,
+            usage: g.usage,
+            model: g.model,
+            cost_usd: cost,
+            latency: seconds,
+            finish_reason: g.finish_reason,
+        })
+    }
+}
+
+/// A started worker: its admin address, its metrics, and the serving task.
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub metrics: ProviderMetrics,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    /// Waits until the worker has stopped (after `shutdown` is cancelled).
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task
+            .await
+            .map_err(|e| Error::internal(format!("worker task: {e}")))?
+    }
+}
+
+fn spec(pool: Pool, subjects: &Subjects, max_in_flight: usize, deadline_ms: u64, drain_ms: u64) -> EndpointSpec {
+    EndpointSpec {
+        service: format!("optiroute-{}", pool.as_str()),
+        description: format!("OptiRoute {} provider pool", pool.as_str()),
+        endpoint: "generate".into(),
+        subject: subjects.provider(pool).to_string(),
+        queue_group: format!("{}.provider.{}", subjects.prefix, pool.as_str()),
+        max_in_flight,
+        default_deadline: Duration::from_millis(deadline_ms),
+        drain_timeout: Duration::from_millis(drain_ms),
+    }
+}
+
+async fn start<E: Engine>(
+    client: Client,
+    pool: Pool,
+    engine: Arc<E>,
+    pricing: Pricing,
+    metrics: ProviderMetrics,
+    spec: EndpointSpec,
+    admin_listen: &str,
+    max_prompt_bytes: usize,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
+    let ready_client = client.clone();
+    let ready_engine = engine.clone();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        if !is_connected(&ready_client) {
+            return Err("nats_unavailable: NATS is not connected".into());
+        }
+        ready_engine.ready()
+    });
+    let admin_addr = admin::spawn(admin_listen, metrics.registry.clone(), ready, shutdown.clone()).await?;
+    let handler = Arc::new(ProviderHandler { pool, engine, pricing, metrics: metrics.clone(), max_prompt_bytes });
+    let service_metrics = metrics.service.clone();
+    let task = tokio::spawn(service::serve(client, spec, handler, service_metrics, shutdown));
+    Ok(Running { admin_addr, metrics, task })
+}
+
+/// Starts a local provider worker.
+pub async fn run_local(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    let metrics = ProviderMetrics::new("local");
+    let c = &cfg.local;
+    let engine = match c.engine {
+        LocalEngineKind::Simulated => LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone())),
+        LocalEngineKind::Openai => {
+            let mut client = OpenAiClient::new(&c.openai)
+                .map_err(|e| Error::bad_request(format!("config key `local.openai`: {}", e.message)))?;
+            client.upstream_duration = Some(metrics.upstream_duration.with_label_values(&["local"]));
+            LocalEngine::OpenAi(client)
+        }
+    };
+    let subjects = Subjects::new(&cfg.nats.prefix);
+    let spec = spec(Pool::Local, &subjects, c.max_in_flight, c.default_deadline_ms, c.drain_timeout_ms);
+    let pricing = Pricing::Local { price_per_second: c.price_per_second };
+    start(client, Pool::Local, Arc::new(engine), pricing, metrics, spec, &c.admin_listen, c.max_prompt_bytes, shutdown).await
+}
+
+/// Starts a cloud provider worker.
+pub async fn run_cloud(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    let metrics = ProviderMetrics::new("cloud");
+    let c = &cfg.cloud;
+    let mut http = OpenAiClient::new(&c.upstream)
+        .map_err(|e| Error::bad_request(format!("config key `cloud.upstream`: {}", e.message)))?;
+    http.upstream_duration = Some(metrics.upstream_duration.with_label_values(&["cloud"]));
+    if !http.has_key() {
+        tracing::warn!("cloud pool has no API key: it will answer not_configured and the router will fall back to local");
+    }
+    let breaker = CircuitBreaker::new(
+        c.breaker.failure_threshold,
+        Duration::from_millis(c.breaker.open_ms),
+        "cloud",
+        metrics.breaker_state.clone(),
+        metrics.breaker_transitions.clone(),
+    );
+    let engine = CloudEngine { client: http, breaker, cfg: c.clone(), upstream_errors: metrics.upstream_errors.clone() };
+    let subjects = Subjects::new(&cfg.nats.prefix);
+    let spec = spec(Pool::Cloud, &subjects, c.max_in_flight, c.default_deadline_ms, c.drain_timeout_ms);
+    start(client, Pool::Cloud, Arc::new(engine), Pricing::Cloud(c.clone()), metrics, spec, &c.admin_listen, c.max_prompt_bytes, shutdown).await
+}

@@ -1,0 +1,282 @@
+//! The response cache in JetStream KV, shared by every router replica, plus
+//! in-process coalescing of identical requests.
+//!
+//! The cache fails open: a slow or missing KV store turns into an `error`
+//! cache event and the request is served without it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use optiroute_common::config::CacheConfig;
+use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse, Pool, Usage};
+use optiroute_common::Error;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{CacheEvent, RouterMetrics};
+
+/// What the cache keeps of an answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    pub text: String,
+    pub usage: Usage,
+    pub model: String,
+    pub provider: Pool,
+    pub routed_to: Pool,
+    /// What the answer cost when it was generated (the saving of each hit).
+    pub cost: f64,
+    #[serde(default)]
+    pub route_reason: Option<String>,
+}
+
+/// Everything that changes the answer, in a fixed order. Version it so a
+/// change of the encoding never reads old entries as new ones.
+#[derive(Serialize)]
+struct KeyMaterial<'a> {
+    v: u8,
+    prompt: &'a str,
+    max_tokens: u32,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    provider: &'a str,
+    model_id: Option<&'a str>,
+}
+
+/// SHA-256 hex of the canonical encoding of the request: the prompt with
+/// whitespace trimmed at both ends, `max_tokens`, `temperature`, `top_p`,
+/// the requested provider (`auto`, `local`, `cloud`) and `model_id`.
+/// Cache mode and route bias do not change the answer and are left out.
+pub fn cache_key(req: &GenerateRequest) -> String {
+    let material = KeyMaterial {
+        v: 1,
+        prompt: req.prompt.trim(),
+        max_tokens: req.max_tokens,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        provider: req.provider.as_str(),
+        model_id: req.model_id.as_deref(),
+    };
+    // rmp-serde cannot fail on this plain struct; fall back to the prompt alone.
+    let bytes = rmp_serde::to_vec(&material).unwrap_or_else(|_| req.prompt.trim().as_bytes().to_vec());
+    hex::encode(Sha256::digest(&bytes))
+}
+
+pub enum Lookup {
+    Hit(CachedAnswer),
+    Miss,
+    Error,
+}
+
+pub struct Cache {
+    cfg: CacheConfig,
+    store: OnceLock<kv::Store>,
+    metrics: RouterMetrics,
+    inflight: Mutex<HashMap<String, broadcast::Sender<Result<GenerateResponse, Error>>>>,
+}
+
+impl Cache {
+    pub fn new(cfg: CacheConfig, metrics: RouterMetrics) -> Arc<Self> {
+        Arc::new(Cache { cfg, store: OnceLock::new(), metrics, inflight: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.cfg.enabled
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.store.get().is_some()
+    }
+
+    /// Opens (or creates) the bucket, retrying in the background until it
+    /// works, so a router started before JetStream is ready still serves.
+    pub fn spawn_open(self: &Arc<Self>, js: jetstream::Context, shutdown: CancellationToken) {
+        if !self.cfg.enabled {
+            return;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match cache.open(&js).await {
+                    Ok(store) => {
+                        tracing::info!(bucket = %cache.cfg.bucket, "cache bucket ready");
+                        let _ = cache.store.set(store);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cache bucket unavailable; serving without cache"),
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    async fn open(&self, js: &jetstream::Context) -> Result<kv::Store, String> {
+        let timeout = Duration::from_secs(5);
+        let existing = tokio::time::timeout(timeout, js.get_key_value(self.cfg.bucket.clone())).await;
+        if let Ok(Ok(store)) = existing {
+            return Ok(store);
+        }
+        let config = kv::Config {
+            bucket: self.cfg.bucket.clone(),
+            description: "OptiRoute response cache".into(),
+            history: 1,
+            max_age: Duration::from_secs(self.cfg.ttl_secs),
+            max_bytes: self.cfg.max_bytes,
+            num_replicas: self.cfg.replicas,
+            ..Default::default()
+        };
+        match tokio::time::timeout(timeout, js.create_key_value(config)).await {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out creating the bucket".into()),
+        }
+    }
+
+    /// Looks a key up, bounded by the op timeout; records latency and the event.
+    pub async fn lookup(&self, key: &str) -> Lookup {
+        let Some(store) = self.store.get() else {
+            self.metrics.cache_event(CacheEvent::Error);
+            return Lookup::Error;
+        };
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_millis(self.cfg.op_timeout_ms), store.get(key)).await;
+        self.metrics.cache_lookup.observe(started.elapsed().as_secs_f64());
+        let result = match got {
+            Ok(Ok(Some(bytes))) => match wire::decode::<CachedAnswer>(Format::MsgPack, &bytes) {
+                Ok(a) => Lookup::Hit(a),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable cache entry; treating as a miss");
+                    Lookup::Miss
+                }
+            },
+            Ok(Ok(None)) => Lookup::Miss,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cache lookup failed");
+                Lookup::Error
+            }
+            Err(_) => {
+                tracing::warn!("cache lookup timed out");
+                Lookup::Error
+            }
+        };
+        self.metrics.cache_event(match &result {
+            Lookup::Hit(_) => CacheEvent::Hit,
+            Lookup::Miss => CacheEvent::Miss,
+            Lookup::Error => CacheEvent::Error,
+        });
+        result
+    }
+
+    /// Writes an answer; a failure is logged and counted, never returned.
+    pub async fn store(&self, key: &str, answer: &CachedAnswer) {
+        let Some(store) = self.store.get() else {
+            return;
+        };
+        let Ok(bytes) = wire::encode(Format::MsgPack, answer) else {
+            return;
+        };
+        let put = tokio::time::timeout(Duration::from_millis(self.cfg.op_timeout_ms.max(1000)), store.put(key, bytes)).await;
+        match put {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cache write failed");
+                self.metrics.cache_event(CacheEvent::Error);
+            }
+            Err(_) => {
+                tracing::warn!("cache write timed out");
+                self.metrics.cache_event(CacheEvent::Error);
+            }
+        }
+    }
+
+    /// Joins the request in flight for `key`, or becomes its leader.
+    pub fn join(self: &Arc<Self>, key: &str) -> Join {
+        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(key) {
+            return Join::Follower(tx.subscribe());
+        }
+        let (tx, _) = broadcast::channel(1);
+        map.insert(key.to_string(), tx);
+        Join::Leader(LeaderGuard { cache: self.clone(), key: Some(key.to_string()) })
+    }
+}
+
+pub enum Join {
+    Leader(LeaderGuard),
+    Follower(broadcast::Receiver<Result<GenerateResponse, Error>>),
+}
+
+/// Held by the one request that generates for a key; identical requests
+/// wait for its answer. Dropping it without finishing releases them to do
+/// their own work.
+pub struct LeaderGuard {
+    cache: Arc<Cache>,
+    /// `None` once finished.
+    key: Option<String>,
+}
+
+impl LeaderGuard {
+    fn release(&mut self) -> Option<broadcast::Sender<Result<GenerateResponse, Error>>> {
+        let key = self.key.take()?;
+        self.cache.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key)
+    }
+
+    /// Hands the result to every identical request waiting for it.
+    pub fn finish(mut self, result: &Result<GenerateResponse, Error>) {
+        if let Some(tx) = self.release() {
+            if tx.receiver_count() > 0 {
+                let _ = tx.send(result.clone());
+            }
+        }
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use optiroute_common::wire::{CacheMode, ProviderChoice};
+
+    #[test]
+    fn key_ignores_surrounding_whitespace_and_cache_mode() {
+        let a = GenerateRequest::new("hello world");
+        let mut b = GenerateRequest::new("  hello world\n");
+        b.cache = CacheMode::WriteOnly;
+        b.route_bias = Some(0.5);
+        assert_eq!(cache_key(&a), cache_key(&b));
+        assert_eq!(cache_key(&a).len(), 64);
+    }
+
+    #[test]
+    fn key_changes_with_what_changes_the_answer() {
+        let base = GenerateRequest::new("hello");
+        let k = cache_key(&base);
+        let mut r = base.clone();
+        r.max_tokens = 5;
+        assert_ne!(cache_key(&r), k);
+        let mut r = base.clone();
+        r.provider = ProviderChoice::Cloud;
+        assert_ne!(cache_key(&r), k);
+        let mut r = base.clone();
+        r.temperature = Some(0.7);
+        assert_ne!(cache_key(&r), k);
+        let mut r = base.clone();
+        r.model_id = Some("m".into());
+        assert_ne!(cache_key(&r), k);
+        let r = GenerateRequest::new("hello!");
+        assert_ne!(cache_key(&r), k);
+    }
+}

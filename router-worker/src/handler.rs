@@ -1,0 +1,260 @@
+//! The `optiroute.generate` handler: validate, cache, route, call a
+//! provider pool, fall back, write the cache, reply.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use optiroute_common::admin;
+use optiroute_common::config::Config;
+use optiroute_common::nats::{self, is_connected, RequestMeta};
+use optiroute_common::service::{self, EndpointSpec, Handler};
+use optiroute_common::subjects::Subjects;
+use optiroute_common::wire::{GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest};
+use optiroute_common::{Error, ErrorKind};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::cache::{cache_key, Cache, CachedAnswer, Join, Lookup};
+use crate::metrics::{CacheEvent, RouterMetrics};
+use crate::routing::Router;
+
+pub struct GenerateHandler {
+    client: Client,
+    subjects: Subjects,
+    router: Router,
+    cache: Arc<Cache>,
+    metrics: RouterMetrics,
+    max_prompt_bytes: usize,
+    provider_timeout: Duration,
+    log_payloads: bool,
+}
+
+impl Handler for GenerateHandler {
+    type Request = GenerateRequest;
+    type Reply = GenerateResponse;
+
+    async fn handle(&self, meta: RequestMeta, req: GenerateRequest) -> Result<GenerateResponse, Error> {
+        req.validate(self.max_prompt_bytes)?;
+        let started = Instant::now();
+        if self.log_payloads {
+            tracing::debug!(prompt = %req.prompt, "prompt");
+        }
+        if !self.cache.enabled() || !(req.cache.reads() || req.cache.writes()) {
+            self.metrics.cache_event(CacheEvent::Bypass);
+            return self.generate(&meta, &req, started, None).await;
+        }
+        let key = cache_key(&req);
+        if !req.cache.reads() {
+            self.metrics.cache_event(CacheEvent::Bypass);
+            return self.generate(&meta, &req, started, Some(&key)).await;
+        }
+        if let Lookup::Hit(hit) = self.cache.lookup(&key).await {
+            self.metrics.cost_saved.with_label_values(&[hit.provider.as_str()]).inc_by(hit.cost);
+            return Ok(from_cache(hit, started, &meta));
+        }
+        match self.cache.join(&key) {
+            Join::Leader(guard) => {
+                let result = self.generate(&meta, &req, started, Some(&key)).await;
+                guard.finish(&result);
+                result
+            }
+            Join::Follower(mut rx) => {
+                let waited = tokio::time::timeout(meta.remaining(), rx.recv()).await;
+                match waited {
+                    Ok(Ok(Ok(mut shared))) => {
+                        self.metrics.cache_event(CacheEvent::Coalesced);
+                        // The leader paid for it; this request cost nothing more.
+                        shared.cost = 0.0;
+                        shared.cached = true;
+                        shared.latency = started.elapsed().as_secs_f64();
+                        shared.request_id = Some(meta.request_id.clone());
+                        Ok(shared)
+                    }
+                    Ok(Ok(Err(e))) => Err(e),
+                    // The leader went away without an answer: do the work ourselves.
+                    Ok(Err(_)) => self.generate(&meta, &req, started, Some(&key)).await,
+                    Err(_) => Err(Error::new(ErrorKind::Timeout, "deadline passed waiting for an identical request in flight")),
+                }
+            }
+        }
+    }
+}
+
+fn from_cache(hit: CachedAnswer, started: Instant, meta: &RequestMeta) -> GenerateResponse {
+    GenerateResponse {
+        text: hit.text,
+        usage: hit.usage,
+        cost: 0.0,
+        latency: started.elapsed().as_secs_f64(),
+        model: hit.model,
+        routed_to: hit.routed_to,
+        provider: hit.provider,
+        cached: true,
+        fallback_reason: None,
+        route_reason: hit.route_reason,
+        request_id: Some(meta.request_id.clone()),
+    }
+}
+
+impl GenerateHandler {
+    /// Routes, calls the chosen pool, falls back to the other one when the
+    /// failure allows it, and writes a good first-choice answer to the cache.
+    async fn generate(
+        &self,
+        meta: &RequestMeta,
+        req: &GenerateRequest,
+        started: Instant,
+        cache_key: Option<&str>,
+    ) -> Result<GenerateResponse, Error> {
+        let decision = self.router.decide(req);
+        self.metrics
+            .route_decisions
+            .with_label_values(&[decision.target.as_str(), decision.reason_label])
+            .inc();
+        tracing::debug!(target_pool = decision.target.as_str(), reason = %decision.reason, "routed");
+        let preq = ProviderRequest::from(req);
+        let first = self.call(meta, decision.target, &preq).await;
+        let (reply, provider, fallback_reason) = match first {
+            Ok(reply) => (reply, decision.target, None),
+            Err(e) if !e.kind.allows_fallback() => return Err(e),
+            Err(first_err) => {
+                let other = decision.target.other();
+                self.metrics
+                    .fallbacks
+                    .with_label_values(&[decision.target.as_str(), other.as_str(), first_err.kind.as_str()])
+                    .inc();
+                tracing::info!(from = decision.target.as_str(), reason = %first_err.kind, detail = %first_err.message, "falling back");
+                match self.call(meta, other, &preq).await {
+                    Ok(reply) => (reply, other, Some(first_err.kind)),
+                    Err(e) if !e.kind.allows_fallback() => return Err(e),
+                    Err(second_err) => {
+                        let kind = if meta.remaining().is_zero() {
+                            ErrorKind::Timeout
+                        } else if first_err.kind == second_err.kind
+                            && matches!(first_err.kind, ErrorKind::NoResponders | ErrorKind::NatsUnavailable)
+                        {
+                            first_err.kind
+                        } else {
+                            ErrorKind::AllProvidersFailed
+                        };
+                        return Err(Error::new(
+                            kind,
+                            format!(
+                                "{} pool: {}; {} pool: {}",
+                                decision.target.as_str(),
+                                first_err.kind,
+                                other.as_str(),
+                                second_err.kind
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        let response = GenerateResponse {
+            text: reply.text,
+            usage: reply.usage,
+            cost: reply.cost_usd,
+            latency: started.elapsed().as_secs_f64(),
+            model: reply.model,
+            routed_to: decision.target,
+            provider,
+            cached: false,
+            fallback_reason,
+            route_reason: Some(decision.reason),
+            request_id: Some(meta.request_id.clone()),
+        };
+        // Only first-choice answers are cached, so the better pool is tried
+        // again once it recovers.
+        if let (Some(key), None) = (cache_key, fallback_reason) {
+            if req.cache.writes() {
+                let answer = CachedAnswer {
+                    text: response.text.clone(),
+                    usage: response.usage,
+                    model: response.model.clone(),
+                    provider,
+                    routed_to: decision.target,
+                    cost: response.cost,
+                    route_reason: response.route_reason.clone(),
+                };
+                let cache = self.cache.clone();
+                let key = key.to_string();
+                tokio::spawn(async move { cache.store(&key, &answer).await }.in_current_span());
+            }
+        }
+        Ok(response)
+    }
+
+    async fn call(&self, meta: &RequestMeta, pool: Pool, req: &ProviderRequest) -> Result<ProviderReply, Error> {
+        let started = Instant::now();
+        // The provider gets this attempt's deadline, not the whole request's,
+        // so it stops working when the router stops waiting.
+        let attempt = RequestMeta {
+            request_id: meta.request_id.clone(),
+            deadline: meta.deadline.min(std::time::SystemTime::now() + self.provider_timeout),
+        };
+        let result = nats::request(&self.client, self.subjects.provider(pool), &attempt, None, req).await;
+        self.metrics
+            .provider_request
+            .with_label_values(&[pool.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+/// A started router: its admin address, its metrics, and the serving task.
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub metrics: RouterMetrics,
+    pub cache: Arc<Cache>,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task.await.map_err(|e| Error::internal(format!("router task: {e}")))?
+    }
+}
+
+/// Starts a router worker on `client` until `shutdown` is cancelled.
+pub async fn run(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+    let metrics = RouterMetrics::new();
+    let subjects = Subjects::new(&cfg.nats.prefix);
+    let cache = Cache::new(cfg.cache.clone(), metrics.clone());
+    cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
+    let ready_client = client.clone();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        if is_connected(&ready_client) {
+            Ok(())
+        } else {
+            Err("nats_unavailable: NATS is not connected".into())
+        }
+    });
+    let admin_addr = admin::spawn(&cfg.router.admin_listen, metrics.registry.clone(), ready, shutdown.clone()).await?;
+    let r = &cfg.router;
+    let handler = Arc::new(GenerateHandler {
+        client: client.clone(),
+        subjects: subjects.clone(),
+        router: Router::new(&r.routing),
+        cache: cache.clone(),
+        metrics: metrics.clone(),
+        max_prompt_bytes: r.max_prompt_bytes,
+        provider_timeout: Duration::from_millis(r.provider_timeout_ms),
+        log_payloads: cfg.log.log_payloads,
+    });
+    let spec = EndpointSpec {
+        service: "optiroute-router".into(),
+        description: "OptiRoute router: cache, routing, fallback".into(),
+        endpoint: "generate".into(),
+        subject: subjects.generate.clone(),
+        queue_group: format!("{}.router", subjects.prefix),
+        max_in_flight: r.max_in_flight,
+        default_deadline: Duration::from_millis(r.default_deadline_ms),
+        drain_timeout: Duration::from_millis(r.drain_timeout_ms),
+    };
+    let task = tokio::spawn(service::serve(client, spec, handler, metrics.service.clone(), shutdown));
+    Ok(Running { admin_addr, metrics, cache, task })
+}

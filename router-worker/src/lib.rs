@@ -1,0 +1,11 @@
+//! The router worker: serves `optiroute.generate` in a queue group, answers
+//! from the shared JetStream KV cache when it can, otherwise routes the
+//! prompt to the local or cloud pool and falls back to the other pool when
+//! the chosen one fails.
+
+pub mod cache;
+pub mod handler;
+pub mod metrics;
+pub mod routing;
+
+pub use handler::{run, Running};
