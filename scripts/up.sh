@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The first README command: starts the whole stack on this machine.
+#   nats-server (JetStream) · one router · one local worker · one cloud worker · the ingress on :8000
+# Installs what is missing, builds in release mode, stops everything on Ctrl-C.
+# Settings: OPTIROUTE_CONFIG=file.toml, OPTIROUTE__SECTION__KEY=value, HF_API_TOKEN for the cloud pool.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+. scripts/setup.sh
+
+echo "up: building (release; the first build takes a few minutes)"
+cargo build --release --bins --quiet
+
+run="$root/.run"
+mkdir -p "$run/logs" "$run/nats"
+pids=()
+cleanup() {
+  trap - INT TERM EXIT
+  echo
+  echo "up: stopping"
+  # Workers first (they drain), NATS last.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup INT TERM EXIT
+
+if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+  echo "up: something already listens on 127.0.0.1:4222; stop it first (or run a second stack with nats.url set)" >&2
+  exit 1
+fi
+"$NATS_SERVER_BIN" -c nats/nats-server.conf --store_dir "$run/nats" >"$run/logs/nats.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.1; done
+
+bin="$root/target/release"
+for p in optiroute-local optiroute-cloud optiroute-router optiroute-ingress; do
+  "$bin/$p" >"$run/logs/$p.log" 2>&1 &
+  pids+=($!)
+done
+
+for _ in $(seq 1 100); do
+  curl -fs localhost:8000/ready >/dev/null 2>&1 && break
+  sleep 0.1
+done
+cat <<MSG
+
+OptiRoute is up.
+  API        http://localhost:8000/generate   e.g.
+             curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"prompt":"Hello"}'
+  health     http://localhost:8000/health  /ready
+  metrics    ingress :8000/metrics · router :9101/metrics · local :9102/metrics · cloud :9103/metrics
+  NATS       nats://127.0.0.1:4222 (monitoring http://127.0.0.1:8222)
+  logs       $run/logs/
+  cloud pool $( [ -n "${HF_API_TOKEN:-}${OPTIROUTE_CLOUD_API_KEY:-}" ] && echo "configured" || echo "no HF_API_TOKEN: complex prompts fall back to local" )
+Press Ctrl-C to stop.
+MSG
+# Exit (and clean up) as soon as any process dies.
+wait -n "${pids[@]}" || true
+echo "up: a process exited; see $run/logs/" >&2

@@ -1,0 +1,134 @@
+//! The whole pipeline in-process: ingress, router, local and cloud workers,
+//! each with its own NATS connection to a real nats-server.
+
+use std::net::SocketAddr;
+
+use optiroute_common::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// A config for tests: free ports, a fast simulated local engine, short timeouts.
+pub fn test_config(nats_url: &str) -> Config {
+    let mut c = Config::default();
+    c.nats.url = nats_url.to_string();
+    c.nats.max_reconnect_delay_ms = 100;
+    c.ingress.listen = "127.0.0.1:0".into();
+    c.ingress.request_timeout_ms = 5_000;
+    c.router.admin_listen = "127.0.0.1:0".into();
+    c.router.provider_timeout_ms = 3_000;
+    c.local.admin_listen = "127.0.0.1:0".into();
+    c.local.simulated.base_ms = 1;
+    c.local.simulated.per_token_ms = 0;
+    c.cloud.admin_listen = "127.0.0.1:0".into();
+    c.cloud.upstream.api_key = Some("test-key".into());
+    c.cloud.upstream.base_url = "http://127.0.0.1:9/v1".into();
+    c.cloud.upstream.timeout_ms = 2_000;
+    c.cloud.breaker.open_ms = 60_000;
+    c
+}
+
+pub async fn client(cfg: &Config, name: &str) -> async_nats::Client {
+    optiroute_common::nats::connect(&cfg.nats, name).await.unwrap()
+}
+
+/// Which parts of the stack to start.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts {
+    pub ingress: bool,
+    pub router: bool,
+    pub local: bool,
+    pub cloud: bool,
+}
+
+impl Parts {
+    pub const ALL: Parts = Parts { ingress: true, router: true, local: true, cloud: true };
+}
+
+pub struct Stack {
+    pub cfg: Config,
+    pub shutdown: CancellationToken,
+    pub ingress: Option<optiroute_ingress::Running>,
+    pub router: Option<optiroute_router::Running>,
+    pub local: Option<optiroute_providers::Running>,
+    pub cloud: Option<optiroute_providers::Running>,
+}
+
+impl Stack {
+    pub async fn start(cfg: Config) -> Stack {
+        Self::start_parts(cfg, Parts::ALL).await
+    }
+
+    pub async fn start_parts(cfg: Config, parts: Parts) -> Stack {
+        let shutdown = CancellationToken::new();
+        let local = if parts.local {
+            Some(optiroute_providers::run_local(client(&cfg, "local").await, &cfg, shutdown.clone()).await.unwrap())
+        } else {
+            None
+        };
+        let cloud = if parts.cloud {
+            Some(optiroute_providers::run_cloud(client(&cfg, "cloud").await, &cfg, shutdown.clone()).await.unwrap())
+        } else {
+            None
+        };
+        let router = if parts.router {
+            Some(optiroute_router::run(client(&cfg, "router").await, &cfg, shutdown.clone()).await.unwrap())
+        } else {
+            None
+        };
+        let ingress = if parts.ingress {
+            Some(optiroute_ingress::run(client(&cfg, "ingress").await, &cfg, shutdown.clone()).await.unwrap())
+        } else {
+            None
+        };
+        let stack = Stack { cfg, shutdown, ingress, router, local, cloud };
+        stack.wait_serving().await;
+        stack
+    }
+
+    /// Waits until every started service answers `$SRV.PING`, so tests never
+    /// race the subscriptions.
+    pub async fn wait_serving(&self) {
+        let c = client(&self.cfg, "probe").await;
+        let mut names = Vec::new();
+        if self.router.is_some() {
+            names.push("optiroute-router");
+        }
+        if self.local.is_some() {
+            names.push("optiroute-local");
+        }
+        if self.cloud.is_some() {
+            names.push("optiroute-cloud");
+        }
+        for name in names {
+            let c = c.clone();
+            crate::wait_until(name, std::time::Duration::from_secs(10), move || {
+                let c = c.clone();
+                async move { c.request(format!("$SRV.PING.{name}"), "".into()).await.is_ok() }
+            })
+            .await;
+        }
+        // The cache bucket, when the router has JetStream to put it in.
+        if let Some(r) = &self.router {
+            let cache = r.cache.clone();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
+                while !cache.is_connected() {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+    }
+
+    pub fn ingress_addr(&self) -> SocketAddr {
+        self.ingress.as_ref().expect("ingress started").addr
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ingress_addr())
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

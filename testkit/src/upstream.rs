@@ -1,0 +1,113 @@
+//! A fake OpenAI-compatible chat completions server that a test can tell to
+//! answer, fail, hang or rate-limit, and that counts the calls it gets.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Answers `text` with a usage block.
+    Ok,
+    /// Answers without a usage block.
+    NoUsage,
+    /// Answers after a delay.
+    Slow(Duration),
+    /// Answers with this status.
+    Status(u16),
+    /// 429 with `Retry-After: secs`.
+    RateLimited(u64),
+    /// Never answers.
+    Hang,
+}
+
+struct Inner {
+    mode: Mutex<Mode>,
+    hits: AtomicUsize,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+impl FakeUpstream {
+    pub async fn start(mode: Mode) -> Self {
+        let inner = Arc::new(Inner { mode: Mutex::new(mode), hits: AtomicUsize::new(0) });
+        let app = Router::new().route("/v1/chat/completions", post(chat)).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(async move { s.cancelled().await }).await.unwrap();
+        });
+        FakeUpstream { addr, inner, stop }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        *self.inner.mode.lock().unwrap() = mode;
+    }
+
+    /// Chat completion calls received so far.
+    pub fn hits(&self) -> usize {
+        self.inner.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Value>) -> Response {
+    inner.hits.fetch_add(1, Ordering::SeqCst);
+    let mode = inner.mode.lock().unwrap().clone();
+    let prompt = body["messages"][0]["content"].as_str().unwrap_or_default().to_string();
+    let model = body["model"].as_str().unwrap_or_default().to_string();
+    let answer = |usage: bool| {
+        let mut v = serde_json::json!({
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("cloud answer to: {prompt}")}, "finish_reason": "stop"}],
+        });
+        if usage {
+            v["usage"] = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30});
+        }
+        Json(v).into_response()
+    };
+    match mode {
+        Mode::Ok => answer(true),
+        Mode::NoUsage => answer(false),
+        Mode::Slow(d) => {
+            tokio::time::sleep(d).await;
+            answer(true)
+        }
+        Mode::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap();
+            (status, Json(serde_json::json!({"error": {"message": "fake failure"}}))).into_response()
+        }
+        Mode::RateLimited(secs) => {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", secs.to_string())], "slow down").into_response()
+        }
+        Mode::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::GATEWAY_TIMEOUT.into_response()
+        }
+    }
+}
