@@ -14,6 +14,8 @@ pub fn test_config(nats_url: &str) -> Config {
     c.ingress.listen = "127.0.0.1:0".into();
     c.ingress.request_timeout_ms = 5_000;
     c.router.admin_listen = "127.0.0.1:0".into();
+    // The test server allows 256 MB of file store; the default bucket is 1 GiB.
+    c.cache.max_bytes = 32 << 20;
     c.router.provider_timeout_ms = 3_000;
     c.local.admin_listen = "127.0.0.1:0".into();
     c.local.simulated.base_ms = 1;
