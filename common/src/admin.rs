@@ -50,7 +50,10 @@ async fn metrics_handler(State(s): State<AdminState>) -> axum::response::Respons
 pub fn metrics_response(registry: &Registry) -> axum::response::Response {
     match crate::metrics::render(registry) {
         Ok(text) => (
-            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
@@ -70,7 +73,11 @@ pub async fn bind(listen: &str, what: &str) -> Result<TcpListener, Error> {
 }
 
 /// Serves `app` until `shutdown` is cancelled, then finishes open requests.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -164,24 +164,88 @@ impl Default for RoutingConfig {
             weight_non_english: 0.5,
             weight_simple: -0.6,
             reasoning_keywords: words(&[
-                "explain why", "explain how", "compare", "contrast", "step by step",
-                "step-by-step", "prove", "proof", "design", "architect", "analyze", "analyse",
-                "evaluate", "trade-off", "tradeoff", "trade-offs", "pros and cons", "derive",
-                "critique", "justify", "why did", "why does", "why do", "why is", "implications",
-                "strategy", "optimize", "optimise", "debug", "refactor", "implement",
-                "algorithm", "complexity", "in depth", "in-depth", "detailed", "thorough",
-                "comprehensive", "reason about", "what would happen", "how would you",
+                "explain why",
+                "explain how",
+                "compare",
+                "contrast",
+                "step by step",
+                "step-by-step",
+                "prove",
+                "proof",
+                "design",
+                "architect",
+                "analyze",
+                "analyse",
+                "evaluate",
+                "trade-off",
+                "tradeoff",
+                "trade-offs",
+                "pros and cons",
+                "derive",
+                "critique",
+                "justify",
+                "why did",
+                "why does",
+                "why do",
+                "why is",
+                "implications",
+                "strategy",
+                "optimize",
+                "optimise",
+                "debug",
+                "refactor",
+                "implement",
+                "algorithm",
+                "complexity",
+                "in depth",
+                "in-depth",
+                "detailed",
+                "thorough",
+                "comprehensive",
+                "reason about",
+                "what would happen",
+                "how would you",
             ]),
             longform_keywords: words(&[
-                "write a detailed", "write an essay", "essay", "write a story", "short story",
-                "write a report", "write an article", "article", "blog post", "cover letter",
-                "speech", "chapter", "poem about", "screenplay", "1000 words", "500 words",
-                "several paragraphs", "multiple paragraphs", "business plan", "proposal",
+                "write a detailed",
+                "write an essay",
+                "essay",
+                "write a story",
+                "short story",
+                "write a report",
+                "write an article",
+                "article",
+                "blog post",
+                "cover letter",
+                "speech",
+                "chapter",
+                "poem about",
+                "screenplay",
+                "1000 words",
+                "500 words",
+                "several paragraphs",
+                "multiple paragraphs",
+                "business plan",
+                "proposal",
             ]),
             simple_keywords: words(&[
-                "hello", "hi", "hey", "thanks", "thank you", "good morning", "how are you",
-                "what is the capital", "capital of", "fix the capitalization", "capitalize",
-                "spell", "synonym", "translate the word", "what time", "lowercase", "uppercase",
+                "hello",
+                "hi",
+                "hey",
+                "thanks",
+                "thank you",
+                "good morning",
+                "how are you",
+                "what is the capital",
+                "capital of",
+                "fix the capitalization",
+                "capitalize",
+                "spell",
+                "synonym",
+                "translate the word",
+                "what time",
+                "lowercase",
+                "uppercase",
             ]),
         }
     }
@@ -444,9 +508,8 @@ impl Config {
                 let text = std::fs::read_to_string(p).map_err(|e| {
                     Error::bad_request(format!("cannot read config file {}: {e}", p.display()))
                 })?;
-                text.parse::<toml::Table>().map_err(|e| {
-                    Error::bad_request(format!("config file {}: {e}", p.display()))
-                })?
+                text.parse::<toml::Table>()
+                    .map_err(|e| Error::bad_request(format!("config file {}: {e}", p.display())))?
             }
             None => toml::Table::new(),
         };
@@ -466,7 +529,9 @@ impl Config {
         if cfg.cloud.upstream.api_key.is_none() {
             cfg.cloud.upstream.api_key = env
                 .iter()
-                .find(|(k, v)| (k == "OPTIROUTE_CLOUD_API_KEY" || k == "HF_API_TOKEN") && !v.is_empty())
+                .find(|(k, v)| {
+                    (k == "OPTIROUTE_CLOUD_API_KEY" || k == "HF_API_TOKEN") && !v.is_empty()
+                })
                 .map(|(_, v)| v.clone());
         }
         cfg.validate()?;
@@ -474,7 +539,8 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
-        let bad = |key: &str, why: &str| Err(Error::bad_request(format!("config key `{key}`: {why}")));
+        let bad =
+            |key: &str, why: &str| Err(Error::bad_request(format!("config key `{key}`: {why}")));
         if self.nats.prefix.is_empty()
             || self
                 .nats
@@ -482,7 +548,10 @@ impl Config {
                 .chars()
                 .any(|c| c.is_whitespace() || c == '*' || c == '>')
         {
-            return bad("nats.prefix", "must be a non-empty subject token without spaces or wildcards");
+            return bad(
+                "nats.prefix",
+                "must be a non-empty subject token without spaces or wildcards",
+            );
         }
         if self.cache.ttl_secs == 0 {
             return bad("cache.ttl_secs", "must be at least 1");
@@ -508,7 +577,12 @@ impl Config {
 
 /// Sets `root.a.b.c = value`, reading `value` as a TOML literal when it is one
 /// (number, boolean, array) and as a string otherwise.
-fn set_path(root: &mut toml::Table, path: &[String], value: &str, origin: &str) -> Result<(), Error> {
+fn set_path(
+    root: &mut toml::Table,
+    path: &[String],
+    value: &str,
+    origin: &str,
+) -> Result<(), Error> {
     let Some((last, parents)) = path.split_last() else {
         return Err(Error::bad_request(format!("{origin}: empty key")));
     };
@@ -546,7 +620,11 @@ mod tests {
     fn file_then_env_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
-        std::fs::write(&p, "[nats]\nurl = \"nats://file:1\"\n[cache]\nttl_secs = 5\n").unwrap();
+        std::fs::write(
+            &p,
+            "[nats]\nurl = \"nats://file:1\"\n[cache]\nttl_secs = 5\n",
+        )
+        .unwrap();
         let env = vec![
             ("OPTIROUTE__CACHE__TTL_SECS".to_string(), "7".to_string()),
             ("HF_API_TOKEN".to_string(), "hf_x".to_string()),
@@ -563,7 +641,8 @@ mod tests {
     fn unknown_and_invalid_keys_are_named() {
         let e = Config::from_parts(None, &[], &[("cache.ttl".into(), "5".into())]).unwrap_err();
         assert!(e.message.contains("ttl"), "{}", e.message);
-        let e = Config::from_parts(None, &[], &[("cache.ttl_secs".into(), "0".into())]).unwrap_err();
+        let e =
+            Config::from_parts(None, &[], &[("cache.ttl_secs".into(), "0".into())]).unwrap_err();
         assert!(e.message.contains("cache.ttl_secs"), "{}", e.message);
         let e = Config::from_parts(None, &[], &[("router.max_in_flight".into(), "many".into())])
             .unwrap_err();
@@ -573,13 +652,22 @@ mod tests {
     #[test]
     fn cli_flags_parse() {
         let a = CliArgs::parse(
-            ["--config", "x.toml", "--set", "nats.url=nats://h:1", "--log-json"]
-                .map(String::from),
+            [
+                "--config",
+                "x.toml",
+                "--set",
+                "nats.url=nats://h:1",
+                "--log-json",
+            ]
+            .map(String::from),
         )
         .unwrap()
         .unwrap();
         assert_eq!(a.config.as_deref(), Some(Path::new("x.toml")));
-        assert_eq!(a.sets, vec![("nats.url".to_string(), "nats://h:1".to_string())]);
+        assert_eq!(
+            a.sets,
+            vec![("nats.url".to_string(), "nats://h:1".to_string())]
+        );
         assert!(a.log_json);
         assert!(CliArgs::parse(["--bogus".to_string()]).is_err());
         assert!(CliArgs::parse(["--help".to_string()]).unwrap().is_none());

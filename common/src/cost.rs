@@ -21,7 +21,9 @@ pub fn local_cost(price_per_second: f64, compute_seconds: f64) -> f64 {
 /// A rough token count for text without a tokenizer: about four bytes a token.
 pub fn estimate_tokens(text: &str) -> u32 {
     let n = text.len().div_ceil(4);
-    u32::try_from(n).unwrap_or(u32::MAX).max(u32::from(!text.is_empty()))
+    u32::try_from(n)
+        .unwrap_or(u32::MAX)
+        .max(u32::from(!text.is_empty()))
 }
 
 #[cfg(test)]
@@ -34,7 +36,13 @@ mod tests {
         let mut cfg = CloudConfig::default();
         let u = Usage::new(1000, 500, false);
         assert!((cloud_cost(&cfg, "m", &u) - 0.0003).abs() < 1e-12);
-        cfg.prices.insert("m".into(), ModelPrice { input_per_1k: 0.01, output_per_1k: 0.02 });
+        cfg.prices.insert(
+            "m".into(),
+            ModelPrice {
+                input_per_1k: 0.01,
+                output_per_1k: 0.02,
+            },
+        );
         assert!((cloud_cost(&cfg, "m", &u) - 0.02).abs() < 1e-12);
     }
 

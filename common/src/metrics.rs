@@ -24,29 +24,53 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 pub fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(r, IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e)))
+    register(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e)),
+    )
 }
 
-pub fn float_counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::CounterVec {
-    register(r, prometheus::CounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e)))
+pub fn float_counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::CounterVec {
+    register(
+        r,
+        prometheus::CounterVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|e| panic_metric(name, e)),
+    )
 }
 
 pub fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(r, IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e)))
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic_metric(name, e)),
+    )
 }
 
 pub fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    register(r, IntGauge::new(name, help).unwrap_or_else(|e| panic_metric(name, e)))
+    register(
+        r,
+        IntGauge::new(name, help).unwrap_or_else(|e| panic_metric(name, e)),
+    )
 }
 
 pub fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
     let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-    register(r, HistogramVec::new(opts, labels).unwrap_or_else(|e| panic_metric(name, e)))
+    register(
+        r,
+        HistogramVec::new(opts, labels).unwrap_or_else(|e| panic_metric(name, e)),
+    )
 }
 
 pub fn histogram(r: &Registry, name: &str, help: &str) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
-    register(r, Histogram::with_opts(opts).unwrap_or_else(|e| panic_metric(name, e)))
+    register(
+        r,
+        Histogram::with_opts(opts).unwrap_or_else(|e| panic_metric(name, e)),
+    )
 }
 
 #[allow(clippy::panic)]
@@ -58,7 +82,12 @@ fn panic_metric(name: &str, e: prometheus::Error) -> ! {
 /// A registry with `optiroute_build_info{version,process}` already set.
 pub fn new_registry(process: &str) -> Registry {
     let r = Registry::new();
-    let info = gauge_vec(&r, "optiroute_build_info", "Build of this process (always 1).", &["version", "process"]);
+    let info = gauge_vec(
+        &r,
+        "optiroute_build_info",
+        "Build of this process (always 1).",
+        &["version", "process"],
+    );
     info.with_label_values(&[crate::VERSION, process]).set(1);
     r
 }
@@ -84,9 +113,24 @@ pub struct ServiceMetrics {
 impl ServiceMetrics {
     pub fn new(r: &Registry) -> Self {
         ServiceMetrics {
-            requests: counter_vec(r, "optiroute_requests_total", "Requests handled on NATS, by service and outcome (ok or error kind).", &["service", "outcome"]),
-            duration: histogram_vec(r, "optiroute_request_duration_seconds", "Time from receiving a NATS request to replying, by service.", &["service"]),
-            in_flight: gauge_vec(r, "optiroute_in_flight_requests", "Requests being handled now, by service.", &["service"]),
+            requests: counter_vec(
+                r,
+                "optiroute_requests_total",
+                "Requests handled on NATS, by service and outcome (ok or error kind).",
+                &["service", "outcome"],
+            ),
+            duration: histogram_vec(
+                r,
+                "optiroute_request_duration_seconds",
+                "Time from receiving a NATS request to replying, by service.",
+                &["service"],
+            ),
+            in_flight: gauge_vec(
+                r,
+                "optiroute_in_flight_requests",
+                "Requests being handled now, by service.",
+                &["service"],
+            ),
         }
     }
 }

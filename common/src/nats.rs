@@ -30,13 +30,18 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Connected => tracing::info!("nats connected"),
-                async_nats::Event::Disconnected => tracing::warn!("nats disconnected, reconnecting"),
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("nats disconnected, reconnecting")
+                }
                 other => tracing::info!(event = %other, "nats event"),
             }
         });
-    opts.connect(cfg.url.as_str())
-        .await
-        .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("cannot connect to NATS at {}: {e}", cfg.url)))
+    opts.connect(cfg.url.as_str()).await.map_err(|e| {
+        Error::new(
+            ErrorKind::NatsUnavailable,
+            format!("cannot connect to NATS at {}: {e}", cfg.url),
+        )
+    })
 }
 
 pub fn is_connected(client: &Client) -> bool {
@@ -45,7 +50,9 @@ pub fn is_connected(client: &Client) -> bool {
 
 /// Milliseconds since the Unix epoch, the unit of [`DEADLINE_HEADER`].
 pub fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn from_epoch_ms(ms: u64) -> SystemTime {
@@ -76,26 +83,45 @@ impl RequestMeta {
 
     /// Reads the id and deadline from headers; missing ones get a fresh id and
     /// `default_timeout` from now. A malformed deadline is a bad request.
-    pub fn from_headers(headers: Option<&HeaderMap>, default_timeout: Duration) -> Result<Self, Error> {
-        let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+    pub fn from_headers(
+        headers: Option<&HeaderMap>,
+        default_timeout: Duration,
+    ) -> Result<Self, Error> {
+        let get = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
         let request_id = match get(REQUEST_ID_HEADER) {
             Some(id) if !id.is_empty() && id.len() <= 128 => id,
-            Some(_) => return Err(Error::bad_request(format!("header {REQUEST_ID_HEADER} must be 1 to 128 bytes"))),
+            Some(_) => {
+                return Err(Error::bad_request(format!(
+                    "header {REQUEST_ID_HEADER} must be 1 to 128 bytes"
+                )))
+            }
             None => new_request_id(),
         };
         let deadline = match get(DEADLINE_HEADER) {
             Some(v) => from_epoch_ms(v.trim().parse::<u64>().map_err(|_| {
-                Error::bad_request(format!("header {DEADLINE_HEADER} must be Unix epoch milliseconds, got `{v}`"))
+                Error::bad_request(format!(
+                    "header {DEADLINE_HEADER} must be Unix epoch milliseconds, got `{v}`"
+                ))
             })?),
             None => SystemTime::now() + default_timeout,
         };
-        Ok(RequestMeta { request_id, deadline })
+        Ok(RequestMeta {
+            request_id,
+            deadline,
+        })
     }
 
     pub fn headers(&self, format: Format) -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(REQUEST_ID_HEADER, self.request_id.as_str());
-        h.insert(DEADLINE_HEADER, epoch_ms(self.deadline).to_string().as_str());
+        h.insert(
+            DEADLINE_HEADER,
+            epoch_ms(self.deadline).to_string().as_str(),
+        );
         if format == Format::Json {
             h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);
         }
@@ -119,14 +145,20 @@ pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
     req: &Req,
 ) -> Result<Resp, Error> {
     if !is_connected(client) {
-        return Err(Error::new(ErrorKind::NatsUnavailable, "NATS is not connected"));
+        return Err(Error::new(
+            ErrorKind::NatsUnavailable,
+            "NATS is not connected",
+        ));
     }
     let mut timeout = meta.remaining();
     if let Some(c) = cap {
         timeout = timeout.min(c);
     }
     if timeout.is_zero() {
-        return Err(Error::new(ErrorKind::Timeout, "deadline passed before the request was sent"));
+        return Err(Error::new(
+            ErrorKind::Timeout,
+            "deadline passed before the request was sent",
+        ));
     }
     let body = wire::encode(Format::MsgPack, req)?;
     let request = async_nats::Request::new()
@@ -137,9 +169,18 @@ pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
         .send_request(subject.to_string(), request)
         .await
         .map_err(|e| match e.kind() {
-            RequestErrorKind::NoResponders => Error::new(ErrorKind::NoResponders, format!("no responders on {subject}")),
-            RequestErrorKind::TimedOut => Error::new(ErrorKind::Timeout, format!("no reply on {subject} within {timeout:?}")),
-            _ => Error::new(ErrorKind::NatsUnavailable, format!("request on {subject} failed: {e}")),
+            RequestErrorKind::NoResponders => Error::new(
+                ErrorKind::NoResponders,
+                format!("no responders on {subject}"),
+            ),
+            RequestErrorKind::TimedOut => Error::new(
+                ErrorKind::Timeout,
+                format!("no reply on {subject} within {timeout:?}"),
+            ),
+            _ => Error::new(
+                ErrorKind::NatsUnavailable,
+                format!("request on {subject} failed: {e}"),
+            ),
         })?;
     if let Some(err) = reply_error(msg.headers.as_ref(), &msg.payload, Format::MsgPack) {
         return Err(err);

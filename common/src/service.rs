@@ -109,8 +109,14 @@ pub async fn serve<H: Handler>(
         tracing::warn!(error = %e, "service stop");
     }
     tracker.close();
-    if tokio::time::timeout(spec.drain_timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(in_flight = tracker.len(), "drain timeout: abandoning requests in flight");
+    if tokio::time::timeout(spec.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "drain timeout: abandoning requests in flight"
+        );
     }
     tracing::info!(subject = %spec.subject, "stopped serving");
     Ok(())
@@ -136,7 +142,10 @@ async fn handle_one<H: Handler>(
     let result = async {
         let meta = meta?;
         if meta.remaining().is_zero() {
-            return Err(Error::new(ErrorKind::Timeout, "deadline passed before the work started"));
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "deadline passed before the work started",
+            ));
         }
         let decoded: H::Request = wire::decode(format, &request.message.payload)?;
         handler.handle(meta, decoded).await
@@ -170,7 +179,10 @@ async fn handle_one<H: Handler>(
         let _g = span.enter();
         tracing::warn!(error = %e, "could not send reply");
     }
-    metrics.requests.with_label_values(&[&spec.service, outcome]).inc();
+    metrics
+        .requests
+        .with_label_values(&[&spec.service, outcome])
+        .inc();
     metrics
         .duration
         .with_label_values(&[&spec.service])
@@ -187,9 +199,16 @@ pub fn error_reply(format: Format, e: &Error) -> (HeaderMap, bytes::Bytes) {
     };
     let mut h = HeaderMap::new();
     // Header values must be one line.
-    let one_line: String = shown.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = shown
+        .message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     h.insert(NATS_SERVICE_ERROR, one_line.as_str());
-    h.insert(NATS_SERVICE_ERROR_CODE, shown.kind.status().to_string().as_str());
+    h.insert(
+        NATS_SERVICE_ERROR_CODE,
+        shown.kind.status().to_string().as_str(),
+    );
     if format == Format::Json {
         h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);
     }

@@ -198,7 +198,10 @@ pub fn validate_model_id(model_id: &str) -> Result<(), Error> {
             "model_id must be 1 to {MAX_MODEL_ID_BYTES} bytes"
         )));
     }
-    if model_id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if model_id
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace())
+    {
         return Err(Error::bad_request(
             "model_id must not contain whitespace or control characters",
         ));

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse};
 use optiroute_common::nats::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse};
 use optiroute_testkit::stack::{client, Parts};
 use optiroute_testkit::{test_config, wait_until, NatsServer, Stack};
 use serde_json::{json, Value};
@@ -36,19 +36,31 @@ async fn bad_http_input_is_a_400_naming_the_field() {
         (r#"{"prompt": "   \n\t"}"#.into(), "prompt"),
         (json!({"prompt": long}).to_string(), "prompt"),
         (r#"{"prompt": "hi", "max_tokens": 0}"#.into(), "max_tokens"),
-        (r#"{"prompt": "hi", "max_tokens": 4097}"#.into(), "max_tokens"),
+        (
+            r#"{"prompt": "hi", "max_tokens": 4097}"#.into(),
+            "max_tokens",
+        ),
         (r#"{"prompt": "hi", "max_tokens": -3}"#.into(), "max_tokens"),
-        (r#"{"prompt": "hi", "max_tokens": "ten"}"#.into(), "max_tokens"),
+        (
+            r#"{"prompt": "hi", "max_tokens": "ten"}"#.into(),
+            "max_tokens",
+        ),
         (r#"{"prompt": "hi", "provider": "mars"}"#.into(), "provider"),
         (r#"{"prompt": 42}"#.into(), "prompt"),
-        (r#"{"prompt": "hi", "temperature": 9}"#.into(), "temperature"),
+        (
+            r#"{"prompt": "hi", "temperature": 9}"#.into(),
+            "temperature",
+        ),
     ];
     for (body, field) in cases {
         let (status, v) = post_raw(&stack, &body).await;
         assert_eq!(status, 400, "{body:.80} -> {v}");
         assert_eq!(v["error"]["code"], "bad_request", "{v}");
         let message = v["error"]["message"].as_str().unwrap();
-        assert!(message.contains(field), "{body:.80}: `{message}` should name `{field}`");
+        assert!(
+            message.contains(field),
+            "{body:.80}: `{message}` should name `{field}`"
+        );
     }
     // The pipeline still serves after all that.
     let (status, _) = post_raw(&stack, r#"{"prompt":"still alive?"}"#).await;
@@ -63,32 +75,67 @@ async fn bad_http_input_is_a_400_naming_the_field() {
 #[tokio::test]
 async fn garbage_on_nats_gets_an_error_reply_and_workers_keep_serving() {
     let nats = NatsServer::start();
-    let stack = Stack::start_parts(test_config(&nats.url()), Parts { ingress: false, ..Parts::ALL }).await;
+    let stack = Stack::start_parts(
+        test_config(&nats.url()),
+        Parts {
+            ingress: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
     let c = client(&stack.cfg, "vandal").await;
-    for subject in ["optiroute.generate", "optiroute.provider.local", "optiroute.provider.cloud"] {
+    for subject in [
+        "optiroute.generate",
+        "optiroute.provider.local",
+        "optiroute.provider.cloud",
+    ] {
         // Garbage bytes, read as MessagePack.
-        let msg = c.request(subject, bytes::Bytes::from_static(b"\xc1\xff garbage")).await.unwrap();
+        let msg = c
+            .request(subject, bytes::Bytes::from_static(b"\xc1\xff garbage"))
+            .await
+            .unwrap();
         let h = msg.headers.as_ref().expect("error headers");
-        assert_eq!(h.get(NATS_SERVICE_ERROR_CODE).unwrap().as_str(), "400", "{subject}");
+        assert_eq!(
+            h.get(NATS_SERVICE_ERROR_CODE).unwrap().as_str(),
+            "400",
+            "{subject}"
+        );
         assert!(h.get(NATS_SERVICE_ERROR).is_some());
-        let body: optiroute_common::error::ErrorBody = wire::decode(Format::MsgPack, &msg.payload).unwrap();
+        let body: optiroute_common::error::ErrorBody =
+            wire::decode(Format::MsgPack, &msg.payload).unwrap();
         assert_eq!(body.code, optiroute_common::ErrorKind::BadRequest);
 
         // A wrong-typed field, as JSON.
         let mut jh = HeaderMap::new();
         jh.insert("Content-Type", "application/json");
-        let msg = c.request_with_headers(subject, jh.clone(), r#"{"prompt": ["x"], "max_tokens": 3}"#.into()).await.unwrap();
+        let msg = c
+            .request_with_headers(
+                subject,
+                jh.clone(),
+                r#"{"prompt": ["x"], "max_tokens": 3}"#.into(),
+            )
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(v["code"], "bad_request", "{subject}: {v}");
         assert!(v["message"].as_str().unwrap().contains("prompt"), "{v}");
 
         // Valid shape, invalid value.
-        let msg = c.request_with_headers(subject, jh, r#"{"prompt": "hi", "max_tokens": 0}"#.into()).await.unwrap();
+        let msg = c
+            .request_with_headers(subject, jh, r#"{"prompt": "hi", "max_tokens": 0}"#.into())
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&msg.payload).unwrap();
         assert!(v["message"].as_str().unwrap().contains("max_tokens"), "{v}");
     }
     // Still serving.
-    let msg = c.request("optiroute.generate", wire::encode(Format::MsgPack, &GenerateRequest::new("ok?")).unwrap()).await.unwrap();
+    let msg = c
+        .request(
+            "optiroute.generate",
+            wire::encode(Format::MsgPack, &GenerateRequest::new("ok?")).unwrap(),
+        )
+        .await
+        .unwrap();
     let r: GenerateResponse = wire::decode(Format::MsgPack, &msg.payload).unwrap();
     assert!(!r.text.is_empty());
 }
@@ -96,10 +143,26 @@ async fn garbage_on_nats_gets_an_error_reply_and_workers_keep_serving() {
 #[tokio::test]
 async fn no_router_is_a_fast_503() {
     let nats = NatsServer::start();
-    let stack = Stack::start_parts(test_config(&nats.url()), Parts { router: false, ..Parts::ALL }).await;
+    let stack = Stack::start_parts(
+        test_config(&nats.url()),
+        Parts {
+            router: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
     let started = Instant::now();
-    let resp = reqwest::Client::new().post(stack.url("/generate")).json(&json!({"prompt": "anyone?"})).send().await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    let resp = reqwest::Client::new()
+        .post(stack.url("/generate"))
+        .json(&json!({"prompt": "anyone?"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(resp.status(), 503);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "no_responders");
@@ -112,34 +175,70 @@ async fn nats_outage_is_a_fast_503_and_everything_recovers() {
     let mut nats = NatsServer::start();
     let stack = Stack::start(test_config(&nats.url())).await;
     let http = reqwest::Client::new();
-    let ok = http.post(stack.url("/generate")).json(&json!({"prompt": "before"})).send().await.unwrap();
+    let ok = http
+        .post(stack.url("/generate"))
+        .json(&json!({"prompt": "before"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
 
     nats.stop();
     // Wait until the ingress has noticed the disconnect.
-    wait_until("ingress to see NATS down", Duration::from_secs(10), || async {
-        reqwest::get(stack.url("/ready")).await.unwrap().status() == 503
-    })
+    wait_until(
+        "ingress to see NATS down",
+        Duration::from_secs(10),
+        || async { reqwest::get(stack.url("/ready")).await.unwrap().status() == 503 },
+    )
     .await;
     let started = Instant::now();
-    let resp = http.post(stack.url("/generate")).json(&json!({"prompt": "during"})).send().await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    let resp = http
+        .post(stack.url("/generate"))
+        .json(&json!({"prompt": "during"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(resp.status(), 503);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "nats_unavailable");
 
     nats.restart();
     // Every process reconnects by itself; the path works end to end again.
-    wait_until("the pipeline to recover", Duration::from_secs(15), || async {
-        match http.post(stack.url("/generate")).json(&json!({"prompt": "after", "cache": "off"})).send().await {
-            Ok(r) => r.status() == 200,
-            Err(_) => false,
-        }
-    })
+    wait_until(
+        "the pipeline to recover",
+        Duration::from_secs(15),
+        || async {
+            match http
+                .post(stack.url("/generate"))
+                .json(&json!({"prompt": "after", "cache": "off"}))
+                .send()
+                .await
+            {
+                Ok(r) => r.status() == 200,
+                Err(_) => false,
+            }
+        },
+    )
     .await;
-    let v: Value = http.post(stack.url("/generate")).json(&json!({"prompt": "after again", "provider": "local"})).send().await.unwrap().json().await.unwrap();
+    let v: Value = http
+        .post(stack.url("/generate"))
+        .json(&json!({"prompt": "after again", "provider": "local"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["provider"], "local");
-    assert_eq!(reqwest::get(stack.url("/ready")).await.unwrap().status(), 200);
+    assert_eq!(
+        reqwest::get(stack.url("/ready")).await.unwrap().status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -148,11 +247,27 @@ async fn a_reply_that_does_not_come_in_time_is_a_504() {
     let mut cfg = test_config(&nats.url());
     cfg.ingress.request_timeout_ms = 300;
     cfg.local.simulated.base_ms = 2_000;
-    let stack = Stack::start_parts(cfg, Parts { cloud: false, ..Parts::ALL }).await;
+    let stack = Stack::start_parts(
+        cfg,
+        Parts {
+            cloud: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
     let started = Instant::now();
-    let resp = reqwest::Client::new().post(stack.url("/generate")).json(&json!({"prompt": "slow one", "provider": "local"})).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(stack.url("/generate"))
+        .json(&json!({"prompt": "slow one", "provider": "local"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 504);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "timeout");
 }
@@ -160,17 +275,37 @@ async fn a_reply_that_does_not_come_in_time_is_a_504() {
 #[tokio::test]
 async fn expired_deadline_is_refused_without_work() {
     let nats = NatsServer::start();
-    let stack = Stack::start_parts(test_config(&nats.url()), Parts { ingress: false, ..Parts::ALL }).await;
+    let stack = Stack::start_parts(
+        test_config(&nats.url()),
+        Parts {
+            ingress: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
     let c = client(&stack.cfg, "late").await;
     let mut h = HeaderMap::new();
     h.insert("Content-Type", "application/json");
     h.insert("Optiroute-Deadline", "1000");
-    let msg = c.request_with_headers("optiroute.provider.local", h.clone(), r#"{"prompt":"too late"}"#.into()).await.unwrap();
+    let msg = c
+        .request_with_headers(
+            "optiroute.provider.local",
+            h.clone(),
+            r#"{"prompt":"too late"}"#.into(),
+        )
+        .await
+        .unwrap();
     let v: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(v["code"], "timeout");
     h.insert("Optiroute-Deadline", "soon");
-    let msg = c.request_with_headers("optiroute.generate", h, r#"{"prompt":"bad header"}"#.into()).await.unwrap();
+    let msg = c
+        .request_with_headers("optiroute.generate", h, r#"{"prompt":"bad header"}"#.into())
+        .await
+        .unwrap();
     let v: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(v["code"], "bad_request");
-    assert!(v["message"].as_str().unwrap().contains("Optiroute-Deadline"));
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("Optiroute-Deadline"));
 }

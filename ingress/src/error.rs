@@ -16,7 +16,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(error: Error, request_id: Option<&str>) -> Self {
-        ApiError { error, request_id: request_id.map(str::to_string), status: None }
+        ApiError {
+            error,
+            request_id: request_id.map(str::to_string),
+            status: None,
+        }
     }
 }
 
@@ -52,7 +56,10 @@ impl IntoResponse for ApiError {
             }
         });
         let mut resp = (status, Json(body)).into_response();
-        if let Some(id) = self.request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        if let Some(id) = self
+            .request_id
+            .and_then(|id| HeaderValue::from_str(&id).ok())
+        {
             resp.headers_mut().insert("x-request-id", id);
         }
         resp
@@ -61,10 +68,22 @@ impl IntoResponse for ApiError {
 
 /// The field a validation message names, for OpenAI's `param`.
 fn param_of(message: &str) -> Option<String> {
-    const FIELDS: [&str; 8] = ["prompt", "max_tokens", "provider", "model_id", "temperature", "top_p", "cache", "route_bias"];
+    const FIELDS: [&str; 8] = [
+        "prompt",
+        "max_tokens",
+        "provider",
+        "model_id",
+        "temperature",
+        "top_p",
+        "cache",
+        "route_bias",
+    ];
     if let Some(start) = message.find("field `") {
         let rest = &message[start + 7..];
         return rest.split('`').next().map(str::to_string);
     }
-    FIELDS.iter().find(|f| message.starts_with(*f)).map(|f| f.to_string())
+    FIELDS
+        .iter()
+        .find(|f| message.starts_with(*f))
+        .map(|f| f.to_string())
 }

@@ -140,13 +140,18 @@ async fn generate(
         status: Some(rej.status()),
     })?;
     let s = &state.inner;
-    let mut req: GenerateRequest = wire::decode(Format::Json, &body).map_err(|e| ApiError::new(e, Some(&id)))?;
-    req.validate(s.max_prompt_bytes).map_err(|e| ApiError::new(e, Some(&id)))?;
+    let mut req: GenerateRequest =
+        wire::decode(Format::Json, &body).map_err(|e| ApiError::new(e, Some(&id)))?;
+    req.validate(s.max_prompt_bytes)
+        .map_err(|e| ApiError::new(e, Some(&id)))?;
     req.cache = cache_mode_from_headers(&headers, req.cache);
     let meta = RequestMeta::new(id.clone(), s.request_timeout);
     let started = Instant::now();
-    let result: Result<GenerateResponse, Error> = nats::request(&s.client, &s.subjects.generate, &meta, None, &req).await;
-    s.metrics.nats_request.observe(started.elapsed().as_secs_f64());
+    let result: Result<GenerateResponse, Error> =
+        nats::request(&s.client, &s.subjects.generate, &meta, None, &req).await;
+    s.metrics
+        .nats_request
+        .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(answer) => {
             let mut resp = Json(answer).into_response();
@@ -159,7 +164,10 @@ async fn generate(
             s.metrics.errors.with_label_values(&[e.kind.as_str()]).inc();
             tracing::info!(request_id = %id, kind = %e.kind, message = %e.message, "generate failed");
             let e = if e.kind == ErrorKind::NoResponders {
-                Error::new(ErrorKind::NoResponders, "no router is available to serve the request")
+                Error::new(
+                    ErrorKind::NoResponders,
+                    "no router is available to serve the request",
+                )
             } else {
                 e
             };
@@ -172,12 +180,20 @@ async fn generate(
 async fn ready(State(state): State<AppState>) -> Response {
     let s = &state.inner;
     let not_ready = |reason: &str| {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "not_ready", "reason": reason}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not_ready", "reason": reason})),
+        )
+            .into_response()
     };
     if !is_connected(&s.client) {
         return not_ready("nats_unavailable: NATS is not connected");
     }
-    let ping = tokio::time::timeout(s.ready_probe_timeout, s.client.request("$SRV.PING.optiroute-router", Bytes::new())).await;
+    let ping = tokio::time::timeout(
+        s.ready_probe_timeout,
+        s.client.request("$SRV.PING.optiroute-router", Bytes::new()),
+    )
+    .await;
     match ping {
         Ok(Ok(_)) => (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response(),
         _ => not_ready("no_responders: no router answered"),
@@ -197,16 +213,28 @@ pub struct Running {
 
 impl Running {
     pub async fn wait(self) -> Result<(), Error> {
-        self.task.await.map_err(|e| Error::internal(format!("ingress task: {e}")))?
+        self.task
+            .await
+            .map_err(|e| Error::internal(format!("ingress task: {e}")))?
     }
 }
 
 /// Binds `ingress.listen` and serves until `shutdown`, then finishes open requests.
-pub async fn run(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+pub async fn run(
+    client: Client,
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
     let metrics = IngressMetrics::new();
     let listener = admin::bind(&cfg.ingress.listen, "ingress HTTP").await?;
-    let addr = listener.local_addr().map_err(|e| Error::internal(format!("ingress address: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::internal(format!("ingress address: {e}")))?;
     let app = app(AppState::new(client, cfg, metrics.clone()));
     let task = tokio::spawn(admin::serve(listener, app, shutdown));
-    Ok(Running { addr, metrics, task })
+    Ok(Running {
+        addr,
+        metrics,
+        task,
+    })
 }

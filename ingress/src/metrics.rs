@@ -17,10 +17,28 @@ impl IngressMetrics {
     pub fn new() -> Self {
         let r = new_registry("ingress");
         IngressMetrics {
-            http_duration: histogram_vec(&r, "http_request_duration_seconds", "HTTP request latency, by method, route template and status.", &["method", "endpoint", "status"]),
-            nats_request: histogram(&r, "optiroute_ingress_nats_request_duration_seconds", "Latency of the NATS request from ingress to router."),
-            errors: counter_vec(&r, "optiroute_ingress_errors_total", "Failed generate requests, by error kind.", &["kind"]),
-            in_flight: gauge(&r, "optiroute_ingress_in_flight_requests", "HTTP requests being served now."),
+            http_duration: histogram_vec(
+                &r,
+                "http_request_duration_seconds",
+                "HTTP request latency, by method, route template and status.",
+                &["method", "endpoint", "status"],
+            ),
+            nats_request: histogram(
+                &r,
+                "optiroute_ingress_nats_request_duration_seconds",
+                "Latency of the NATS request from ingress to router.",
+            ),
+            errors: counter_vec(
+                &r,
+                "optiroute_ingress_errors_total",
+                "Failed generate requests, by error kind.",
+                &["kind"],
+            ),
+            in_flight: gauge(
+                &r,
+                "optiroute_ingress_in_flight_requests",
+                "HTTP requests being served now.",
+            ),
             registry: r,
         }
     }

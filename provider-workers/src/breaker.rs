@@ -60,7 +60,13 @@ pub struct CircuitBreaker {
 }
 
 impl CircuitBreaker {
-    pub fn new(threshold: u32, open_for: Duration, label: &'static str, state_gauge: IntGaugeVec, transitions: IntCounterVec) -> Self {
+    pub fn new(
+        threshold: u32,
+        open_for: Duration,
+        label: &'static str,
+        state_gauge: IntGaugeVec,
+        transitions: IntCounterVec,
+    ) -> Self {
         state_gauge.with_label_values(&[label]).set(0);
         CircuitBreaker {
             phase: Mutex::new(Phase::Closed { failures: 0 }),
@@ -93,9 +99,17 @@ impl CircuitBreaker {
             Phase::HalfOpen { .. } => BreakerState::HalfOpen,
         };
         *phase = next;
-        self.state_gauge.with_label_values(&[self.label]).set(state.gauge());
-        self.transitions.with_label_values(&[self.label, state.as_str()]).inc();
-        tracing::warn!(breaker = self.label, state = state.as_str(), "circuit breaker transition");
+        self.state_gauge
+            .with_label_values(&[self.label])
+            .set(state.gauge());
+        self.transitions
+            .with_label_values(&[self.label, state.as_str()])
+            .inc();
+        tracing::warn!(
+            breaker = self.label,
+            state = state.as_str(),
+            "circuit breaker transition"
+        );
     }
 
     /// Lets a call through, or says how long until the breaker may admit one.
@@ -137,12 +151,22 @@ impl CircuitBreaker {
             Phase::Closed { failures } => {
                 let failures = failures + 1;
                 if failures >= self.threshold {
-                    self.enter(&mut phase, Phase::Open { until: Instant::now() + open_for });
+                    self.enter(
+                        &mut phase,
+                        Phase::Open {
+                            until: Instant::now() + open_for,
+                        },
+                    );
                 } else {
                     *phase = Phase::Closed { failures };
                 }
             }
-            Phase::HalfOpen { .. } => self.enter(&mut phase, Phase::Open { until: Instant::now() + open_for }),
+            Phase::HalfOpen { .. } => self.enter(
+                &mut phase,
+                Phase::Open {
+                    until: Instant::now() + open_for,
+                },
+            ),
             Phase::Open { until } => {
                 let until = until.max(Instant::now() + retry_after.unwrap_or_default());
                 *phase = Phase::Open { until };
@@ -202,7 +226,11 @@ mod tests {
         b.on_failure(None);
         b.on_success();
         b.on_failure(None);
-        assert_eq!(b.state(), BreakerState::Closed, "success resets the consecutive count");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "success resets the consecutive count"
+        );
         b.on_failure(None);
         assert_eq!(b.state(), BreakerState::Open);
         tokio::time::advance(Duration::from_millis(1000)).await;

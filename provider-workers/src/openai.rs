@@ -23,7 +23,11 @@ pub struct CallFailure {
 
 impl CallFailure {
     fn fault(kind: ErrorKind, message: String) -> Self {
-        CallFailure { error: Error::new(kind, message), upstream_fault: true, retry_after: None }
+        CallFailure {
+            error: Error::new(kind, message),
+            upstream_fault: true,
+            retry_after: None,
+        }
     }
 }
 
@@ -109,18 +113,29 @@ impl OpenAiClient {
     }
 
     /// One chat completion, bounded by the configured timeout and `remaining`.
-    pub async fn chat(&self, req: &ProviderRequest, model: &str, remaining: Duration) -> Result<Generation, CallFailure> {
+    pub async fn chat(
+        &self,
+        req: &ProviderRequest,
+        model: &str,
+        remaining: Duration,
+    ) -> Result<Generation, CallFailure> {
         let timeout = self.timeout.min(remaining);
         if timeout.is_zero() {
             return Err(CallFailure {
-                error: Error::new(ErrorKind::Timeout, "deadline passed before the upstream call"),
+                error: Error::new(
+                    ErrorKind::Timeout,
+                    "deadline passed before the upstream call",
+                ),
                 upstream_fault: false,
                 retry_after: None,
             });
         }
         let body = ChatRequest {
             model,
-            messages: [ChatMessage { role: "user", content: &req.prompt }],
+            messages: [ChatMessage {
+                role: "user",
+                content: &req.prompt,
+            }],
             max_tokens: req.max_tokens,
             temperature: req.temperature,
             top_p: req.top_p,
@@ -137,9 +152,15 @@ impl OpenAiClient {
         }
         let resp = result.map_err(|e| {
             if e.is_timeout() {
-                CallFailure::fault(ErrorKind::Timeout, format!("upstream did not answer within {timeout:?}"))
+                CallFailure::fault(
+                    ErrorKind::Timeout,
+                    format!("upstream did not answer within {timeout:?}"),
+                )
             } else {
-                CallFailure::fault(ErrorKind::UpstreamError, format!("upstream unreachable: {}", without_url(&e)))
+                CallFailure::fault(
+                    ErrorKind::UpstreamError,
+                    format!("upstream unreachable: {}", without_url(&e)),
+                )
             }
         })?;
         let status = resp.status();
@@ -150,40 +171,70 @@ impl OpenAiClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let detail: String = resp.text().await.unwrap_or_default().chars().take(300).collect();
+            let detail: String = resp
+                .text()
+                .await
+                .unwrap_or_default()
+                .chars()
+                .take(300)
+                .collect();
             return Err(match status.as_u16() {
                 400 | 404 | 413 | 422 => CallFailure {
-                    error: Error::new(ErrorKind::UpstreamClientError, format!("upstream rejected the request ({status}): {detail}")),
+                    error: Error::new(
+                        ErrorKind::UpstreamClientError,
+                        format!("upstream rejected the request ({status}): {detail}"),
+                    ),
                     upstream_fault: false,
                     retry_after: None,
                 },
-                401 | 403 => CallFailure::fault(ErrorKind::NotConfigured, format!("upstream refused the credentials ({status})")),
+                401 | 403 => CallFailure::fault(
+                    ErrorKind::NotConfigured,
+                    format!("upstream refused the credentials ({status})"),
+                ),
                 429 => CallFailure {
-                    error: Error::new(ErrorKind::RateLimited, format!("upstream rate limit ({status})")),
+                    error: Error::new(
+                        ErrorKind::RateLimited,
+                        format!("upstream rate limit ({status})"),
+                    ),
                     upstream_fault: true,
                     retry_after,
                 },
-                _ => CallFailure::fault(ErrorKind::UpstreamError, format!("upstream failed ({status})")),
+                _ => CallFailure::fault(
+                    ErrorKind::UpstreamError,
+                    format!("upstream failed ({status})"),
+                ),
             });
         }
         let parsed: ChatResponse = resp.json().await.map_err(|e| {
             if e.is_timeout() {
-                CallFailure::fault(ErrorKind::Timeout, "upstream body did not arrive in time".into())
+                CallFailure::fault(
+                    ErrorKind::Timeout,
+                    "upstream body did not arrive in time".into(),
+                )
             } else {
-                CallFailure::fault(ErrorKind::UpstreamError, format!("upstream answer unreadable: {}", without_url(&e)))
+                CallFailure::fault(
+                    ErrorKind::UpstreamError,
+                    format!("upstream answer unreadable: {}", without_url(&e)),
+                )
             }
         })?;
-        let choice = parsed
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| CallFailure::fault(ErrorKind::UpstreamError, "upstream answer has no choices".into()))?;
+        let choice = parsed.choices.into_iter().next().ok_or_else(|| {
+            CallFailure::fault(
+                ErrorKind::UpstreamError,
+                "upstream answer has no choices".into(),
+            )
+        })?;
         let text = choice.message.content.unwrap_or_default();
         let usage = match parsed.usage {
             Some(u) => Usage::new(u.prompt_tokens, u.completion_tokens, false),
             None => Usage::new(estimate_tokens(&req.prompt), estimate_tokens(&text), true),
         };
-        Ok(Generation { text, usage, model: model.to_string(), finish_reason: choice.finish_reason })
+        Ok(Generation {
+            text,
+            usage,
+            model: model.to_string(),
+            finish_reason: choice.finish_reason,
+        })
     }
 }
 

@@ -53,19 +53,33 @@ impl SimulatedEngine {
 }
 
 impl Engine for SimulatedEngine {
-    async fn generate(&self, meta: &RequestMeta, req: &ProviderRequest) -> Result<Generation, Error> {
+    async fn generate(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+    ) -> Result<Generation, Error> {
         let tokens = Self::completion_tokens(req.max_tokens);
         let delay = self.latency(tokens);
         if delay > meta.remaining() {
             tokio::time::sleep(meta.remaining()).await;
-            return Err(Error::new(ErrorKind::Timeout, "the deadline passed during generation"));
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "the deadline passed during generation",
+            ));
         }
         tokio::time::sleep(delay).await;
         Ok(Generation {
             text: Self::text(&req.prompt, tokens),
             usage: Usage::new(estimate_tokens(&req.prompt), tokens, true),
             model: SIMULATED_MODEL.to_string(),
-            finish_reason: Some(if tokens < req.max_tokens { "stop" } else { "length" }.to_string()),
+            finish_reason: Some(
+                if tokens < req.max_tokens {
+                    "stop"
+                } else {
+                    "length"
+                }
+                .to_string(),
+            ),
         })
     }
 }
@@ -93,7 +107,13 @@ mod tests {
     async fn generation_takes_the_modelled_time() {
         let e = SimulatedEngine::new(SimulatedConfig::default());
         let meta = RequestMeta::new("t".into(), Duration::from_secs(10));
-        let req = ProviderRequest { prompt: "hello".into(), max_tokens: 4, model_id: None, temperature: None, top_p: None };
+        let req = ProviderRequest {
+            prompt: "hello".into(),
+            max_tokens: 4,
+            model_id: None,
+            temperature: None,
+            top_p: None,
+        };
         let start = tokio::time::Instant::now();
         let g = e.generate(&meta, &req).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(580));

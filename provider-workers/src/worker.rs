@@ -30,12 +30,18 @@ pub enum LocalEngine {
 }
 
 impl Engine for LocalEngine {
-    async fn generate(&self, meta: &RequestMeta, req: &ProviderRequest) -> Result<Generation, Error> {
+    async fn generate(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+    ) -> Result<Generation, Error> {
         match self {
             LocalEngine::Simulated(e) => e.generate(meta, req).await,
             LocalEngine::OpenAi(c) => {
                 let model = c.model.clone();
-                c.chat(req, &model, meta.remaining()).await.map_err(|f| f.error)
+                c.chat(req, &model, meta.remaining())
+                    .await
+                    .map_err(|f| f.error)
             }
         }
     }
@@ -59,7 +65,9 @@ impl CloudEngine {
     fn model_for(&self, req: &ProviderRequest) -> Result<String, Error> {
         match &req.model_id {
             None => Ok(self.cfg.upstream.model.clone()),
-            Some(m) if *m == self.cfg.upstream.model || self.cfg.prices.contains_key(m) => Ok(m.clone()),
+            Some(m) if *m == self.cfg.upstream.model || self.cfg.prices.contains_key(m) => {
+                Ok(m.clone())
+            }
             Some(m) => Err(Error::bad_request(format!(
                 "model_id `{m}` is not configured for the cloud pool (configured: {})",
                 std::iter::once(self.cfg.upstream.model.as_str())
@@ -72,7 +80,11 @@ impl CloudEngine {
 }
 
 impl Engine for CloudEngine {
-    async fn generate(&self, meta: &RequestMeta, req: &ProviderRequest) -> Result<Generation, Error> {
+    async fn generate(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+    ) -> Result<Generation, Error> {
         if !self.client.has_key() {
             return Err(Error::new(
                 ErrorKind::NotConfigured,
@@ -81,7 +93,13 @@ impl Engine for CloudEngine {
         }
         let model = self.model_for(req)?;
         let admission = self.breaker.admit().map_err(|wait| {
-            Error::new(ErrorKind::CircuitOpen, format!("cloud circuit breaker is open; next probe in {:.1}s", wait.as_secs_f64()))
+            Error::new(
+                ErrorKind::CircuitOpen,
+                format!(
+                    "cloud circuit breaker is open; next probe in {:.1}s",
+                    wait.as_secs_f64()
+                ),
+            )
         })?;
         match self.client.chat(req, &model, meta.remaining()).await {
             Ok(g) => {
@@ -89,7 +107,9 @@ impl Engine for CloudEngine {
                 Ok(g)
             }
             Err(f) => {
-                self.upstream_errors.with_label_values(&["cloud", f.error.kind.as_str()]).inc();
+                self.upstream_errors
+                    .with_label_values(&["cloud", f.error.kind.as_str()])
+                    .inc();
                 if f.upstream_fault {
                     self.breaker.on_failure(f.retry_after);
                 } else {
@@ -127,7 +147,11 @@ impl<E: Engine> Handler for ProviderHandler<E> {
     type Request = ProviderRequest;
     type Reply = ProviderReply;
 
-    async fn handle(&self, meta: RequestMeta, req: ProviderRequest) -> Result<ProviderReply, Error> {
+    async fn handle(
+        &self,
+        meta: RequestMeta,
+        req: ProviderRequest,
+    ) -> Result<ProviderReply, Error> {
         req.validate(self.max_prompt_bytes)?;
         let started = Instant::now();
         let g = self.engine.generate(&meta, &req).await?;
@@ -139,9 +163,15 @@ impl<E: Engine> Handler for ProviderHandler<E> {
         let pool = self.pool.as_str();
         let m = &self.metrics;
         m.cost.with_label_values(&[pool, &g.model]).inc_by(cost);
-        m.tokens.with_label_values(&[pool, "input"]).inc_by(u64::from(g.usage.prompt_tokens));
-        m.tokens.with_label_values(&[pool, "output"]).inc_by(u64::from(g.usage.completion_tokens));
-        m.provider_latency.with_label_values(&[pool]).observe(seconds);
+        m.tokens
+            .with_label_values(&[pool, "input"])
+            .inc_by(u64::from(g.usage.prompt_tokens));
+        m.tokens
+            .with_label_values(&[pool, "output"])
+            .inc_by(u64::from(g.usage.completion_tokens));
+        m.provider_latency
+            .with_label_values(&[pool])
+            .observe(seconds);
         Ok(ProviderReply {
             text: g.text,
             usage: g.usage,
@@ -169,7 +199,13 @@ impl Running {
     }
 }
 
-fn spec(pool: Pool, subjects: &Subjects, max_in_flight: usize, deadline_ms: u64, drain_ms: u64) -> EndpointSpec {
+fn spec(
+    pool: Pool,
+    subjects: &Subjects,
+    max_in_flight: usize,
+    deadline_ms: u64,
+    drain_ms: u64,
+) -> EndpointSpec {
     EndpointSpec {
         service: format!("optiroute-{}", pool.as_str()),
         description: format!("OptiRoute {} provider pool", pool.as_str()),
@@ -182,17 +218,23 @@ fn spec(pool: Pool, subjects: &Subjects, max_in_flight: usize, deadline_ms: u64,
     }
 }
 
+/// Everything that differs between the two pools.
+struct PoolSetup<'a, E> {
+    pool: Pool,
+    engine: E,
+    pricing: Pricing,
+    spec: EndpointSpec,
+    admin_listen: &'a str,
+    max_prompt_bytes: usize,
+}
+
 async fn start<E: Engine>(
     client: Client,
-    pool: Pool,
-    engine: Arc<E>,
-    pricing: Pricing,
+    setup: PoolSetup<'_, E>,
     metrics: ProviderMetrics,
-    spec: EndpointSpec,
-    admin_listen: &str,
-    max_prompt_bytes: usize,
     shutdown: CancellationToken,
 ) -> Result<Running, Error> {
+    let engine = Arc::new(setup.engine);
     let ready_client = client.clone();
     let ready_engine = engine.clone();
     let ready: admin::ReadyCheck = Arc::new(move || {
@@ -201,34 +243,82 @@ async fn start<E: Engine>(
         }
         ready_engine.ready()
     });
-    let admin_addr = admin::spawn(admin_listen, metrics.registry.clone(), ready, shutdown.clone()).await?;
-    let handler = Arc::new(ProviderHandler { pool, engine, pricing, metrics: metrics.clone(), max_prompt_bytes });
-    let service_metrics = metrics.service.clone();
-    let task = tokio::spawn(service::serve(client, spec, handler, service_metrics, shutdown));
-    Ok(Running { admin_addr, metrics, task })
+    let admin_addr = admin::spawn(
+        setup.admin_listen,
+        metrics.registry.clone(),
+        ready,
+        shutdown.clone(),
+    )
+    .await?;
+    let handler = Arc::new(ProviderHandler {
+        pool: setup.pool,
+        engine,
+        pricing: setup.pricing,
+        metrics: metrics.clone(),
+        max_prompt_bytes: setup.max_prompt_bytes,
+    });
+    let task = tokio::spawn(service::serve(
+        client,
+        setup.spec,
+        handler,
+        metrics.service.clone(),
+        shutdown,
+    ));
+    Ok(Running {
+        admin_addr,
+        metrics,
+        task,
+    })
 }
 
 /// Starts a local provider worker.
-pub async fn run_local(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+pub async fn run_local(
+    client: Client,
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
     let metrics = ProviderMetrics::new("local");
     let c = &cfg.local;
     let engine = match c.engine {
-        LocalEngineKind::Simulated => LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone())),
+        LocalEngineKind::Simulated => {
+            LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone()))
+        }
         LocalEngineKind::Openai => {
-            let mut client = OpenAiClient::new(&c.openai)
-                .map_err(|e| Error::bad_request(format!("config key `local.openai`: {}", e.message)))?;
-            client.upstream_duration = Some(metrics.upstream_duration.with_label_values(&["local"]));
+            let mut client = OpenAiClient::new(&c.openai).map_err(|e| {
+                Error::bad_request(format!("config key `local.openai`: {}", e.message))
+            })?;
+            client.upstream_duration =
+                Some(metrics.upstream_duration.with_label_values(&["local"]));
             LocalEngine::OpenAi(client)
         }
     };
     let subjects = Subjects::new(&cfg.nats.prefix);
-    let spec = spec(Pool::Local, &subjects, c.max_in_flight, c.default_deadline_ms, c.drain_timeout_ms);
-    let pricing = Pricing::Local { price_per_second: c.price_per_second };
-    start(client, Pool::Local, Arc::new(engine), pricing, metrics, spec, &c.admin_listen, c.max_prompt_bytes, shutdown).await
+    let spec = spec(
+        Pool::Local,
+        &subjects,
+        c.max_in_flight,
+        c.default_deadline_ms,
+        c.drain_timeout_ms,
+    );
+    let setup = PoolSetup {
+        pool: Pool::Local,
+        engine,
+        pricing: Pricing::Local {
+            price_per_second: c.price_per_second,
+        },
+        spec,
+        admin_listen: &c.admin_listen,
+        max_prompt_bytes: c.max_prompt_bytes,
+    };
+    start(client, setup, metrics, shutdown).await
 }
 
 /// Starts a cloud provider worker.
-pub async fn run_cloud(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+pub async fn run_cloud(
+    client: Client,
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
     let metrics = ProviderMetrics::new("cloud");
     let c = &cfg.cloud;
     let mut http = OpenAiClient::new(&c.upstream)
@@ -244,8 +334,27 @@ pub async fn run_cloud(client: Client, cfg: &Config, shutdown: CancellationToken
         metrics.breaker_state.clone(),
         metrics.breaker_transitions.clone(),
     );
-    let engine = CloudEngine { client: http, breaker, cfg: c.clone(), upstream_errors: metrics.upstream_errors.clone() };
+    let engine = CloudEngine {
+        client: http,
+        breaker,
+        cfg: c.clone(),
+        upstream_errors: metrics.upstream_errors.clone(),
+    };
     let subjects = Subjects::new(&cfg.nats.prefix);
-    let spec = spec(Pool::Cloud, &subjects, c.max_in_flight, c.default_deadline_ms, c.drain_timeout_ms);
-    start(client, Pool::Cloud, Arc::new(engine), Pricing::Cloud(c.clone()), metrics, spec, &c.admin_listen, c.max_prompt_bytes, shutdown).await
+    let spec = spec(
+        Pool::Cloud,
+        &subjects,
+        c.max_in_flight,
+        c.default_deadline_ms,
+        c.drain_timeout_ms,
+    );
+    let setup = PoolSetup {
+        pool: Pool::Cloud,
+        engine,
+        pricing: Pricing::Cloud(c.clone()),
+        spec,
+        admin_listen: &c.admin_listen,
+        max_prompt_bytes: c.max_prompt_bytes,
+    };
+    start(client, setup, metrics, shutdown).await
 }

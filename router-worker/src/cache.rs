@@ -61,7 +61,8 @@ pub fn cache_key(req: &GenerateRequest) -> String {
         model_id: req.model_id.as_deref(),
     };
     // rmp-serde cannot fail on this plain struct; fall back to the prompt alone.
-    let bytes = rmp_serde::to_vec(&material).unwrap_or_else(|_| req.prompt.trim().as_bytes().to_vec());
+    let bytes =
+        rmp_serde::to_vec(&material).unwrap_or_else(|_| req.prompt.trim().as_bytes().to_vec());
     hex::encode(Sha256::digest(&bytes))
 }
 
@@ -80,7 +81,12 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(cfg: CacheConfig, metrics: RouterMetrics) -> Arc<Self> {
-        Arc::new(Cache { cfg, store: OnceLock::new(), metrics, inflight: Mutex::new(HashMap::new()) })
+        Arc::new(Cache {
+            cfg,
+            store: OnceLock::new(),
+            metrics,
+            inflight: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -107,7 +113,9 @@ impl Cache {
                         let _ = cache.store.set(store);
                         return;
                     }
-                    Err(e) => tracing::warn!(error = %e, "cache bucket unavailable; serving without cache"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cache bucket unavailable; serving without cache")
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -120,7 +128,8 @@ impl Cache {
 
     async fn open(&self, js: &jetstream::Context) -> Result<kv::Store, String> {
         let timeout = Duration::from_secs(5);
-        let existing = tokio::time::timeout(timeout, js.get_key_value(self.cfg.bucket.clone())).await;
+        let existing =
+            tokio::time::timeout(timeout, js.get_key_value(self.cfg.bucket.clone())).await;
         if let Ok(Ok(store)) = existing {
             return Ok(store);
         }
@@ -147,8 +156,14 @@ impl Cache {
             return Lookup::Error;
         };
         let started = Instant::now();
-        let got = tokio::time::timeout(Duration::from_millis(self.cfg.op_timeout_ms), store.get(key)).await;
-        self.metrics.cache_lookup.observe(started.elapsed().as_secs_f64());
+        let got = tokio::time::timeout(
+            Duration::from_millis(self.cfg.op_timeout_ms),
+            store.get(key),
+        )
+        .await;
+        self.metrics
+            .cache_lookup
+            .observe(started.elapsed().as_secs_f64());
         let result = match got {
             Ok(Ok(Some(bytes))) => match wire::decode::<CachedAnswer>(Format::MsgPack, &bytes) {
                 Ok(a) => Lookup::Hit(a),
@@ -183,7 +198,11 @@ impl Cache {
         let Ok(bytes) = wire::encode(Format::MsgPack, answer) else {
             return;
         };
-        let put = tokio::time::timeout(Duration::from_millis(self.cfg.op_timeout_ms.max(1000)), store.put(key, bytes)).await;
+        let put = tokio::time::timeout(
+            Duration::from_millis(self.cfg.op_timeout_ms.max(1000)),
+            store.put(key, bytes),
+        )
+        .await;
         match put {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -205,7 +224,10 @@ impl Cache {
         }
         let (tx, _) = broadcast::channel(1);
         map.insert(key.to_string(), tx);
-        Join::Leader(LeaderGuard { cache: self.clone(), key: Some(key.to_string()) })
+        Join::Leader(LeaderGuard {
+            cache: self.clone(),
+            key: Some(key.to_string()),
+        })
     }
 }
 
@@ -226,7 +248,11 @@ pub struct LeaderGuard {
 impl LeaderGuard {
     fn release(&mut self) -> Option<broadcast::Sender<Result<GenerateResponse, Error>>> {
         let key = self.key.take()?;
-        self.cache.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&key)
+        self.cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key)
     }
 
     /// Hands the result to every identical request waiting for it.

@@ -11,7 +11,9 @@ use optiroute_common::config::Config;
 use optiroute_common::nats::{self, is_connected, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
-use optiroute_common::wire::{GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest};
+use optiroute_common::wire::{
+    GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
+};
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +38,11 @@ impl Handler for GenerateHandler {
     type Request = GenerateRequest;
     type Reply = GenerateResponse;
 
-    async fn handle(&self, meta: RequestMeta, req: GenerateRequest) -> Result<GenerateResponse, Error> {
+    async fn handle(
+        &self,
+        meta: RequestMeta,
+        req: GenerateRequest,
+    ) -> Result<GenerateResponse, Error> {
         req.validate(self.max_prompt_bytes)?;
         let started = Instant::now();
         if self.log_payloads {
@@ -52,7 +58,10 @@ impl Handler for GenerateHandler {
             return self.generate(&meta, &req, started, Some(&key)).await;
         }
         if let Lookup::Hit(hit) = self.cache.lookup(&key).await {
-            self.metrics.cost_saved.with_label_values(&[hit.provider.as_str()]).inc_by(hit.cost);
+            self.metrics
+                .cost_saved
+                .with_label_values(&[hit.provider.as_str()])
+                .inc_by(hit.cost);
             return Ok(from_cache(hit, started, &meta));
         }
         match self.cache.join(&key) {
@@ -76,7 +85,10 @@ impl Handler for GenerateHandler {
                     Ok(Ok(Err(e))) => Err(e),
                     // The leader went away without an answer: do the work ourselves.
                     Ok(Err(_)) => self.generate(&meta, &req, started, Some(&key)).await,
-                    Err(_) => Err(Error::new(ErrorKind::Timeout, "deadline passed waiting for an identical request in flight")),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Timeout,
+                        "deadline passed waiting for an identical request in flight",
+                    )),
                 }
             }
         }
@@ -124,7 +136,11 @@ impl GenerateHandler {
                 let other = decision.target.other();
                 self.metrics
                     .fallbacks
-                    .with_label_values(&[decision.target.as_str(), other.as_str(), first_err.kind.as_str()])
+                    .with_label_values(&[
+                        decision.target.as_str(),
+                        other.as_str(),
+                        first_err.kind.as_str(),
+                    ])
                     .inc();
                 tracing::info!(from = decision.target.as_str(), reason = %first_err.kind, detail = %first_err.message, "falling back");
                 match self.call(meta, other, &preq).await {
@@ -134,7 +150,10 @@ impl GenerateHandler {
                         let kind = if meta.remaining().is_zero() {
                             ErrorKind::Timeout
                         } else if first_err.kind == second_err.kind
-                            && matches!(first_err.kind, ErrorKind::NoResponders | ErrorKind::NatsUnavailable)
+                            && matches!(
+                                first_err.kind,
+                                ErrorKind::NoResponders | ErrorKind::NatsUnavailable
+                            )
                         {
                             first_err.kind
                         } else {
@@ -188,15 +207,29 @@ impl GenerateHandler {
         Ok(response)
     }
 
-    async fn call(&self, meta: &RequestMeta, pool: Pool, req: &ProviderRequest) -> Result<ProviderReply, Error> {
+    async fn call(
+        &self,
+        meta: &RequestMeta,
+        pool: Pool,
+        req: &ProviderRequest,
+    ) -> Result<ProviderReply, Error> {
         let started = Instant::now();
         // The provider gets this attempt's deadline, not the whole request's,
         // so it stops working when the router stops waiting.
         let attempt = RequestMeta {
             request_id: meta.request_id.clone(),
-            deadline: meta.deadline.min(std::time::SystemTime::now() + self.provider_timeout),
+            deadline: meta
+                .deadline
+                .min(std::time::SystemTime::now() + self.provider_timeout),
         };
-        let result = nats::request(&self.client, self.subjects.provider(pool), &attempt, None, req).await;
+        let result = nats::request(
+            &self.client,
+            self.subjects.provider(pool),
+            &attempt,
+            None,
+            req,
+        )
+        .await;
         self.metrics
             .provider_request
             .with_label_values(&[pool.as_str()])
@@ -215,12 +248,18 @@ pub struct Running {
 
 impl Running {
     pub async fn wait(self) -> Result<(), Error> {
-        self.task.await.map_err(|e| Error::internal(format!("router task: {e}")))?
+        self.task
+            .await
+            .map_err(|e| Error::internal(format!("router task: {e}")))?
     }
 }
 
 /// Starts a router worker on `client` until `shutdown` is cancelled.
-pub async fn run(client: Client, cfg: &Config, shutdown: CancellationToken) -> Result<Running, Error> {
+pub async fn run(
+    client: Client,
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
     let metrics = RouterMetrics::new();
     let subjects = Subjects::new(&cfg.nats.prefix);
     let cache = Cache::new(cfg.cache.clone(), metrics.clone());
@@ -233,7 +272,13 @@ pub async fn run(client: Client, cfg: &Config, shutdown: CancellationToken) -> R
             Err("nats_unavailable: NATS is not connected".into())
         }
     });
-    let admin_addr = admin::spawn(&cfg.router.admin_listen, metrics.registry.clone(), ready, shutdown.clone()).await?;
+    let admin_addr = admin::spawn(
+        &cfg.router.admin_listen,
+        metrics.registry.clone(),
+        ready,
+        shutdown.clone(),
+    )
+    .await?;
     let r = &cfg.router;
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
@@ -255,6 +300,17 @@ pub async fn run(client: Client, cfg: &Config, shutdown: CancellationToken) -> R
         default_deadline: Duration::from_millis(r.default_deadline_ms),
         drain_timeout: Duration::from_millis(r.drain_timeout_ms),
     };
-    let task = tokio::spawn(service::serve(client, spec, handler, metrics.service.clone(), shutdown));
-    Ok(Running { admin_addr, metrics, cache, task })
+    let task = tokio::spawn(service::serve(
+        client,
+        spec,
+        handler,
+        metrics.service.clone(),
+        shutdown,
+    ));
+    Ok(Running {
+        admin_addr,
+        metrics,
+        cache,
+        task,
+    })
 }

@@ -1,6 +1,8 @@
 //! Every metric the router exports, registered once at startup.
 
-use optiroute_common::metrics::{counter_vec, float_counter_vec, histogram, histogram_vec, new_registry, ServiceMetrics};
+use optiroute_common::metrics::{
+    counter_vec, float_counter_vec, histogram, histogram_vec, new_registry, ServiceMetrics,
+};
 use prometheus::{CounterVec, Histogram, HistogramVec, IntCounterVec, Registry};
 
 /// Cache event labels of `llm_cache_events_total`.
@@ -43,12 +45,41 @@ impl RouterMetrics {
         let r = new_registry("router");
         RouterMetrics {
             service: ServiceMetrics::new(&r),
-            cache_events: counter_vec(&r, "llm_cache_events_total", "Cache events: hit, miss, bypass, error, coalesced.", &["event_type"]),
-            cache_lookup: histogram(&r, "llm_cache_lookup_seconds", "Latency of cache lookups in JetStream KV."),
-            cost_saved: float_counter_vec(&r, "llm_cost_saved_usd_total", "USD not spent thanks to cache hits, by the provider that first answered.", &["provider"]),
-            route_decisions: counter_vec(&r, "llm_route_decisions_total", "Routing decisions, by target pool and main reason.", &["target", "reason"]),
-            fallbacks: counter_vec(&r, "llm_fallbacks_total", "Requests answered by the other pool, by reason.", &["from", "to", "reason"]),
-            provider_request: histogram_vec(&r, "optiroute_provider_request_duration_seconds", "NATS request latency from router to a provider pool.", &["provider"]),
+            cache_events: counter_vec(
+                &r,
+                "llm_cache_events_total",
+                "Cache events: hit, miss, bypass, error, coalesced.",
+                &["event_type"],
+            ),
+            cache_lookup: histogram(
+                &r,
+                "llm_cache_lookup_seconds",
+                "Latency of cache lookups in JetStream KV.",
+            ),
+            cost_saved: float_counter_vec(
+                &r,
+                "llm_cost_saved_usd_total",
+                "USD not spent thanks to cache hits, by the provider that first answered.",
+                &["provider"],
+            ),
+            route_decisions: counter_vec(
+                &r,
+                "llm_route_decisions_total",
+                "Routing decisions, by target pool and main reason.",
+                &["target", "reason"],
+            ),
+            fallbacks: counter_vec(
+                &r,
+                "llm_fallbacks_total",
+                "Requests answered by the other pool, by reason.",
+                &["from", "to", "reason"],
+            ),
+            provider_request: histogram_vec(
+                &r,
+                "optiroute_provider_request_duration_seconds",
+                "NATS request latency from router to a provider pool.",
+                &["provider"],
+            ),
             registry: r,
         }
     }

@@ -39,7 +39,9 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if line.starts_with('#') {
             continue;
         }
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         let (metric_name, label_str) = match series.find('{') {
             Some(i) => (&series[..i], &series[i..]),
             None => (series, ""),
@@ -47,7 +49,10 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if metric_name != name {
             continue;
         }
-        if labels.iter().all(|(k, v)| label_str.contains(&format!("{k}=\"{v}\""))) {
+        if labels
+            .iter()
+            .all(|(k, v)| label_str.contains(&format!("{k}=\"{v}\"")))
+        {
             let v: f64 = value.parse().ok()?;
             *total.get_or_insert(0.0) += v;
         }
@@ -57,5 +62,10 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 /// GETs `http://addr/metrics`.
 pub async fn scrape(addr: std::net::SocketAddr) -> String {
-    reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

@@ -26,7 +26,11 @@ fn binary() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl NatsServer {
@@ -42,7 +46,12 @@ impl NatsServer {
 
     fn start_with(jetstream: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = NatsServer { port: free_port(), jetstream, dir, child: None };
+        let mut s = NatsServer {
+            port: free_port(),
+            jetstream,
+            dir,
+            child: None,
+        };
         s.spawn();
         s
     }
@@ -71,7 +80,11 @@ impl NatsServer {
         let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start on port {}", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not start on port {}",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -29,7 +29,9 @@ pub fn test_config(nats_url: &str) -> Config {
 }
 
 pub async fn client(cfg: &Config, name: &str) -> async_nats::Client {
-    optiroute_common::nats::connect(&cfg.nats, name).await.unwrap()
+    optiroute_common::nats::connect(&cfg.nats, name)
+        .await
+        .unwrap()
 }
 
 /// Which parts of the stack to start.
@@ -42,7 +44,12 @@ pub struct Parts {
 }
 
 impl Parts {
-    pub const ALL: Parts = Parts { ingress: true, router: true, local: true, cloud: true };
+    pub const ALL: Parts = Parts {
+        ingress: true,
+        router: true,
+        local: true,
+        cloud: true,
+    };
 }
 
 pub struct Stack {
@@ -62,26 +69,49 @@ impl Stack {
     pub async fn start_parts(cfg: Config, parts: Parts) -> Stack {
         let shutdown = CancellationToken::new();
         let local = if parts.local {
-            Some(optiroute_providers::run_local(client(&cfg, "local").await, &cfg, shutdown.clone()).await.unwrap())
+            Some(
+                optiroute_providers::run_local(client(&cfg, "local").await, &cfg, shutdown.clone())
+                    .await
+                    .unwrap(),
+            )
         } else {
             None
         };
         let cloud = if parts.cloud {
-            Some(optiroute_providers::run_cloud(client(&cfg, "cloud").await, &cfg, shutdown.clone()).await.unwrap())
+            Some(
+                optiroute_providers::run_cloud(client(&cfg, "cloud").await, &cfg, shutdown.clone())
+                    .await
+                    .unwrap(),
+            )
         } else {
             None
         };
         let router = if parts.router {
-            Some(optiroute_router::run(client(&cfg, "router").await, &cfg, shutdown.clone()).await.unwrap())
+            Some(
+                optiroute_router::run(client(&cfg, "router").await, &cfg, shutdown.clone())
+                    .await
+                    .unwrap(),
+            )
         } else {
             None
         };
         let ingress = if parts.ingress {
-            Some(optiroute_ingress::run(client(&cfg, "ingress").await, &cfg, shutdown.clone()).await.unwrap())
+            Some(
+                optiroute_ingress::run(client(&cfg, "ingress").await, &cfg, shutdown.clone())
+                    .await
+                    .unwrap(),
+            )
         } else {
             None
         };
-        let stack = Stack { cfg, shutdown, ingress, router, local, cloud };
+        let stack = Stack {
+            cfg,
+            shutdown,
+            ingress,
+            router,
+            local,
+            cloud,
+        };
         stack.wait_serving().await;
         stack
     }
@@ -104,7 +134,11 @@ impl Stack {
             let c = c.clone();
             crate::wait_until(name, std::time::Duration::from_secs(10), move || {
                 let c = c.clone();
-                async move { c.request(format!("$SRV.PING.{name}"), "".into()).await.is_ok() }
+                async move {
+                    c.request(format!("$SRV.PING.{name}"), "".into())
+                        .await
+                        .is_ok()
+                }
             })
             .await;
         }

@@ -42,14 +42,22 @@ pub struct FakeUpstream {
 
 impl FakeUpstream {
     pub async fn start(mode: Mode) -> Self {
-        let inner = Arc::new(Inner { mode: Mutex::new(mode), hits: AtomicUsize::new(0) });
-        let app = Router::new().route("/v1/chat/completions", post(chat)).with_state(inner.clone());
+        let inner = Arc::new(Inner {
+            mode: Mutex::new(mode),
+            hits: AtomicUsize::new(0),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(async move {
-            axum::serve(listener, app).with_graceful_shutdown(async move { s.cancelled().await }).await.unwrap();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { s.cancelled().await })
+                .await
+                .unwrap();
         });
         FakeUpstream { addr, inner, stop }
     }
@@ -77,7 +85,10 @@ impl Drop for FakeUpstream {
 async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Value>) -> Response {
     inner.hits.fetch_add(1, Ordering::SeqCst);
     let mode = inner.mode.lock().unwrap().clone();
-    let prompt = body["messages"][0]["content"].as_str().unwrap_or_default().to_string();
+    let prompt = body["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let model = body["model"].as_str().unwrap_or_default().to_string();
     let answer = |usage: bool| {
         let mut v = serde_json::json!({
@@ -100,11 +111,18 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
         }
         Mode::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap();
-            (status, Json(serde_json::json!({"error": {"message": "fake failure"}}))).into_response()
+            (
+                status,
+                Json(serde_json::json!({"error": {"message": "fake failure"}})),
+            )
+                .into_response()
         }
-        Mode::RateLimited(secs) => {
-            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", secs.to_string())], "slow down").into_response()
-        }
+        Mode::RateLimited(secs) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", secs.to_string())],
+            "slow down",
+        )
+            .into_response(),
         Mode::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             StatusCode::GATEWAY_TIMEOUT.into_response()
