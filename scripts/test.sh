@@ -4,6 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
 echo "test: using $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
-# The process tests start the real binaries: build them first.
-cargo build --bins
+
 cargo test --workspace --all-targets "$@"

@@ -1,0 +1,217 @@
+//! The real binaries, each its own process, talking only over NATS: what
+//! `scripts/up.sh` starts. Checks the HTTP path, per-process metrics, config
+//! errors and graceful shutdown on SIGTERM.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use optiroute_testkit::{wait_until, NatsServer};
+use serde_json::{json, Value};
+
+/// Builds the binaries once per test run (a no-op when up to date) so the
+/// test never runs stale ones, and returns their folder. They get a target
+/// folder of their own: built next to the tests, cargo's feature
+/// unification would rebuild them on every alternation.
+fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+        let target = root.join("target/process-tests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--bins", "--quiet", "--target-dir"])
+            .arg(&target)
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build --bins failed");
+        target.join("debug")
+    })
+    .clone()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn start(name: &'static str, config: &std::path::Path) -> Proc {
+        let child = Command::new(bin_dir().join(name))
+            .arg("--config")
+            .arg(config)
+            .env_remove("HF_API_TOKEN")
+            .env_remove("OPTIROUTE_CLOUD_API_KEY")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Proc { name, child }
+    }
+
+    /// SIGTERM, then the exit status within `within`.
+    fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop within {within:?} of SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_real_binaries_serve_and_stop_cleanly() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (http, router, local, cloud) = (free_port(), free_port(), free_port(), free_port());
+    let config = dir.path().join("optiroute.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[nats]
+url = "{url}"
+max_reconnect_delay_ms = 200
+[ingress]
+listen = "127.0.0.1:{http}"
+[router]
+admin_listen = "127.0.0.1:{router}"
+[cache]
+max_bytes = 33554432
+[local]
+admin_listen = "127.0.0.1:{local}"
+[local.simulated]
+base_ms = 5
+per_token_ms = 0
+[cloud]
+admin_listen = "127.0.0.1:{cloud}"
+"#,
+            url = nats.url()
+        ),
+    )
+    .unwrap();
+    let mut procs: Vec<Proc> = [
+        "optiroute-local",
+        "optiroute-cloud",
+        "optiroute-router",
+        "optiroute-ingress",
+    ]
+    .into_iter()
+    .map(|n| Proc::start(n, &config))
+    .collect();
+
+    let base = format!("http://127.0.0.1:{http}");
+    wait_until("the ingress to be ready", Duration::from_secs(30), || {
+        let url = format!("{base}/ready");
+        async move { matches!(reqwest::get(url).await, Ok(r) if r.status() == 200) }
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let v: Value = client
+        .post(format!("{base}/generate"))
+        .json(&json!({"prompt": "Hello"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["provider"], "local", "{v}");
+    // A complex prompt is routed to the cloud, which has no token here: local answers and says why.
+    let complex = "Design a fault-tolerant, multi-region payment ledger; compare event sourcing with a relational double-entry design step by step and justify the consistency model.";
+    let v: Value = client
+        .post(format!("{base}/generate"))
+        .json(&json!({"prompt": complex}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["routed_to"], "cloud", "{v}");
+    assert_eq!(v["provider"], "local");
+    assert_eq!(v["fallback_reason"], "not_configured");
+
+    // Every process exposes its metrics.
+    for (port, name) in [
+        (http, "http_request_duration_seconds"),
+        (router, "llm_cache_events_total"),
+        (local, "llm_total_cost_usd_total"),
+        (cloud, "llm_circuit_breaker_state"),
+    ] {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains(name), "port {port} lacks {name}");
+        assert!(text.contains("optiroute_build_info"));
+    }
+
+    // SIGTERM: each drains and exits 0, ingress first as an operator would.
+    for p in procs.iter_mut().rev() {
+        let status = p.terminate(Duration::from_secs(15));
+        assert!(status.success(), "{} exited with {status}", p.name);
+    }
+}
+
+#[test]
+fn a_bad_config_key_is_named_and_the_exit_code_is_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[cache]\nttl_seconds = 5\n").unwrap();
+    let out = Command::new(bin_dir().join("optiroute-router"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ttl_seconds"), "{err}");
+
+    let out = Command::new(bin_dir().join("optiroute-ingress"))
+        .arg("--bogus")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin_dir().join("optiroute-local"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
+}
