@@ -38,10 +38,15 @@ for p in optiroute-local optiroute-cloud optiroute-router optiroute-ingress; do
   pids+=($!)
 done
 
-for _ in $(seq 1 100); do
-  curl -fs localhost:8000/ready >/dev/null 2>&1 && break
-  sleep 0.1
-done
+# Wait for /ready (plain bash, so curl is not required).
+ready() {
+  exec 3<>/dev/tcp/127.0.0.1/8000 || return 1
+  printf 'GET /ready HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3
+  local status; read -r _ status _ <&3; exec 3<&-
+  [ "$status" = 200 ]
+}
+for _ in $(seq 1 150); do ready 2>/dev/null && break; sleep 0.2; done
+ready 2>/dev/null || echo "up: the stack is not ready yet; see $run/logs/" >&2
 cat <<MSG
 
 OptiRoute is up.

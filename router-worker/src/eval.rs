@@ -1,0 +1,149 @@
+//! Evaluation of the router on the labelled prompt set
+//! (`router-worker/data/prompts.jsonl`), against the original 60-character rule.
+
+use optiroute_common::config::RoutingConfig;
+use optiroute_common::cost::estimate_tokens;
+use optiroute_common::wire::{GenerateRequest, Pool};
+use serde::Deserialize;
+
+use crate::routing::{original_rule, Router};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Labelled {
+    pub prompt: String,
+    pub label: Pool,
+    pub category: String,
+}
+
+/// Reads the JSONL set; the error names the line.
+pub fn load(text: &str) -> Result<Vec<Labelled>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
+/// Which third a line belongs to: every third line (index % 3 == 2) is held
+/// out from tuning.
+pub fn is_held_out(index: usize) -> bool {
+    index % 3 == 2
+}
+
+/// Assumptions of the cost comparison, per request.
+pub const OUTPUT_TOKENS: u32 = 150;
+pub const CLOUD_PRICE_PER_1K: f64 = 0.0002;
+/// Simulated local compute: 0.5 s + 0.02 s per token for 150 tokens = 3.5 s.
+pub const LOCAL_SECONDS: f64 = 3.5;
+pub const LOCAL_PRICE_PER_S: f64 = 0.000005;
+
+fn cloud_cost(prompt: &str) -> f64 {
+    f64::from(estimate_tokens(prompt) + OUTPUT_TOKENS) / 1000.0 * CLOUD_PRICE_PER_1K
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Scores {
+    pub n: usize,
+    pub accuracy: f64,
+    pub cloud_precision: f64,
+    pub cloud_recall: f64,
+    pub local_share: f64,
+    /// USD per 1k requests; a cloud prompt sent local is paid twice (local, then cloud again).
+    pub cost_per_1k: f64,
+    pub all_cloud_cost_per_1k: f64,
+}
+
+pub fn score(items: &[&Labelled], decide: impl Fn(&str) -> Pool) -> Scores {
+    let (mut tp, mut fp, mut fn_, mut correct, mut local) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut cost, mut all_cloud) = (0.0, 0.0);
+    for item in items {
+        let got = decide(&item.prompt);
+        let cloud = cloud_cost(&item.prompt);
+        let local_cost = LOCAL_SECONDS * LOCAL_PRICE_PER_S;
+        all_cloud += cloud;
+        cost += match (got, item.label) {
+            (Pool::Cloud, _) => cloud,
+            (Pool::Local, Pool::Local) => local_cost,
+            (Pool::Local, Pool::Cloud) => local_cost + cloud,
+        };
+        if got == item.label {
+            correct += 1;
+        }
+        match (got, item.label) {
+            (Pool::Cloud, Pool::Cloud) => tp += 1,
+            (Pool::Cloud, Pool::Local) => fp += 1,
+            (Pool::Local, Pool::Cloud) => fn_ += 1,
+            _ => {}
+        }
+        if got == Pool::Local {
+            local += 1;
+        }
+    }
+    let n = items.len().max(1) as f64;
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Scores {
+        n: items.len(),
+        accuracy: correct as f64 / n,
+        cloud_precision: ratio(tp, tp + fp),
+        cloud_recall: ratio(tp, tp + fn_),
+        local_share: local as f64 / n,
+        cost_per_1k: cost / n * 1000.0,
+        all_cloud_cost_per_1k: all_cloud / n * 1000.0,
+    }
+}
+
+/// Our router with `cfg`, as a decision function on prompts.
+pub fn ours(cfg: &RoutingConfig) -> impl Fn(&str) -> Pool {
+    let router = Router::new(cfg);
+    move |p: &str| router.decide(&GenerateRequest::new(p)).target
+}
+
+pub fn original(p: &str) -> Pool {
+    original_rule(p)
+}
+
+/// The comparison as a Markdown table.
+pub fn table(rows: &[(&str, &str, Scores)]) -> String {
+    let mut out = String::from(
+        "| split | router | n | accuracy | cloud precision | cloud recall | routed local | cost / 1k req | vs all-cloud |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (split, name, s) in rows {
+        out.push_str(&format!(
+            "| {split} | {name} | {} | {:.1} % | {:.1} % | {:.1} % | {:.1} % | ${:.4} | {:.0} % |\n",
+            s.n,
+            s.accuracy * 100.0,
+            s.cloud_precision * 100.0,
+            s.cloud_recall * 100.0,
+            s.local_share * 100.0,
+            s.cost_per_1k,
+            s.cost_per_1k / s.all_cloud_cost_per_1k.max(f64::MIN_POSITIVE) * 100.0,
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SET: &str = include_str!("../data/prompts.jsonl");
+
+    #[test]
+    fn the_set_is_large_labelled_and_varied() {
+        let items = load(SET).unwrap();
+        assert!(items.len() >= 300, "{}", items.len());
+        let cats: std::collections::BTreeSet<_> = items.iter().map(|i| i.category.as_str()).collect();
+        assert_eq!(cats.len(), 9, "{cats:?}");
+        assert!(items.iter().any(|i| i.label == Pool::Cloud) && items.iter().any(|i| i.label == Pool::Local));
+    }
+
+    #[test]
+    fn our_router_beats_the_sixty_char_rule_on_held_out_prompts() {
+        let items = load(SET).unwrap();
+        let held: Vec<&Labelled> = items.iter().enumerate().filter(|(i, _)| is_held_out(*i)).map(|(_, x)| x).collect();
+        let ours = score(&held, ours(&RoutingConfig::default()));
+        let orig = score(&held, original);
+        assert!(ours.accuracy > orig.accuracy, "{ours:?} vs {orig:?}");
+        assert!(ours.cloud_recall > orig.cloud_recall, "{ours:?} vs {orig:?}");
+    }
+}
