@@ -283,7 +283,7 @@ pub async fn run(
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
         subjects: subjects.clone(),
-        router: Router::new(&r.routing),
+        router: Router::new(&r.routing)?,
         cache: cache.clone(),
         metrics: metrics.clone(),
         max_prompt_bytes: r.max_prompt_bytes,

@@ -11,7 +11,7 @@ use optiroute_common::config::RoutingConfig;
 use optiroute_common::wire::{GenerateRequest, Pool, ProviderChoice};
 
 /// Names of the features, also the bounded `reason` label of `llm_route_decisions_total`.
-pub const FEATURES: [&str; 9] = [
+pub const FEATURES: [&str; 10] = [
     "length",
     "max_tokens",
     "code",
@@ -20,6 +20,7 @@ pub const FEATURES: [&str; 9] = [
     "longform",
     "questions",
     "non_english",
+    "constraints",
     "simple",
 ];
 
@@ -33,153 +34,169 @@ pub struct Decision {
     pub score: f32,
 }
 
-/// A router built from config: keyword lists lower-cased once.
+/// A keyword, prepared once: lower-cased, with how it must match.
 #[derive(Debug, Clone)]
-pub struct Router {
-    cfg: RoutingConfig,
+struct Keyword {
+    text: String,
+    /// Word boundary before and (unless `prefix`) after.
+    word: bool,
+    prefix: bool,
 }
 
-const CODE_MARKERS: &[&str] = &[
-    "```",
-    "fn ",
-    "def ",
-    "class ",
-    "#include",
-    "import ",
-    "function",
-    "=>",
-    "();",
-    "};",
-    "select ",
-    " from ",
-    "console.",
-    "println",
-    "printf",
-    "public static",
-    "async ",
-    "struct ",
-    "lambda",
-    "regex",
-    "sql",
-    "python",
-    "javascript",
-    "typescript",
-    "rust",
-    "golang",
-    "java",
-    "c++",
-    "bash",
-    "html",
-    "css",
-    "api",
-    "compile",
-    "segfault",
-    "stack trace",
-    "traceback",
-    "exception",
-    "bug",
-];
-const MATH_MARKERS: &[&str] = &[
-    "∫",
-    "√",
-    "∑",
-    "π",
-    "≤",
-    "≥",
-    "≠",
-    "∞",
-    "^",
-    "integral",
-    "derivative",
-    "differentiate",
-    "integrate",
-    "equation",
-    "solve for",
-    "solve",
-    "probability",
-    "theorem",
-    "prime",
-    "matrix",
-    "eigen",
-    "limit of",
-    "series",
-    "polynomial",
-    "logarithm",
-    "factorial",
-    "modulo",
-    "geometric",
-    "expected value",
-    "variance",
-    "irrational",
-    "induction",
-    "combinatori",
-    "permutation",
-];
-const FOREIGN_WORDS: &[&str] = &[
-    " der ",
-    " die ",
-    " und ",
-    " ist ",
-    " nicht ",
-    " le ",
-    " la ",
-    " les ",
-    " est ",
-    " une ",
-    " pour ",
-    " el ",
-    " los ",
-    " las ",
-    " por ",
-    " qué ",
-    " para ",
-    " cómo ",
-    " pourquoi ",
-    " warum ",
-    " explique",
-    " explica",
-    " erkläre",
-    " porque ",
-];
+impl Keyword {
+    fn new(raw: &str) -> Self {
+        let lower = raw.to_lowercase();
+        let (text, prefix) = match lower.strip_suffix('*') {
+            Some(t) => (t.to_string(), true),
+            None => (lower, false),
+        };
+        let word = text.chars().next().is_some_and(char::is_alphanumeric)
+            && text.chars().next_back().is_some_and(char::is_alphanumeric);
+        Keyword { text, word, prefix }
+    }
 
-impl Router {
-    pub fn new(cfg: &RoutingConfig) -> Self {
-        let mut cfg = cfg.clone();
-        for list in [
-            &mut cfg.reasoning_keywords,
-            &mut cfg.longform_keywords,
-            &mut cfg.simple_keywords,
-        ] {
-            for k in list.iter_mut() {
-                *k = k.to_lowercase();
+    /// Whether an occurrence at `start..end` of `lower` stands on word boundaries.
+    fn boundaries_ok(&self, lower: &str, start: usize, end: usize) -> bool {
+        if !self.word {
+            return true;
+        }
+        let before_ok = !lower[..start]
+            .chars()
+            .next_back()
+            .is_some_and(char::is_alphanumeric);
+        let after_ok = self.prefix
+            || !lower[end..]
+                .chars()
+                .next()
+                .is_some_and(char::is_alphanumeric);
+        before_ok && after_ok
+    }
+
+    #[cfg(test)]
+    fn found_in(&self, lower: &str) -> bool {
+        lower
+            .match_indices(&self.text)
+            .any(|(at, m)| self.boundaries_ok(lower, at, at + m.len()))
+    }
+}
+
+/// Keyword groups, in the order of their slots in [`Matcher::counts`].
+const GROUPS: usize = 7;
+const CODE: usize = 0;
+const MATH: usize = 1;
+const REASONING: usize = 2;
+const LONGFORM: usize = 3;
+const CONSTRAINTS: usize = 4;
+const SIMPLE: usize = 5;
+const FOREIGN: usize = 6;
+
+/// Every keyword of every group in one Aho-Corasick automaton, so a prompt
+/// is scanned once however many keywords there are.
+#[derive(Debug, Clone)]
+struct Matcher {
+    automaton: aho_corasick::AhoCorasick,
+    /// Per pattern: its keyword and group.
+    patterns: Vec<(Keyword, usize)>,
+}
+
+impl Matcher {
+    fn new(groups: [&[String]; GROUPS]) -> Result<Self, String> {
+        let mut patterns = Vec::new();
+        for (g, list) in groups.iter().enumerate() {
+            for k in list.iter().filter(|k| !k.trim_end_matches('*').is_empty()) {
+                patterns.push((Keyword::new(k), g));
             }
         }
-        Router { cfg }
+        let automaton =
+            aho_corasick::AhoCorasick::new(patterns.iter().map(|(k, _)| k.text.as_str()))
+                .map_err(|e| format!("routing keywords: {e}"))?;
+        Ok(Matcher {
+            automaton,
+            patterns,
+        })
+    }
+
+    /// How many distinct keywords of each group occur in `lower`.
+    fn counts(&self, lower: &str) -> [f32; GROUPS] {
+        let mut seen = vec![false; self.patterns.len()];
+        let mut counts = [0.0; GROUPS];
+        for m in self.automaton.find_overlapping_iter(lower) {
+            let id = m.pattern().as_usize();
+            if seen[id] {
+                continue;
+            }
+            let (k, g) = &self.patterns[id];
+            if k.boundaries_ok(lower, m.start(), m.end()) {
+                seen[id] = true;
+                counts[*g] += 1.0;
+            }
+        }
+        counts
+    }
+}
+
+const FOREIGN_WORDS: &[&str] = &[
+    "der", "die", "und", "ist", "nicht", "le", "la", "les", "est", "une", "pour", "el", "los",
+    "las", "por", "qué", "para", "cómo", "pourquoi", "warum", "porque", "wie", "dans", "sur",
+];
+
+/// A router built from config, with keyword lists prepared once.
+#[derive(Debug, Clone)]
+pub struct Router {
+    threshold: f32,
+    bias_span: f32,
+    weights: [f32; 10],
+    matcher: Matcher,
+}
+
+impl Router {
+    /// Fails only when the keyword lists are too large for one automaton.
+    pub fn new(cfg: &RoutingConfig) -> Result<Self, optiroute_common::Error> {
+        Ok(Router {
+            threshold: cfg.threshold,
+            bias_span: cfg.bias_span,
+            weights: cfg.weights.as_array(),
+            matcher: Matcher::new([
+                &cfg.code_keywords,
+                &cfg.math_keywords,
+                &cfg.reasoning_keywords,
+                &cfg.longform_keywords,
+                &cfg.constraint_keywords,
+                &cfg.simple_keywords,
+                &FOREIGN_WORDS
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect::<Vec<_>>(),
+            ])
+            .map_err(|e| {
+                optiroute_common::Error::bad_request(format!("config key `router.routing`: {e}"))
+            })?,
+        })
     }
 
     /// The feature values of a prompt, in the order of [`FEATURES`].
-    pub fn features(&self, prompt: &str, max_tokens: u32) -> [f32; 9] {
+    pub fn features(&self, prompt: &str, max_tokens: u32) -> [f32; 10] {
         let lower = prompt.to_lowercase();
-        let padded = format!(" {lower} ");
         let chars = prompt.chars().count() as f32;
-        let length = ((chars - 120.0) / 300.0).clamp(0.0, 1.5);
+        // A ramp around the original 60-character rule, then a slow rise for long prompts.
+        let length =
+            ((chars - 40.0) / 40.0).clamp(0.0, 1.0) + ((chars - 200.0) / 400.0).clamp(0.0, 1.0);
         let max_tok = ((max_tokens as f32 - 256.0) / 768.0).clamp(0.0, 1.0);
-        let count = |list: &[&str]| list.iter().filter(|m| lower.contains(*m)).count() as f32;
-        let count_owned =
-            |list: &[String]| list.iter().filter(|m| contains_phrase(&padded, m)).count() as f32;
-        let code = (count(CODE_MARKERS) / 2.0).min(1.5);
-        let math = (count(MATH_MARKERS) / 2.0).min(1.5);
-        let reasoning = (count_owned(&self.cfg.reasoning_keywords) / 1.5).min(2.0);
-        let longform = count_owned(&self.cfg.longform_keywords).min(1.5);
+        let n = self.matcher.counts(&lower);
+        let code = n[CODE].min(2.0);
+        let math = n[MATH].min(2.0);
+        let reasoning = n[REASONING].min(2.0);
+        let longform = n[LONGFORM].min(2.0);
         let questions = (prompt.matches('?').count().saturating_sub(1) as f32 / 2.0).min(1.0);
         let non_ascii = prompt
             .chars()
             .filter(|c| c.is_alphabetic() && !c.is_ascii())
             .count() as f32;
-        let foreign_hits = FOREIGN_WORDS.iter().filter(|w| padded.contains(*w)).count() as f32;
-        let non_english = ((non_ascii / chars.max(1.0)) * 10.0 + foreign_hits / 2.0).min(1.0);
-        let simple = if chars < 200.0 {
-            count_owned(&self.cfg.simple_keywords).min(1.0)
+        let foreign = n[FOREIGN];
+        let non_english = ((non_ascii / chars.max(1.0)) * 10.0 + foreign / 2.0).min(1.0);
+        let constraints = n[CONSTRAINTS].min(2.0);
+        let simple = if chars < 160.0 {
+            n[SIMPLE].min(1.0)
         } else {
             0.0
         };
@@ -192,31 +209,14 @@ impl Router {
             longform,
             questions,
             non_english,
+            constraints,
             simple,
         ]
     }
 
-    fn weights(&self) -> [f32; 9] {
-        let c = &self.cfg;
-        [
-            c.weight_length,
-            c.weight_max_tokens,
-            c.weight_code,
-            c.weight_math,
-            c.weight_reasoning,
-            c.weight_longform,
-            c.weight_questions,
-            c.weight_non_english,
-            c.weight_simple,
-        ]
-    }
-
-    /// The complexity score of a prompt.
-    pub fn score(&self, prompt: &str, max_tokens: u32) -> (f32, [f32; 9]) {
-        let f = self.features(prompt, max_tokens);
-        let w = self.weights();
-        let contributions: [f32; 9] = std::array::from_fn(|i| f[i] * w[i]);
-        (contributions.iter().sum(), contributions)
+    /// The score of features under these weights.
+    pub fn score_features(weights: &[f32; 10], f: &[f32; 10]) -> f32 {
+        weights.iter().zip(f).map(|(w, x)| w * x).sum()
     }
 
     /// The pool for a request, and why.
@@ -226,8 +226,10 @@ impl Router {
             ProviderChoice::Cloud => return explicit(Pool::Cloud),
             ProviderChoice::Auto => {}
         }
-        let (score, contrib) = self.score(&req.prompt, req.max_tokens);
-        let threshold = self.cfg.threshold - req.route_bias.unwrap_or(0.0) * self.cfg.bias_span;
+        let f = self.features(&req.prompt, req.max_tokens);
+        let contrib: [f32; 10] = std::array::from_fn(|i| f[i] * self.weights[i]);
+        let score: f32 = contrib.iter().sum();
+        let threshold = self.threshold - req.route_bias.unwrap_or(0.0) * self.bias_span;
         let target = if score >= threshold {
             Pool::Cloud
         } else {
@@ -237,21 +239,16 @@ impl Router {
             .filter(|&i| contrib[i].abs() > 0.01)
             .collect();
         order.sort_by(|&a, &b| contrib[b].abs().total_cmp(&contrib[a].abs()));
-        let top: Vec<String> = order
-            .iter()
-            .take(3)
-            .map(|&i| format!("{}{:+.2}", FEATURES[i], contrib[i]))
-            .collect();
         let reason_label = match (target, order.iter().find(|&&i| contrib[i] > 0.0)) {
             (Pool::Cloud, Some(&i)) => FEATURES[i],
             _ => "below_threshold",
         };
-        let cmp = if target == Pool::Cloud { "≥" } else { "<" };
-        let reason = if top.is_empty() {
-            format!("score {score:.2} {cmp} {threshold:.2}")
-        } else {
-            format!("score {score:.2} {cmp} {threshold:.2}: {}", top.join(", "))
-        };
+        let cmp = if target == Pool::Cloud { ">=" } else { "<" };
+        let mut reason = format!("score {score:.2} {cmp} {threshold:.2}");
+        for (n, &i) in order.iter().take(3).enumerate() {
+            reason.push_str(if n == 0 { ": " } else { ", " });
+            reason.push_str(&format!("{}{:+.2}", FEATURES[i], contrib[i]));
+        }
         Decision {
             target,
             reason_label,
@@ -270,27 +267,6 @@ fn explicit(pool: Pool) -> Decision {
     }
 }
 
-/// Whether `phrase` occurs in `padded_text` at word boundaries.
-fn contains_phrase(padded_text: &str, phrase: &str) -> bool {
-    let mut start = 0;
-    while let Some(pos) = padded_text[start..].find(phrase) {
-        let at = start + pos;
-        let before = padded_text[..at].chars().next_back().unwrap_or(' ');
-        let after = padded_text[at + phrase.len()..]
-            .chars()
-            .next()
-            .unwrap_or(' ');
-        if !before.is_alphanumeric() && !after.is_alphanumeric() {
-            return true;
-        }
-        start = at + phrase.len().max(1);
-        if start >= padded_text.len() {
-            break;
-        }
-    }
-    false
-}
-
 /// The original OptiRoute rule: longer than 60 characters goes to the cloud.
 pub fn original_rule(prompt: &str) -> Pool {
     if prompt.chars().count() > 60 {
@@ -305,7 +281,7 @@ mod tests {
     use super::*;
 
     fn router() -> Router {
-        Router::new(&RoutingConfig::default())
+        Router::new(&RoutingConfig::default()).unwrap()
     }
 
     fn auto(prompt: &str) -> GenerateRequest {
@@ -358,10 +334,13 @@ mod tests {
     }
 
     #[test]
-    fn phrases_match_whole_words_only() {
-        assert!(contains_phrase(" say hi there ", "hi"));
-        assert!(!contains_phrase(" this is it ", "hi"));
-        assert!(contains_phrase(" hello, world ", "hello"));
+    fn keywords_match_words_prefixes_and_symbols() {
+        assert!(Keyword::new("hi").found_in("say hi there"));
+        assert!(!Keyword::new("hi").found_in("this is it"));
+        assert!(Keyword::new("hello").found_in("hello, world"));
+        assert!(Keyword::new("optimi*").found_in("optimise this"));
+        assert!(!Keyword::new("optimi").found_in("optimise this"));
+        assert!(Keyword::new("^").found_in("x^2"));
     }
 
     #[test]
