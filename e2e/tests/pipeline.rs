@@ -70,7 +70,7 @@ async fn http_prompt_goes_through_every_hop() {
     assert!(body["text"]
         .as_str()
         .unwrap()
-        .starts_with("cloud answer to:"));
+        .starts_with("cloud answer 1 to:"));
     assert!(body["route_reason"].as_str().unwrap().starts_with("score"));
     assert_eq!(up.hits(), 1);
 }

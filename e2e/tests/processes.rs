@@ -139,6 +139,15 @@ admin_listen = "127.0.0.1:{cloud}"
         async move { matches!(reqwest::get(url).await, Ok(r) if r.status() == 200) }
     })
     .await;
+    // Every pool is subscribed before the first request (the ingress's /ready checks routers only).
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    for service in ["optiroute-local", "optiroute-cloud"] {
+        wait_until(service, Duration::from_secs(30), || {
+            let nc = nc.clone();
+            async move { nc.request(format!("$SRV.PING.{service}"), "".into()).await.is_ok() }
+        })
+        .await;
+    }
     let client = reqwest::Client::new();
     let v: Value = client
         .post(format!("{base}/generate"))

@@ -6,7 +6,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use optiroute_common::nats::epoch_ms;
 
 use async_nats::jetstream::{self, kv};
 use optiroute_common::config::CacheConfig;
@@ -70,6 +74,38 @@ pub enum Lookup {
     Hit(CachedAnswer),
     Miss,
     Error,
+}
+
+/// The outcome of claiming a key across router replicas.
+pub enum Claim {
+    /// This router generates; the marker tells other replicas to wait.
+    Owner(Box<Marker>),
+    /// Another replica generated the answer while we waited.
+    Answer(CachedAnswer),
+    /// No coordination possible or the wait ran out: generate without it.
+    Proceed,
+}
+
+/// The in-flight marker `inflight.<key>` this router holds in KV. Its value
+/// is the Unix-millisecond time after which others may take it over, so a
+/// router that dies mid-request blocks nobody for long.
+pub struct Marker {
+    store: kv::Store,
+    key: String,
+}
+
+impl Marker {
+    /// Removes the marker; waiting replicas then read the answer (or, if none
+    /// was cached, generate themselves).
+    pub async fn release(self) {
+        if let Err(e) = self.store.delete(&self.key).await {
+            tracing::warn!(error = %e, "could not release the in-flight marker; it expires by itself");
+        }
+    }
+}
+
+fn marker_key(key: &str) -> String {
+    format!("inflight.{key}")
 }
 
 pub struct Cache {
@@ -190,6 +226,20 @@ impl Cache {
         result
     }
 
+    /// A second look after a miss, recording no cache event.
+    pub async fn recheck(&self, key: &str) -> Option<CachedAnswer> {
+        let store = self.store.get()?;
+        let got = tokio::time::timeout(
+            Duration::from_millis(self.cfg.op_timeout_ms),
+            store.get(key),
+        )
+        .await;
+        match got {
+            Ok(Ok(Some(bytes))) => wire::decode(Format::MsgPack, &bytes).ok(),
+            _ => None,
+        }
+    }
+
     /// Writes an answer; a failure is logged and counted, never returned.
     pub async fn store(&self, key: &str, answer: &CachedAnswer) {
         let Some(store) = self.store.get() else {
@@ -212,6 +262,81 @@ impl Cache {
             Err(_) => {
                 tracing::warn!("cache write timed out");
                 self.metrics.cache_event(CacheEvent::Error);
+            }
+        }
+    }
+
+    /// Claims `key` across replicas with a create-if-absent marker. When
+    /// another replica holds it, waits (at most `coalesce_wait_ms` and the
+    /// deadline) for its answer, and takes over a marker whose owner let it expire.
+    pub async fn claim(&self, key: &str, deadline: SystemTime) -> Claim {
+        let Some(store) = self.store.get() else {
+            return Claim::Proceed;
+        };
+        let op = Duration::from_millis(self.cfg.op_timeout_ms);
+        let marker = marker_key(key);
+        let expires = Bytes::from(epoch_ms(deadline).to_string());
+        match tokio::time::timeout(op, store.create(&marker, expires.clone())).await {
+            Ok(Ok(_)) => {
+                return Claim::Owner(Box::new(Marker {
+                    store: store.clone(),
+                    key: marker,
+                }))
+            }
+            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "in-flight marker failed");
+                self.metrics.cache_event(CacheEvent::Error);
+                return Claim::Proceed;
+            }
+            Err(_) => {
+                self.metrics.cache_event(CacheEvent::Error);
+                return Claim::Proceed;
+            }
+        }
+        let wait = Duration::from_millis(self.cfg.coalesce_wait_ms);
+        let until = tokio::time::Instant::now()
+            + wait.min(
+                deadline
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO),
+            );
+        let Ok(Ok(mut watch)) =
+            tokio::time::timeout(op, store.watch_many_with_history([key, marker.as_str()])).await
+        else {
+            return Claim::Proceed;
+        };
+        loop {
+            let entry = match tokio::time::timeout_at(until, watch.next()).await {
+                Ok(Some(Ok(entry))) => entry,
+                // The wait ran out or the watch ended: generate ourselves.
+                _ => return Claim::Proceed,
+            };
+            if entry.key == key {
+                if next_is_put(&entry) {
+                    if let Ok(a) = wire::decode::<CachedAnswer>(Format::MsgPack, &entry.value) {
+                        return Claim::Answer(a);
+                    }
+                }
+                continue;
+            }
+            if !next_is_put(&entry) {
+                // The owner finished without caching (an error or a fallback answer).
+                return Claim::Proceed;
+            }
+            let expired = std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_none_or(|ms| ms <= epoch_ms(SystemTime::now()));
+            if expired {
+                let taken = store.update(&marker, expires.clone(), entry.revision).await;
+                if taken.is_ok() {
+                    tracing::info!("took over an expired in-flight marker");
+                    return Claim::Owner(Box::new(Marker {
+                        store: store.clone(),
+                        key: marker,
+                    }));
+                }
             }
         }
     }
@@ -269,6 +394,10 @@ impl Drop for LeaderGuard {
     fn drop(&mut self) {
         self.release();
     }
+}
+
+fn next_is_put(entry: &kv::Entry) -> bool {
+    entry.operation == kv::Operation::Put
 }
 
 #[cfg(test)]

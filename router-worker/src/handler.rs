@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::{cache_key, Cache, CachedAnswer, Join, Lookup};
+use crate::cache::{cache_key, Cache, CachedAnswer, Claim, Join, Lookup, Marker};
 use crate::metrics::{CacheEvent, RouterMetrics};
 use crate::routing::Router;
 
@@ -50,12 +50,14 @@ impl Handler for GenerateHandler {
         }
         if !self.cache.enabled() || !(req.cache.reads() || req.cache.writes()) {
             self.metrics.cache_event(CacheEvent::Bypass);
-            return self.generate(&meta, &req, started, None).await;
+            return self.generate(&meta, &req, started).await.map(|(r, _)| r);
         }
         let key = cache_key(&req);
         if !req.cache.reads() {
             self.metrics.cache_event(CacheEvent::Bypass);
-            return self.generate(&meta, &req, started, Some(&key)).await;
+            return self
+                .generate_and_store(&meta, &req, started, &key, None)
+                .await;
         }
         if let Lookup::Hit(hit) = self.cache.lookup(&key).await {
             self.metrics
@@ -66,7 +68,35 @@ impl Handler for GenerateHandler {
         }
         match self.cache.join(&key) {
             Join::Leader(guard) => {
-                let result = self.generate(&meta, &req, started, Some(&key)).await;
+                let result = match self.cache.claim(&key, meta.deadline).await {
+                    Claim::Owner(marker) => {
+                        // The answer may have landed between our lookup and the
+                        // claim (its writer releases the marker right after).
+                        if let Some(hit) = self.cache.recheck(&key).await {
+                            marker.release().await;
+                            self.metrics
+                                .cost_saved
+                                .with_label_values(&[hit.provider.as_str()])
+                                .inc_by(hit.cost);
+                            Ok(from_cache(hit, started, &meta))
+                        } else {
+                            self.generate_and_store(&meta, &req, started, &key, Some(marker))
+                                .await
+                        }
+                    }
+                    Claim::Answer(answer) => {
+                        self.metrics.cache_event(CacheEvent::Coalesced);
+                        self.metrics
+                            .cost_saved
+                            .with_label_values(&[answer.provider.as_str()])
+                            .inc_by(answer.cost);
+                        Ok(from_cache(answer, started, &meta))
+                    }
+                    Claim::Proceed => {
+                        self.generate_and_store(&meta, &req, started, &key, None)
+                            .await
+                    }
+                };
                 guard.finish(&result);
                 result
             }
@@ -75,6 +105,10 @@ impl Handler for GenerateHandler {
                 match waited {
                     Ok(Ok(Ok(mut shared))) => {
                         self.metrics.cache_event(CacheEvent::Coalesced);
+                        self.metrics
+                            .cost_saved
+                            .with_label_values(&[shared.provider.as_str()])
+                            .inc_by(shared.cost);
                         // The leader paid for it; this request cost nothing more.
                         shared.cost = 0.0;
                         shared.cached = true;
@@ -84,7 +118,10 @@ impl Handler for GenerateHandler {
                     }
                     Ok(Ok(Err(e))) => Err(e),
                     // The leader went away without an answer: do the work ourselves.
-                    Ok(Err(_)) => self.generate(&meta, &req, started, Some(&key)).await,
+                    Ok(Err(_)) => {
+                        self.generate_and_store(&meta, &req, started, &key, None)
+                            .await
+                    }
                     Err(_) => Err(Error::new(
                         ErrorKind::Timeout,
                         "deadline passed waiting for an identical request in flight",
@@ -112,15 +149,49 @@ fn from_cache(hit: CachedAnswer, started: Instant, meta: &RequestMeta) -> Genera
 }
 
 impl GenerateHandler {
-    /// Routes, calls the chosen pool, falls back to the other one when the
-    /// failure allows it, and writes a good first-choice answer to the cache.
+    /// Generates, then (in the background, after the reply) writes a good
+    /// answer to the cache and releases the in-flight marker, in that order,
+    /// so replicas waiting on the marker find the answer.
+    async fn generate_and_store(
+        &self,
+        meta: &RequestMeta,
+        req: &GenerateRequest,
+        started: Instant,
+        key: &str,
+        marker: Option<Box<Marker>>,
+    ) -> Result<GenerateResponse, Error> {
+        let result = self.generate(meta, req, started).await;
+        let answer = match &result {
+            Ok((_, answer)) if req.cache.writes() => answer.clone(),
+            _ => None,
+        };
+        if answer.is_some() || marker.is_some() {
+            let cache = self.cache.clone();
+            let key = key.to_string();
+            tokio::spawn(
+                async move {
+                    if let Some(a) = answer {
+                        cache.store(&key, &a).await;
+                    }
+                    if let Some(m) = marker {
+                        m.release().await;
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        result.map(|(r, _)| r)
+    }
+
+    /// Routes, calls the chosen pool and falls back to the other one when
+    /// the failure allows it. Also returns what to cache: only first-choice
+    /// answers, so the better pool is tried again once it recovers.
     async fn generate(
         &self,
         meta: &RequestMeta,
         req: &GenerateRequest,
         started: Instant,
-        cache_key: Option<&str>,
-    ) -> Result<GenerateResponse, Error> {
+    ) -> Result<(GenerateResponse, Option<CachedAnswer>), Error> {
         let decision = self.router.decide(req);
         self.metrics
             .route_decisions
@@ -186,25 +257,16 @@ impl GenerateHandler {
             route_reason: Some(decision.reason),
             request_id: Some(meta.request_id.clone()),
         };
-        // Only first-choice answers are cached, so the better pool is tried
-        // again once it recovers.
-        if let (Some(key), None) = (cache_key, fallback_reason) {
-            if req.cache.writes() {
-                let answer = CachedAnswer {
-                    text: response.text.clone(),
-                    usage: response.usage,
-                    model: response.model.clone(),
-                    provider,
-                    routed_to: decision.target,
-                    cost: response.cost,
-                    route_reason: response.route_reason.clone(),
-                };
-                let cache = self.cache.clone();
-                let key = key.to_string();
-                tokio::spawn(async move { cache.store(&key, &answer).await }.in_current_span());
-            }
-        }
-        Ok(response)
+        let answer = fallback_reason.is_none().then(|| CachedAnswer {
+            text: response.text.clone(),
+            usage: response.usage,
+            model: response.model.clone(),
+            provider,
+            routed_to: decision.target,
+            cost: response.cost,
+            route_reason: response.route_reason.clone(),
+        });
+        Ok((response, answer))
     }
 
     async fn call(

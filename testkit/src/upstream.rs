@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub enum Mode {
-    /// Answers `text` with a usage block.
+    /// Answers `cloud answer <call number> to: <prompt>` with a usage block.
     Ok,
     /// Answers without a usage block.
     NoUsage,
@@ -83,7 +83,7 @@ impl Drop for FakeUpstream {
 }
 
 async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Value>) -> Response {
-    inner.hits.fetch_add(1, Ordering::SeqCst);
+    let n = inner.hits.fetch_add(1, Ordering::SeqCst) + 1;
     let mode = inner.mode.lock().unwrap().clone();
     let prompt = body["messages"][0]["content"]
         .as_str()
@@ -95,7 +95,7 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("cloud answer to: {prompt}")}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("cloud answer {n} to: {prompt}")}, "finish_reason": "stop"}],
         });
         if usage {
             v["usage"] = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30});
