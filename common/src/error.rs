@@ -29,12 +29,16 @@ pub enum ErrorKind {
     Overloaded,
     /// Every provider that was tried failed.
     AllProvidersFailed,
+    /// A streamed answer failed after its first token: no fallback is possible.
+    StreamInterrupted,
+    /// The requester went away (e.g. an HTTP client disconnected mid-stream).
+    Cancelled,
     /// A bug or an unexpected state; details are logged, not returned.
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::BadRequest,
         ErrorKind::NoResponders,
         ErrorKind::NatsUnavailable,
@@ -46,6 +50,8 @@ impl ErrorKind {
         ErrorKind::NotConfigured,
         ErrorKind::Overloaded,
         ErrorKind::AllProvidersFailed,
+        ErrorKind::StreamInterrupted,
+        ErrorKind::Cancelled,
         ErrorKind::Internal,
     ];
 
@@ -62,6 +68,8 @@ impl ErrorKind {
             ErrorKind::NotConfigured => "not_configured",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::AllProvidersFailed => "all_providers_failed",
+            ErrorKind::StreamInterrupted => "stream_interrupted",
+            ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
         }
     }
@@ -76,7 +84,11 @@ impl ErrorKind {
             ErrorKind::BadRequest | ErrorKind::UpstreamClientError => 400,
             ErrorKind::RateLimited => 429,
             ErrorKind::Internal => 500,
-            ErrorKind::UpstreamError | ErrorKind::AllProvidersFailed => 502,
+            ErrorKind::UpstreamError
+            | ErrorKind::AllProvidersFailed
+            | ErrorKind::StreamInterrupted => 502,
+            // nginx's "client closed request": nobody is there to read it.
+            ErrorKind::Cancelled => 499,
             ErrorKind::NoResponders
             | ErrorKind::NatsUnavailable
             | ErrorKind::CircuitOpen
@@ -87,9 +99,16 @@ impl ErrorKind {
     }
 
     /// Whether the router should try the other pool after this failure.
-    /// Client errors are the caller's to fix; retrying elsewhere would not help.
+    /// Client errors are the caller's to fix, a stream that already sent
+    /// tokens cannot restart, and a cancelled request has nobody waiting.
     pub fn allows_fallback(self) -> bool {
-        !matches!(self, ErrorKind::BadRequest | ErrorKind::UpstreamClientError)
+        !matches!(
+            self,
+            ErrorKind::BadRequest
+                | ErrorKind::UpstreamClientError
+                | ErrorKind::StreamInterrupted
+                | ErrorKind::Cancelled
+        )
     }
 }
 

@@ -64,6 +64,8 @@ pub fn from_epoch_ms(ms: u64) -> SystemTime {
 pub struct RequestMeta {
     pub request_id: String,
     pub deadline: SystemTime,
+    /// Where to publish streamed tokens, when the caller streams.
+    pub stream_inbox: Option<String>,
 }
 
 impl RequestMeta {
@@ -71,6 +73,7 @@ impl RequestMeta {
         RequestMeta {
             request_id,
             deadline: SystemTime::now() + timeout,
+            stream_inbox: None,
         }
     }
 
@@ -109,9 +112,20 @@ impl RequestMeta {
             })?),
             None => SystemTime::now() + default_timeout,
         };
+        let stream_inbox = match get(wire::STREAM_INBOX_HEADER) {
+            Some(s) if valid_subject(&s) => Some(s),
+            Some(s) => {
+                return Err(Error::bad_request(format!(
+                    "header {} must be a plain subject (no spaces or wildcards, at most 256 bytes), got `{s}`",
+                    wire::STREAM_INBOX_HEADER
+                )))
+            }
+            None => None,
+        };
         Ok(RequestMeta {
             request_id,
             deadline,
+            stream_inbox,
         })
     }
 
@@ -122,11 +136,31 @@ impl RequestMeta {
             DEADLINE_HEADER,
             epoch_ms(self.deadline).to_string().as_str(),
         );
+        if let Some(inbox) = &self.stream_inbox {
+            h.insert(wire::STREAM_INBOX_HEADER, inbox.as_str());
+        }
         if format == Format::Json {
             h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);
         }
         h
     }
+
+    /// The subject a streaming requester listens on to cancel generation.
+    pub fn cancel_subject(&self) -> Option<String> {
+        self.stream_inbox.as_ref().map(|i| format!("{i}.cancel"))
+    }
+}
+
+/// A subject we are willing to publish to on a caller's behalf.
+fn valid_subject(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && !s.starts_with('.')
+        && !s.ends_with('.')
+        && !s.contains("..")
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
 }
 
 /// A fresh, unique request id (a NUID: 22 characters, no coordination needed).

@@ -14,6 +14,10 @@ use crate::error::Error;
 pub const REQUEST_ID_HEADER: &str = "Optiroute-Request-Id";
 /// Header carrying the request's absolute deadline, in Unix epoch milliseconds.
 pub const DEADLINE_HEADER: &str = "Optiroute-Deadline";
+/// Header naming the subject where the provider publishes [`StreamChunk`]s as
+/// tokens are generated; the final reply still carries the whole answer.
+/// The requester publishes anything on `<inbox>.cancel` to stop generation.
+pub const STREAM_INBOX_HEADER: &str = "Optiroute-Stream-Inbox";
 pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
@@ -97,11 +101,46 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-/// The body of `POST /generate` and of a request on `optiroute.generate`.
-/// Unknown fields are ignored, as the original Python service did.
+/// A chat turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: Role::User,
+            content: content.into(),
+        }
+    }
+}
+
+/// Most stop sequences a request may carry (OpenAI's limit).
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_MESSAGES: usize = 256;
+
+/// The body of `POST /generate` and of a request on `optiroute.generate`:
+/// either `prompt` or `messages`. Unknown fields are ignored, as the
+/// original Python service did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
+    #[serde(default)]
     pub prompt: String,
+    /// A conversation, instead of `prompt`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
     #[serde(default)]
@@ -123,6 +162,8 @@ impl GenerateRequest {
     pub fn new(prompt: impl Into<String>) -> Self {
         GenerateRequest {
             prompt: prompt.into(),
+            messages: Vec::new(),
+            stop: Vec::new(),
             max_tokens: DEFAULT_MAX_TOKENS,
             provider: ProviderChoice::Auto,
             model_id: None,
@@ -133,9 +174,26 @@ impl GenerateRequest {
         }
     }
 
+    /// The text that routing and the simulated engine look at: the prompt,
+    /// or the conversation's contents joined by newlines.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        if self.messages.is_empty() {
+            std::borrow::Cow::Borrowed(&self.prompt)
+        } else {
+            std::borrow::Cow::Owned(
+                self.messages
+                    .iter()
+                    .map(|m| m.content.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            )
+        }
+    }
+
     /// Checks every user-settable field; the message names the field.
     pub fn validate(&self, max_prompt_bytes: usize) -> Result<(), Error> {
-        validate_prompt(&self.prompt, max_prompt_bytes)?;
+        validate_input(&self.prompt, &self.messages, max_prompt_bytes)?;
+        validate_stop(&self.stop)?;
         validate_max_tokens(self.max_tokens)?;
         validate_sampling(self.temperature, self.top_p)?;
         if let Some(m) = &self.model_id {
@@ -150,6 +208,55 @@ impl GenerateRequest {
         }
         Ok(())
     }
+}
+
+/// Exactly one of `prompt` and `messages`, within the size limit.
+pub fn validate_input(
+    prompt: &str,
+    messages: &[ChatMessage],
+    max_prompt_bytes: usize,
+) -> Result<(), Error> {
+    if messages.is_empty() {
+        return validate_prompt(prompt, max_prompt_bytes);
+    }
+    if !prompt.is_empty() {
+        return Err(Error::bad_request(
+            "give either prompt or messages, not both",
+        ));
+    }
+    if messages.len() > MAX_MESSAGES {
+        return Err(Error::bad_request(format!(
+            "messages has {} entries, over the limit of {MAX_MESSAGES}",
+            messages.len()
+        )));
+    }
+    if !messages
+        .iter()
+        .any(|m| m.role == Role::User && !m.content.trim().is_empty())
+    {
+        return Err(Error::bad_request(
+            "messages must contain a user message with non-empty content",
+        ));
+    }
+    let total: usize = messages.iter().map(|m| m.content.len()).sum();
+    if total > max_prompt_bytes {
+        return Err(Error::bad_request(format!(
+            "messages total {total} bytes, over the limit of {max_prompt_bytes} bytes"
+        )));
+    }
+    Ok(())
+}
+
+pub fn validate_stop(stop: &[String]) -> Result<(), Error> {
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return Err(Error::bad_request(format!(
+            "stop takes at most {MAX_STOP_SEQUENCES} sequences"
+        )));
+    }
+    if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
+        return Err(Error::bad_request("stop sequences must be 1 to 256 bytes"));
+    }
+    Ok(())
 }
 
 pub fn validate_prompt(prompt: &str, max_prompt_bytes: usize) -> Result<(), Error> {
@@ -254,12 +361,20 @@ pub struct GenerateResponse {
     pub route_reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// `stop` or `length`, as OpenAI reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
 }
 
-/// A request on a provider subject.
+/// A request on a provider subject: `prompt` or `messages`, as for generate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProviderRequest {
+    #[serde(default)]
     pub prompt: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,8 +386,31 @@ pub struct ProviderRequest {
 }
 
 impl ProviderRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        ProviderRequest::from(&GenerateRequest::new(prompt))
+    }
+
+    /// The conversation to send to a chat model.
+    pub fn conversation(&self) -> std::borrow::Cow<'_, [ChatMessage]> {
+        if self.messages.is_empty() {
+            std::borrow::Cow::Owned(vec![ChatMessage::user(self.prompt.clone())])
+        } else {
+            std::borrow::Cow::Borrowed(&self.messages)
+        }
+    }
+
+    /// The last user turn (what a model without chat history answers).
+    pub fn last_user_text(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or(self.prompt.as_str(), |m| m.content.as_str())
+    }
+
     pub fn validate(&self, max_prompt_bytes: usize) -> Result<(), Error> {
-        validate_prompt(&self.prompt, max_prompt_bytes)?;
+        validate_input(&self.prompt, &self.messages, max_prompt_bytes)?;
+        validate_stop(&self.stop)?;
         validate_max_tokens(self.max_tokens)?;
         validate_sampling(self.temperature, self.top_p)?;
         if let Some(m) = &self.model_id {
@@ -286,6 +424,8 @@ impl From<&GenerateRequest> for ProviderRequest {
     fn from(r: &GenerateRequest) -> Self {
         ProviderRequest {
             prompt: r.prompt.clone(),
+            messages: r.messages.clone(),
+            stop: r.stop.clone(),
             max_tokens: r.max_tokens,
             model_id: r.model_id.clone(),
             temperature: r.temperature,
@@ -305,6 +445,14 @@ pub struct ProviderReply {
     pub latency: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+}
+
+/// One piece of a streamed answer, published on the stream inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    /// 0, 1, 2... so the receiver can spot gaps.
+    pub index: u32,
+    pub delta: String,
 }
 
 /// Body format of a NATS message.

@@ -144,7 +144,11 @@ admin_listen = "127.0.0.1:{cloud}"
     for service in ["optiroute-local", "optiroute-cloud"] {
         wait_until(service, Duration::from_secs(30), || {
             let nc = nc.clone();
-            async move { nc.request(format!("$SRV.PING.{service}"), "".into()).await.is_ok() }
+            async move {
+                nc.request(format!("$SRV.PING.{service}"), "".into())
+                    .await
+                    .is_ok()
+            }
         })
         .await;
     }

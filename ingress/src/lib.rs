@@ -4,6 +4,8 @@
 
 mod error;
 pub mod metrics;
+mod openai;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +44,10 @@ struct Inner {
     request_timeout: Duration,
     ready_probe_timeout: Duration,
     max_prompt_bytes: usize,
+    ui: ui::UiStats,
+    /// Model names `/v1/chat/completions` maps to each pool.
+    local_models: Vec<String>,
+    cloud_models: Vec<String>,
 }
 
 impl AppState {
@@ -54,8 +60,20 @@ impl AppState {
                 request_timeout: Duration::from_millis(cfg.ingress.request_timeout_ms),
                 ready_probe_timeout: Duration::from_millis(cfg.ingress.ready_probe_timeout_ms),
                 max_prompt_bytes: cfg.ingress.max_prompt_bytes,
+                ui: ui::UiStats::new(),
+                local_models: local_models(cfg),
+                cloud_models: std::iter::once(cfg.cloud.upstream.model.clone())
+                    .chain(cfg.cloud.prices.keys().cloned())
+                    .collect(),
             }),
         }
+    }
+}
+
+fn local_models(cfg: &Config) -> Vec<String> {
+    match cfg.local.engine {
+        optiroute_common::config::LocalEngineKind::Simulated => vec!["simulated".to_string()],
+        optiroute_common::config::LocalEngineKind::Openai => vec![cfg.local.openai.model.clone()],
     }
 }
 
@@ -63,9 +81,12 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/generate", post(generate))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
         .route("/health", get(admin::health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_handler))
+        .merge(ui::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -146,32 +167,46 @@ async fn generate(
         .map_err(|e| ApiError::new(e, Some(&id)))?;
     req.cache = cache_mode_from_headers(&headers, req.cache);
     let meta = RequestMeta::new(id.clone(), s.request_timeout);
+    let answer = relay(&state, &meta, &req)
+        .await
+        .map_err(|e| ApiError::new(e, Some(&id)))?;
+    let mut resp = Json(answer).into_response();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+/// Sends a validated request to the routers and waits for the answer;
+/// records latency, errors and the UI's figures. Shared by every endpoint.
+async fn relay(
+    state: &AppState,
+    meta: &RequestMeta,
+    req: &GenerateRequest,
+) -> Result<GenerateResponse, Error> {
+    let s = &state.inner;
     let started = Instant::now();
     let result: Result<GenerateResponse, Error> =
-        nats::request(&s.client, &s.subjects.generate, &meta, None, &req).await;
+        nats::request(&s.client, &s.subjects.generate, meta, None, req).await;
     s.metrics
         .nats_request
         .observe(started.elapsed().as_secs_f64());
     match result {
         Ok(answer) => {
-            let mut resp = Json(answer).into_response();
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                resp.headers_mut().insert("x-request-id", v);
-            }
-            Ok(resp)
+            s.ui.record(&answer);
+            Ok(answer)
         }
         Err(e) => {
             s.metrics.errors.with_label_values(&[e.kind.as_str()]).inc();
-            tracing::info!(request_id = %id, kind = %e.kind, message = %e.message, "generate failed");
-            let e = if e.kind == ErrorKind::NoResponders {
-                Error::new(
+            tracing::info!(request_id = %meta.request_id, kind = %e.kind, message = %e.message, "request failed");
+            if e.kind == ErrorKind::NoResponders {
+                Err(Error::new(
                     ErrorKind::NoResponders,
                     "no router is available to serve the request",
-                )
+                ))
             } else {
-                e
-            };
-            Err(ApiError::new(e, Some(&id)))
+                Err(e)
+            }
         }
     }
 }

@@ -11,6 +11,8 @@ pub struct IngressMetrics {
     pub nats_request: Histogram,
     pub errors: IntCounterVec,
     pub in_flight: IntGauge,
+    /// `llm_time_to_first_token_seconds`: streamed requests, HTTP arrival to first token.
+    pub time_to_first_token: Histogram,
 }
 
 impl IngressMetrics {
@@ -38,6 +40,11 @@ impl IngressMetrics {
                 &r,
                 "optiroute_ingress_in_flight_requests",
                 "HTTP requests being served now.",
+            ),
+            time_to_first_token: histogram(
+                &r,
+                "llm_time_to_first_token_seconds",
+                "Time from a streamed request's arrival to its first token.",
             ),
             registry: r,
         }

@@ -2,9 +2,10 @@
 
 use std::future::Future;
 
+use async_nats::Client;
 use optiroute_common::nats::RequestMeta;
-use optiroute_common::wire::{ProviderRequest, Usage};
-use optiroute_common::Error;
+use optiroute_common::wire::{self, Format, ProviderRequest, StreamChunk, Usage};
+use optiroute_common::{Error, ErrorKind};
 
 /// One generated answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,12 +17,66 @@ pub struct Generation {
     pub finish_reason: Option<String>,
 }
 
+/// Publishes a streamed answer's pieces on the requester's stream inbox.
+pub struct ChunkSink {
+    client: Client,
+    inbox: String,
+    next: u32,
+}
+
+impl ChunkSink {
+    pub fn new(client: Client, inbox: String) -> Self {
+        ChunkSink {
+            client,
+            inbox,
+            next: 0,
+        }
+    }
+
+    /// Whether any token has gone out (after that, no fallback is possible).
+    pub fn started(&self) -> bool {
+        self.next > 0
+    }
+
+    pub async fn send(&mut self, delta: &str) -> Result<(), Error> {
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let chunk = StreamChunk {
+            index: self.next,
+            delta: delta.to_string(),
+        };
+        let body = wire::encode(Format::MsgPack, &chunk)?;
+        self.client
+            .publish(self.inbox.clone(), body)
+            .await
+            .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("stream publish: {e}")))?;
+        self.next += 1;
+        Ok(())
+    }
+}
+
 pub trait Engine: Send + Sync + 'static {
     fn generate(
         &self,
         meta: &RequestMeta,
         request: &ProviderRequest,
     ) -> impl Future<Output = Result<Generation, Error>> + Send;
+
+    /// Generates while publishing tokens to `sink` as they come. Engines
+    /// that cannot stream send the whole text as one piece.
+    fn generate_streaming(
+        &self,
+        meta: &RequestMeta,
+        request: &ProviderRequest,
+        sink: &mut ChunkSink,
+    ) -> impl Future<Output = Result<Generation, Error>> + Send {
+        async move {
+            let g = self.generate(meta, request).await?;
+            sink.send(&g.text).await?;
+            Ok(g)
+        }
+    }
 
     /// `Ok` when the engine can serve, else why not (shown on `/ready`).
     fn ready(&self) -> Result<(), String> {

@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use optiroute_common::config::UpstreamConfig;
 use optiroute_common::cost::estimate_tokens;
-use optiroute_common::wire::{ProviderRequest, Usage};
+use optiroute_common::wire::{ChatMessage, ProviderRequest, Usage};
 use optiroute_common::{Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Generation;
+use crate::engine::{ChunkSink, Generation};
 
 /// Why a call failed, and whether that says the upstream is unhealthy.
 #[derive(Debug)]
@@ -43,19 +43,45 @@ pub struct OpenAiClient {
 #[derive(Serialize)]
 struct ChatRequest<'a> {
     model: &'a str,
-    messages: [ChatMessage<'a>; 1],
+    messages: &'a [ChatMessage],
     max_tokens: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     temperature: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_p: Option<f32>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
     stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
 }
 
 #[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'a str,
-    content: &'a str,
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// One `data:` event of a streamed chat completion.
+#[derive(Deserialize)]
+struct StreamEvent {
+    #[serde(default)]
+    choices: Vec<StreamChoice>,
+    #[serde(default)]
+    usage: Option<UpstreamUsage>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice {
+    #[serde(default)]
+    delta: StreamDelta,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct StreamDelta {
+    #[serde(default)]
+    content: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,13 +138,15 @@ impl OpenAiClient {
         self.api_key.is_some()
     }
 
-    /// One chat completion, bounded by the configured timeout and `remaining`.
-    pub async fn chat(
+    /// Sends one chat completion request; returns the response once its
+    /// status is a success, else the failure it stands for.
+    async fn send(
         &self,
         req: &ProviderRequest,
         model: &str,
         remaining: Duration,
-    ) -> Result<Generation, CallFailure> {
+        stream: bool,
+    ) -> Result<reqwest::Response, CallFailure> {
         let timeout = self.timeout.min(remaining);
         if timeout.is_zero() {
             return Err(CallFailure {
@@ -130,16 +158,18 @@ impl OpenAiClient {
                 retry_after: None,
             });
         }
+        let conversation = req.conversation();
         let body = ChatRequest {
             model,
-            messages: [ChatMessage {
-                role: "user",
-                content: &req.prompt,
-            }],
+            messages: &conversation,
             max_tokens: req.max_tokens,
             temperature: req.temperature,
             top_p: req.top_p,
-            stream: false,
+            stop: &req.stop,
+            stream,
+            stream_options: stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
         };
         let mut builder = self.http.post(&self.url).json(&body).timeout(timeout);
         if let Some(key) = &self.api_key {
@@ -150,61 +180,60 @@ impl OpenAiClient {
         if let Some(h) = &self.upstream_duration {
             h.observe(started.elapsed().as_secs_f64());
         }
-        let resp = result.map_err(|e| {
-            if e.is_timeout() {
-                CallFailure::fault(
-                    ErrorKind::Timeout,
-                    format!("upstream did not answer within {timeout:?}"),
-                )
-            } else {
-                CallFailure::fault(
-                    ErrorKind::UpstreamError,
-                    format!("upstream unreachable: {}", without_url(&e)),
-                )
-            }
-        })?;
+        let resp = result.map_err(|e| transport_failure(&e, timeout))?;
         let status = resp.status();
-        if !status.is_success() {
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            let detail: String = resp
-                .text()
-                .await
-                .unwrap_or_default()
-                .chars()
-                .take(300)
-                .collect();
-            return Err(match status.as_u16() {
-                400 | 404 | 413 | 422 => CallFailure {
-                    error: Error::new(
-                        ErrorKind::UpstreamClientError,
-                        format!("upstream rejected the request ({status}): {detail}"),
-                    ),
-                    upstream_fault: false,
-                    retry_after: None,
-                },
-                401 | 403 => CallFailure::fault(
-                    ErrorKind::NotConfigured,
-                    format!("upstream refused the credentials ({status})"),
-                ),
-                429 => CallFailure {
-                    error: Error::new(
-                        ErrorKind::RateLimited,
-                        format!("upstream rate limit ({status})"),
-                    ),
-                    upstream_fault: true,
-                    retry_after,
-                },
-                _ => CallFailure::fault(
-                    ErrorKind::UpstreamError,
-                    format!("upstream failed ({status})"),
-                ),
-            });
+        if status.is_success() {
+            return Ok(resp);
         }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let detail: String = resp
+            .text()
+            .await
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
+        Err(match status.as_u16() {
+            400 | 404 | 413 | 422 => CallFailure {
+                error: Error::new(
+                    ErrorKind::UpstreamClientError,
+                    format!("upstream rejected the request ({status}): {detail}"),
+                ),
+                upstream_fault: false,
+                retry_after: None,
+            },
+            401 | 403 => CallFailure::fault(
+                ErrorKind::NotConfigured,
+                format!("upstream refused the credentials ({status})"),
+            ),
+            429 => CallFailure {
+                error: Error::new(
+                    ErrorKind::RateLimited,
+                    format!("upstream rate limit ({status})"),
+                ),
+                upstream_fault: true,
+                retry_after,
+            },
+            _ => CallFailure::fault(
+                ErrorKind::UpstreamError,
+                format!("upstream failed ({status})"),
+            ),
+        })
+    }
+
+    /// One chat completion, bounded by the configured timeout and `remaining`.
+    pub async fn chat(
+        &self,
+        req: &ProviderRequest,
+        model: &str,
+        remaining: Duration,
+    ) -> Result<Generation, CallFailure> {
+        let resp = self.send(req, model, remaining, false).await?;
         let parsed: ChatResponse = resp.json().await.map_err(|e| {
             if e.is_timeout() {
                 CallFailure::fault(
@@ -227,7 +256,7 @@ impl OpenAiClient {
         let text = choice.message.content.unwrap_or_default();
         let usage = match parsed.usage {
             Some(u) => Usage::new(u.prompt_tokens, u.completion_tokens, false),
-            None => Usage::new(estimate_tokens(&req.prompt), estimate_tokens(&text), true),
+            None => estimate(req, &text),
         };
         Ok(Generation {
             text,
@@ -235,6 +264,89 @@ impl OpenAiClient {
             model: model.to_string(),
             finish_reason: choice.finish_reason,
         })
+    }
+
+    /// A streamed chat completion: each content delta goes to `sink` as it
+    /// arrives; the whole text and usage come back at the end.
+    pub async fn chat_stream(
+        &self,
+        req: &ProviderRequest,
+        model: &str,
+        remaining: Duration,
+        sink: &mut ChunkSink,
+    ) -> Result<Generation, CallFailure> {
+        use futures::StreamExt;
+        let resp = self.send(req, model, remaining, true).await?;
+        let mut body = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let (mut text, mut usage, mut finish_reason) = (String::new(), None, None);
+        'read: while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| transport_failure(&e, self.timeout.min(remaining)))?;
+            buf.extend_from_slice(&piece);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line);
+                let Some(data) = line.trim().strip_prefix("data:") else {
+                    continue;
+                };
+                let data = data.trim();
+                if data == "[DONE]" {
+                    break 'read;
+                }
+                let event: StreamEvent = serde_json::from_str(data).map_err(|e| {
+                    CallFailure::fault(
+                        ErrorKind::UpstreamError,
+                        format!("upstream stream event unreadable: {e}"),
+                    )
+                })?;
+                if let Some(u) = event.usage {
+                    usage = Some(Usage::new(u.prompt_tokens, u.completion_tokens, false));
+                }
+                if let Some(choice) = event.choices.into_iter().next() {
+                    if let Some(delta) = choice.delta.content.filter(|d| !d.is_empty()) {
+                        sink.send(&delta).await.map_err(|error| CallFailure {
+                            error,
+                            upstream_fault: false,
+                            retry_after: None,
+                        })?;
+                        text.push_str(&delta);
+                    }
+                    if choice.finish_reason.is_some() {
+                        finish_reason = choice.finish_reason;
+                    }
+                }
+            }
+        }
+        let usage = usage.unwrap_or_else(|| estimate(req, &text));
+        Ok(Generation {
+            text,
+            usage,
+            model: model.to_string(),
+            finish_reason,
+        })
+    }
+}
+
+fn estimate(req: &ProviderRequest, text: &str) -> Usage {
+    let prompt: usize = req.conversation().iter().map(|m| m.content.len()).sum();
+    Usage::new(
+        u32::try_from(prompt.div_ceil(4)).unwrap_or(u32::MAX),
+        estimate_tokens(text),
+        true,
+    )
+}
+
+fn transport_failure(e: &reqwest::Error, timeout: Duration) -> CallFailure {
+    if e.is_timeout() {
+        CallFailure::fault(
+            ErrorKind::Timeout,
+            format!("upstream did not answer within {timeout:?}"),
+        )
+    } else {
+        CallFailure::fault(
+            ErrorKind::UpstreamError,
+            format!("upstream unreachable: {}", without_url(e)),
+        )
     }
 }
 

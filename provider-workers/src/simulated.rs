@@ -11,7 +11,7 @@ use optiroute_common::wire::{ProviderRequest, Usage};
 use optiroute_common::{Error, ErrorKind};
 use sha2::{Digest, Sha256};
 
-use crate::engine::{Engine, Generation};
+use crate::engine::{ChunkSink, Engine, Generation};
 
 pub const SIMULATED_MODEL: &str = "simulated";
 
@@ -52,6 +52,33 @@ impl SimulatedEngine {
     }
 }
 
+impl SimulatedEngine {
+    fn generation(req: &ProviderRequest, tokens: u32) -> Generation {
+        Generation {
+            text: Self::text(req.last_user_text(), tokens),
+            usage: Usage::new(
+                estimate_tokens(
+                    &req.conversation()
+                        .iter()
+                        .map(|m| m.content.as_str())
+                        .collect::<String>(),
+                ),
+                tokens,
+                true,
+            ),
+            model: SIMULATED_MODEL.to_string(),
+            finish_reason: Some(
+                if tokens < req.max_tokens {
+                    "stop"
+                } else {
+                    "length"
+                }
+                .to_string(),
+            ),
+        }
+    }
+}
+
 impl Engine for SimulatedEngine {
     async fn generate(
         &self,
@@ -68,19 +95,41 @@ impl Engine for SimulatedEngine {
             ));
         }
         tokio::time::sleep(delay).await;
-        Ok(Generation {
-            text: Self::text(&req.prompt, tokens),
-            usage: Usage::new(estimate_tokens(&req.prompt), tokens, true),
-            model: SIMULATED_MODEL.to_string(),
-            finish_reason: Some(
-                if tokens < req.max_tokens {
-                    "stop"
-                } else {
-                    "length"
-                }
-                .to_string(),
-            ),
-        })
+        Ok(Self::generation(req, tokens))
+    }
+
+    /// The same latency model, paid token by token: the fixed part before
+    /// the first token, then one word per token.
+    async fn generate_streaming(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+        sink: &mut ChunkSink,
+    ) -> Result<Generation, Error> {
+        let tokens = Self::completion_tokens(req.max_tokens);
+        if self.latency(tokens) > meta.remaining() {
+            tokio::time::sleep(meta.remaining()).await;
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "the deadline passed during generation",
+            ));
+        }
+        let g = Self::generation(req, tokens);
+        let first = self.latency(0);
+        let per_token = self.latency(tokens).saturating_sub(first) / tokens.max(1);
+        tokio::time::sleep(first).await;
+        for (i, word) in g.text.split(' ').enumerate() {
+            if i > 0 {
+                tokio::time::sleep(per_token).await;
+            }
+            let piece = if i == 0 {
+                word.to_string()
+            } else {
+                format!(" {word}")
+            };
+            sink.send(&piece).await?;
+        }
+        Ok(g)
     }
 }
 
@@ -107,13 +156,8 @@ mod tests {
     async fn generation_takes_the_modelled_time() {
         let e = SimulatedEngine::new(SimulatedConfig::default());
         let meta = RequestMeta::new("t".into(), Duration::from_secs(10));
-        let req = ProviderRequest {
-            prompt: "hello".into(),
-            max_tokens: 4,
-            model_id: None,
-            temperature: None,
-            top_p: None,
-        };
+        let mut req = ProviderRequest::new("hello");
+        req.max_tokens = 4;
         let start = tokio::time::Instant::now();
         let g = e.generate(&meta, &req).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(580));

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::CircuitBreaker;
-use crate::engine::{Engine, Generation};
+use crate::engine::{ChunkSink, Engine, Generation};
 use crate::metrics::ProviderMetrics;
 use crate::openai::OpenAiClient;
 use crate::simulated::SimulatedEngine;
@@ -37,12 +37,25 @@ impl Engine for LocalEngine {
     ) -> Result<Generation, Error> {
         match self {
             LocalEngine::Simulated(e) => e.generate(meta, req).await,
-            LocalEngine::OpenAi(c) => {
-                let model = c.model.clone();
-                c.chat(req, &model, meta.remaining())
-                    .await
-                    .map_err(|f| f.error)
-            }
+            LocalEngine::OpenAi(c) => c
+                .chat(req, &c.model, meta.remaining())
+                .await
+                .map_err(|f| f.error),
+        }
+    }
+
+    async fn generate_streaming(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+        sink: &mut ChunkSink,
+    ) -> Result<Generation, Error> {
+        match self {
+            LocalEngine::Simulated(e) => e.generate_streaming(meta, req, sink).await,
+            LocalEngine::OpenAi(c) => c
+                .chat_stream(req, &c.model, meta.remaining(), sink)
+                .await
+                .map_err(|f| f.error),
         }
     }
 }
@@ -79,11 +92,13 @@ impl CloudEngine {
     }
 }
 
-impl Engine for CloudEngine {
-    async fn generate(
+impl CloudEngine {
+    /// One upstream call behind the breaker, streamed when `sink` is given.
+    async fn call(
         &self,
         meta: &RequestMeta,
         req: &ProviderRequest,
+        sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
         if !self.client.has_key() {
             return Err(Error::new(
@@ -101,7 +116,15 @@ impl Engine for CloudEngine {
                 ),
             )
         })?;
-        match self.client.chat(req, &model, meta.remaining()).await {
+        let result = match sink {
+            Some(sink) => {
+                self.client
+                    .chat_stream(req, &model, meta.remaining(), sink)
+                    .await
+            }
+            None => self.client.chat(req, &model, meta.remaining()).await,
+        };
+        match result {
             Ok(g) => {
                 self.breaker.on_success();
                 Ok(g)
@@ -118,6 +141,25 @@ impl Engine for CloudEngine {
                 Err(f.error)
             }
         }
+    }
+}
+
+impl Engine for CloudEngine {
+    async fn generate(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+    ) -> Result<Generation, Error> {
+        self.call(meta, req, None).await
+    }
+
+    async fn generate_streaming(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+        sink: &mut ChunkSink,
+    ) -> Result<Generation, Error> {
+        self.call(meta, req, Some(sink)).await
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -136,6 +178,7 @@ enum Pricing {
 }
 
 struct ProviderHandler<E> {
+    client: Client,
     pool: Pool,
     engine: Arc<E>,
     pricing: Pricing,
@@ -154,7 +197,10 @@ impl<E: Engine> Handler for ProviderHandler<E> {
     ) -> Result<ProviderReply, Error> {
         req.validate(self.max_prompt_bytes)?;
         let started = Instant::now();
-        let g = self.engine.generate(&meta, &req).await?;
+        let g = match &meta.stream_inbox {
+            None => self.engine.generate(&meta, &req).await?,
+            Some(inbox) => self.generate_streaming(&meta, &req, inbox.clone()).await?,
+        };
         let seconds = started.elapsed().as_secs_f64();
         let cost = match &self.pricing {
             Pricing::Local { price_per_second } => local_cost(*price_per_second, seconds),
@@ -180,6 +226,41 @@ impl<E: Engine> Handler for ProviderHandler<E> {
             latency: seconds,
             finish_reason: g.finish_reason,
         })
+    }
+}
+
+impl<E: Engine> ProviderHandler<E> {
+    /// Streams tokens to the requester's inbox, and stops generating (so
+    /// stops spending) when the requester publishes on `<inbox>.cancel`.
+    async fn generate_streaming(
+        &self,
+        meta: &RequestMeta,
+        req: &ProviderRequest,
+        inbox: String,
+    ) -> Result<Generation, Error> {
+        let cancel_subject = format!("{inbox}.cancel");
+        let mut cancel = self.client.subscribe(cancel_subject).await.map_err(|e| {
+            Error::new(
+                ErrorKind::NatsUnavailable,
+                format!("cannot watch for cancellation: {e}"),
+            )
+        })?;
+        let mut sink = ChunkSink::new(self.client.clone(), inbox);
+        let result = tokio::select! {
+            r = self.engine.generate_streaming(meta, req, &mut sink) => r,
+            _ = futures::StreamExt::next(&mut cancel) => {
+                tracing::info!("requester cancelled the stream; generation stopped");
+                Err(Error::new(ErrorKind::Cancelled, "the requester cancelled the stream"))
+            }
+        };
+        let _ = cancel.unsubscribe().await;
+        match result {
+            Err(e) if sink.started() && e.kind.allows_fallback() => Err(Error::new(
+                ErrorKind::StreamInterrupted,
+                format!("the stream broke after its first token: {}", e.message),
+            )),
+            other => other,
+        }
     }
 }
 
@@ -251,6 +332,7 @@ async fn start<E: Engine>(
     )
     .await?;
     let handler = Arc::new(ProviderHandler {
+        client: client.clone(),
         pool: setup.pool,
         engine,
         pricing: setup.pricing,

@@ -35,6 +35,8 @@ pub struct CachedAnswer {
     pub cost: f64,
     #[serde(default)]
     pub route_reason: Option<String>,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
 }
 
 /// Everything that changes the answer, in a fixed order. Version it so a
@@ -43,6 +45,8 @@ pub struct CachedAnswer {
 struct KeyMaterial<'a> {
     v: u8,
     prompt: &'a str,
+    messages: Vec<(&'a str, &'a str)>,
+    stop: &'a [String],
     max_tokens: u32,
     temperature: Option<f32>,
     top_p: Option<f32>,
@@ -51,13 +55,27 @@ struct KeyMaterial<'a> {
 }
 
 /// SHA-256 hex of the canonical encoding of the request: the prompt with
-/// whitespace trimmed at both ends, `max_tokens`, `temperature`, `top_p`,
-/// the requested provider (`auto`, `local`, `cloud`) and `model_id`.
+/// whitespace trimmed at both ends (or each message's role and trimmed
+/// content), `stop`, `max_tokens`, `temperature`, `top_p`, the requested
+/// provider (`auto`, `local`, `cloud`) and `model_id`.
 /// Cache mode and route bias do not change the answer and are left out.
 pub fn cache_key(req: &GenerateRequest) -> String {
     let material = KeyMaterial {
         v: 1,
         prompt: req.prompt.trim(),
+        messages: req
+            .messages
+            .iter()
+            .map(|m| {
+                let role = match m.role {
+                    optiroute_common::wire::Role::System => "system",
+                    optiroute_common::wire::Role::User => "user",
+                    optiroute_common::wire::Role::Assistant => "assistant",
+                };
+                (role, m.content.trim())
+            })
+            .collect(),
+        stop: &req.stop,
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,

@@ -145,6 +145,7 @@ fn from_cache(hit: CachedAnswer, started: Instant, meta: &RequestMeta) -> Genera
         fallback_reason: None,
         route_reason: hit.route_reason,
         request_id: Some(meta.request_id.clone()),
+        finish_reason: hit.finish_reason,
     }
 }
 
@@ -256,6 +257,7 @@ impl GenerateHandler {
             fallback_reason,
             route_reason: Some(decision.reason),
             request_id: Some(meta.request_id.clone()),
+            finish_reason: reply.finish_reason,
         };
         let answer = fallback_reason.is_none().then(|| CachedAnswer {
             text: response.text.clone(),
@@ -265,6 +267,7 @@ impl GenerateHandler {
             routed_to: decision.target,
             cost: response.cost,
             route_reason: response.route_reason.clone(),
+            finish_reason: response.finish_reason.clone(),
         });
         Ok((response, answer))
     }
@@ -283,6 +286,7 @@ impl GenerateHandler {
             deadline: meta
                 .deadline
                 .min(std::time::SystemTime::now() + self.provider_timeout),
+            stream_inbox: meta.stream_inbox.clone(),
         };
         let result = nats::request(
             &self.client,

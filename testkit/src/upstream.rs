@@ -11,6 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
@@ -27,6 +28,8 @@ pub enum Mode {
     RateLimited(u64),
     /// Never answers.
     Hang,
+    /// Streams (when asked to) this many chunks, then breaks the connection.
+    StreamBreaksAfter(usize),
 }
 
 struct Inner {
@@ -102,8 +105,14 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
         }
         Json(v).into_response()
     };
+    let text = format!("cloud answer {n} to: {prompt}");
+    if body["stream"] == true
+        && matches!(mode, Mode::Ok | Mode::NoUsage | Mode::StreamBreaksAfter(_))
+    {
+        return stream(text, &model, mode);
+    }
     match mode {
-        Mode::Ok => answer(true),
+        Mode::StreamBreaksAfter(_) | Mode::Ok => answer(true),
         Mode::NoUsage => answer(false),
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
@@ -128,4 +137,47 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
     }
+}
+
+/// An OpenAI-style SSE stream of `text`, one word a chunk, with a usage chunk.
+fn stream(text: String, model: &str, mode: Mode) -> Response {
+    let words: Vec<String> = text
+        .split(' ')
+        .enumerate()
+        .map(|(i, w)| {
+            if i == 0 {
+                w.to_string()
+            } else {
+                format!(" {w}")
+            }
+        })
+        .collect();
+    let breaks_after = match mode {
+        Mode::StreamBreaksAfter(n) => Some(n),
+        _ => None,
+    };
+    let mut events: Vec<Result<String, std::io::Error>> = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if breaks_after == Some(i) {
+            events.push(Err(std::io::Error::other("upstream broke the stream")));
+            break;
+        }
+        let chunk = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]});
+        events.push(Ok(format!("data: {chunk}\n\n")));
+    }
+    if breaks_after.is_none() {
+        let done = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+        let usage = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model, "choices": [],
+            "usage": {"prompt_tokens": 10, "completion_tokens": words.len(), "total_tokens": 10 + words.len()}});
+        events.push(Ok(format!(
+            "data: {done}\n\ndata: {usage}\n\ndata: [DONE]\n\n"
+        )));
+    }
+    let body = axum::body::Body::from_stream(futures::stream::iter(events).then(|e| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        e
+    }));
+    ([("content-type", "text/event-stream")], body).into_response()
 }

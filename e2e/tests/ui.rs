@@ -1,0 +1,277 @@
+#![allow(clippy::unwrap_used)]
+//! The web UI: the page and its assets are served, `/stats` reflects the
+//! answers the ingress relayed and what the NATS services report, and the
+//! chat page works in a real headless Chromium (e2e/ui/chat.test.mjs).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use optiroute_testkit::{test_config, FakeUpstream, Mode, NatsServer, Stack};
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+async fn ask(http: &reqwest::Client, stack: &Stack, body: Value) -> Value {
+    let resp = http
+        .post(stack.url("/generate"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+async fn stats(http: &reqwest::Client, stack: &Stack) -> Value {
+    let resp = http.get(stack.url("/stats")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    resp.json().await.unwrap()
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64()
+        .unwrap_or_else(|| panic!("expected a number, got {v}"))
+}
+
+#[tokio::test]
+async fn page_assets_and_stats() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let mut cfg = test_config(&nats.url());
+    cfg.cloud.upstream.base_url = up.base_url();
+    let stack = Stack::start(cfg).await;
+    let http = reqwest::Client::new();
+
+    // The page, with a label for every input.
+    let resp = http.get(stack.url("/")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(resp.headers().contains_key("content-security-policy"));
+    let html = resp.text().await.unwrap();
+    assert!(html.contains("<meta name=\"viewport\""));
+    for id in ["prompt", "provider", "max-tokens"] {
+        assert!(
+            html.contains(&format!("id=\"{id}\"")),
+            "no control #{id} in the page"
+        );
+        assert!(
+            html.contains(&format!("<label for=\"{id}\"")),
+            "no label for #{id}"
+        );
+    }
+    for opt in ["auto", "local", "cloud"] {
+        assert!(html.contains(&format!("<option value=\"{opt}\"")), "{opt}");
+    }
+    for (path, ct, needle) in [
+        ("/ui/app.js", "text/javascript", "/generate"),
+        ("/ui/style.css", "text/css", "@media"),
+    ] {
+        let resp = http.get(stack.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        let got = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(got.starts_with(ct), "{path}: {got}");
+        assert!(resp.text().await.unwrap().contains(needle), "{path}");
+        assert!(html.contains(path), "the page loads {path}");
+    }
+
+    // Before any prompt: zeros, and the services seen over NATS.
+    let s = stats(&http, &stack).await;
+    assert_eq!(s["requests"]["total"], 0, "{s}");
+    assert!(s["cache"]["hit_ratio"].is_null(), "{s}");
+    assert!(s["latency_s"]["p50"].is_null(), "{s}");
+    assert_eq!(s["cloud_pool"]["workers"], 1, "{s}");
+    assert_eq!(s["cloud_pool"]["breaker"], "unknown", "{s}");
+    assert_eq!(s["local_pool"]["workers"], 1, "{s}");
+    assert_eq!(s["routers"]["workers"], 1, "{s}");
+    assert_eq!(s["nats"]["connected"], true, "{s}");
+
+    // A simple prompt (local), a hard one (cloud), then the simple one until
+    // the cache answers it (the router writes the cache after replying).
+    let simple = json!({"prompt": "Hello, what time zone is UTC?", "max_tokens": 50});
+    let a = ask(&http, &stack, simple.clone()).await;
+    assert_eq!(a["routed_to"], "local", "{a}");
+    let hard = json!({"prompt": "Compare the trade-offs of optimistic and pessimistic concurrency control in a distributed database, step by step, and explain why each one fails under high contention.", "provider": "auto"});
+    let b = ask(&http, &stack, hard).await;
+    assert_eq!(b["routed_to"], "cloud", "{b}");
+    assert_eq!(b["provider"], "cloud", "{b}");
+    let cloud_cost = f(&b["cost"]);
+    assert!(cloud_cost > 0.0, "{b}");
+    let mut sent = 2;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = ask(&http, &stack, simple.clone()).await;
+        sent += 1;
+        if again["cached"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the repeat never hit the cache");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The cloud answer again, from the cache: saves what it cost.
+    let hard_again = json!({"prompt": "Compare the trade-offs of optimistic and pessimistic concurrency control in a distributed database, step by step, and explain why each one fails under high contention."});
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = ask(&http, &stack, hard_again.clone()).await;
+        sent += 1;
+        if again["cached"] == true {
+            assert_eq!(again["cost"], 0.0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hard repeat never hit the cache"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An invalid request is not an answer and is not counted.
+    let resp = http
+        .post(stack.url("/generate"))
+        .json(&json!({"prompt": "  "}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the NATS part's reuse
+    let s = stats(&http, &stack).await;
+    let req = &s["requests"];
+    assert_eq!(req["total"], sent, "{s}");
+    assert_eq!(
+        req["by_route"]["local"].as_u64().unwrap() + req["by_route"]["cloud"].as_u64().unwrap(),
+        sent,
+        "{s}"
+    );
+    assert!(req["by_route"]["cloud"].as_u64().unwrap() >= 2, "{s}");
+    let spend = &s["spend_usd"];
+    assert!(
+        (f(&spend["by_provider"]["cloud"]) - cloud_cost).abs() < 1e-12,
+        "{s}"
+    );
+    assert!(f(&spend["by_provider"]["local"]) >= 0.0, "{s}");
+    assert!(
+        (f(&spend["total"])
+            - f(&spend["by_provider"]["cloud"])
+            - f(&spend["by_provider"]["local"]))
+        .abs()
+            < 1e-12
+    );
+    let cache = &s["cache"];
+    assert_eq!(cache["hits"], 2, "{s}");
+    assert_eq!(cache["misses"].as_u64().unwrap() + 2, sent, "{s}");
+    let ratio = f(&cache["hit_ratio"]);
+    assert!((ratio - 2.0 / sent as f64).abs() < 1e-9, "{s}");
+    // The hits saved at least what the cloud answer cost, known exactly.
+    assert!(f(&cache["cost_saved_usd"]) >= cloud_cost - 1e-12, "{s}");
+    assert_eq!(f(&cache["cost_saved_estimated_usd"]), 0.0, "{s}");
+    let lat = &s["latency_s"];
+    assert_eq!(lat["count"], sent, "{s}");
+    assert!(
+        f(&lat["p50"]) >= 0.0 && f(&lat["p95"]) >= f(&lat["p50"]),
+        "{s}"
+    );
+    assert_eq!(s["cloud_pool"]["breaker"], "closed", "{s}");
+    // The router's own counters, from `$SRV.STATS` (the invalid one was
+    // refused at the ingress and never reached it).
+    assert!(s["routers"]["requests"].as_u64().unwrap() >= sent, "{s}");
+    assert_eq!(s["routers"]["errors"], 0, "{s}");
+    assert!(s["cloud_pool"]["requests"].as_u64().unwrap() >= 1, "{s}");
+
+    // The cloud breaker opens after three failures; the panel says so.
+    up.set_mode(Mode::Status(500));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0.. {
+        let a = ask(
+            &http,
+            &stack,
+            json!({"prompt": format!("Failing cloud call number {i}"), "provider": "cloud", "cache": "off"}),
+        )
+        .await;
+        assert_eq!(a["provider"], "local", "{a}");
+        if a["fallback_reason"] == "circuit_open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the breaker never opened");
+    }
+    let s = stats(&http, &stack).await;
+    assert_eq!(s["cloud_pool"]["breaker"], "open", "{s}");
+    assert!(
+        s["requests"]["fallbacks"]["by_reason"]["circuit_open"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{s}"
+    );
+}
+
+/// Installs Chromium and playwright-core when they are missing.
+async fn ensure_browser_deps() {
+    let root = root();
+    let have = Path::new("/usr/bin/chromium").exists()
+        && root
+            .join(".tools/ui-test/node_modules/playwright-core/package.json")
+            .exists()
+        && std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if have {
+        return;
+    }
+    let out = tokio::process::Command::new("bash")
+        .arg(root.join("scripts/ui-deps.sh"))
+        .current_dir(&root)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/ui-deps.sh failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn chat_page_in_headless_chromium() {
+    ensure_browser_deps().await;
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let mut cfg = test_config(&nats.url());
+    cfg.cloud.upstream.base_url = up.base_url();
+    let stack = Stack::start(cfg).await;
+
+    let root = root();
+    let shots = root.join("target/ui-screenshots");
+    let child = tokio::process::Command::new("node")
+        .arg(root.join("e2e/ui/chat.test.mjs"))
+        .current_dir(&root)
+        .env("OPTIROUTE_UI_URL", stack.url(""))
+        .env("OPTIROUTE_UI_SCREENSHOTS", &shots)
+        .kill_on_drop(true)
+        .output();
+    // The stack serves on this runtime while the browser runs.
+    let out = tokio::time::timeout(Duration::from_secs(90), child)
+        .await
+        .expect("the browser test took over 90 s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(
+        out.status.success(),
+        "e2e/ui/chat.test.mjs failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(shots.join("chat.png").exists());
+}

@@ -1,0 +1,501 @@
+//! The OpenAI-compatible API: `POST /v1/chat/completions` (plain and
+//! streamed as Server-Sent Events) and `GET /v1/models`, so programs written
+//! for OpenAI point at OptiRoute with a one-line change.
+//!
+//! Streaming across NATS: the ingress subscribes to a fresh inbox and names
+//! it in the `Optiroute-Stream-Inbox` header; the provider publishes tokens
+//! there as they are generated, while the router still gets the whole
+//! answer (for the cache and the cost) and replies as usual. When the HTTP
+//! client goes away, the ingress publishes on `<inbox>.cancel` and the
+//! provider stops generating.
+
+use std::convert::Infallible;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use optiroute_common::nats::RequestMeta;
+use optiroute_common::wire::{
+    self, ChatMessage, Format, GenerateRequest, GenerateResponse, ProviderChoice, Role, StreamChunk,
+};
+use optiroute_common::{Error, ErrorKind};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::{ApiError, AppState};
+
+#[derive(Deserialize)]
+struct ChatCompletionRequest {
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    /// Accepted for compatibility; never logged or used as a label.
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+fn param_error(param: &str, message: String) -> Error {
+    Error::bad_request(format!("{param}: {message}"))
+}
+
+/// Maps OpenAI's `model` to a provider choice and model id.
+fn resolve_model(
+    state: &AppState,
+    model: Option<&str>,
+) -> Result<(ProviderChoice, Option<String>), Error> {
+    let s = &state.inner;
+    match model {
+        None | Some("auto") | Some("optiroute") => Ok((ProviderChoice::Auto, None)),
+        Some("local") => Ok((ProviderChoice::Local, None)),
+        Some("cloud") => Ok((ProviderChoice::Cloud, None)),
+        Some(m) if s.local_models.iter().any(|x| x == m) => Ok((ProviderChoice::Local, None)),
+        Some(m) if s.cloud_models.iter().any(|x| x == m) => {
+            Ok((ProviderChoice::Cloud, Some(m.to_string())))
+        }
+        Some(m) => Err(Error::new(
+            ErrorKind::BadRequest,
+            format!("model: `{m}` is not available; GET /v1/models lists the models"),
+        )),
+    }
+}
+
+impl ChatCompletionRequest {
+    fn into_generate(self, state: &AppState) -> Result<(GenerateRequest, bool, bool), Error> {
+        if self.messages.is_empty() {
+            return Err(param_error(
+                "messages",
+                "must contain at least one message".into(),
+            ));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            let role = match m.role.as_str() {
+                "system" | "developer" => Role::System,
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                other => {
+                    return Err(param_error(
+                        &format!("messages[{i}].role"),
+                        format!("`{other}` is not supported (system, user, assistant)"),
+                    ))
+                }
+            };
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.into_iter().enumerate() {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            (kind, _) => {
+                                return Err(param_error(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!("only text parts are supported, got `{kind}`"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            messages.push(ChatMessage { role, content });
+        }
+        let (provider, model_id) = resolve_model(state, self.model.as_deref())?;
+        let mut req = GenerateRequest::new("");
+        req.messages = messages;
+        req.provider = provider;
+        req.model_id = model_id;
+        req.max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(wire::DEFAULT_MAX_TOKENS);
+        req.temperature = self.temperature;
+        req.top_p = self.top_p;
+        req.stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        };
+        let include_usage = self.stream_options.unwrap_or_default().include_usage;
+        Ok((req, self.stream.unwrap_or(false), include_usage))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn usage_json(a: &GenerateResponse) -> Value {
+    json!({
+        "prompt_tokens": a.usage.prompt_tokens,
+        "completion_tokens": a.usage.completion_tokens,
+        "total_tokens": a.usage.total_tokens,
+    })
+}
+
+/// The `x-optiroute-*` headers of an answer.
+fn answer_headers(headers: &mut HeaderMap, a: &GenerateResponse, request_id: &str) {
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    put("x-optiroute-provider", a.provider.as_str().to_string());
+    put("x-optiroute-routed-to", a.routed_to.as_str().to_string());
+    put(
+        "x-optiroute-cache",
+        if a.cached { "hit" } else { "miss" }.to_string(),
+    );
+    put("x-optiroute-cost-usd", format!("{:.10}", a.cost));
+    put("x-request-id", request_id.to_string());
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let id = crate::request_id(&headers);
+    let fail = |e: Error| ApiError::new(e, Some(&id));
+    let body = body.map_err(|rej| ApiError {
+        error: Error::bad_request(format!("cannot read the body: {}", rej.body_text())),
+        request_id: Some(id.clone()),
+        status: Some(rej.status()),
+    })?;
+    let parsed: ChatCompletionRequest = wire::decode(Format::Json, &body).map_err(fail)?;
+    let model = parsed.model.clone().unwrap_or_else(|| "auto".to_string());
+    let (mut req, stream, include_usage) = parsed.into_generate(&state).map_err(fail)?;
+    req.validate(state.inner.max_prompt_bytes).map_err(fail)?;
+    req.cache = crate::cache_mode_from_headers(&headers, req.cache);
+    if stream {
+        return stream_completion(state, id, req, include_usage, model).await;
+    }
+    let meta = RequestMeta::new(id.clone(), state.inner.request_timeout);
+    let answer = crate::relay(&state, &meta, &req).await.map_err(fail)?;
+    let body = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": unix_now(),
+        "model": answer.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": answer.text},
+            "finish_reason": answer.finish_reason.as_deref().unwrap_or("stop"),
+            "logprobs": null,
+        }],
+        "usage": usage_json(&answer),
+    });
+    let mut resp = Json(body).into_response();
+    answer_headers(resp.headers_mut(), &answer, &id);
+    Ok(resp)
+}
+
+/// What the relay task hands to the HTTP response.
+enum Event {
+    Delta(String),
+    Done(Result<GenerateResponse, Error>),
+}
+
+/// Streams a completion. The first event (a token, or the final answer or
+/// error) is awaited before the response starts, so a request that fails
+/// before any token gets a proper HTTP error status.
+async fn stream_completion(
+    state: AppState,
+    id: String,
+    req: GenerateRequest,
+    include_usage: bool,
+    model: String,
+) -> Result<Response, ApiError> {
+    let s = state.inner.clone();
+    let inbox = s.client.new_inbox();
+    let mut chunks = s.client.subscribe(inbox.clone()).await.map_err(|e| {
+        ApiError::new(
+            Error::new(
+                ErrorKind::NatsUnavailable,
+                format!("cannot open a stream inbox: {e}"),
+            ),
+            Some(&id),
+        )
+    })?;
+    let mut meta = RequestMeta::new(id.clone(), s.request_timeout);
+    meta.stream_inbox = Some(inbox.clone());
+    let started = Instant::now();
+    let (events_tx, mut events_rx) = mpsc::channel::<Event>(64);
+    let relay_state = state.clone();
+    let relay = tokio::spawn(async move {
+        let answer = crate::relay(&relay_state, &meta, &req).await;
+        let _ = events_tx.send(Event::Done(answer)).await;
+    });
+    let (tokens_tx, mut tokens_rx) = mpsc::channel::<String>(64);
+    let token_pump = tokio::spawn(async move {
+        let mut expected = 0u32;
+        while let Some(msg) = chunks.next().await {
+            match wire::decode::<StreamChunk>(Format::MsgPack, &msg.payload) {
+                Ok(c) if c.index == expected => {
+                    expected += 1;
+                    if tokens_tx.send(c.delta).await.is_err() {
+                        break;
+                    }
+                }
+                // A gap or an unreadable chunk: the final answer fills in the text.
+                _ => tracing::warn!("stream chunk out of order or unreadable"),
+            }
+        }
+    });
+    // The first event decides the status.
+    let first = tokio::select! {
+        t = tokens_rx.recv() => t.map(Event::Delta),
+        e = events_rx.recv() => e,
+    };
+    let first = match first {
+        Some(Event::Done(Err(e))) => {
+            token_pump.abort();
+            return Err(ApiError::new(e, Some(&id)));
+        }
+        Some(ev) => ev,
+        None => {
+            token_pump.abort();
+            return Err(ApiError::new(
+                Error::internal("stream ended before any event"),
+                Some(&id),
+            ));
+        }
+    };
+    let (body_tx, body_rx) = mpsc::channel::<Bytes>(64);
+    let request_id = id.clone();
+    let cancel_subject = format!("{inbox}.cancel");
+    let client = s.client.clone();
+    let metrics = s.metrics.clone();
+    tokio::spawn(async move {
+        let mut sse = SseWriter::new(id.clone(), model, body_tx);
+        let mut ev = Some(first);
+        let mut streamed = String::new();
+        let mut first_token_seen = false;
+        let outcome = loop {
+            let event = match ev.take() {
+                Some(e) => e,
+                None => tokio::select! {
+                    t = tokens_rx.recv() => match t { Some(t) => Event::Delta(t), None => continue },
+                    e = events_rx.recv() => match e { Some(e) => e, None => break None },
+                    _ = sse.closed() => break Some(ErrorKind::Cancelled),
+                },
+            };
+            match event {
+                Event::Delta(d) => {
+                    if !first_token_seen {
+                        first_token_seen = true;
+                        metrics
+                            .time_to_first_token
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    streamed.push_str(&d);
+                    if !sse.delta(&d).await {
+                        break Some(ErrorKind::Cancelled);
+                    }
+                }
+                Event::Done(Ok(answer)) => {
+                    // Whatever did not arrive as tokens (a cache hit, chunks
+                    // still in flight) goes out as one last piece.
+                    if let Some(rest) = answer.text.strip_prefix(streamed.as_str()) {
+                        if !rest.is_empty() {
+                            if !first_token_seen {
+                                metrics
+                                    .time_to_first_token
+                                    .observe(started.elapsed().as_secs_f64());
+                            }
+                            sse.delta(rest).await;
+                        }
+                    }
+                    sse.finish(&answer, include_usage).await;
+                    break None;
+                }
+                Event::Done(Err(e)) => {
+                    sse.error(&e).await;
+                    break None;
+                }
+            }
+        };
+        if outcome == Some(ErrorKind::Cancelled) {
+            tracing::info!(request_id = %id, "client went away mid-stream; cancelling generation");
+            let _ = client.publish(cancel_subject, Bytes::new()).await;
+            relay.abort();
+        }
+        token_pump.abort();
+    });
+    let stream = futures::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-request-id", v);
+    }
+    Ok(resp)
+}
+
+/// Writes `chat.completion.chunk` events, byte for byte as OpenAI frames them.
+struct SseWriter {
+    id: String,
+    created: u64,
+    model: String,
+    tx: mpsc::Sender<Bytes>,
+    sent_role: bool,
+}
+
+impl SseWriter {
+    /// `model` is the model the caller asked for: the one that answers is
+    /// only known at the end, and every chunk must name the same model.
+    fn new(request_id: String, model: String, tx: mpsc::Sender<Bytes>) -> Self {
+        SseWriter {
+            id: format!("chatcmpl-{request_id}"),
+            created: unix_now(),
+            model,
+            tx,
+            sent_role: false,
+        }
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+
+    async fn send(&self, data: &str) -> bool {
+        self.tx
+            .send(Bytes::from(format!("data: {data}\n\n")))
+            .await
+            .is_ok()
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> String {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null}],
+        })
+        .to_string()
+    }
+
+    async fn delta(&mut self, text: &str) -> bool {
+        let delta = if self.sent_role {
+            json!({"content": text})
+        } else {
+            self.sent_role = true;
+            json!({"role": "assistant", "content": text})
+        };
+        let chunk = self.chunk(delta, None);
+        self.send(&chunk).await
+    }
+
+    async fn finish(&mut self, answer: &GenerateResponse, include_usage: bool) {
+        let finish = answer.finish_reason.as_deref().unwrap_or("stop");
+        let chunk = self.chunk(json!({}), Some(finish));
+        self.send(&chunk).await;
+        if include_usage {
+            let usage = json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage_json(answer),
+            });
+            self.send(&usage.to_string()).await;
+        }
+        self.send("[DONE]").await;
+    }
+
+    /// An error after the stream started: one error event, then the end.
+    async fn error(&self, e: &Error) {
+        let message = if e.kind == ErrorKind::Internal {
+            "internal error".to_string()
+        } else {
+            e.message.clone()
+        };
+        let body =
+            json!({"error": {"message": message, "type": "stream_error", "code": e.kind.as_str()}});
+        self.send(&body.to_string()).await;
+    }
+}
+
+pub(crate) async fn models(State(state): State<AppState>) -> Response {
+    let s = &state.inner;
+    let entry = |id: &str, pool: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "optiroute", "pool": pool});
+    let mut data = vec![
+        entry("auto", "auto"),
+        entry("local", "local"),
+        entry("cloud", "cloud"),
+    ];
+    data.extend(s.local_models.iter().map(|m| entry(m, "local")));
+    data.extend(s.cloud_models.iter().map(|m| entry(m, "cloud")));
+    (
+        StatusCode::OK,
+        Json(json!({"object": "list", "data": data})),
+    )
+        .into_response()
+}

@@ -1,0 +1,266 @@
+// OptiRoute chat page: sends prompts to POST /generate and polls GET /stats.
+// Plain browser JavaScript, no framework, no build step. Model output is only
+// ever inserted as text (textContent), never as HTML.
+"use strict";
+
+(function () {
+  const STATS_EVERY_MS = 3000;
+  const MAX_TOKENS_LIMIT = 4096;
+
+  const $ = (id) => document.getElementById(id);
+  const form = $("chat-form");
+  const promptEl = $("prompt");
+  const providerEl = $("provider");
+  const maxTokensEl = $("max-tokens");
+  const sendBtn = $("send");
+  const messages = $("messages");
+
+  const FALLBACK_TEXT = {
+    circuit_open: "cloud circuit breaker open",
+    not_configured: "cloud pool not configured",
+    timeout: "provider timed out",
+    no_responders: "no provider worker available",
+    upstream_error: "upstream failed",
+    rate_limited: "upstream rate-limited",
+    overloaded: "provider overloaded",
+    nats_unavailable: "NATS unavailable",
+  };
+
+  // ---------- formatting ----------
+  function usd(v) {
+    if (typeof v !== "number" || !isFinite(v)) return "–";
+    if (v <= 0) return "$0";
+    if (v >= 1) return "$" + v.toFixed(2);
+    if (v >= 0.01) return "$" + v.toFixed(4);
+    if (v < 1e-10) return "< $0.0000000001";
+    // Two significant digits, written out: $0.000000025 rather than 2.5e-8.
+    const decimals = Math.min(10, Math.ceil(-Math.log10(v)) + 1);
+    return "$" + v.toFixed(decimals).replace(/0+$/, "").replace(/\.$/, "");
+  }
+  function secs(v) {
+    if (typeof v !== "number" || !isFinite(v)) return "–";
+    if (v < 1) return Math.max(0, Math.round(v * 1000)) + " ms";
+    return v.toFixed(2) + " s";
+  }
+  // "7 / 12 ms" when both share a unit, else "840 ms / 1.20 s".
+  function pair(a, b) {
+    if (typeof a === "number" && typeof b === "number" && a < 1 && b < 1) {
+      return Math.round(a * 1000) + " / " + Math.round(b * 1000) + " ms";
+    }
+    if (typeof a === "number" && typeof b === "number" && a >= 1 && b >= 1) {
+      return a.toFixed(2) + " / " + b.toFixed(2) + " s";
+    }
+    return secs(a) + " / " + secs(b);
+  }
+  function pct(v) {
+    if (typeof v !== "number" || !isFinite(v)) return "–";
+    return Math.round(v * 100) + "%";
+  }
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function chip(text, cls, title) {
+    const c = el("span", "chip" + (cls ? " " + cls : ""), text);
+    if (title) c.title = title;
+    return c;
+  }
+  function scrollToEnd() {
+    const last = messages.lastElementChild;
+    if (last && last.scrollIntoView) last.scrollIntoView({ block: "end", behavior: "smooth" });
+  }
+
+  // ---------- chat ----------
+  function addMessage(node) {
+    const hint = $("empty-hint");
+    if (hint) hint.remove();
+    messages.appendChild(node);
+    scrollToEnd();
+    return node;
+  }
+
+  function renderAnswer(li, a) {
+    li.className = "msg answer";
+    li.replaceChildren();
+    li.appendChild(el("div", "bubble", a.text === "" ? "(empty answer)" : a.text));
+
+    const route = el("div", "route");
+    route.setAttribute("data-testid", "route");
+    const routed = a.routed_to || "?";
+    const served = a.provider || "?";
+    let line = "Routed to " + routed;
+    line += served === routed ? " · served by " + served : " → served by " + served;
+    if (a.fallback_reason) line += " (fallback: " + (FALLBACK_TEXT[a.fallback_reason] || a.fallback_reason) + ")";
+    line += a.cached ? " · from cache" : "";
+    route.appendChild(el("div", "line", line));
+    if (a.route_reason) route.appendChild(el("div", "why", "Why: " + a.route_reason));
+
+    const chips = el("div", "chips");
+    chips.appendChild(chip(served, served, "Provider that served the answer"));
+    chips.appendChild(a.cached ? chip("cached", "cached", "Answered from the cache") : chip("fresh", "", "Not from the cache"));
+    if (a.fallback_reason) chips.appendChild(chip("fallback: " + a.fallback_reason, "fallback", "Why the other pool answered"));
+    chips.appendChild(chip(usd(a.cost), "", "Cost in USD: " + a.cost));
+    chips.appendChild(chip(secs(a.latency), "", "Latency at the router: " + a.latency + " s"));
+    if (a.model) chips.appendChild(chip(a.model, "", "Model"));
+    if (a.usage) {
+      chips.appendChild(chip(a.usage.total_tokens + " tok", "",
+        "prompt " + a.usage.prompt_tokens + " + completion " + a.usage.completion_tokens));
+    }
+    route.appendChild(chips);
+    li.appendChild(route);
+    if (a.request_id) li.setAttribute("data-request-id", a.request_id);
+  }
+
+  function renderError(li, status, err) {
+    li.className = "msg error";
+    li.replaceChildren();
+    li.setAttribute("role", "alert");
+    const b = el("div", "bubble");
+    b.appendChild(el("strong", "", "Error" + (status ? " " + status : "") + ": "));
+    b.appendChild(document.createTextNode(err.message || "request failed"));
+    const code = [err.code, err.type].filter(Boolean).join(" · ");
+    if (code) b.appendChild(el("div", "code", code));
+    li.appendChild(b);
+  }
+
+  async function send() {
+    const prompt = promptEl.value;
+    if (!prompt.trim()) {
+      promptEl.focus();
+      return;
+    }
+    const maxTokens = Number(maxTokensEl.value);
+    if (!Number.isInteger(maxTokens) || maxTokens < 1 || maxTokens > MAX_TOKENS_LIMIT) {
+      const li = addMessage(el("li", "msg error"));
+      renderError(li, null, { message: "Max tokens must be a whole number from 1 to " + MAX_TOKENS_LIMIT + "." });
+      maxTokensEl.focus();
+      return;
+    }
+    addMessage(el("li", "msg user", prompt));
+    const pending = addMessage(el("li", "msg pending"));
+    pending.appendChild(el("div", "bubble", "Routing…"));
+    sendBtn.disabled = true;
+    promptEl.value = "";
+    try {
+      const resp = await fetch("/generate", {
+        method: "POST",
+        headers: { "content-type": "application/json", accept: "application/json" },
+        body: JSON.stringify({ prompt: prompt, max_tokens: maxTokens, provider: providerEl.value }),
+      });
+      let body = null;
+      const raw = await resp.text();
+      try { body = JSON.parse(raw); } catch (_) { body = null; }
+      if (resp.ok && body && typeof body.text === "string") {
+        renderAnswer(pending, body);
+      } else if (body && body.error) {
+        renderError(pending, resp.status, body.error);
+      } else {
+        renderError(pending, resp.status, { message: raw ? raw.slice(0, 300) : resp.statusText || "unexpected answer" });
+      }
+    } catch (e) {
+      renderError(pending, null, { message: "Could not reach the ingress: " + (e && e.message ? e.message : e) });
+    } finally {
+      sendBtn.disabled = false;
+      promptEl.focus();
+      scrollToEnd();
+      refreshStats();
+    }
+  }
+
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    if (!sendBtn.disabled) send();
+  });
+  promptEl.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      if (!sendBtn.disabled) send();
+    }
+  });
+
+  // ---------- live panel ----------
+  function set(id, text, title) {
+    const e = $(id);
+    if (!e) return;
+    e.textContent = text;
+    if (title !== undefined) e.title = title;
+  }
+
+  function showStats(s) {
+    const req = s.requests || {};
+    const route = req.by_route || {};
+    const total = req.total || 0;
+    set("stat-requests", String(total));
+    set("stat-routes", "local " + (route.local || 0) + " · cloud " + (route.cloud || 0));
+
+    const spend = s.spend_usd || {};
+    const split = spend.by_provider || {};
+    set("stat-spend", usd(spend.total), "USD " + spend.total);
+    set("stat-spend-split", "local " + usd(split.local) + "\ncloud " + usd(split.cloud));
+
+    const cache = s.cache || {};
+    set("stat-saved", usd(cache.cost_saved_usd), "USD " + cache.cost_saved_usd +
+      (cache.cost_saved_estimated_usd ? " (of which estimated: " + cache.cost_saved_estimated_usd + ")" : ""));
+    set("stat-cache", "hits " + (cache.hits || 0) + " · misses " + (cache.misses || 0));
+    set("stat-hit-ratio", cache.hit_ratio === null || cache.hit_ratio === undefined ? "–" : pct(cache.hit_ratio));
+    $("hit-meter").style.width = ((cache.hit_ratio || 0) * 100).toFixed(1) + "%";
+
+    const lat = s.latency_s || {};
+    set("stat-latency", lat.count ? pair(lat.p50, lat.p95) : "–");
+    set("stat-latency-count", "p50 / p95 · " + (lat.count || 0) + " answers");
+
+    const cloud = s.cloud_pool || {};
+    const breaker = cloud.breaker || "unknown";
+    const badge = $("stat-breaker");
+    badge.textContent = breaker;
+    badge.className = "badge " + breaker;
+    set("stat-cloud-workers", "cloud workers " + (cloud.workers === undefined ? "–" : cloud.workers));
+
+    const local = route.local || 0;
+    const cl = route.cloud || 0;
+    const n = local + cl;
+    $("routebar-local").style.width = n ? (local / n * 100).toFixed(1) + "%" : "0";
+    $("routebar-cloud").style.width = n ? (cl / n * 100).toFixed(1) + "%" : "0";
+    $("routebar").setAttribute("aria-label", "Routes: local " + local + ", cloud " + cl);
+    const fb = (req.fallbacks && req.fallbacks.total) || 0;
+    set("stat-fallbacks", fb ? fb + " fallback" + (fb === 1 ? "" : "s") : "no fallbacks");
+
+    const routers = s.routers || {};
+    const localPool = s.local_pool || {};
+    let foot = "routers " + (routers.workers || 0) + " (" + (routers.requests || 0) + " requests, " +
+      (routers.errors || 0) + " errors) · local workers " + (localPool.workers || 0);
+    if (s.nats && s.nats.connected === false) foot += " · NATS disconnected";
+    set("stat-workers", foot);
+
+    const status = $("stats-status");
+    status.textContent = "updated " + new Date().toLocaleTimeString();
+    status.classList.remove("stale");
+  }
+
+  let inFlight = false;
+  async function refreshStats() {
+    if (inFlight) return;
+    inFlight = true;
+    try {
+      const resp = await fetch("/stats", { headers: { accept: "application/json" }, cache: "no-store" });
+      if (!resp.ok) throw new Error("HTTP " + resp.status);
+      showStats(await resp.json());
+    } catch (e) {
+      const status = $("stats-status");
+      status.textContent = "stats unavailable";
+      status.classList.add("stale");
+    } finally {
+      inFlight = false;
+    }
+  }
+
+  refreshStats();
+  setInterval(() => {
+    if (!document.hidden) refreshStats();
+  }, STATS_EVERY_MS);
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refreshStats();
+  });
+})();
