@@ -33,7 +33,7 @@ pids+=($!)
 for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.1; done
 
 bin="$root/target/release"
-for p in optiroute-local optiroute-cloud optiroute-router optiroute-ingress; do
+for p in optiroute-local optiroute-cloud optiroute-router optiroute-batch optiroute-ingress; do
   "$bin/$p" >"$run/logs/$p.log" 2>&1 &
   pids+=($!)
 done
@@ -53,7 +53,8 @@ OptiRoute is up.
   API        http://localhost:8000/generate   e.g.
              curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"prompt":"Hello"}'
   health     http://localhost:8000/health  /ready
-  metrics    ingress :8000/metrics · router :9101/metrics · local :9102/metrics · cloud :9103/metrics
+  metrics    ingress :8000/metrics · router :9101 · local :9102 · cloud :9103 · batch :9104 (each /metrics)
+  web UI     http://localhost:8000/  ·  OpenAI API http://localhost:8000/v1  ·  batches http://localhost:8000/v1/batches
   NATS       nats://127.0.0.1:4222 (monitoring http://127.0.0.1:8222)
   logs       $run/logs/
   cloud pool $( [ -n "${HF_API_TOKEN:-}${OPTIROUTE_CLOUD_API_KEY:-}" ] && echo "configured" || echo "no HF_API_TOKEN: complex prompts fall back to local" )

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorKind {
     /// The request itself is invalid (bad JSON, empty prompt, out-of-range field).
     BadRequest,
+    /// What the request names does not exist (e.g. an unknown batch id).
+    NotFound,
     /// Nobody listens on the subject the request was sent to.
     NoResponders,
     /// NATS is not connected.
@@ -38,8 +40,9 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::BadRequest,
+        ErrorKind::NotFound,
         ErrorKind::NoResponders,
         ErrorKind::NatsUnavailable,
         ErrorKind::Timeout,
@@ -58,6 +61,7 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NotFound => "not_found",
             ErrorKind::NoResponders => "no_responders",
             ErrorKind::NatsUnavailable => "nats_unavailable",
             ErrorKind::Timeout => "timeout",
@@ -82,6 +86,7 @@ impl ErrorKind {
     pub fn status(self) -> u16 {
         match self {
             ErrorKind::BadRequest | ErrorKind::UpstreamClientError => 400,
+            ErrorKind::NotFound => 404,
             ErrorKind::RateLimited => 429,
             ErrorKind::Internal => 500,
             ErrorKind::UpstreamError
@@ -105,6 +110,7 @@ impl ErrorKind {
         !matches!(
             self,
             ErrorKind::BadRequest
+                | ErrorKind::NotFound
                 | ErrorKind::UpstreamClientError
                 | ErrorKind::StreamInterrupted
                 | ErrorKind::Cancelled

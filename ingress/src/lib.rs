@@ -2,6 +2,7 @@
 //! deadline, sends it to the router over NATS and maps the answer (or the
 //! error) to HTTP.
 
+mod batches;
 mod error;
 pub mod metrics;
 mod openai;
@@ -48,6 +49,9 @@ struct Inner {
     /// Model names `/v1/chat/completions` maps to each pool.
     local_models: Vec<String>,
     cloud_models: Vec<String>,
+    /// Opened on first use, so the ingress starts without JetStream.
+    batches: tokio::sync::OnceCell<optiroute_batch::BatchClient>,
+    config: Config,
 }
 
 impl AppState {
@@ -62,6 +66,8 @@ impl AppState {
                 max_prompt_bytes: cfg.ingress.max_prompt_bytes,
                 ui: ui::UiStats::new(),
                 local_models: local_models(cfg),
+                batches: tokio::sync::OnceCell::new(),
+                config: cfg.clone(),
                 cloud_models: std::iter::once(cfg.cloud.upstream.model.clone())
                     .chain(cfg.cloud.prices.keys().cloned())
                     .collect(),
@@ -83,6 +89,15 @@ pub fn app(state: AppState) -> Router {
         .route("/generate", post(generate))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route(
+            "/v1/batches",
+            post(batches::submit).layer(axum::extract::DefaultBodyLimit::max(
+                batches::MAX_BATCH_BYTES,
+            )),
+        )
+        .route("/v1/batches/{id}", get(batches::status))
+        .route("/v1/batches/{id}/results", get(batches::results))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/health", get(admin::health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics_handler))

@@ -25,6 +25,10 @@ pub fn test_config(nats_url: &str) -> Config {
     c.cloud.upstream.base_url = "http://127.0.0.1:9/v1".into();
     c.cloud.upstream.timeout_ms = 2_000;
     c.cloud.breaker.open_ms = 60_000;
+    c.batch.admin_listen = "127.0.0.1:0".into();
+    c.batch.ack_wait_ms = 2_000;
+    c.batch.backoff_ms = vec![100, 200, 400];
+    c.batch.request_timeout_ms = 5_000;
     c
 }
 

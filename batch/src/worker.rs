@@ -1,0 +1,358 @@
+//! The batch worker: pulls jobs from the shared durable consumer, runs each
+//! through the router path, stores its result, and only then acknowledges.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
+use async_nats::jetstream::{AckKind, Message};
+use async_nats::Client;
+use futures::StreamExt;
+use optiroute_common::config::Config;
+use optiroute_common::error::ErrorBody;
+use optiroute_common::metrics::{counter_vec, gauge, new_registry};
+use optiroute_common::nats::{self, is_connected, RequestMeta};
+use optiroute_common::subjects::Subjects;
+use optiroute_common::wire::{self, Format, GenerateResponse};
+use optiroute_common::{admin, Error, ErrorKind};
+use prometheus::{IntCounterVec, IntGauge, Registry};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::BatchClient;
+use crate::model::{BatchResult, Job, ResultStatus};
+
+#[derive(Clone)]
+pub struct BatchMetrics {
+    pub registry: Registry,
+    /// `optiroute_batch_jobs_total{outcome}`: ok, error, cancelled, retried.
+    pub jobs: IntCounterVec,
+    pub in_flight: IntGauge,
+}
+
+impl BatchMetrics {
+    fn new() -> Self {
+        let r = new_registry("batch");
+        BatchMetrics {
+            jobs: counter_vec(
+                &r,
+                "optiroute_batch_jobs_total",
+                "Batch jobs handled, by outcome (ok, error, cancelled, retried).",
+                &["outcome"],
+            ),
+            in_flight: gauge(
+                &r,
+                "optiroute_batch_in_flight_jobs",
+                "Batch jobs being run now by this worker.",
+            ),
+            registry: r,
+        }
+    }
+}
+
+struct Ctx {
+    client: Client,
+    batches: BatchClient,
+    generate_subject: String,
+    request_timeout: Duration,
+    route_bias: f32,
+    max_deliver: i64,
+    backoff: Vec<Duration>,
+    metrics: BatchMetrics,
+}
+
+pub struct Running {
+    pub admin_addr: SocketAddr,
+    pub metrics: BatchMetrics,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Running {
+    pub async fn wait(self) -> Result<(), Error> {
+        self.task
+            .await
+            .map_err(|e| Error::internal(format!("batch task: {e}")))?
+    }
+
+    /// Stops the worker at once, as a crash would: jobs in flight are not
+    /// acknowledged and go to another worker after `ack_wait`.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a batch worker; it keeps trying until JetStream is available.
+pub async fn run(
+    client: Client,
+    cfg: &Config,
+    shutdown: CancellationToken,
+) -> Result<Running, Error> {
+    let metrics = BatchMetrics::new();
+    let ready_client = client.clone();
+    let ready: admin::ReadyCheck = Arc::new(move || {
+        if is_connected(&ready_client) {
+            Ok(())
+        } else {
+            Err("nats_unavailable: NATS is not connected".into())
+        }
+    });
+    let admin_addr = admin::spawn(
+        &cfg.batch.admin_listen,
+        metrics.registry.clone(),
+        ready,
+        shutdown.clone(),
+    )
+    .await?;
+    let cfg = cfg.clone();
+    let m = metrics.clone();
+    let task = tokio::spawn(async move {
+        let batches = loop {
+            match BatchClient::open(client.clone(), &cfg).await {
+                Ok(b) => break b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch queue unavailable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        let b = &cfg.batch;
+        let ctx = Arc::new(Ctx {
+            client,
+            generate_subject: Subjects::new(&cfg.nats.prefix).generate,
+            request_timeout: Duration::from_millis(b.request_timeout_ms),
+            route_bias: b.route_bias,
+            max_deliver: b.max_deliver.max(1),
+            backoff: b
+                .backoff_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            metrics: m,
+            batches,
+        });
+        consume(
+            ctx,
+            b.consumer.clone(),
+            b.max_in_flight.max(1),
+            Duration::from_millis(b.ack_wait_ms),
+            shutdown,
+        )
+        .await
+    });
+    Ok(Running {
+        admin_addr,
+        metrics,
+        task,
+    })
+}
+
+async fn consume(
+    ctx: Arc<Ctx>,
+    name: String,
+    max_in_flight: usize,
+    ack_wait: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let consumer: Consumer<pull::Config> = ctx
+        .batches
+        .jobs_stream()
+        .get_or_create_consumer(
+            &name,
+            pull::Config {
+                durable_name: Some(name.clone()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_deliver: ctx.max_deliver,
+                filter_subject: ctx.batches.jobs_filter(),
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("batch consumer: {e}")))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(max_in_flight)
+        .messages()
+        .await
+        .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("batch consumer: {e}")))?;
+    tracing::info!(consumer = %name, max_in_flight, "batch worker consuming");
+    let permits = Arc::new(Semaphore::new(max_in_flight));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = messages.next() => m,
+        };
+        match msg {
+            Some(Ok(msg)) => {
+                let ctx = ctx.clone();
+                tracker.spawn(async move {
+                    ctx.metrics.in_flight.inc();
+                    handle(&ctx, msg).await;
+                    ctx.metrics.in_flight.dec();
+                    drop(permit);
+                });
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "batch pull failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            None => break,
+        }
+    }
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(30), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("batch drain timeout: unfinished jobs will be redelivered");
+    }
+    Ok(())
+}
+
+/// Runs one job. Every path ends in a stored result plus an ack, or a nak
+/// (the job comes back later); a job is never acknowledged without a result.
+async fn handle(ctx: &Ctx, msg: Message) {
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let batch_id = msg
+        .subject
+        .as_str()
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let format = Format::from_headers(msg.headers.as_ref());
+    let job: Job = match wire::decode(format, &msg.payload) {
+        Ok(j) => j,
+        Err(e) => {
+            // Unreadable (a direct publisher's mistake): keep it as an error result if it names a line.
+            tracing::warn!(batch = %batch_id, error = %e, "unreadable batch job");
+            finish(
+                ctx,
+                &msg,
+                &batch_id,
+                BatchResult {
+                    line: 0,
+                    custom_id: None,
+                    status: ResultStatus::Error,
+                    response: None,
+                    error: Some(ErrorBody::from(&e)),
+                    attempts: delivered as u64,
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let base = BatchResult {
+        line: job.line,
+        custom_id: job.custom_id.clone(),
+        status: ResultStatus::Ok,
+        response: None,
+        error: None,
+        attempts: delivered as u64,
+    };
+    if ctx.batches.meta(&batch_id).await.is_ok_and(|m| m.cancelled) {
+        let error = ErrorBody {
+            code: ErrorKind::Cancelled,
+            message: "the batch was cancelled".into(),
+        };
+        finish(
+            ctx,
+            &msg,
+            &batch_id,
+            BatchResult {
+                status: ResultStatus::Cancelled,
+                error: Some(error),
+                ..base
+            },
+        )
+        .await;
+        return;
+    }
+    let mut req = job.request;
+    req.route_bias = Some((req.route_bias.unwrap_or(0.0) + ctx.route_bias).clamp(-1.0, 1.0));
+    let meta = RequestMeta::new(format!("{batch_id}-{}", job.line), ctx.request_timeout);
+    let answer: Result<GenerateResponse, Error> =
+        nats::request(&ctx.client, &ctx.generate_subject, &meta, None, &req).await;
+    match answer {
+        Ok(r) => {
+            finish(
+                ctx,
+                &msg,
+                &batch_id,
+                BatchResult {
+                    response: Some(r),
+                    ..base
+                },
+            )
+            .await
+        }
+        Err(e) if retryable(e.kind) && delivered < ctx.max_deliver => {
+            let delay = ctx
+                .backoff
+                .get((delivered - 1).max(0) as usize)
+                .or(ctx.backoff.last())
+                .copied()
+                .unwrap_or(Duration::from_secs(1));
+            tracing::info!(batch = %batch_id, line = job.line, kind = %e.kind, ?delay, "batch job failed; will retry");
+            ctx.metrics.jobs.with_label_values(&["retried"]).inc();
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                tracing::warn!(error = %e, "nak failed; the job comes back after ack_wait");
+            }
+        }
+        Err(e) => {
+            finish(
+                ctx,
+                &msg,
+                &batch_id,
+                BatchResult {
+                    status: ResultStatus::Error,
+                    error: Some(ErrorBody::from(&e)),
+                    ..base
+                },
+            )
+            .await
+        }
+    }
+}
+
+fn retryable(kind: ErrorKind) -> bool {
+    !matches!(
+        kind,
+        ErrorKind::BadRequest | ErrorKind::UpstreamClientError | ErrorKind::NotFound
+    )
+}
+
+/// Stores the result, then acknowledges; if storing fails the job is nak'd.
+async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
+    let outcome = match result.status {
+        ResultStatus::Ok => "ok",
+        ResultStatus::Cancelled => "cancelled",
+        _ => "error",
+    };
+    if result.line > 0 {
+        if let Err(e) = ctx.batches.put_result(batch_id, &result).await {
+            tracing::warn!(error = %e, "cannot store a batch result; the job will be retried");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    }
+    ctx.metrics.jobs.with_label_values(&[outcome]).inc();
+    if let Err(e) = msg.double_ack().await {
+        tracing::warn!(error = %e, "batch ack failed; the job may run again (its result is overwritten, not duplicated)");
+    }
+}

@@ -1,0 +1,369 @@
+//! Batch runs on JetStream: submit, collect in order, no duplicates, worker
+//! crashes, retries with backoff, error results, cancellation, direct publishing.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use optiroute_batch::{BatchClient, BatchStatus, ResultStatus};
+use optiroute_common::config::Config;
+use optiroute_testkit::stack::{client, Parts};
+use optiroute_testkit::{metric, scrape, test_config, wait_until, NatsServer, Stack};
+use serde_json::{json, Value};
+
+fn input(n: usize) -> String {
+    let mut out = String::new();
+    for i in 1..=n {
+        let line = match i % 3 {
+            0 => {
+                json!({"custom_id": format!("c{i}"), "prompt": format!("question {i}"), "provider": "local", "cache": "off"})
+            }
+            1 => {
+                json!({"custom_id": format!("c{i}"), "messages": [{"role": "user", "content": format!("chat {i}")}], "provider": "local", "cache": "off"})
+            }
+            _ => json!({"prompt": format!("plain {i}"), "max_tokens": 5, "cache": "off"}),
+        };
+        out.push_str(&line.to_string());
+        out.push('\n');
+        if i % 50 == 0 {
+            out.push('\n'); // blank lines are not jobs
+        }
+    }
+    out
+}
+
+async fn worker(cfg: &Config, stack: &Stack) -> optiroute_batch::Running {
+    optiroute_batch::run(client(cfg, "batch").await, cfg, stack.shutdown.clone())
+        .await
+        .unwrap()
+}
+
+async fn wait_finished(b: &BatchClient, id: &str, within: Duration) -> BatchStatus {
+    wait_until("the batch to finish", within, || async {
+        let s = b.status(id).await.unwrap();
+        s.finished() && s.pending == 0
+    })
+    .await;
+    b.status(id).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_runs_through_the_router_and_results_come_back_in_order() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let stack = Stack::start(cfg.clone()).await;
+    let w1 = worker(&cfg, &stack).await;
+    let w2 = worker(&cfg, &stack).await;
+    let mut file = input(120);
+    file.push_str("{\"prompt\": \"\"}\n{not json\n");
+    let http = reqwest::Client::new();
+    let submitted: Value = http
+        .post(stack.url("/v1/batches"))
+        .body(file.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_string();
+    assert_eq!(submitted["total"], 122);
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    let s = wait_finished(&b, &id, Duration::from_secs(30)).await;
+    assert_eq!((s.done, s.failed, s.status.as_str()), (120, 2, "completed"));
+    assert!(s.cost_usd > 0.0);
+
+    // Submitting the same file again adds no job.
+    let again: Value = http
+        .post(stack.url("/v1/batches"))
+        .body(file)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(again["total"], 122);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let jobs_ok = metric(
+        &scrape(w1.admin_addr).await,
+        "optiroute_batch_jobs_total",
+        &[("outcome", "ok")],
+    )
+    .unwrap_or(0.0)
+        + metric(
+            &scrape(w2.admin_addr).await,
+            "optiroute_batch_jobs_total",
+            &[("outcome", "ok")],
+        )
+        .unwrap_or(0.0);
+    assert_eq!(jobs_ok, 120.0, "each job ran exactly once");
+    assert!(
+        metric(
+            &scrape(w1.admin_addr).await,
+            "optiroute_batch_jobs_total",
+            &[]
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "both workers took jobs"
+    );
+    assert!(
+        metric(
+            &scrape(w2.admin_addr).await,
+            "optiroute_batch_jobs_total",
+            &[]
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "both workers took jobs"
+    );
+
+    // Results: one line per input line, in order.
+    let text = http
+        .get(stack.url(&format!("/v1/batches/{id}/results")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 122);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["line"], i as u64 + 1);
+    }
+    assert_eq!(lines[0]["custom_id"], "c1");
+    assert_eq!(lines[0]["status"], "ok");
+    assert_eq!(lines[0]["response"]["provider"], "local");
+    assert!(lines[0]["response"]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("[simulated]"));
+    assert_eq!(lines[120]["status"], "error");
+    assert_eq!(lines[120]["error"]["code"], "bad_request");
+    assert!(lines[121]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("JSON"));
+
+    let st: Value = http
+        .get(stack.url(&format!("/v1/batches/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["status"], "completed");
+    let missing = http
+        .get(stack.url("/v1/batches/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let bad = http
+        .get(stack.url("/v1/batches/bad.id"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_mid_batch_loses_nothing() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.local.simulated.base_ms = 20;
+    cfg.batch.max_in_flight = 4;
+    cfg.batch.ack_wait_ms = 1_000;
+    let stack = Stack::start(cfg.clone()).await;
+    let doomed = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    let s = b
+        .submit(input(150).as_bytes(), Some("crash-test"))
+        .await
+        .unwrap();
+    assert_eq!(s.total, 150);
+    wait_until("some progress", Duration::from_secs(10), || async {
+        b.status("crash-test").await.unwrap().done >= 20
+    })
+    .await;
+    doomed.abort(); // jobs in flight are never acknowledged
+    let _survivor = worker(&cfg, &stack).await;
+    let s = wait_finished(&b, "crash-test", Duration::from_secs(60)).await;
+    assert_eq!((s.done, s.failed), (150, 0));
+    let results = b.results("crash-test").await.unwrap();
+    assert!(results.iter().all(|r| r.status == ResultStatus::Ok));
+}
+
+#[tokio::test]
+async fn failures_are_retried_with_backoff_then_become_error_results() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.batch.max_deliver = 3;
+    cfg.batch.backoff_ms = vec![50, 50];
+    // No router at first: every job fails with no_responders.
+    let stack = Stack::start_parts(
+        cfg.clone(),
+        Parts {
+            router: false,
+            ingress: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
+    let w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    b.submit(input(5).as_bytes(), Some("doomed")).await.unwrap();
+    let s = wait_finished(&b, "doomed", Duration::from_secs(20)).await;
+    assert_eq!((s.done, s.failed), (0, 5));
+    let results = b.results("doomed").await.unwrap();
+    for r in &results {
+        assert_eq!(
+            r.error.as_ref().unwrap().code,
+            optiroute_common::ErrorKind::NoResponders
+        );
+        assert_eq!(r.attempts, 3);
+    }
+    assert!(
+        metric(
+            &scrape(w.admin_addr).await,
+            "optiroute_batch_jobs_total",
+            &[("outcome", "retried")]
+        )
+        .unwrap()
+            >= 10.0
+    );
+
+    // With longer backoff, a router that comes back in time saves the jobs.
+    let mut patient = cfg.clone();
+    patient.batch.max_deliver = 20;
+    patient.batch.backoff_ms = vec![200];
+    patient.batch.consumer = "patient".into();
+    // A second deployment on the same NATS system: its own prefix, stream and buckets.
+    patient.nats.prefix = "patient".into();
+    patient.batch.stream = "PATIENT_BATCH".into();
+    patient.batch.meta_bucket = "patient-batches".into();
+    patient.batch.results_bucket = "patient-batch-results".into();
+    patient.cache.bucket = "patient-cache".into();
+    let b2 = BatchClient::open(client(&patient, "c2").await, &patient)
+        .await
+        .unwrap();
+    let _w2 = worker(&patient, &stack).await;
+    let _local = optiroute_providers::run_local(
+        client(&patient, "l2").await,
+        &patient,
+        stack.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    b2.submit(input(6).as_bytes(), Some("saved")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _router = optiroute_router::run(
+        client(&patient, "r2").await,
+        &patient,
+        stack.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let s = wait_finished(&b2, "saved", Duration::from_secs(30)).await;
+    assert_eq!((s.done, s.failed), (6, 0));
+    assert!(b2
+        .results("saved")
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.attempts > 1));
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_stops_and_accounts_for_every_line() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.local.simulated.base_ms = 200;
+    cfg.batch.max_in_flight = 1;
+    let stack = Stack::start(cfg.clone()).await;
+    let _w = worker(&cfg, &stack).await;
+    let http = reqwest::Client::new();
+    let submitted: Value = http
+        .post(stack.url("/v1/batches?id=stop-me"))
+        .body(input(30))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(submitted["id"], "stop-me");
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    wait_until("a first result", Duration::from_secs(10), || async {
+        b.status("stop-me").await.unwrap().done >= 1
+    })
+    .await;
+    let st: Value = http
+        .post(stack.url("/v1/batches/stop-me/cancel"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["status"], "cancelled");
+    let s = wait_finished(&b, "stop-me", Duration::from_secs(10)).await;
+    assert_eq!(s.done + s.cancelled + s.failed, 30);
+    assert!(s.cancelled >= 20, "{s:?}");
+    assert_eq!(s.pending, 0);
+}
+
+#[tokio::test]
+async fn other_systems_can_publish_jobs_directly() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let stack = Stack::start_parts(
+        cfg.clone(),
+        Parts {
+            ingress: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
+    let _w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    let producer = client(&cfg, "producer").await;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Content-Type", "application/json");
+    let js = async_nats::jetstream::new(producer);
+    js.publish_with_headers(
+        "optiroute.batch.external",
+        h,
+        r#"{"line": 7, "custom_id": "ext", "prompt": "from elsewhere", "provider": "local"}"#
+            .into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_until(
+        "the external job's result",
+        Duration::from_secs(10),
+        || async { b.result("external", 7).await.unwrap().is_some() },
+    )
+    .await;
+    let r = b.result("external", 7).await.unwrap().unwrap();
+    assert_eq!(r.custom_id.as_deref(), Some("ext"));
+    assert_eq!(r.status, ResultStatus::Ok);
+}
