@@ -208,7 +208,7 @@ async fn sse_framing_byte_for_byte() {
         expected.push_str(&head(&format!(r#"{{"content":" {w}"}}"#)));
         expected.push_str("\n\n");
     }
-    expected.push_str(&format!(r#"data: {{"choices":[{{"delta":{{}},"finish_reason":"length","index":0,"logprobs":null}}],"created":{created},"id":"chatcmpl-sse-1","model":"local","object":"chat.completion.chunk"}}"#));
+    expected.push_str(&format!(r#"data: {{"choices":[{{"delta":{{}},"finish_reason":"length","index":0,"logprobs":null}}],"created":{created},"id":"chatcmpl-sse-1","model":"local","object":"chat.completion.chunk","optiroute":OPTIROUTE}}"#));
     expected.push_str("\n\n");
     let prompt_tokens = optiroute_common::cost::estimate_tokens("be briefstream me");
     expected.push_str(&format!(
@@ -216,6 +216,24 @@ async fn sse_framing_byte_for_byte() {
         prompt_tokens + 2
     ));
     expected.push_str("\n\ndata: [DONE]\n\n");
+    // The finish chunk says how the request was served; its figures vary, so
+    // check them apart and compare the rest byte for byte.
+    let finish: Value = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v.get("optiroute").is_some())
+        .unwrap();
+    let served = &finish["optiroute"];
+    assert_eq!(served["provider"], "local");
+    assert_eq!(served["routed_to"], "local");
+    assert_eq!(served["cached"], false);
+    assert!(served["cost"].as_f64().unwrap() > 0.0);
+    assert!(served["route_reason"]
+        .as_str()
+        .unwrap()
+        .contains("provider local requested"));
+    let text = text.replace(&served.to_string(), "OPTIROUTE");
     assert_eq!(text, expected);
     let ingress = scrape(stack.ingress_addr()).await;
     assert_eq!(

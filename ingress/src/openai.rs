@@ -430,7 +430,7 @@ impl SseWriter {
             .is_ok()
     }
 
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> String {
+    fn chunk_value(&self, delta: Value, finish_reason: Option<&str>) -> Value {
         json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -438,7 +438,10 @@ impl SseWriter {
             "model": self.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null}],
         })
-        .to_string()
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> String {
+        self.chunk_value(delta, finish_reason).to_string()
     }
 
     async fn delta(&mut self, text: &str) -> bool {
@@ -454,8 +457,20 @@ impl SseWriter {
 
     async fn finish(&mut self, answer: &GenerateResponse, include_usage: bool) {
         let finish = answer.finish_reason.as_deref().unwrap_or("stop");
-        let chunk = self.chunk(json!({}), Some(finish));
-        self.send(&chunk).await;
+        // The last chunk also says how OptiRoute served the request (the
+        // `x-optiroute-*` headers of a plain answer); OpenAI clients ignore it.
+        let mut chunk = self.chunk_value(json!({}), Some(finish));
+        chunk["optiroute"] = json!({
+            "provider": answer.provider.as_str(),
+            "routed_to": answer.routed_to.as_str(),
+            "cached": answer.cached,
+            "cost": answer.cost,
+            "latency": answer.latency,
+            "model": answer.model,
+            "route_reason": answer.route_reason,
+            "fallback_reason": answer.fallback_reason,
+        });
+        self.send(&chunk.to_string()).await;
         if include_usage {
             let usage = json!({
                 "id": self.id,
