@@ -12,7 +12,7 @@ use futures::StreamExt;
 use optiroute_common::config::Config;
 use optiroute_common::error::ErrorBody;
 use optiroute_common::metrics::{counter_vec, gauge, new_registry};
-use optiroute_common::nats::{self, is_connected, RequestMeta};
+use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{self, Format, GenerateResponse};
 use optiroute_common::{admin, Error, ErrorKind};
@@ -91,14 +91,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Running, Error> {
     let metrics = BatchMetrics::new();
-    let ready_client = client.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
-        if is_connected(&ready_client) {
-            Ok(())
-        } else {
-            Err("nats_unavailable: NATS is not connected".into())
-        }
-    });
+    let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(
         &cfg.batch.admin_listen,
         metrics.registry.clone(),

@@ -14,6 +14,19 @@ use crate::error::Error;
 /// Answers `Ok(())` when the process can serve, or the reason it cannot.
 pub type ReadyCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// Ready while NATS is connected and `also` agrees.
+pub fn nats_ready(
+    client: async_nats::Client,
+    also: impl Fn() -> Result<(), String> + Send + Sync + 'static,
+) -> ReadyCheck {
+    Arc::new(move || {
+        if !crate::nats::is_connected(&client) {
+            return Err("nats_unavailable: NATS is not connected".into());
+        }
+        also()
+    })
+}
+
 #[derive(Clone)]
 struct AdminState {
     registry: Registry,

@@ -9,7 +9,7 @@ use async_nats::Client;
 use optiroute_common::admin;
 use optiroute_common::config::{CloudConfig, Config, LocalEngineKind};
 use optiroute_common::cost::{cloud_cost, local_cost};
-use optiroute_common::nats::{is_connected, RequestMeta};
+use optiroute_common::nats::RequestMeta;
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{Pool, ProviderReply, ProviderRequest};
@@ -316,14 +316,8 @@ async fn start<E: Engine>(
     shutdown: CancellationToken,
 ) -> Result<Running, Error> {
     let engine = Arc::new(setup.engine);
-    let ready_client = client.clone();
     let ready_engine = engine.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
-        if !is_connected(&ready_client) {
-            return Err("nats_unavailable: NATS is not connected".into());
-        }
-        ready_engine.ready()
-    });
+    let ready = admin::nats_ready(client.clone(), move || ready_engine.ready());
     let admin_addr = admin::spawn(
         setup.admin_listen,
         metrics.registry.clone(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::Client;
 use optiroute_common::admin;
 use optiroute_common::config::Config;
-use optiroute_common::nats::{self, is_connected, RequestMeta};
+use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
@@ -330,14 +330,7 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.nats.prefix);
     let cache = Cache::new(cfg.cache.clone(), metrics.clone());
     cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
-    let ready_client = client.clone();
-    let ready: admin::ReadyCheck = Arc::new(move || {
-        if is_connected(&ready_client) {
-            Ok(())
-        } else {
-            Err("nats_unavailable: NATS is not connected".into())
-        }
-    });
+    let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(
         &cfg.router.admin_listen,
         metrics.registry.clone(),
