@@ -73,7 +73,7 @@ async fn page_assets_and_stats() {
         assert!(html.contains(&format!("<option value=\"{opt}\"")), "{opt}");
     }
     for (path, ct, needle) in [
-        ("/ui/app.js", "text/javascript", "/generate"),
+        ("/ui/app.js", "text/javascript", "/v1/chat/completions"),
         ("/ui/style.css", "text/css", "@media"),
     ] {
         let resp = http.get(stack.url(path)).send().await.unwrap();
@@ -248,7 +248,17 @@ async fn chat_page_in_headless_chromium() {
     let up = FakeUpstream::start(Mode::Ok).await;
     let mut cfg = test_config(&nats.url());
     cfg.cloud.upstream.base_url = up.base_url();
+    // Local answers take a visible moment, one word at a time, so the page
+    // can be seen streaming them.
+    cfg.local.simulated.per_token_ms = 40;
     let stack = Stack::start(cfg).await;
+    // A second stack whose cloud upstream breaks after two streamed words:
+    // the page shows the error under the partial answer.
+    let broken_nats = NatsServer::start();
+    let broken_up = FakeUpstream::start(Mode::StreamBreaksAfter(2)).await;
+    let mut cfg = test_config(&broken_nats.url());
+    cfg.cloud.upstream.base_url = broken_up.base_url();
+    let broken = Stack::start(cfg).await;
 
     let root = root();
     let shots = root.join("target/ui-screenshots");
@@ -256,6 +266,7 @@ async fn chat_page_in_headless_chromium() {
         .arg(root.join("e2e/ui/chat.test.mjs"))
         .current_dir(&root)
         .env("OPTIROUTE_UI_URL", stack.url(""))
+        .env("OPTIROUTE_UI_BROKEN_URL", broken.url(""))
         .env("OPTIROUTE_UI_SCREENSHOTS", &shots)
         .kill_on_drop(true)
         .output();

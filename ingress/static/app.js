@@ -1,4 +1,5 @@
-// OptiRoute chat page: sends prompts to POST /generate and polls GET /stats.
+// OptiRoute chat page: streams answers from POST /v1/chat/completions
+// (Server-Sent Events) and polls GET /stats.
 // Plain browser JavaScript, no framework, no build step. Model output is only
 // ever inserted as text (textContent), never as HTML.
 "use strict";
@@ -81,11 +82,10 @@
     return node;
   }
 
-  function renderAnswer(li, a) {
-    li.className = "msg answer";
-    li.replaceChildren();
-    li.appendChild(el("div", "bubble", a.text === "" ? "(empty answer)" : a.text));
-
+  // The routing line and chips under an answer. `a` holds the `optiroute`
+  // object of the stream's last chunk: provider, routed_to, cached, cost,
+  // latency, model, route_reason, fallback_reason.
+  function renderRoute(a, usage, finishReason) {
     const route = el("div", "route");
     route.setAttribute("data-testid", "route");
     const routed = a.routed_to || "?";
@@ -104,25 +104,176 @@
     chips.appendChild(chip(usd(a.cost), "", "Cost in USD: " + a.cost));
     chips.appendChild(chip(secs(a.latency), "", "Latency at the router: " + a.latency + " s"));
     if (a.model) chips.appendChild(chip(a.model, "", "Model"));
-    if (a.usage) {
-      chips.appendChild(chip(a.usage.total_tokens + " tok", "",
-        "prompt " + a.usage.prompt_tokens + " + completion " + a.usage.completion_tokens));
-    }
+    if (finishReason === "length") chips.appendChild(chip("max tokens reached", "fallback", "The answer was cut at the max tokens limit"));
+    const tokens = el("span", "tokens");
+    chips.appendChild(tokens);
     route.appendChild(chips);
-    li.appendChild(route);
-    if (a.request_id) li.setAttribute("data-request-id", a.request_id);
+    if (usage) showUsage(route, usage);
+    return route;
+  }
+
+  function showUsage(route, usage) {
+    const slot = route.querySelector(".tokens");
+    if (!slot || typeof usage.total_tokens !== "number") return;
+    slot.replaceWith(chip(usage.total_tokens + " tok", "",
+      "prompt " + usage.prompt_tokens + " + completion " + usage.completion_tokens));
+  }
+
+  function errorBody(status, err, label) {
+    const b = el("div", "bubble");
+    b.appendChild(el("strong", "", (label || "Error") + (status ? " " + status : "") + ": "));
+    b.appendChild(document.createTextNode(err.message || "request failed"));
+    const code = [err.code, err.type].filter(Boolean).join(" · ");
+    if (code) b.appendChild(el("div", "code", code));
+    return b;
   }
 
   function renderError(li, status, err) {
     li.className = "msg error";
+    li.removeAttribute("aria-busy");
     li.replaceChildren();
     li.setAttribute("role", "alert");
-    const b = el("div", "bubble");
-    b.appendChild(el("strong", "", "Error" + (status ? " " + status : "") + ": "));
-    b.appendChild(document.createTextNode(err.message || "request failed"));
-    const code = [err.code, err.type].filter(Boolean).join(" · ");
-    if (code) b.appendChild(el("div", "code", code));
-    li.appendChild(b);
+    li.appendChild(errorBody(status, err));
+  }
+
+  // ---------- streaming ----------
+  // One answer being streamed into `li`: text is only ever set with
+  // textContent, once per network read.
+  function Answer(li) {
+    this.li = li;
+    this.text = "";
+    this.bubble = null;
+    this.route = null;
+    this.finished = false; // the chunk with finish_reason arrived
+    this.done = false; // data: [DONE]
+    this.failed = false;
+    this.requestId = null;
+  }
+  Answer.prototype.start = function () {
+    if (this.bubble) return;
+    const li = this.li;
+    li.className = "msg answer streaming";
+    li.setAttribute("aria-busy", "true");
+    li.replaceChildren();
+    this.bubble = el("div", "bubble");
+    li.appendChild(this.bubble);
+    if (this.requestId) li.setAttribute("data-request-id", this.requestId);
+  };
+  Answer.prototype.append = function (t) {
+    this.start();
+    this.text += t;
+  };
+  Answer.prototype.paint = function () {
+    if (!this.bubble) return;
+    const follow = followsEnd(this.li);
+    this.bubble.textContent = this.text === "" && this.finished ? "(empty answer)" : this.text;
+    if (follow) keepInView(this.li);
+  };
+  Answer.prototype.finish = function (info, finishReason, usage) {
+    this.start();
+    this.finished = true;
+    this.route = renderRoute(info || {}, usage, finishReason);
+    this.li.appendChild(this.route);
+  };
+  Answer.prototype.usage = function (usage) {
+    if (this.route) showUsage(this.route, usage);
+  };
+  // An error event (or a broken connection) after the stream started: the
+  // partial answer stays, the error goes under it.
+  Answer.prototype.fail = function (err, label) {
+    this.start();
+    this.failed = true;
+    this.li.classList.add("failed");
+    const box = el("div", "stream-error");
+    box.setAttribute("role", "alert");
+    box.appendChild(errorBody(null, err, label));
+    this.li.appendChild(box);
+  };
+  Answer.prototype.end = function () {
+    this.paint();
+    this.li.classList.remove("streaming");
+    this.li.removeAttribute("aria-busy");
+  };
+
+  // Is the end of `li` on screen (so the view should follow the new text)?
+  function followsEnd(li) {
+    const r = li.getBoundingClientRect();
+    const box = messages.getBoundingClientRect();
+    return r.bottom <= Math.min(box.bottom, window.innerHeight) + 48;
+  }
+  function keepInView(li) {
+    if (li.scrollIntoView) li.scrollIntoView({ block: "end" });
+  }
+
+  // Applies one SSE event's data to the answer.
+  function onEvent(ans, data) {
+    if (data === "[DONE]") {
+      ans.done = true;
+      return;
+    }
+    let ev;
+    try { ev = JSON.parse(data); } catch (_) { return; }
+    if (!ev || typeof ev !== "object") return;
+    if (ev.error) {
+      ans.paint();
+      ans.fail(typeof ev.error === "object" ? ev.error : { message: String(ev.error) }, "Stream interrupted");
+      return;
+    }
+    const choice = Array.isArray(ev.choices) ? ev.choices[0] : null;
+    if (choice) {
+      const delta = choice.delta || {};
+      if (typeof delta.content === "string" && delta.content !== "") ans.append(delta.content);
+      if (choice.finish_reason) {
+        ans.paint();
+        ans.finish(ev.optiroute, choice.finish_reason, ev.usage);
+      }
+    } else if (ev.usage) {
+      ans.usage(ev.usage);
+    }
+  }
+
+  // Reads a text/event-stream body: events are separated by a blank line and
+  // may be split anywhere across network reads (even inside a UTF-8 char).
+  async function readEvents(body, ans) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    let data = [];
+    const lines = (final) => {
+      for (;;) {
+        const m = /\r\n|\r|\n/.exec(buf);
+        if (!m) break;
+        // A lone "\r" at the end may be the first half of "\r\n".
+        if (!final && m[0] === "\r" && m.index === buf.length - 1) break;
+        const line = buf.slice(0, m.index);
+        buf = buf.slice(m.index + m[0].length);
+        if (line === "") {
+          if (data.length) onEvent(ans, data.join("\n"));
+          data = [];
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(line.charAt(5) === " " ? 6 : 5));
+        } else if (line === "data") {
+          data.push("");
+        } // comments (":...") and event/id/retry fields are ignored
+      }
+    };
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) {
+        buf += decoder.decode();
+        lines(true);
+        if (buf.startsWith("data:")) data.push(buf.slice(buf.charAt(5) === " " ? 6 : 5));
+        if (data.length) onEvent(ans, data.join("\n"));
+        break;
+      }
+      buf += decoder.decode(value, { stream: true });
+      lines(false);
+      ans.paint();
+      if (ans.failed) {
+        reader.cancel().catch(() => {});
+        break;
+      }
+    }
   }
 
   async function send() {
@@ -143,25 +294,50 @@
     pending.appendChild(el("div", "bubble", "Routing…"));
     sendBtn.disabled = true;
     promptEl.value = "";
+    let ans = null;
     try {
-      const resp = await fetch("/generate", {
+      const resp = await fetch("/v1/chat/completions", {
         method: "POST",
-        headers: { "content-type": "application/json", accept: "application/json" },
-        body: JSON.stringify({ prompt: prompt, max_tokens: maxTokens, provider: providerEl.value }),
+        headers: { "content-type": "application/json", accept: "text/event-stream" },
+        body: JSON.stringify({
+          model: providerEl.value,
+          messages: [{ role: "user", content: prompt }],
+          max_tokens: maxTokens,
+          stream: true,
+          // Adds a last chunk with the token counts the answer chips show.
+          stream_options: { include_usage: true },
+        }),
       });
-      let body = null;
-      const raw = await resp.text();
-      try { body = JSON.parse(raw); } catch (_) { body = null; }
-      if (resp.ok && body && typeof body.text === "string") {
-        renderAnswer(pending, body);
-      } else if (body && body.error) {
-        renderError(pending, resp.status, body.error);
+      const type = resp.headers.get("content-type") || "";
+      if (resp.ok && resp.body && type.startsWith("text/event-stream")) {
+        ans = new Answer(pending);
+        ans.requestId = resp.headers.get("x-request-id");
+        await readEvents(resp.body, ans);
+        if (!ans.bubble) {
+          renderError(pending, null, { message: "The answer stream ended before any text arrived." });
+        } else if (!ans.finished && !ans.failed) {
+          ans.fail({ message: "The answer stream ended before the answer was complete." }, "Stream interrupted");
+        }
       } else {
-        renderError(pending, resp.status, { message: raw ? raw.slice(0, 300) : resp.statusText || "unexpected answer" });
+        // An error before the stream started: a normal HTTP error with a JSON body.
+        let body = null;
+        const raw = await resp.text();
+        try { body = JSON.parse(raw); } catch (_) { body = null; }
+        if (body && body.error) {
+          renderError(pending, resp.status, typeof body.error === "object" ? body.error : { message: String(body.error) });
+        } else {
+          renderError(pending, resp.status, { message: raw ? raw.slice(0, 300) : resp.statusText || "unexpected answer" });
+        }
       }
     } catch (e) {
-      renderError(pending, null, { message: "Could not reach the ingress: " + (e && e.message ? e.message : e) });
+      const message = (e && e.message ? e.message : String(e));
+      if (ans && ans.bubble) {
+        ans.fail({ message: "Connection lost: " + message }, "Stream interrupted");
+      } else {
+        renderError(pending, null, { message: "Could not reach the ingress: " + message });
+      }
     } finally {
+      if (ans && ans.bubble) ans.end();
       sendBtn.disabled = false;
       promptEl.focus();
       scrollToEnd();
