@@ -371,10 +371,7 @@ impl BatchClient {
             };
             let body = wire::encode(Format::MsgPack, &r)?;
             // A job finishing right now may have written its result first: keep it.
-            let _ = self
-                .results
-                .create(format!("{id}.{line}"), body)
-                .await;
+            let _ = self.results.create(format!("{id}.{line}"), body).await;
         }
         self.status(id).await
     }
