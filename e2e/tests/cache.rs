@@ -15,14 +15,9 @@ use optiroute_testkit::{
 use serde_json::{json, Value};
 
 async fn ask(stack: &Stack, body: Value) -> Value {
-    let resp = reqwest::Client::new()
-        .post(stack.url("/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.json().await.unwrap()
+    let (status, v) = stack.generate(&body).await;
+    assert_eq!(status, 200, "{v}");
+    v
 }
 
 async fn stack_with(

@@ -13,14 +13,7 @@ use optiroute_testkit::{
 use serde_json::{json, Value};
 
 async fn ask(stack: &Stack, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(stack.url("/generate"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap())
+    stack.generate(&body).await
 }
 
 /// A cloud request that must not be served from the cache.

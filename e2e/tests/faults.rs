@@ -12,15 +12,7 @@ use optiroute_testkit::{test_config, wait_until, NatsServer, Stack};
 use serde_json::{json, Value};
 
 async fn post_raw(stack: &Stack, body: &str) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(stack.url("/generate"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap())
+    stack.post_raw("/generate", body.to_string()).await
 }
 
 #[tokio::test]

@@ -165,6 +165,24 @@ impl Stack {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.ingress_addr())
     }
+
+    /// POSTs a JSON body to `/generate`: the status and the JSON answer.
+    pub async fn generate(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        self.post_raw("/generate", body.to_string()).await
+    }
+
+    /// POSTs `body` (sent as JSON) to `path`: the status and the JSON answer.
+    pub async fn post_raw(&self, path: &str, body: String) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
 }
 
 impl Drop for Stack {
