@@ -143,6 +143,13 @@ pub struct CacheConfig {
     pub op_timeout_ms: u64,
     /// Longest an identical request waits for another replica's in-flight answer.
     pub coalesce_wait_ms: u64,
+    /// Each router keeps recent answers in memory for this long (never
+    /// longer than `ttl_secs`), saving the KV round trip on hot keys. An
+    /// entry refreshed through another replica may be served stale for up
+    /// to this long. 0 turns it off.
+    pub local_ttl_ms: u64,
+    /// Most answers a router keeps in memory.
+    pub local_max_entries: usize,
 }
 
 impl Default for CacheConfig {
@@ -155,6 +162,8 @@ impl Default for CacheConfig {
             replicas: 1,
             op_timeout_ms: 250,
             coalesce_wait_ms: 10_000,
+            local_ttl_ms: 5_000,
+            local_max_entries: 10_000,
         }
     }
 }

@@ -89,7 +89,7 @@ pub fn cache_key(req: &GenerateRequest) -> String {
 }
 
 pub enum Lookup {
-    Hit(CachedAnswer),
+    Hit(Arc<CachedAnswer>),
     Miss,
     Error,
 }
@@ -126,8 +126,46 @@ fn marker_key(key: &str) -> String {
     format!("inflight.{key}")
 }
 
+/// Recent answers in memory: a small front for the KV bucket. A std
+/// `Mutex` suits it: the critical sections are a hash lookup or insert and
+/// never await.
+struct Local {
+    ttl: Duration,
+    max_entries: usize,
+    map: Mutex<HashMap<String, (Instant, Arc<CachedAnswer>)>>,
+}
+
+impl Local {
+    fn get(&self, key: &str) -> Option<Arc<CachedAnswer>> {
+        if self.max_entries == 0 {
+            return None;
+        }
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key)
+            .filter(|(expires, _)| *expires > Instant::now())
+            .map(|(_, a)| a.clone())
+    }
+
+    fn put(&self, key: &str, answer: Arc<CachedAnswer>) {
+        if self.max_entries == 0 || self.ttl.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.max_entries {
+            map.retain(|_, (expires, _)| *expires > now);
+            if map.len() >= self.max_entries {
+                // Still full of live entries: start over rather than track recency.
+                map.clear();
+            }
+        }
+        map.insert(key.to_string(), (now + self.ttl, answer));
+    }
+}
+
 pub struct Cache {
     cfg: CacheConfig,
+    local: Local,
     store: OnceLock<kv::Store>,
     metrics: RouterMetrics,
     inflight: Mutex<HashMap<String, broadcast::Sender<Result<GenerateResponse, Error>>>>,
@@ -135,8 +173,14 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(cfg: CacheConfig, metrics: RouterMetrics) -> Arc<Self> {
+        let local = Local {
+            ttl: Duration::from_millis(cfg.local_ttl_ms).min(Duration::from_secs(cfg.ttl_secs)),
+            max_entries: cfg.local_max_entries,
+            map: Mutex::new(HashMap::new()),
+        };
         Arc::new(Cache {
             cfg,
+            local,
             store: OnceLock::new(),
             metrics,
             inflight: Mutex::new(HashMap::new()),
@@ -205,6 +249,10 @@ impl Cache {
 
     /// Looks a key up, bounded by the op timeout; records latency and the event.
     pub async fn lookup(&self, key: &str) -> Lookup {
+        if let Some(hit) = self.local.get(key) {
+            self.metrics.cache_event(CacheEvent::Hit);
+            return Lookup::Hit(hit);
+        }
         let Some(store) = self.store.get() else {
             self.metrics.cache_event(CacheEvent::Error);
             return Lookup::Error;
@@ -220,7 +268,11 @@ impl Cache {
             .observe(started.elapsed().as_secs_f64());
         let result = match got {
             Ok(Ok(Some(bytes))) => match wire::decode::<CachedAnswer>(Format::MsgPack, &bytes) {
-                Ok(a) => Lookup::Hit(a),
+                Ok(a) => {
+                    let a = Arc::new(a);
+                    self.local.put(key, a.clone());
+                    Lookup::Hit(a)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable cache entry; treating as a miss");
                     Lookup::Miss
@@ -259,11 +311,11 @@ impl Cache {
     }
 
     /// Writes an answer; a failure is logged and counted, never returned.
-    pub async fn store(&self, key: &str, answer: &CachedAnswer) {
-        let Some(store) = self.store.get() else {
+    pub async fn store(&self, key: &str, answer: CachedAnswer) {
+        let Ok(bytes) = wire::encode(Format::MsgPack, &answer) else {
             return;
         };
-        let Ok(bytes) = wire::encode(Format::MsgPack, answer) else {
+        let Some(store) = self.store.get() else {
             return;
         };
         let put = tokio::time::timeout(
@@ -272,7 +324,7 @@ impl Cache {
         )
         .await;
         match put {
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => self.local.put(key, Arc::new(answer)),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cache write failed");
                 self.metrics.cache_event(CacheEvent::Error);
@@ -451,5 +503,53 @@ mod tests {
         assert_ne!(cache_key(&r), k);
         let r = GenerateRequest::new("hello!");
         assert_ne!(cache_key(&r), k);
+    }
+
+    fn answer(text: &str) -> Arc<CachedAnswer> {
+        Arc::new(CachedAnswer {
+            text: text.into(),
+            usage: Usage::default(),
+            model: "m".into(),
+            provider: Pool::Local,
+            routed_to: Pool::Local,
+            cost: 0.0,
+            route_reason: None,
+            finish_reason: None,
+        })
+    }
+
+    #[test]
+    fn memory_front_expires_and_stays_bounded() {
+        let local = Local {
+            ttl: Duration::from_millis(50),
+            max_entries: 3,
+            map: Mutex::new(HashMap::new()),
+        };
+        let t0 = Instant::now();
+        local.put_at("a", answer("A"), t0);
+        assert_eq!(local.get_at("a", t0).unwrap().text, "A");
+        assert!(local.get_at("b", t0).is_none());
+        for k in ["b", "c", "d", "e"] {
+            local.put_at(k, answer(k), t0);
+        }
+        assert!(local.map.lock().unwrap().len() <= 3);
+        assert_eq!(
+            local
+                .get_at("e", t0 + Duration::from_millis(49))
+                .unwrap()
+                .text,
+            "e"
+        );
+        assert!(
+            local.get_at("e", t0 + Duration::from_millis(50)).is_none(),
+            "expired"
+        );
+        let off = Local {
+            ttl: Duration::from_millis(50),
+            max_entries: 0,
+            map: Mutex::new(HashMap::new()),
+        };
+        off.put("a", answer("A"));
+        assert!(off.get("a").is_none());
     }
 }

@@ -64,7 +64,7 @@ impl Handler for GenerateHandler {
                 .cost_saved
                 .with_label_values(&[hit.provider.as_str()])
                 .inc_by(hit.cost);
-            return Ok(from_cache(hit, started, &meta));
+            return Ok(from_cache(&hit, started, &meta));
         }
         match self.cache.join(&key) {
             Join::Leader(guard) => {
@@ -78,7 +78,7 @@ impl Handler for GenerateHandler {
                                 .cost_saved
                                 .with_label_values(&[hit.provider.as_str()])
                                 .inc_by(hit.cost);
-                            Ok(from_cache(hit, started, &meta))
+                            Ok(from_cache(&hit, started, &meta))
                         } else {
                             self.generate_and_store(&meta, &req, started, &key, Some(marker))
                                 .await
@@ -90,7 +90,7 @@ impl Handler for GenerateHandler {
                             .cost_saved
                             .with_label_values(&[answer.provider.as_str()])
                             .inc_by(answer.cost);
-                        Ok(from_cache(answer, started, &meta))
+                        Ok(from_cache(&answer, started, &meta))
                     }
                     Claim::Proceed => {
                         self.generate_and_store(&meta, &req, started, &key, None)
@@ -132,20 +132,20 @@ impl Handler for GenerateHandler {
     }
 }
 
-fn from_cache(hit: CachedAnswer, started: Instant, meta: &RequestMeta) -> GenerateResponse {
+fn from_cache(hit: &CachedAnswer, started: Instant, meta: &RequestMeta) -> GenerateResponse {
     GenerateResponse {
-        text: hit.text,
+        text: hit.text.clone(),
         usage: hit.usage,
         cost: 0.0,
         latency: started.elapsed().as_secs_f64(),
-        model: hit.model,
+        model: hit.model.clone(),
         routed_to: hit.routed_to,
         provider: hit.provider,
         cached: true,
         fallback_reason: None,
-        route_reason: hit.route_reason,
+        route_reason: hit.route_reason.clone(),
         request_id: Some(meta.request_id.clone()),
-        finish_reason: hit.finish_reason,
+        finish_reason: hit.finish_reason.clone(),
     }
 }
 
@@ -172,7 +172,7 @@ impl GenerateHandler {
             tokio::spawn(
                 async move {
                     if let Some(a) = answer {
-                        cache.store(&key, &a).await;
+                        cache.store(&key, a).await;
                     }
                     if let Some(m) = marker {
                         m.release().await;
