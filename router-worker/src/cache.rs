@@ -137,20 +137,27 @@ struct Local {
 
 impl Local {
     fn get(&self, key: &str) -> Option<Arc<CachedAnswer>> {
+        self.get_at(key, Instant::now())
+    }
+
+    fn put(&self, key: &str, answer: Arc<CachedAnswer>) {
+        self.put_at(key, answer, Instant::now())
+    }
+
+    fn get_at(&self, key: &str, now: Instant) -> Option<Arc<CachedAnswer>> {
         if self.max_entries == 0 {
             return None;
         }
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(key)
-            .filter(|(expires, _)| *expires > Instant::now())
+            .filter(|(expires, _)| *expires > now)
             .map(|(_, a)| a.clone())
     }
 
-    fn put(&self, key: &str, answer: Arc<CachedAnswer>) {
+    fn put_at(&self, key: &str, answer: Arc<CachedAnswer>, now: Instant) {
         if self.max_entries == 0 || self.ttl.is_zero() {
             return;
         }
-        let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= self.max_entries {
             map.retain(|_, (expires, _)| *expires > now);
