@@ -1,0 +1,31 @@
+//! `optiroute`: the project's command-line tool. Each subcommand lives in
+//! its own module; this file only dispatches.
+
+mod args;
+mod fake_upstream;
+mod loadtest;
+
+const USAGE: &str = "usage: optiroute <command> [options]
+commands:
+  loadtest        drive POST /generate and report latency, throughput, cache, routing and cost
+  fake-upstream   a fast fixed-answer OpenAI-compatible server for benchmarks
+  help            this help (`optiroute <command> --help` for a command's options)";
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let mut argv = std::env::args().skip(1);
+    let command = argv.next();
+    let rest: Vec<String> = argv.collect();
+    match command.as_deref() {
+        Some("loadtest") => loadtest::main(rest).await,
+        Some("fake-upstream") => fake_upstream::main(rest).await,
+        None | Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            std::process::ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("optiroute: unknown command `{other}`\n{USAGE}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
