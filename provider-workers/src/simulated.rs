@@ -94,7 +94,10 @@ impl Engine for SimulatedEngine {
                 "the deadline passed during generation",
             ));
         }
-        tokio::time::sleep(delay).await;
+        // tokio rounds a zero sleep up to its next millisecond tick.
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         Ok(Self::generation(req, tokens))
     }
 

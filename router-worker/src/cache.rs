@@ -96,7 +96,7 @@ pub enum Lookup {
 
 /// The outcome of claiming a key across router replicas.
 pub enum Claim {
-    /// This router generates; the marker tells other replicas to wait.
+    /// This router generates; its placeholder tells other replicas to wait.
     Owner(Box<Marker>),
     /// Another replica generated the answer while we waited.
     Answer(CachedAnswer),
@@ -104,26 +104,47 @@ pub enum Claim {
     Proceed,
 }
 
-/// The in-flight marker `inflight.<key>` this router holds in KV. Its value
-/// is the Unix-millisecond time after which others may take it over, so a
-/// router that dies mid-request blocks nobody for long.
+/// A placeholder this router wrote in the answer's own key: `pending:<ms>`,
+/// the Unix-millisecond time after which another replica may take over, so
+/// a router that dies mid-request blocks nobody for long. Writing the
+/// answer replaces it; [`Marker::release`] removes it when there is no
+/// answer to cache. One key per request, so the bucket holds no extra
+/// markers or tombstones.
 pub struct Marker {
     store: kv::Store,
     key: String,
+    revision: u64,
 }
 
 impl Marker {
-    /// Removes the marker; waiting replicas then read the answer (or, if none
-    /// was cached, generate themselves).
+    /// Removes the placeholder (only if it is still ours); waiting replicas
+    /// then generate themselves.
     pub async fn release(self) {
-        if let Err(e) = self.store.delete(&self.key).await {
-            tracing::warn!(error = %e, "could not release the in-flight marker; it expires by itself");
+        if let Err(e) = self
+            .store
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await
+        {
+            tracing::debug!(error = %e, "placeholder already replaced or gone");
         }
     }
 }
 
-fn marker_key(key: &str) -> String {
-    format!("inflight.{key}")
+const PENDING_PREFIX: &[u8] = b"pending:";
+
+fn pending_value(until: SystemTime) -> Bytes {
+    Bytes::from(format!("pending:{}", epoch_ms(until)))
+}
+
+/// The deadline in a placeholder value, or `None` when the value is an answer.
+fn pending_until(value: &[u8]) -> Option<u64> {
+    let rest = value.strip_prefix(PENDING_PREFIX)?;
+    Some(
+        std::str::from_utf8(rest)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    )
 }
 
 /// Recent answers in memory: a small front for the KV bucket. A std
@@ -274,6 +295,7 @@ impl Cache {
             .cache_lookup
             .observe(started.elapsed().as_secs_f64());
         let result = match got {
+            Ok(Ok(Some(bytes))) if pending_until(&bytes).is_some() => Lookup::Miss,
             Ok(Ok(Some(bytes))) => match wire::decode::<CachedAnswer>(Format::MsgPack, &bytes) {
                 Ok(a) => {
                     let a = Arc::new(a);
@@ -303,27 +325,14 @@ impl Cache {
         result
     }
 
-    /// A second look after a miss, recording no cache event.
-    pub async fn recheck(&self, key: &str) -> Option<CachedAnswer> {
-        let store = self.store.get()?;
-        let got = tokio::time::timeout(
-            Duration::from_millis(self.cfg.op_timeout_ms),
-            store.get(key),
-        )
-        .await;
-        match got {
-            Ok(Ok(Some(bytes))) => wire::decode(Format::MsgPack, &bytes).ok(),
-            _ => None,
-        }
-    }
-
-    /// Writes an answer; a failure is logged and counted, never returned.
-    pub async fn store(&self, key: &str, answer: CachedAnswer) {
+    /// Writes an answer (replacing a placeholder); a failure is logged and
+    /// counted, never returned to the caller. True when it was written.
+    pub async fn store(&self, key: &str, answer: CachedAnswer) -> bool {
         let Ok(bytes) = wire::encode(Format::MsgPack, &answer) else {
-            return;
+            return false;
         };
         let Some(store) = self.store.get() else {
-            return;
+            return false;
         };
         let put = tokio::time::timeout(
             Duration::from_millis(self.cfg.op_timeout_ms.max(1000)),
@@ -331,38 +340,44 @@ impl Cache {
         )
         .await;
         match put {
-            Ok(Ok(_)) => self.local.put(key, Arc::new(answer)),
+            Ok(Ok(_)) => {
+                self.local.put(key, Arc::new(answer));
+                true
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cache write failed");
                 self.metrics.cache_event(CacheEvent::Error);
+                false
             }
             Err(_) => {
                 tracing::warn!("cache write timed out");
                 self.metrics.cache_event(CacheEvent::Error);
+                false
             }
         }
     }
 
-    /// Claims `key` across replicas with a create-if-absent marker. When
-    /// another replica holds it, waits (at most `coalesce_wait_ms` and the
-    /// deadline) for its answer, and takes over a marker whose owner let it expire.
+    /// Claims `key` across replicas by creating a placeholder in it
+    /// (create-if-absent). When another replica holds it, waits (at most
+    /// `coalesce_wait_ms` and the deadline) for its answer, and takes over a
+    /// placeholder whose owner let it expire.
     pub async fn claim(&self, key: &str, deadline: SystemTime) -> Claim {
         let Some(store) = self.store.get() else {
             return Claim::Proceed;
         };
         let op = Duration::from_millis(self.cfg.op_timeout_ms);
-        let marker = marker_key(key);
-        let expires = Bytes::from(epoch_ms(deadline).to_string());
-        match tokio::time::timeout(op, store.create(&marker, expires.clone())).await {
-            Ok(Ok(_)) => {
-                return Claim::Owner(Box::new(Marker {
-                    store: store.clone(),
-                    key: marker,
-                }))
-            }
+        let owner = |revision| {
+            Claim::Owner(Box::new(Marker {
+                store: store.clone(),
+                key: key.to_string(),
+                revision,
+            }))
+        };
+        match tokio::time::timeout(op, store.create(key, pending_value(deadline))).await {
+            Ok(Ok(revision)) => return owner(revision),
             Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "in-flight marker failed");
+                tracing::warn!(error = %e, "cache placeholder failed");
                 self.metrics.cache_event(CacheEvent::Error);
                 return Claim::Proceed;
             }
@@ -378,8 +393,7 @@ impl Cache {
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO),
             );
-        let Ok(Ok(mut watch)) =
-            tokio::time::timeout(op, store.watch_many_with_history([key, marker.as_str()])).await
+        let Ok(Ok(mut watch)) = tokio::time::timeout(op, store.watch_with_history(key)).await
         else {
             return Claim::Proceed;
         };
@@ -389,31 +403,25 @@ impl Cache {
                 // The wait ran out or the watch ended: generate ourselves.
                 _ => return Claim::Proceed,
             };
-            if entry.key == key {
-                if next_is_put(&entry) {
-                    if let Ok(a) = wire::decode::<CachedAnswer>(Format::MsgPack, &entry.value) {
-                        return Claim::Answer(a);
-                    }
-                }
-                continue;
-            }
-            if !next_is_put(&entry) {
-                // The owner finished without caching (an error or a fallback answer).
+            if entry.operation != kv::Operation::Put {
+                // The owner finished without an answer to cache (an error or a fallback).
                 return Claim::Proceed;
             }
-            let expired = std::str::from_utf8(&entry.value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_none_or(|ms| ms <= epoch_ms(SystemTime::now()));
-            if expired {
-                let taken = store.update(&marker, expires.clone(), entry.revision).await;
-                if taken.is_ok() {
-                    tracing::info!("took over an expired in-flight marker");
-                    return Claim::Owner(Box::new(Marker {
-                        store: store.clone(),
-                        key: marker,
-                    }));
+            match pending_until(&entry.value) {
+                None => match wire::decode::<CachedAnswer>(Format::MsgPack, &entry.value) {
+                    Ok(a) => return Claim::Answer(a),
+                    Err(_) => return Claim::Proceed,
+                },
+                Some(ms) if ms <= epoch_ms(SystemTime::now()) => {
+                    if let Ok(revision) = store
+                        .update(key, pending_value(deadline), entry.revision)
+                        .await
+                    {
+                        tracing::info!("took over an expired cache placeholder");
+                        return owner(revision);
+                    }
                 }
+                Some(_) => {}
             }
         }
     }
@@ -471,10 +479,6 @@ impl Drop for LeaderGuard {
     fn drop(&mut self) {
         self.release();
     }
-}
-
-fn next_is_put(entry: &kv::Entry) -> bool {
-    entry.operation == kv::Operation::Put
 }
 
 #[cfg(test)]

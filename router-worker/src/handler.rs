@@ -68,21 +68,16 @@ impl Handler for GenerateHandler {
         }
         match self.cache.join(&key) {
             Join::Leader(guard) => {
-                let result = match self.cache.claim(&key, meta.deadline).await {
+                // Only a request that will write its answer may hold others waiting.
+                let claim = if req.cache.writes() {
+                    self.cache.claim(&key, meta.deadline).await
+                } else {
+                    Claim::Proceed
+                };
+                let result = match claim {
                     Claim::Owner(marker) => {
-                        // The answer may have landed between our lookup and the
-                        // claim (its writer releases the marker right after).
-                        if let Some(hit) = self.cache.recheck(&key).await {
-                            marker.release().await;
-                            self.metrics
-                                .cost_saved
-                                .with_label_values(&[hit.provider.as_str()])
-                                .inc_by(hit.cost);
-                            Ok(from_cache(&hit, started, &meta))
-                        } else {
-                            self.generate_and_store(&meta, &req, started, &key, Some(marker))
-                                .await
-                        }
+                        self.generate_and_store(&meta, &req, started, &key, Some(marker))
+                            .await
                     }
                     Claim::Answer(answer) => {
                         self.metrics.cache_event(CacheEvent::Coalesced);
@@ -151,8 +146,8 @@ fn from_cache(hit: &CachedAnswer, started: Instant, meta: &RequestMeta) -> Gener
 
 impl GenerateHandler {
     /// Generates, then (in the background, after the reply) writes a good
-    /// answer to the cache and releases the in-flight marker, in that order,
-    /// so replicas waiting on the marker find the answer.
+    /// answer to the cache over this router's placeholder, or removes the
+    /// placeholder when there is nothing to cache, so waiting replicas move on.
     async fn generate_and_store(
         &self,
         meta: &RequestMeta,
@@ -171,10 +166,12 @@ impl GenerateHandler {
             let key = key.to_string();
             tokio::spawn(
                 async move {
-                    if let Some(a) = answer {
-                        cache.store(&key, a).await;
-                    }
-                    if let Some(m) = marker {
+                    let stored = match answer {
+                        Some(a) => cache.store(&key, a).await,
+                        None => false,
+                    };
+                    // The answer replaced our placeholder; without one, remove it.
+                    if let (false, Some(m)) = (stored, marker) {
                         m.release().await;
                     }
                 }
