@@ -176,6 +176,10 @@ pub enum LocalEngineKind {
     Simulated,
     /// Any OpenAI-compatible local server (llama.cpp, vLLM, Ollama, LM Studio).
     Openai,
+    /// SmolLM2-135M-Instruct in-process on CPU (`local.embedded`).
+    Embedded,
+    /// `embedded` when `local.embedded.model_path` exists, else `simulated`.
+    Auto,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,13 +195,57 @@ pub struct LocalConfig {
     pub drain_timeout_ms: u64,
     pub simulated: SimulatedConfig,
     pub openai: UpstreamConfig,
+    pub embedded: EmbeddedConfig,
+}
+
+impl LocalConfig {
+    /// The engine `auto` stands for here: `embedded` when the model file
+    /// exists (relative paths from the working directory), else `simulated`.
+    pub fn resolved_engine(&self) -> LocalEngineKind {
+        match self.engine {
+            LocalEngineKind::Auto if Path::new(&self.embedded.model_path).is_file() => {
+                LocalEngineKind::Embedded
+            }
+            LocalEngineKind::Auto => LocalEngineKind::Simulated,
+            other => other,
+        }
+    }
+}
+
+/// The embedded model (`local.engine = "embedded"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// GGUF file, relative to the working directory; `scripts/fetch-model.sh` fetches it.
+    pub model_path: String,
+    /// Generations at once, one core each; 0 = one per available core.
+    pub max_concurrent: usize,
+    /// 1.0 turns it off.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: usize,
+    /// Seed for sampled (temperature > 0) answers.
+    pub seed: u64,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            model_path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            max_concurrent: 0,
+            repeat_penalty: 1.1,
+            repeat_last_n: 64,
+            seed: 299_792_458,
+        }
+    }
 }
 
 impl Default for LocalConfig {
     fn default() -> Self {
         LocalConfig {
             admin_listen: "127.0.0.1:9102".into(),
-            engine: LocalEngineKind::Simulated,
+            // The embedded model when its file is there, else the simulated engine.
+            engine: LocalEngineKind::Auto,
             price_per_second: 0.000005,
             max_in_flight: 256,
             max_prompt_bytes: 32 * 1024,
@@ -209,6 +257,7 @@ impl Default for LocalConfig {
                 model: "local".into(),
                 ..UpstreamConfig::default()
             },
+            embedded: EmbeddedConfig::default(),
         }
     }
 }

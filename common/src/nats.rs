@@ -168,14 +168,16 @@ pub fn new_request_id() -> String {
     nuid::next().to_string()
 }
 
-/// Sends a request and waits for its reply, within the meta's deadline (and
-/// `cap`, when given). Fails fast with `nats_unavailable` when disconnected
-/// and `no_responders` when nobody listens; decodes error replies into their kind.
+/// Sends a request and waits for its reply until the meta's deadline (or
+/// for `wait`, when given: a caller that lets the worker give up first, so
+/// the worker's own verdict arrives). Fails fast with `nats_unavailable`
+/// when disconnected and `no_responders` when nobody listens; decodes error
+/// replies into their kind.
 pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
     client: &Client,
     subject: &str,
     meta: &RequestMeta,
-    cap: Option<Duration>,
+    wait: Option<Duration>,
     req: &Req,
 ) -> Result<Resp, Error> {
     if !is_connected(client) {
@@ -184,10 +186,13 @@ pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
             "NATS is not connected",
         ));
     }
-    let mut timeout = meta.remaining();
-    if let Some(c) = cap {
-        timeout = timeout.min(c);
+    if meta.remaining().is_zero() {
+        return Err(Error::new(
+            ErrorKind::Timeout,
+            "deadline passed before the request was sent",
+        ));
     }
+    let timeout = wait.unwrap_or_else(|| meta.remaining());
     if timeout.is_zero() {
         return Err(Error::new(
             ErrorKind::Timeout,

@@ -368,3 +368,36 @@ async fn the_official_openai_python_client_works() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_first_token_stops_the_provider_too() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.local.simulated.base_ms = 3_000;
+    cfg.local.simulated.max_ms = 60_000;
+    cfg.ingress.request_timeout_ms = 30_000;
+    cfg.router.provider_timeout_ms = 30_000;
+    let stack = Stack::start(cfg).await;
+    let mut body = chat("local", json!("think first"));
+    body["stream"] = json!(true);
+    let gave_up = reqwest::Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .timeout(Duration::from_millis(300))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client times out before any token");
+    let local = stack.local.as_ref().unwrap().admin_addr;
+    wait_until(
+        "the local worker to stop generating",
+        Duration::from_secs(2),
+        || async move {
+            metric(
+                &scrape(local).await,
+                "optiroute_requests_total",
+                &[("outcome", "cancelled")],
+            ) == Some(1.0)
+        },
+    )
+    .await;
+}

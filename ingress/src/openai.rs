@@ -301,19 +301,27 @@ async fn stream_completion(
             }
         }
     });
-    // The first event decides the status.
+    let mut tasks = StreamTasks {
+        relay,
+        pump: token_pump,
+        client: s.client.clone(),
+        cancel_subject: format!("{inbox}.cancel"),
+        settled: false,
+    };
+    // The first event decides the status. If the client goes away before
+    // it, dropping `tasks` stops the relay and tells the provider.
     let first = tokio::select! {
         t = tokens_rx.recv() => t.map(Event::Delta),
         e = events_rx.recv() => e,
     };
     let first = match first {
         Some(Event::Done(Err(e))) => {
-            token_pump.abort();
+            tasks.finish();
             return Err(ApiError::new(e, Some(&id)));
         }
         Some(ev) => ev,
         None => {
-            token_pump.abort();
+            tasks.finish();
             return Err(ApiError::new(
                 Error::internal("stream ended before any event"),
                 Some(&id),
@@ -322,8 +330,6 @@ async fn stream_completion(
     };
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(64);
     let request_id = id.clone();
-    let cancel_subject = format!("{inbox}.cancel");
-    let client = s.client.clone();
     let metrics = s.metrics.clone();
     tokio::spawn(async move {
         let mut sse = SseWriter::new(id.clone(), model, body_tx);
@@ -354,8 +360,17 @@ async fn stream_completion(
                 }
                 Event::Done(Ok(answer)) => {
                     // Whatever did not arrive as tokens (a cache hit, chunks
-                    // still in flight) goes out as one last piece.
-                    if let Some(rest) = answer.text.strip_prefix(streamed.as_str()) {
+                    // still in flight) goes out as one last piece. An answer
+                    // that does not continue what was sent cannot be spliced on.
+                    let Some(rest) = answer.text.strip_prefix(streamed.as_str()) else {
+                        let e = Error::new(
+                            ErrorKind::StreamInterrupted,
+                            "the answer changed after tokens were sent",
+                        );
+                        sse.error(&e).await;
+                        break None;
+                    };
+                    {
                         if !rest.is_empty() {
                             if !first_token_seen {
                                 metrics
@@ -376,10 +391,10 @@ async fn stream_completion(
         };
         if outcome == Some(ErrorKind::Cancelled) {
             tracing::info!(request_id = %id, "client went away mid-stream; cancelling generation");
-            let _ = client.publish(cancel_subject, Bytes::new()).await;
-            relay.abort();
+            tasks.cancel();
+        } else {
+            tasks.finish();
         }
-        token_pump.abort();
     });
     let stream = futures::stream::unfold(body_rx, |mut rx| async move {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
@@ -395,6 +410,49 @@ async fn stream_completion(
         h.insert("x-request-id", v);
     }
     Ok(resp)
+}
+
+/// The tasks behind one stream: the NATS request to the routers and the
+/// pump of tokens from the stream inbox. Dropped unsettled (the client went
+/// away), they are aborted and the provider is told to stop generating.
+struct StreamTasks {
+    relay: tokio::task::JoinHandle<()>,
+    pump: tokio::task::JoinHandle<()>,
+    client: async_nats::Client,
+    cancel_subject: String,
+    settled: bool,
+}
+
+impl StreamTasks {
+    /// The answer (or its error) has arrived: stop listening for tokens.
+    fn finish(&mut self) {
+        self.settled = true;
+        self.pump.abort();
+    }
+
+    fn cancel(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        self.relay.abort();
+        self.pump.abort();
+        let (client, subject) = (
+            self.client.clone(),
+            std::mem::take(&mut self.cancel_subject),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = client.publish(subject, Bytes::new()).await;
+            });
+        }
+    }
+}
+
+impl Drop for StreamTasks {
+    fn drop(&mut self) {
+        self.cancel();
+    }
 }
 
 /// Writes `chat.completion.chunk` events, byte for byte as OpenAI frames them.

@@ -186,6 +186,52 @@ impl CircuitBreaker {
     }
 }
 
+/// A call let through the breaker. It must end in a verdict; dropped
+/// without one (the call was cancelled), it frees the probe slot, so a
+/// cancelled probe cannot leave the breaker half-open for ever.
+pub struct Permit<'a> {
+    breaker: &'a CircuitBreaker,
+    admission: Admission,
+    settled: bool,
+}
+
+impl Permit<'_> {
+    pub fn success(mut self) {
+        self.settled = true;
+        self.breaker.on_success();
+    }
+
+    pub fn failure(mut self, retry_after: Option<Duration>) {
+        self.settled = true;
+        self.breaker.on_failure(retry_after);
+    }
+
+    pub fn neutral(mut self) {
+        self.settled = true;
+        self.breaker.on_neutral(self.admission);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.breaker.on_neutral(self.admission);
+        }
+    }
+}
+
+impl CircuitBreaker {
+    /// [`CircuitBreaker::admit`] as a [`Permit`].
+    pub fn permit(&self) -> Result<Permit<'_>, Duration> {
+        let admission = self.admit()?;
+        Ok(Permit {
+            breaker: self,
+            admission,
+            settled: false,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +296,18 @@ mod tests {
         assert!(b.admit().is_err());
         tokio::time::advance(Duration::from_millis(1000)).await;
         assert_eq!(b.admit(), Ok(Admission::Probe));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_probe_permit_frees_the_slot() {
+        let b = breaker(1, 10);
+        b.on_failure(None);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let probe = b.permit().unwrap();
+        assert!(b.permit().is_err(), "one probe at a time");
+        drop(probe); // e.g. the requester cancelled the stream
+        b.permit().unwrap().success();
+        assert_eq!(b.state(), BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]

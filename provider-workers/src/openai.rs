@@ -180,7 +180,7 @@ impl OpenAiClient {
         if let Some(h) = &self.upstream_duration {
             h.observe(started.elapsed().as_secs_f64());
         }
-        let resp = result.map_err(|e| transport_failure(&e, timeout))?;
+        let resp = result.map_err(|e| transport_failure(&e, timeout, remaining < self.timeout))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -236,10 +236,7 @@ impl OpenAiClient {
         let resp = self.send(req, model, remaining, false).await?;
         let parsed: ChatResponse = resp.json().await.map_err(|e| {
             if e.is_timeout() {
-                CallFailure::fault(
-                    ErrorKind::Timeout,
-                    "upstream body did not arrive in time".into(),
-                )
+                transport_failure(&e, self.timeout.min(remaining), remaining < self.timeout)
             } else {
                 CallFailure::fault(
                     ErrorKind::UpstreamError,
@@ -281,7 +278,9 @@ impl OpenAiClient {
         let mut buf: Vec<u8> = Vec::new();
         let (mut text, mut usage, mut finish_reason) = (String::new(), None, None);
         'read: while let Some(piece) = body.next().await {
-            let piece = piece.map_err(|e| transport_failure(&e, self.timeout.min(remaining)))?;
+            let piece = piece.map_err(|e| {
+                transport_failure(&e, self.timeout.min(remaining), remaining < self.timeout)
+            })?;
             buf.extend_from_slice(&piece);
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
@@ -336,12 +335,17 @@ fn estimate(req: &ProviderRequest, text: &str) -> Usage {
     )
 }
 
-fn transport_failure(e: &reqwest::Error, timeout: Duration) -> CallFailure {
+/// A timeout counts against the upstream only when our configured timeout
+/// was the limit; when the caller's own deadline was shorter, the upstream
+/// may be healthy and the breaker must not count it.
+fn transport_failure(e: &reqwest::Error, timeout: Duration, caller_bound: bool) -> CallFailure {
     if e.is_timeout() {
-        CallFailure::fault(
+        let mut f = CallFailure::fault(
             ErrorKind::Timeout,
             format!("upstream did not answer within {timeout:?}"),
-        )
+        );
+        f.upstream_fault = !caller_bound;
+        f
     } else {
         CallFailure::fault(
             ErrorKind::UpstreamError,

@@ -107,7 +107,7 @@ impl CloudEngine {
             ));
         }
         let model = self.model_for(req)?;
-        let admission = self.breaker.admit().map_err(|wait| {
+        let permit = self.breaker.permit().map_err(|wait| {
             Error::new(
                 ErrorKind::CircuitOpen,
                 format!(
@@ -126,7 +126,7 @@ impl CloudEngine {
         };
         match result {
             Ok(g) => {
-                self.breaker.on_success();
+                permit.success();
                 Ok(g)
             }
             Err(f) => {
@@ -134,9 +134,9 @@ impl CloudEngine {
                     .with_label_values(&["cloud", f.error.kind.as_str()])
                     .inc();
                 if f.upstream_fault {
-                    self.breaker.on_failure(f.retry_after);
+                    permit.failure(f.retry_after);
                 } else {
-                    self.breaker.on_neutral(admission);
+                    permit.neutral();
                 }
                 Err(f.error)
             }

@@ -23,6 +23,9 @@ use crate::cache::{cache_key, Cache, CachedAnswer, Claim, Join, Lookup, Marker};
 use crate::metrics::{CacheEvent, RouterMetrics};
 use crate::routing::Router;
 
+/// How much earlier than the router a provider gives up on an attempt.
+const PROVIDER_GRACE: Duration = Duration::from_millis(250);
+
 pub struct GenerateHandler {
     client: Client,
     subjects: Subjects,
@@ -111,7 +114,20 @@ impl Handler for GenerateHandler {
                         shared.request_id = Some(meta.request_id.clone());
                         Ok(shared)
                     }
-                    Ok(Ok(Err(e))) => Err(e),
+                    // Only errors about the request itself are shared: a leader's
+                    // timeout, cancellation or outage says nothing about this one.
+                    Ok(Ok(Err(e)))
+                        if matches!(
+                            e.kind,
+                            ErrorKind::BadRequest | ErrorKind::UpstreamClientError
+                        ) =>
+                    {
+                        Err(e)
+                    }
+                    Ok(Ok(Err(_))) => {
+                        self.generate_and_store(&meta, &req, started, &key, None)
+                            .await
+                    }
                     // The leader went away without an answer: do the work ourselves.
                     Ok(Err(_)) => {
                         self.generate_and_store(&meta, &req, started, &key, None)
@@ -277,19 +293,28 @@ impl GenerateHandler {
     ) -> Result<ProviderReply, Error> {
         let started = Instant::now();
         // The provider gets this attempt's deadline, not the whole request's,
-        // so it stops working when the router stops waiting.
+        // so it stops working when the router stops waiting; and a little
+        // earlier than that, so its own verdict (a timeout before the first
+        // token, which may fall back, or a broken stream, which may not)
+        // reaches the router before the router gives up on it.
+        let now = std::time::SystemTime::now();
+        let wait_until = meta.deadline.min(now + self.provider_timeout);
+        let wait = wait_until.duration_since(now).unwrap_or_default();
+        let grace = if wait > PROVIDER_GRACE * 4 {
+            PROVIDER_GRACE
+        } else {
+            Duration::ZERO
+        };
         let attempt = RequestMeta {
             request_id: meta.request_id.clone(),
-            deadline: meta
-                .deadline
-                .min(std::time::SystemTime::now() + self.provider_timeout),
+            deadline: wait_until - grace,
             stream_inbox: meta.stream_inbox.clone(),
         };
         let result = nats::request(
             &self.client,
             self.subjects.provider(pool),
             &attempt,
-            None,
+            Some(wait),
             req,
         )
         .await;
