@@ -236,12 +236,15 @@ impl BatchClient {
         }
     }
 
+    /// Stores a result under `<id>.<line>`; a job without a usable line
+    /// (line 0) goes under `<id>.<custom_id>` (`invalid-<stream sequence>`).
     pub async fn put_result(&self, id: &str, r: &BatchResult) -> Result<(), Error> {
+        let key = match (r.line, &r.custom_id) {
+            (0, Some(tag)) => format!("{id}.{tag}"),
+            (line, _) => format!("{id}.{line}"),
+        };
         self.results
-            .put(
-                format!("{id}.{}", r.line),
-                wire::encode(Format::MsgPack, r)?,
-            )
+            .put(key, wire::encode(Format::MsgPack, r)?)
             .await
             .map(|_| ())
             .map_err(|e| js_error("batch result", e))

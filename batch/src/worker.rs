@@ -62,12 +62,15 @@ struct Ctx {
     max_deliver: i64,
     backoff: Vec<Duration>,
     metrics: BatchMetrics,
+    /// Cancelled by [`Running::abort`]: jobs stop where they are, unacknowledged.
+    kill: CancellationToken,
 }
 
 pub struct Running {
     pub admin_addr: SocketAddr,
     pub metrics: BatchMetrics,
     task: JoinHandle<Result<(), Error>>,
+    kill: CancellationToken,
 }
 
 impl Running {
@@ -80,6 +83,7 @@ impl Running {
     /// Stops the worker at once, as a crash would: jobs in flight are not
     /// acknowledged and go to another worker after `ack_wait`.
     pub fn abort(self) {
+        self.kill.cancel();
         self.task.abort();
     }
 }
@@ -101,6 +105,8 @@ pub async fn run(
     .await?;
     let cfg = cfg.clone();
     let m = metrics.clone();
+    let kill = CancellationToken::new();
+    let job_kill = kill.clone();
     let task = tokio::spawn(async move {
         let batches = loop {
             match BatchClient::open(client.clone(), &cfg).await {
@@ -128,6 +134,7 @@ pub async fn run(
                 .collect(),
             metrics: m,
             batches,
+            kill: job_kill,
         });
         consume(
             ctx,
@@ -142,6 +149,7 @@ pub async fn run(
         admin_addr,
         metrics,
         task,
+        kill,
     })
 }
 
@@ -161,7 +169,10 @@ async fn consume(
                 durable_name: Some(name.clone()),
                 ack_policy: AckPolicy::Explicit,
                 ack_wait,
-                max_deliver: ctx.max_deliver,
+                // Unlimited here: the worker counts deliveries itself and ends a
+                // job with a stored error result, so the server never gives up
+                // on a job silently.
+                max_deliver: -1,
                 filter_subject: ctx.batches.jobs_filter(),
                 max_ack_pending: 100_000,
                 ..Default::default()
@@ -192,7 +203,10 @@ async fn consume(
                 let ctx = ctx.clone();
                 tracker.spawn(async move {
                     ctx.metrics.in_flight.inc();
-                    handle(&ctx, msg).await;
+                    tokio::select! {
+                        _ = handle(&ctx, msg) => {}
+                        _ = ctx.kill.cancelled() => {}
+                    }
                     ctx.metrics.in_flight.dec();
                     drop(permit);
                 });
@@ -217,7 +231,12 @@ async fn consume(
 /// Runs one job. Every path ends in a stored result plus an ack, or a nak
 /// (the job comes back later); a job is never acknowledged without a result.
 async fn handle(ctx: &Ctx, msg: Message) {
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let (delivered, seq) = msg
+        .info()
+        .map(|i| (i.delivered, i.stream_sequence))
+        .unwrap_or((1, 0));
+    // Restart the ack timer: the job may have waited in the prefetch buffer.
+    let _ = msg.ack_with(AckKind::Progress).await;
     let batch_id = msg
         .subject
         .as_str()
@@ -226,18 +245,25 @@ async fn handle(ctx: &Ctx, msg: Message) {
         .unwrap_or_default()
         .to_string();
     let format = Format::from_headers(msg.headers.as_ref());
-    let job: Job = match wire::decode(format, &msg.payload) {
+    let job: Job = match wire::decode(format, &msg.payload).and_then(|j: Job| {
+        if j.line == 0 {
+            Err(Error::bad_request("job field `line` must be at least 1"))
+        } else {
+            Ok(j)
+        }
+    }) {
         Ok(j) => j,
         Err(e) => {
-            // Unreadable (a direct publisher's mistake): keep it as an error result if it names a line.
-            tracing::warn!(batch = %batch_id, error = %e, "unreadable batch job");
+            // A direct publisher's mistake: kept as an error result under
+            // `<id>.invalid-<stream sequence>`, counted as failed, never run.
+            tracing::warn!(batch = %batch_id, error = %e, "invalid batch job");
             finish(
                 ctx,
                 &msg,
                 &batch_id,
                 BatchResult {
                     line: 0,
-                    custom_id: None,
+                    custom_id: Some(format!("invalid-{seq}")),
                     status: ResultStatus::Error,
                     response: None,
                     error: Some(ErrorBody::from(&e)),
@@ -335,14 +361,12 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
         ResultStatus::Cancelled => "cancelled",
         _ => "error",
     };
-    if result.line > 0 {
-        if let Err(e) = ctx.batches.put_result(batch_id, &result).await {
-            tracing::warn!(error = %e, "cannot store a batch result; the job will be retried");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
+    if let Err(e) = ctx.batches.put_result(batch_id, &result).await {
+        tracing::warn!(error = %e, "cannot store a batch result; the job will be retried");
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
     }
     ctx.metrics.jobs.with_label_values(&[outcome]).inc();
     if let Err(e) = msg.double_ack().await {

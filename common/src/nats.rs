@@ -59,6 +59,9 @@ pub fn from_epoch_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// The longest deadline a request may carry.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(600);
+
 /// What travels with every hop: who the request is and when it must be done.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {
@@ -112,6 +115,8 @@ impl RequestMeta {
             })?),
             None => SystemTime::now() + default_timeout,
         };
+        // Nobody waits longer than this, whatever a publisher asks for.
+        let deadline = deadline.min(SystemTime::now() + MAX_DEADLINE);
         let stream_inbox = match get(wire::STREAM_INBOX_HEADER) {
             Some(s) if valid_subject(&s) => Some(s),
             Some(s) => {

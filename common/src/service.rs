@@ -128,6 +128,16 @@ async fn handle_one<H: Handler>(
     metrics: &ServiceMetrics,
     request: async_nats::service::Request,
 ) {
+    if request.message.reply.is_none() {
+        // A plain publish, not a request: nobody would read the answer, so
+        // spend nothing on it.
+        tracing::warn!(subject = %request.message.subject, "message without a reply subject ignored; send a request");
+        metrics
+            .requests
+            .with_label_values(&[&spec.service, "no_reply"])
+            .inc();
+        return;
+    }
     let started = Instant::now();
     let in_flight = metrics.in_flight.with_label_values(&[&spec.service]);
     in_flight.inc();
@@ -172,10 +182,7 @@ async fn handle_one<H: Handler>(
             (e.kind.as_str(), body, h)
         }
     };
-    if request.message.reply.is_none() {
-        let _g = span.enter();
-        tracing::warn!(subject = %request.message.subject, "message without a reply subject: nothing to answer");
-    } else if let Err(e) = request.respond_with_headers(Ok(body), reply_headers).await {
+    if let Err(e) = request.respond_with_headers(Ok(body), reply_headers).await {
         let _g = span.enter();
         tracing::warn!(error = %e, "could not send reply");
     }

@@ -202,6 +202,10 @@ async fn a_worker_that_dies_mid_batch_loses_nothing() {
     assert_eq!((s.done, s.failed), (150, 0));
     let results = b.results("crash-test").await.unwrap();
     assert!(results.iter().all(|r| r.status == ResultStatus::Ok));
+    assert!(
+        results.iter().any(|r| r.attempts > 1),
+        "the dead worker's jobs were delivered again"
+    );
 }
 
 #[tokio::test]

@@ -278,3 +278,51 @@ async fn without_jetstream_requests_are_still_answered() {
         .unwrap();
     assert!(errors >= 3.0, "{errors}");
 }
+
+#[tokio::test]
+async fn a_dead_owners_placeholder_is_taken_over_when_it_expires() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let stack = stack_with(&up, &nats, |_| {}).await;
+    let mut req = GenerateRequest::new("orphaned question");
+    req.provider = ProviderChoice::Cloud;
+    let key = optiroute_router::cache::cache_key(&req);
+    // A router that died mid-request left its placeholder, due to expire soon.
+    let js = async_nats::jetstream::new(client(&stack.cfg, "ghost").await);
+    let kv = js.get_key_value("optiroute-cache").await.unwrap();
+    let expires =
+        optiroute_common::nats::epoch_ms(std::time::SystemTime::now() + Duration::from_millis(500));
+    kv.put(&key, format!("pending:{expires}").into())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let v = ask(
+        &stack,
+        json!({"prompt": "orphaned question", "provider": "cloud"}),
+    )
+    .await;
+    let waited = started.elapsed();
+    assert_eq!(v["cached"], false);
+    assert_eq!(up.hits(), 1);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "it waited for the owner: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "took over at expiry, not after the 10 s coalescing wait: {waited:?}"
+    );
+    wait_until(
+        "the answer to replace the placeholder",
+        Duration::from_secs(5),
+        || async {
+            ask(
+                &stack,
+                json!({"prompt": "orphaned question", "provider": "cloud", "cache": "read_only"}),
+            )
+            .await["cached"]
+                == true
+        },
+    )
+    .await;
+}

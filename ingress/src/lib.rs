@@ -76,10 +76,17 @@ impl AppState {
     }
 }
 
+/// The name the embedded engine answers with.
+const EMBEDDED_MODEL: &str = "SmolLM2-135M-Instruct";
+
 fn local_models(cfg: &Config) -> Vec<String> {
+    use optiroute_common::config::LocalEngineKind;
     match cfg.local.engine {
-        optiroute_common::config::LocalEngineKind::Simulated => vec!["simulated".to_string()],
-        optiroute_common::config::LocalEngineKind::Openai => vec![cfg.local.openai.model.clone()],
+        LocalEngineKind::Simulated => vec!["simulated".to_string()],
+        LocalEngineKind::Openai => vec![cfg.local.openai.model.clone()],
+        LocalEngineKind::Embedded => vec![EMBEDDED_MODEL.to_string()],
+        // Which one runs is decided by the local worker at startup.
+        LocalEngineKind::Auto => vec![EMBEDDED_MODEL.to_string(), "simulated".to_string()],
     }
 }
 
@@ -281,7 +288,22 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::internal(format!("ingress address: {e}")))?;
     let app = app(AppState::new(client, cfg, metrics.clone()));
-    let task = tokio::spawn(admin::serve(listener, app, shutdown));
+    let drain = Duration::from_millis(cfg.ingress.drain_timeout_ms);
+    let task = tokio::spawn(async move {
+        // Open requests may finish after shutdown, within `drain_timeout_ms`.
+        let server = admin::serve(listener, app, shutdown.clone());
+        let drain_over = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::select! {
+            r = server => r,
+            _ = drain_over => {
+                tracing::warn!("drain timeout: closing the requests still open");
+                Ok(())
+            }
+        }
+    });
     Ok(Running {
         addr,
         metrics,

@@ -397,9 +397,23 @@ impl Cache {
         else {
             return Claim::Proceed;
         };
+        // The placeholder seen last: when it expires and at which revision.
+        let mut expiring: Option<(tokio::time::Instant, u64)> = None;
         loop {
-            let entry = match tokio::time::timeout_at(until, watch.next()).await {
+            let wake = expiring.map_or(until, |(at, _)| at.min(until));
+            let entry = match tokio::time::timeout_at(wake, watch.next()).await {
                 Ok(Some(Ok(entry))) => entry,
+                Err(_) if wake < until => {
+                    // The owner let its placeholder expire (it died or overran): take over.
+                    if let Some((_, revision)) = expiring.take() {
+                        if let Ok(rev) = store.update(key, pending_value(deadline), revision).await
+                        {
+                            tracing::info!("took over an expired cache placeholder");
+                            return owner(rev);
+                        }
+                    }
+                    continue;
+                }
                 // The wait ran out or the watch ended: generate ourselves.
                 _ => return Claim::Proceed,
             };
@@ -408,20 +422,17 @@ impl Cache {
                 return Claim::Proceed;
             }
             match pending_until(&entry.value) {
-                None => match wire::decode::<CachedAnswer>(Format::MsgPack, &entry.value) {
-                    Ok(a) => return Claim::Answer(a),
-                    Err(_) => return Claim::Proceed,
-                },
-                Some(ms) if ms <= epoch_ms(SystemTime::now()) => {
-                    if let Ok(revision) = store
-                        .update(key, pending_value(deadline), entry.revision)
-                        .await
-                    {
-                        tracing::info!("took over an expired cache placeholder");
-                        return owner(revision);
+                None => {
+                    return match wire::decode::<CachedAnswer>(Format::MsgPack, &entry.value) {
+                        Ok(a) => Claim::Answer(a),
+                        Err(_) => Claim::Proceed,
                     }
                 }
-                Some(_) => {}
+                Some(ms) => {
+                    let left =
+                        Duration::from_millis(ms.saturating_sub(epoch_ms(SystemTime::now())));
+                    expiring = Some((tokio::time::Instant::now() + left, entry.revision));
+                }
             }
         }
     }
