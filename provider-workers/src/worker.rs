@@ -367,6 +367,10 @@ pub async fn run_local(
                 Some(metrics.upstream_duration.with_label_values(&["local"]));
             LocalEngine::OpenAi(client)
         }
+        LocalEngineKind::Embedded | LocalEngineKind::Auto => {
+            tracing::warn!("the embedded engine is not in this build; using the simulated engine");
+            LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone()))
+        }
     };
     let subjects = Subjects::new(&cfg.nats.prefix);
     let spec = spec(
