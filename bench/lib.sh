@@ -154,6 +154,7 @@ EOF
   cat >>"$config" <<EOF
 [local]
 admin_listen = "127.0.0.1:$local_admin"
+engine = "simulated"
 drain_timeout_ms = 2000
 EOF
 }

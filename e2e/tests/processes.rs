@@ -113,6 +113,7 @@ admin_listen = "127.0.0.1:{router}"
 max_bytes = 33554432
 [local]
 admin_listen = "127.0.0.1:{local}"
+engine = "simulated"
 [local.simulated]
 base_ms = 5
 per_token_ms = 0

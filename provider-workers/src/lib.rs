@@ -3,6 +3,7 @@
 //! more processes.
 
 pub mod breaker;
+pub mod embedded;
 pub mod engine;
 pub mod metrics;
 pub mod openai;

@@ -3,7 +3,27 @@
 use optiroute_common::metrics::{
     counter_vec, float_counter_vec, gauge_vec, histogram_vec, new_registry, ServiceMetrics,
 };
-use prometheus::{CounterVec, HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+
+/// Generation speed buckets, tokens per second.
+const SPEED_BUCKETS: &[f64] = &[
+    5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 150.0, 200.0, 400.0,
+];
+
+fn speed_histogram(r: &Registry) -> HistogramVec {
+    let name = "llm_generation_tokens_per_second";
+    let opts = HistogramOpts::new(
+        name,
+        "Embedded-model generation speed per answer (tokens after the first / their time).",
+    )
+    .buckets(SPEED_BUCKETS.to_vec());
+    let h = HistogramVec::new(opts, &["provider", "model"])
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    if let Err(e) = r.register(Box::new(h.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    h
+}
 
 #[derive(Clone)]
 pub struct ProviderMetrics {
@@ -18,6 +38,10 @@ pub struct ProviderMetrics {
     pub breaker_transitions: IntCounterVec,
     pub upstream_duration: HistogramVec,
     pub upstream_errors: IntCounterVec,
+    /// `llm_generation_tokens_per_second{provider,model}` (embedded model).
+    pub generation_speed: HistogramVec,
+    /// `llm_queue_wait_seconds{provider}`: waiting for a free generation slot (embedded model).
+    pub queue_wait: HistogramVec,
 }
 
 impl ProviderMetrics {
@@ -66,6 +90,13 @@ impl ProviderMetrics {
                 "llm_upstream_errors_total",
                 "Failed upstream calls, by error kind.",
                 &["provider", "kind"],
+            ),
+            generation_speed: speed_histogram(&r),
+            queue_wait: histogram_vec(
+                &r,
+                "llm_queue_wait_seconds",
+                "Time a request waits for a free embedded-model generation slot.",
+                &["provider"],
             ),
             registry: r,
         }

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::CircuitBreaker;
+use crate::embedded::EmbeddedEngine;
 use crate::engine::{ChunkSink, Engine, Generation};
 use crate::metrics::ProviderMetrics;
 use crate::openai::OpenAiClient;
@@ -27,6 +28,7 @@ use crate::simulated::SimulatedEngine;
 pub enum LocalEngine {
     Simulated(SimulatedEngine),
     OpenAi(OpenAiClient),
+    Embedded(EmbeddedEngine),
 }
 
 impl Engine for LocalEngine {
@@ -41,6 +43,7 @@ impl Engine for LocalEngine {
                 .chat(req, &c.model, meta.remaining())
                 .await
                 .map_err(|f| f.error),
+            LocalEngine::Embedded(e) => e.generate(meta, req).await,
         }
     }
 
@@ -56,6 +59,7 @@ impl Engine for LocalEngine {
                 .chat_stream(req, &c.model, meta.remaining(), sink)
                 .await
                 .map_err(|f| f.error),
+            LocalEngine::Embedded(e) => e.generate_streaming(meta, req, sink).await,
         }
     }
 }
@@ -355,10 +359,37 @@ pub async fn run_local(
 ) -> Result<Running, Error> {
     let metrics = ProviderMetrics::new("local");
     let c = &cfg.local;
-    let engine = match c.engine {
-        LocalEngineKind::Simulated => {
+    let kind = c.resolved_engine();
+    if c.engine == LocalEngineKind::Auto {
+        tracing::info!(
+            engine = ?kind,
+            model_path = %c.embedded.model_path,
+            "local.engine = auto: {}",
+            if kind == LocalEngineKind::Embedded {
+                "the model file exists, using the embedded model"
+            } else {
+                "no model file (scripts/fetch-model.sh fetches it), using the simulated engine"
+            }
+        );
+    }
+    let engine = match kind {
+        LocalEngineKind::Simulated | LocalEngineKind::Auto => {
             LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone()))
         }
+        LocalEngineKind::Embedded => match crate::embedded::load(&c.embedded, &metrics).await {
+            Ok(e) => LocalEngine::Embedded(e),
+            // `auto` found a file it cannot use: say so, serve simulated.
+            Err(e) if c.engine == LocalEngineKind::Auto => {
+                tracing::warn!(error = %e.message, "local.engine = auto: the embedded model failed to load; using the simulated engine");
+                LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone()))
+            }
+            Err(e) => {
+                return Err(Error::bad_request(format!(
+                    "config key `local.embedded.model_path`: {}",
+                    e.message
+                )))
+            }
+        },
         LocalEngineKind::Openai => {
             let mut client = OpenAiClient::new(&c.openai).map_err(|e| {
                 Error::bad_request(format!("config key `local.openai`: {}", e.message))
@@ -366,10 +397,6 @@ pub async fn run_local(
             client.upstream_duration =
                 Some(metrics.upstream_duration.with_label_values(&["local"]));
             LocalEngine::OpenAi(client)
-        }
-        LocalEngineKind::Embedded | LocalEngineKind::Auto => {
-            tracing::warn!("the embedded engine is not in this build; using the simulated engine");
-            LocalEngine::Simulated(SimulatedEngine::new(c.simulated.clone()))
         }
     };
     let subjects = Subjects::new(&cfg.nats.prefix);

@@ -18,6 +18,8 @@ pub fn test_config(nats_url: &str) -> Config {
     c.cache.max_bytes = 32 << 20;
     c.router.provider_timeout_ms = 3_000;
     c.local.admin_listen = "127.0.0.1:0".into();
+    // Pipeline tests use the simulated engine; the embedded model has its own tests.
+    c.local.engine = optiroute_common::config::LocalEngineKind::Simulated;
     c.local.simulated.base_ms = 1;
     c.local.simulated.per_token_ms = 0;
     c.cloud.admin_listen = "127.0.0.1:0".into();
