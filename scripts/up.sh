@@ -24,7 +24,8 @@ cleanup() {
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup; exit 0' INT TERM
+trap cleanup EXIT
 
 if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
   echo "up: something already listens on 127.0.0.1:4222; stop it first (or run a second stack with nats.url set)" >&2
