@@ -67,6 +67,15 @@ impl Args {
         before != self.rest.len()
     }
 
+    /// The arguments that are not flags, in order, removed from the list.
+    /// Call it after taking every flag that has a value.
+    pub fn positional(&mut self) -> Vec<String> {
+        let (flags, plain): (Vec<String>, Vec<String>) =
+            self.rest.drain(..).partition(|a| a.starts_with('-'));
+        self.rest = flags;
+        plain
+    }
+
     /// Fails on anything not taken.
     pub fn finish(self) -> Result<(), String> {
         match self.rest.first() {

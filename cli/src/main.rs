@@ -2,12 +2,14 @@
 //! its own module; this file only dispatches.
 
 mod args;
+mod batch;
 mod fake_upstream;
 mod loadtest;
 
 const USAGE: &str = "usage: optiroute <command> [options]
 commands:
   loadtest        drive POST /generate and report latency, throughput, cache, routing and cost
+  batch           submit a JSONL batch, watch it, fetch its results, cancel it
   fake-upstream   a fast fixed-answer OpenAI-compatible server for benchmarks
   help            this help (`optiroute <command> --help` for a command's options)";
 
@@ -18,6 +20,7 @@ async fn main() -> std::process::ExitCode {
     let rest: Vec<String> = argv.collect();
     match command.as_deref() {
         Some("loadtest") => loadtest::main(rest).await,
+        Some("batch") => batch::main(rest).await,
         Some("fake-upstream") => fake_upstream::main(rest).await,
         None | Some("help" | "-h" | "--help") => {
             println!("{USAGE}");

@@ -96,7 +96,13 @@ impl Drop for Proc {
 async fn the_real_binaries_serve_and_stop_cleanly() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let (http, router, local, cloud) = (free_port(), free_port(), free_port(), free_port());
+    let (http, router, local, cloud, batch) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let config = dir.path().join("optiroute.toml");
     std::fs::write(
         &config,
@@ -119,6 +125,8 @@ base_ms = 5
 per_token_ms = 0
 [cloud]
 admin_listen = "127.0.0.1:{cloud}"
+[batch]
+admin_listen = "127.0.0.1:{batch}"
 "#,
             url = nats.url()
         ),
@@ -128,6 +136,7 @@ admin_listen = "127.0.0.1:{cloud}"
         "optiroute-local",
         "optiroute-cloud",
         "optiroute-router",
+        "optiroute-batch",
         "optiroute-ingress",
     ]
     .into_iter()
@@ -195,6 +204,53 @@ admin_listen = "127.0.0.1:{cloud}"
         assert!(text.contains(name), "port {port} lacks {name}");
         assert!(text.contains("optiroute_build_info"));
     }
+
+    // A batch through the `optiroute batch` command and the batch worker process.
+    let input = dir.path().join("batch.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt\": \"one\", \"provider\": \"local\"}\n{\"custom_id\": \"b\", \"prompt\": \"two\"}\n{\"prompt\": \"three\", \"cache\": \"off\"}\n",
+    )
+    .unwrap();
+    let cli = bin_dir().join("optiroute");
+    let submitted = Command::new(&cli)
+        .args(["batch", "submit"])
+        .arg(&input)
+        .args(["--wait", "--url", &base])
+        .output()
+        .unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let first: Value = serde_json::from_str(
+        String::from_utf8_lossy(&submitted.stdout)
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let id = first["id"].as_str().unwrap();
+    let results = Command::new(&cli)
+        .args(["batch", "results", id, "--url", &base])
+        .output()
+        .unwrap();
+    assert!(results.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&results.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["status"] == "ok"), "{lines:?}");
+    assert_eq!(lines[1]["custom_id"], "b");
+    let text = reqwest::get(format!("http://127.0.0.1:{batch}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("optiroute_batch_jobs_total"));
 
     // SIGTERM: each drains and exits 0, ingress first as an operator would.
     for p in procs.iter_mut().rev() {
