@@ -172,10 +172,9 @@ impl GenerateHandler {
         key: &str,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
-        let result = self.generate(meta, req, started).await;
-        let answer = match &result {
-            Ok((_, answer)) if req.cache.writes() => answer.clone(),
-            _ => None,
+        let (result, answer) = match self.generate(meta, req, started).await {
+            Ok((response, answer)) => (Ok(response), answer.filter(|_| req.cache.writes())),
+            Err(e) => (Err(e), None),
         };
         if answer.is_some() || marker.is_some() {
             let cache = self.cache.clone();
@@ -194,7 +193,7 @@ impl GenerateHandler {
                 .in_current_span(),
             );
         }
-        result.map(|(r, _)| r)
+        result
     }
 
     /// Routes, calls the chosen pool and falls back to the other one when
