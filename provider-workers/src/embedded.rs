@@ -192,17 +192,9 @@ impl Engine for EmbeddedEngine {
         &self,
         meta: &RequestMeta,
         req: &ProviderRequest,
+        sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
-        self.run(meta, req, None).await
-    }
-
-    async fn generate_streaming(
-        &self,
-        meta: &RequestMeta,
-        req: &ProviderRequest,
-        sink: &mut ChunkSink,
-    ) -> Result<Generation, Error> {
-        self.run(meta, req, Some(sink)).await
+        self.run(meta, req, sink).await
     }
 }
 
@@ -263,7 +255,7 @@ mod tests {
         let mut req = ProviderRequest::new("What is the capital of France?");
         req.max_tokens = 96;
         let g = engine
-            .generate(&meta(Duration::from_secs(60)), &req)
+            .generate(&meta(Duration::from_secs(60)), &req, None)
             .await
             .unwrap();
         assert_eq!(g.model, "SmolLM2-135M-Instruct");
@@ -281,7 +273,7 @@ mod tests {
         long.max_tokens = 2000;
         let started = Instant::now();
         let e = engine
-            .generate(&meta(Duration::from_millis(400)), &long)
+            .generate(&meta(Duration::from_millis(400)), &long, None)
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Timeout, "{}", e.message);
@@ -294,11 +286,15 @@ mod tests {
             let engine = Arc::clone(&engine);
             let mut req = req.clone();
             req.max_tokens = 48;
-            tokio::spawn(async move { engine.generate(&meta(Duration::from_secs(60)), &req).await })
+            tokio::spawn(async move {
+                engine
+                    .generate(&meta(Duration::from_secs(60)), &req, None)
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(50)).await;
         let e = engine
-            .generate(&meta(Duration::from_millis(100)), &req)
+            .generate(&meta(Duration::from_millis(100)), &req, None)
             .await
             .unwrap_err();
         assert_eq!(e.kind, ErrorKind::Timeout, "{}", e.message);

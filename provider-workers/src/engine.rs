@@ -57,26 +57,14 @@ impl ChunkSink {
 }
 
 pub trait Engine: Send + Sync + 'static {
+    /// Generates an answer; with a `sink`, publishes the tokens to it as
+    /// they come (an engine that cannot stream sends the whole text at once).
     fn generate(
         &self,
         meta: &RequestMeta,
         request: &ProviderRequest,
+        sink: Option<&mut ChunkSink>,
     ) -> impl Future<Output = Result<Generation, Error>> + Send;
-
-    /// Generates while publishing tokens to `sink` as they come. Engines
-    /// that cannot stream send the whole text as one piece.
-    fn generate_streaming(
-        &self,
-        meta: &RequestMeta,
-        request: &ProviderRequest,
-        sink: &mut ChunkSink,
-    ) -> impl Future<Output = Result<Generation, Error>> + Send {
-        async move {
-            let g = self.generate(meta, request).await?;
-            sink.send(&g.text).await?;
-            Ok(g)
-        }
-    }
 
     /// `Ok` when the engine can serve, else why not (shown on `/ready`).
     fn ready(&self) -> Result<(), String> {

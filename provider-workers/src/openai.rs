@@ -226,6 +226,20 @@ impl OpenAiClient {
         })
     }
 
+    /// A chat completion, streamed to `sink` when there is one.
+    pub async fn complete(
+        &self,
+        req: &ProviderRequest,
+        model: &str,
+        remaining: Duration,
+        sink: Option<&mut ChunkSink>,
+    ) -> Result<Generation, CallFailure> {
+        match sink {
+            Some(sink) => self.chat_stream(req, model, remaining, sink).await,
+            None => self.chat(req, model, remaining).await,
+        }
+    }
+
     /// One chat completion, bounded by the configured timeout and `remaining`.
     pub async fn chat(
         &self,

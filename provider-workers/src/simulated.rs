@@ -80,10 +80,13 @@ impl SimulatedEngine {
 }
 
 impl Engine for SimulatedEngine {
+    /// The latency model; when streaming, paid token by token: the fixed
+    /// part before the first token, then one word per token.
     async fn generate(
         &self,
         meta: &RequestMeta,
         req: &ProviderRequest,
+        sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
         let tokens = Self::completion_tokens(req.max_tokens);
         let delay = self.latency(tokens);
@@ -94,32 +97,16 @@ impl Engine for SimulatedEngine {
                 "the deadline passed during generation",
             ));
         }
-        // tokio rounds a zero sleep up to its next millisecond tick.
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        Ok(Self::generation(req, tokens))
-    }
-
-    /// The same latency model, paid token by token: the fixed part before
-    /// the first token, then one word per token.
-    async fn generate_streaming(
-        &self,
-        meta: &RequestMeta,
-        req: &ProviderRequest,
-        sink: &mut ChunkSink,
-    ) -> Result<Generation, Error> {
-        let tokens = Self::completion_tokens(req.max_tokens);
-        if self.latency(tokens) > meta.remaining() {
-            tokio::time::sleep(meta.remaining()).await;
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                "the deadline passed during generation",
-            ));
-        }
         let g = Self::generation(req, tokens);
+        let Some(sink) = sink else {
+            // tokio rounds a zero sleep up to its next millisecond tick.
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            return Ok(g);
+        };
         let first = self.latency(0);
-        let per_token = self.latency(tokens).saturating_sub(first) / tokens.max(1);
+        let per_token = delay.saturating_sub(first) / tokens.max(1);
         tokio::time::sleep(first).await;
         for (i, word) in g.text.split(' ').enumerate() {
             if i > 0 {
@@ -162,7 +149,7 @@ mod tests {
         let mut req = ProviderRequest::new("hello");
         req.max_tokens = 4;
         let start = tokio::time::Instant::now();
-        let g = e.generate(&meta, &req).await.unwrap();
+        let g = e.generate(&meta, &req, None).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_millis(580));
         assert_eq!(g.usage.completion_tokens, 4);
         assert_eq!(g.model, "simulated");

@@ -36,30 +36,15 @@ impl Engine for LocalEngine {
         &self,
         meta: &RequestMeta,
         req: &ProviderRequest,
+        sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
         match self {
-            LocalEngine::Simulated(e) => e.generate(meta, req).await,
+            LocalEngine::Simulated(e) => e.generate(meta, req, sink).await,
             LocalEngine::OpenAi(c) => c
-                .chat(req, &c.model, meta.remaining())
+                .complete(req, &c.model, meta.remaining(), sink)
                 .await
                 .map_err(|f| f.error),
-            LocalEngine::Embedded(e) => e.generate(meta, req).await,
-        }
-    }
-
-    async fn generate_streaming(
-        &self,
-        meta: &RequestMeta,
-        req: &ProviderRequest,
-        sink: &mut ChunkSink,
-    ) -> Result<Generation, Error> {
-        match self {
-            LocalEngine::Simulated(e) => e.generate_streaming(meta, req, sink).await,
-            LocalEngine::OpenAi(c) => c
-                .chat_stream(req, &c.model, meta.remaining(), sink)
-                .await
-                .map_err(|f| f.error),
-            LocalEngine::Embedded(e) => e.generate_streaming(meta, req, sink).await,
+            LocalEngine::Embedded(e) => e.generate(meta, req, sink).await,
         }
     }
 }
@@ -120,14 +105,10 @@ impl CloudEngine {
                 ),
             )
         })?;
-        let result = match sink {
-            Some(sink) => {
-                self.client
-                    .chat_stream(req, &model, meta.remaining(), sink)
-                    .await
-            }
-            None => self.client.chat(req, &model, meta.remaining()).await,
-        };
+        let result = self
+            .client
+            .complete(req, &model, meta.remaining(), sink)
+            .await;
         match result {
             Ok(g) => {
                 permit.success();
@@ -153,17 +134,9 @@ impl Engine for CloudEngine {
         &self,
         meta: &RequestMeta,
         req: &ProviderRequest,
+        sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
-        self.call(meta, req, None).await
-    }
-
-    async fn generate_streaming(
-        &self,
-        meta: &RequestMeta,
-        req: &ProviderRequest,
-        sink: &mut ChunkSink,
-    ) -> Result<Generation, Error> {
-        self.call(meta, req, Some(sink)).await
+        self.call(meta, req, sink).await
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -202,7 +175,7 @@ impl<E: Engine> Handler for ProviderHandler<E> {
         req.validate(self.max_prompt_bytes)?;
         let started = Instant::now();
         let g = match &meta.stream_inbox {
-            None => self.engine.generate(&meta, &req).await?,
+            None => self.engine.generate(&meta, &req, None).await?,
             Some(inbox) => self.generate_streaming(&meta, &req, inbox.clone()).await?,
         };
         let seconds = started.elapsed().as_secs_f64();
@@ -251,7 +224,7 @@ impl<E: Engine> ProviderHandler<E> {
         })?;
         let mut sink = ChunkSink::new(self.client.clone(), inbox);
         let result = tokio::select! {
-            r = self.engine.generate_streaming(meta, req, &mut sink) => r,
+            r = self.engine.generate(meta, req, Some(&mut sink)) => r,
             _ = futures::StreamExt::next(&mut cancel) => {
                 tracing::info!("requester cancelled the stream; generation stopped");
                 Err(Error::new(ErrorKind::Cancelled, "the requester cancelled the stream"))
