@@ -4,11 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use optiroute_common::nats::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse};
 use optiroute_testkit::stack::{client, Parts};
-use optiroute_testkit::{test_config, wait_until, NatsServer, Stack};
+use optiroute_testkit::{json_body, request_json, test_config, wait_until, NatsServer, Stack};
 use serde_json::{json, Value};
 
 async fn post_raw(stack: &Stack, body: &str) -> (u16, Value) {
@@ -98,26 +97,16 @@ async fn garbage_on_nats_gets_an_error_reply_and_workers_keep_serving() {
         assert_eq!(body.code, optiroute_common::ErrorKind::BadRequest);
 
         // A wrong-typed field, as JSON.
-        let mut jh = HeaderMap::new();
-        jh.insert("Content-Type", "application/json");
-        let msg = c
-            .request_with_headers(
-                subject,
-                jh.clone(),
-                r#"{"prompt": ["x"], "max_tokens": 3}"#.into(),
-            )
-            .await
-            .unwrap();
-        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        let v = json_body(
+            &request_json(&c, subject, &[], r#"{"prompt": ["x"], "max_tokens": 3}"#).await,
+        );
         assert_eq!(v["code"], "bad_request", "{subject}: {v}");
         assert!(v["message"].as_str().unwrap().contains("prompt"), "{v}");
 
         // Valid shape, invalid value.
-        let msg = c
-            .request_with_headers(subject, jh, r#"{"prompt": "hi", "max_tokens": 0}"#.into())
-            .await
-            .unwrap();
-        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        let v = json_body(
+            &request_json(&c, subject, &[], r#"{"prompt": "hi", "max_tokens": 0}"#).await,
+        );
         assert!(v["message"].as_str().unwrap().contains("max_tokens"), "{v}");
     }
     // Still serving.
@@ -276,25 +265,27 @@ async fn expired_deadline_is_refused_without_work() {
     )
     .await;
     let c = client(&stack.cfg, "late").await;
-    let mut h = HeaderMap::new();
-    h.insert("Content-Type", "application/json");
-    h.insert("Optiroute-Deadline", "1000");
-    let msg = c
-        .request_with_headers(
+    let late = [("Optiroute-Deadline", "1000")];
+    let v = json_body(
+        &request_json(
+            &c,
             "optiroute.provider.local",
-            h.clone(),
-            r#"{"prompt":"too late"}"#.into(),
+            &late,
+            r#"{"prompt":"too late"}"#,
         )
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        .await,
+    );
     assert_eq!(v["code"], "timeout");
-    h.insert("Optiroute-Deadline", "soon");
-    let msg = c
-        .request_with_headers("optiroute.generate", h, r#"{"prompt":"bad header"}"#.into())
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+    let soon = [("Optiroute-Deadline", "soon")];
+    let v = json_body(
+        &request_json(
+            &c,
+            "optiroute.generate",
+            &soon,
+            r#"{"prompt":"bad header"}"#,
+        )
+        .await,
+    );
     assert_eq!(v["code"], "bad_request");
     assert!(v["message"]
         .as_str()

@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use futures::future::join_all;
 use optiroute_common::wire::{
     self, CacheMode, Format, GenerateRequest, GenerateResponse, Pool, ProviderChoice,
 };
 use optiroute_testkit::stack::{client, Parts};
-use optiroute_testkit::{metric, scrape, test_config, FakeUpstream, Mode, NatsServer, Stack};
+use optiroute_testkit::{
+    metric, request_json, scrape, test_config, FakeUpstream, Mode, NatsServer, Stack,
+};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -105,16 +106,13 @@ async fn direct_nats_publishers_speak_json_and_msgpack() {
     let c = client(&stack.cfg, "publisher").await;
 
     // JSON, as the `nats` CLI or nats-py would send it.
-    let mut h = HeaderMap::new();
-    h.insert("Content-Type", "application/json");
-    let msg = c
-        .request_with_headers(
-            "optiroute.generate",
-            h,
-            r#"{"prompt":"hi","provider":"local"}"#.into(),
-        )
-        .await
-        .unwrap();
+    let msg = request_json(
+        &c,
+        "optiroute.generate",
+        &[],
+        r#"{"prompt":"hi","provider":"local"}"#,
+    )
+    .await;
     assert_eq!(
         msg.headers
             .as_ref()

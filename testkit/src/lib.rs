@@ -60,6 +60,30 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     total
 }
 
+/// Sends `body` as JSON (`Content-Type: application/json`, plus `headers`)
+/// on `subject` the way any NATS client would, and returns the reply.
+pub async fn request_json(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> async_nats::Message {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Content-Type", "application/json");
+    for (k, v) in headers {
+        h.insert(*k, *v);
+    }
+    client
+        .request_with_headers(subject.to_string(), h, body.to_string().into())
+        .await
+        .unwrap()
+}
+
+/// The JSON body of a reply.
+pub fn json_body(msg: &async_nats::Message) -> serde_json::Value {
+    serde_json::from_slice(&msg.payload).unwrap()
+}
+
 /// GETs `http://addr/metrics`.
 pub async fn scrape(addr: std::net::SocketAddr) -> String {
     reqwest::get(format!("http://{addr}/metrics"))
