@@ -12,6 +12,7 @@
 //!   do; latency counts from the scheduled send time, so a stalled server
 //!   shows up in the percentiles (no coordinated omission).
 
+mod http;
 pub mod stats;
 pub mod workload;
 
@@ -363,18 +364,6 @@ fn parse_answer(status: u16, body: &[u8]) -> Result<Answer, String> {
     })
 }
 
-fn transport_error(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timeout".into()
-    } else if e.is_connect() {
-        "connect error".into()
-    } else if e.is_body() || e.is_decode() {
-        "body error".into()
-    } else {
-        "request error".into()
-    }
-}
-
 /// What the progress line shows and the report is computed from.
 #[derive(Default)]
 struct Recorder {
@@ -388,7 +377,7 @@ struct Recorder {
 
 struct Shared {
     opts: Options,
-    client: reqwest::Client,
+    client: http::Client,
     workload: Workload,
     recorder: Mutex<Recorder>,
     seq: AtomicU64,
@@ -416,22 +405,9 @@ impl Shared {
         let body = body(&self.opts, &drawn);
         let prompt_chars = drawn.prompt.chars().count();
         let item = drawn.item;
-        let result = self
-            .client
-            .post(&self.opts.url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await;
-        let (outcome, size) = match result {
-            Err(e) => (Err(transport_error(&e)), 0),
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                match resp.bytes().await {
-                    Ok(b) => (parse_answer(status, &b), b.len()),
-                    Err(e) => (Err(transport_error(&e)), 0),
-                }
-            }
+        let (outcome, size) = match self.client.post_json(body).await {
+            Ok((status, b)) => (parse_answer(status, &b), b.len()),
+            Err(e) => (Err(e), 0),
         };
         self.record(Record {
             latency_us: intended.elapsed().as_micros() as u64,
@@ -554,13 +530,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         },
         WorkloadSpec::File(p) => Workload::catalogue(workload::read_jsonl(p)?, opts.zipf),
     };
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(opts.timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .build()
-        .map_err(|e| format!("http client: {e}"))?;
+    let client = http::Client::new(&opts.url, opts.timeout)?;
     let description = opts.describe();
     eprintln!("optiroute loadtest: {description}");
     let start = Instant::now();
@@ -759,6 +729,79 @@ mod tests {
         assert!(opts("--think-min 3 --think-max 2").is_err());
         assert!(opts("--duration 0").is_err());
         assert!(opts("--url ftp://x").is_err());
+    }
+
+    /// A server that answers every third request with a 503 and says
+    /// every other answer was cached; counts what reached it.
+    async fn counting_server() -> (String, Arc<AtomicU64>) {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = seen.clone();
+        let app = axum::Router::new().route(
+            "/generate",
+            axum::routing::post(move |body: String| {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    assert!(v["prompt"].is_string(), "body was {body}");
+                    if n % 3 == 2 {
+                        return (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            r#"{"error":{"code":"no_responders"}}"#,
+                        )
+                            .into_response();
+                    }
+                    let cached = n % 2 == 0;
+                    axum::Json(
+                        serde_json::json!({"text": "x", "cached": cached, "cost": 0.0,
+                        "routed_to": "local", "provider": "local"}),
+                    )
+                    .into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}"), seen)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drives_a_server_and_counts_what_it_answers() {
+        let (url, seen) = counting_server().await;
+        let o = opts(&format!(
+            "--url {url} --mode closed --concurrency 4 --duration 0.5 --workload unique --quiet"
+        ))
+        .unwrap();
+        let r = run(o).await.unwrap();
+        let served = seen.load(Ordering::SeqCst);
+        assert!(r.requests > 10, "only {} requests", r.requests);
+        assert_eq!(r.requests, served, "every request reached the server once");
+        let refused = (0..served).filter(|n| n % 3 == 2).count() as u64;
+        let hits = (0..served).filter(|n| n % 3 != 2 && n % 2 == 0).count() as u64;
+        assert_eq!(r.failures, refused);
+        assert_eq!(
+            r.failures_by_kind.get("HTTP 503 no_responders"),
+            Some(&refused)
+        );
+        assert_eq!(r.cache_hits, hits);
+        assert_eq!(r.answers_with_cache_flag, served - refused);
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let o = opts(&format!(
+            "--url http://127.0.0.1:{port} --mode closed --concurrency 2 --duration 0.2 --quiet"
+        ))
+        .unwrap();
+        let r = run(o).await.unwrap();
+        assert!(r.requests > 0);
+        assert_eq!(r.failures, r.requests);
+        assert_eq!(r.failures_by_kind.get("connect error"), Some(&r.requests));
     }
 
     #[test]

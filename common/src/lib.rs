@@ -19,3 +19,9 @@ pub use error::{Error, ErrorKind};
 
 /// Version of the OptiRoute build, reported in `optiroute_build_info` and `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Every OptiRoute process allocates through mimalloc: on the cache-hit
+/// path glibc's malloc, free and their consolidation were about 10 % of the
+/// ingress's and the router's time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -1,5 +1,7 @@
 //! Structured logs: human-readable by default, JSON with `--log-json`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -11,7 +13,9 @@ pub fn init(cfg: &LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        // Colours only on a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::stdout().is_terminal());
     let result = match cfg.format {
         LogFormat::Json => builder
             .json()

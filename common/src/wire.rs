@@ -502,19 +502,38 @@ pub fn encode<T: Serialize>(format: Format, value: &T) -> Result<Bytes, Error> {
 
 /// Decodes a body; the error names the offending field where there is one.
 pub fn decode<T: DeserializeOwned>(format: Format, body: &[u8]) -> Result<T, Error> {
+    // The plain decoders first: they borrow from the slice and track no
+    // field path (the tracking decoder was 6 % of the ingress's time on
+    // cache hits). Only a body that fails is decoded again, to say where.
+    let plain = match format {
+        Format::Json => serde_json::from_slice(body).ok(),
+        Format::MsgPack => rmp_serde::from_slice(body).ok(),
+    };
+    match plain {
+        Some(value) => Ok(value),
+        None => Err(decode_error::<T>(format, body)),
+    }
+}
+
+/// Why `body` does not decode as `T`, with the field's path.
+fn decode_error<T: DeserializeOwned>(format: Format, body: &[u8]) -> Error {
     match format {
         Format::Json => {
             let mut de = serde_json::Deserializer::from_slice(body);
-            let value: T = serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| describe("JSON", e.path().to_string(), e.inner()))?;
-            de.end()
-                .map_err(|e| Error::bad_request(format!("invalid JSON body: {e}")))?;
-            Ok(value)
+            match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(e) => describe("JSON", e.path().to_string(), e.inner()),
+                Ok(_) => match de.end() {
+                    Err(e) => Error::bad_request(format!("invalid JSON body: {e}")),
+                    Ok(()) => Error::bad_request("invalid JSON body"),
+                },
+            }
         }
         Format::MsgPack => {
-            let mut de = rmp_serde::Deserializer::new(body);
-            serde_path_to_error::deserialize(&mut de)
-                .map_err(|e| describe("MessagePack", e.path().to_string(), e.inner()))
+            let mut de = rmp_serde::Deserializer::from_read_ref(body);
+            match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(e) => describe("MessagePack", e.path().to_string(), e.inner()),
+                Ok(_) => Error::bad_request("invalid MessagePack body"),
+            }
         }
     }
 }
