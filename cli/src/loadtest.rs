@@ -752,7 +752,7 @@ mod tests {
                         )
                             .into_response();
                     }
-                    let cached = n % 2 == 0;
+                    let cached = n & 1 == 0;
                     axum::Json(
                         serde_json::json!({"text": "x", "cached": cached, "cost": 0.0,
                         "routed_to": "local", "provider": "local"}),
@@ -779,7 +779,7 @@ mod tests {
         assert!(r.requests > 10, "only {} requests", r.requests);
         assert_eq!(r.requests, served, "every request reached the server once");
         let refused = (0..served).filter(|n| n % 3 == 2).count() as u64;
-        let hits = (0..served).filter(|n| n % 3 != 2 && n % 2 == 0).count() as u64;
+        let hits = (0..served).filter(|n| n % 3 != 2 && n & 1 == 0).count() as u64;
         assert_eq!(r.failures, refused);
         assert_eq!(
             r.failures_by_kind.get("HTTP 503 no_responders"),
