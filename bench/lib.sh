@@ -81,12 +81,23 @@ wait_port() {
 }
 
 # spawn NAME CMD...: runs CMD in the background, logs in $work/logs/NAME.log.
+# BENCH_CPUS=LIST (taskset's list, e.g. 0) runs everything on those CPUs.
 spawn() {
   local name=$1
   shift
-  "$@" >"$work/logs/$name.log" 2>&1 &
+  # taskset execs the command, so $! stays the command's pid.
+  if [ -n "${BENCH_CPUS:-}" ]; then
+    taskset -c "$BENCH_CPUS" "$@" >"$work/logs/$name.log" 2>&1 &
+  else
+    "$@" >"$work/logs/$name.log" 2>&1 &
+  fi
   pids+=($!)
   names+=("$name")
+}
+
+# pinned CMD...: CMD, on BENCH_CPUS when that is set.
+pinned() {
+  if [ -n "${BENCH_CPUS:-}" ]; then taskset -c "$BENCH_CPUS" "$@"; else "$@"; fi
 }
 
 # The pid of a process started with spawn.

@@ -79,7 +79,8 @@ async fn chat(State(fake): State<Fake>, body: Bytes) -> Response {
     ([(CONTENT_TYPE, "application/json")], answer.to_string()).into_response()
 }
 
-async fn shutdown_signal() {
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

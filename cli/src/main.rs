@@ -4,6 +4,7 @@
 mod args;
 mod batch;
 mod fake_upstream;
+mod floor;
 mod loadtest;
 
 const USAGE: &str = "usage: optiroute <command> [options]
@@ -11,6 +12,7 @@ commands:
   loadtest        drive POST /generate and report latency, throughput, cache, routing and cost
   batch           submit a JSONL batch, watch it, fetch its results, cancel it
   fake-upstream   a fast fixed-answer OpenAI-compatible server for benchmarks
+  floor           the bare HTTP → NATS → reply path without OptiRoute (bench/floor.sh)
   help            this help (`optiroute <command> --help` for a command's options)";
 
 #[tokio::main]
@@ -22,6 +24,7 @@ async fn main() -> std::process::ExitCode {
         Some("loadtest") => loadtest::main(rest).await,
         Some("batch") => batch::main(rest).await,
         Some("fake-upstream") => fake_upstream::main(rest).await,
+        Some("floor") => floor::main(rest).await,
         None | Some("help" | "-h" | "--help") => {
             println!("{USAGE}");
             std::process::ExitCode::SUCCESS
