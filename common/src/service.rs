@@ -77,6 +77,7 @@ pub async fn serve<H: Handler>(
 
     let permits = Arc::new(Semaphore::new(spec.max_in_flight));
     let tracker = TaskTracker::new();
+    let metrics = Arc::new(EndpointMetrics::new(&metrics, &spec.service));
     let spec = Arc::new(spec);
     loop {
         let permit = tokio::select! {
@@ -122,25 +123,51 @@ pub async fn serve<H: Handler>(
     Ok(())
 }
 
+/// One endpoint's metric series, looked up once rather than per request.
+struct EndpointMetrics {
+    all: ServiceMetrics,
+    ok: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+    in_flight: prometheus::IntGauge,
+}
+
+impl EndpointMetrics {
+    fn new(m: &ServiceMetrics, service: &str) -> Self {
+        EndpointMetrics {
+            all: m.clone(),
+            ok: m.requests.with_label_values(&[service, "ok"]),
+            duration: m.duration.with_label_values(&[service]),
+            in_flight: m.in_flight.with_label_values(&[service]),
+        }
+    }
+
+    fn finished(&self, service: &str, outcome: &str) {
+        if outcome == "ok" {
+            self.ok.inc();
+        } else {
+            self.all
+                .requests
+                .with_label_values(&[service, outcome])
+                .inc();
+        }
+    }
+}
+
 async fn handle_one<H: Handler>(
     handler: &H,
     spec: &EndpointSpec,
-    metrics: &ServiceMetrics,
+    metrics: &EndpointMetrics,
     request: async_nats::service::Request,
 ) {
     if request.message.reply.is_none() {
         // A plain publish, not a request: nobody would read the answer, so
         // spend nothing on it.
         tracing::warn!(subject = %request.message.subject, "message without a reply subject ignored; send a request");
-        metrics
-            .requests
-            .with_label_values(&[&spec.service, "no_reply"])
-            .inc();
+        metrics.finished(&spec.service, "no_reply");
         return;
     }
     let started = Instant::now();
-    let in_flight = metrics.in_flight.with_label_values(&[&spec.service]);
-    in_flight.inc();
+    metrics.in_flight.inc();
     let headers = request.message.headers.as_ref();
     let format = Format::from_headers(headers);
     let meta = RequestMeta::from_headers(headers, spec.default_deadline);
@@ -190,15 +217,9 @@ async fn handle_one<H: Handler>(
         let _g = span.enter();
         tracing::warn!(error = %e, "could not send reply");
     }
-    metrics
-        .requests
-        .with_label_values(&[&spec.service, outcome])
-        .inc();
-    metrics
-        .duration
-        .with_label_values(&[&spec.service])
-        .observe(started.elapsed().as_secs_f64());
-    in_flight.dec();
+    metrics.finished(&spec.service, outcome);
+    metrics.duration.observe(started.elapsed().as_secs_f64());
+    metrics.in_flight.dec();
 }
 
 /// Headers and body of an error reply. Internal details stay in the logs.

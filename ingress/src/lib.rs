@@ -118,18 +118,15 @@ pub fn app(state: AppState) -> Router {
 /// route template (never the raw path) as `endpoint`.
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_string();
-    let endpoint = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().clone();
+    let endpoint = req.extensions().get::<MatchedPath>().cloned();
     let m = &state.inner.metrics;
     m.in_flight.inc();
     let resp = next.run(req).await;
     m.in_flight.dec();
+    let endpoint = endpoint.as_ref().map_or("unmatched", MatchedPath::as_str);
     m.http_duration
-        .with_label_values(&[&method, &endpoint, resp.status().as_str()])
+        .with_label_values(&[method.as_str(), endpoint, resp.status().as_str()])
         .observe(started.elapsed().as_secs_f64());
     resp
 }
