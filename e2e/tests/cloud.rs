@@ -180,7 +180,7 @@ async fn client_errors_are_passed_back_not_retried() {
             "optiroute_requests_total",
             &[("service", "optiroute-local")]
         ),
-        None,
+        Some(0.0),
         "no fallback to local"
     );
 }
