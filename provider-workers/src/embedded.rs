@@ -174,6 +174,8 @@ impl EmbeddedEngine {
             ),
             model: MODEL_NAME.to_string(),
             finish_reason: Some(completion.finish_reason.as_str().to_string()),
+            // Prompt processing and decoding; not the wait for a slot.
+            compute_seconds: Some((completion.first_token + completion.decode).as_secs_f64()),
         })
     }
 
@@ -301,6 +303,37 @@ mod tests {
         assert!(e.message.contains("slot"), "{}", e.message);
         assert!(first.await.unwrap().is_ok());
         assert_eq!(engine.free_slots(), 1);
+
+        // A request that waited for the slot is charged for its compute
+        // only: the wait behind a long generation is not in compute_seconds.
+        let first = {
+            let engine = Arc::clone(&engine);
+            let mut long = long.clone();
+            long.max_tokens = 64;
+            tokio::spawn(async move {
+                engine
+                    .generate(&meta(Duration::from_secs(60)), &long, None)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut short = req.clone();
+        short.max_tokens = 4;
+        let started = Instant::now();
+        let g = engine
+            .generate(&meta(Duration::from_secs(60)), &short, None)
+            .await
+            .unwrap();
+        let wall = started.elapsed().as_secs_f64();
+        let first = first.await.unwrap().unwrap();
+        let compute = g.compute_seconds.unwrap();
+        assert!(compute > 0.0);
+        // It waited at least the rest of the first generation's compute.
+        let first_compute = first.compute_seconds.unwrap();
+        assert!(
+            wall - compute > first_compute - 0.2,
+            "wall {wall:.3} s, compute {compute:.3} s, first's compute {first_compute:.3} s"
+        );
         assert!(
             metrics
                 .queue_wait

@@ -15,6 +15,11 @@ pub struct Generation {
     /// The configured model that served it (a bounded set, used as a metric label).
     pub model: String,
     pub finish_reason: Option<String>,
+    /// Time spent computing the answer, when the engine knows it apart from
+    /// waiting (the embedded model queues for a slot first). Local cost is
+    /// charged on this; engines that cannot tell leave it `None` and the
+    /// worker charges the time the request took.
+    pub compute_seconds: Option<f64>,
 }
 
 /// Publishes a streamed answer's pieces on the requester's stream inbox.

@@ -274,6 +274,7 @@ impl OpenAiClient {
             usage,
             model: model.to_string(),
             finish_reason: choice.finish_reason,
+            compute_seconds: None,
         })
     }
 
@@ -336,6 +337,7 @@ impl OpenAiClient {
             usage,
             model: model.to_string(),
             finish_reason,
+            compute_seconds: None,
         })
     }
 }

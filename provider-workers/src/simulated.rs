@@ -75,6 +75,7 @@ impl SimulatedEngine {
                 }
                 .to_string(),
             ),
+            compute_seconds: None,
         }
     }
 }

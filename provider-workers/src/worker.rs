@@ -180,7 +180,9 @@ impl<E: Engine> Handler for ProviderHandler<E> {
         };
         let seconds = started.elapsed().as_secs_f64();
         let cost = match &self.pricing {
-            Pricing::Local { price_per_second } => local_cost(*price_per_second, seconds),
+            Pricing::Local { price_per_second } => {
+                local_cost(*price_per_second, g.compute_seconds.unwrap_or(seconds))
+            }
             Pricing::Cloud(cfg) => cloud_cost(cfg, &g.model, &g.usage),
         };
         let pool = self.pool.as_str();
