@@ -11,12 +11,80 @@ use crate::wire::{self, Format, DEADLINE_HEADER, REQUEST_ID_HEADER};
 
 pub use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 
+/// Credentials written into a NATS URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrlAuth {
+    /// `nats://user:password@host`
+    UserPassword(String, String),
+    /// `nats://token@host`
+    Token(String),
+}
+
+/// The credentials in `urls` (comma-separated; the first URL that has
+/// any), percent-decoded. async-nats does not read them from the URL by
+/// itself, and `nats/accounts.conf` gives every process its user this way.
+pub fn url_auth(urls: &str) -> Option<UrlAuth> {
+    urls.split(',').find_map(|url| {
+        let addr: async_nats::ServerAddr = url.trim().parse().ok()?;
+        let user = percent_decode(addr.username()?);
+        Some(match addr.password() {
+            Some(p) => UrlAuth::UserPassword(user, percent_decode(p)),
+            None => UrlAuth::Token(user),
+        })
+    })
+}
+
+/// `urls` with any credentials replaced by `***`, for logs and errors.
+pub fn redacted(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Connects with unlimited reconnects and capped exponential backoff, and
 /// logs every connection state change. Returns at once even when NATS is
-/// down: the client keeps trying in the background.
+/// down: the client keeps trying in the background. Credentials come from
+/// the URL (`nats://user:password@host:4222` or `nats://token@host:4222`).
 pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
     let max_delay = Duration::from_millis(cfg.max_reconnect_delay_ms.max(10));
-    let opts = async_nats::ConnectOptions::new()
+    let opts = match url_auth(&cfg.url) {
+        Some(UrlAuth::UserPassword(user, password)) => {
+            async_nats::ConnectOptions::with_user_and_password(user, password)
+        }
+        Some(UrlAuth::Token(token)) => async_nats::ConnectOptions::with_token(token),
+        None => async_nats::ConnectOptions::new(),
+    };
+    let opts = opts
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -39,7 +107,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
     opts.connect(cfg.url.as_str()).await.map_err(|e| {
         Error::new(
             ErrorKind::NatsUnavailable,
-            format!("cannot connect to NATS at {}: {e}", cfg.url),
+            format!("cannot connect to NATS at {}: {e}", redacted(&cfg.url)),
         )
     })
 }
@@ -254,4 +322,33 @@ pub fn reply_error(headers: Option<&HeaderMap>, body: &[u8], format: Format) -> 
         _ => ErrorKind::Internal,
     };
     Some(Error::new(kind, message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_come_from_the_url_and_stay_out_of_messages() {
+        assert_eq!(url_auth("nats://127.0.0.1:4222"), None);
+        assert_eq!(
+            url_auth("nats://router:change-me-router@127.0.0.1:4222"),
+            Some(UrlAuth::UserPassword(
+                "router".into(),
+                "change-me-router".into()
+            ))
+        );
+        assert_eq!(
+            url_auth("nats://a:4222, nats://u:p%40ss%3A1@b:4222"),
+            Some(UrlAuth::UserPassword("u".into(), "p@ss:1".into()))
+        );
+        assert_eq!(
+            url_auth("nats://s3cr3t@h:4222"),
+            Some(UrlAuth::Token("s3cr3t".into()))
+        );
+        assert_eq!(
+            redacted("nats://u:p@a:4222,nats://b:4222"),
+            "nats://***@a:4222,nats://b:4222"
+        );
+    }
 }

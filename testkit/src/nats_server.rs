@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 pub struct NatsServer {
     pub port: u16,
     jetstream: bool,
+    /// Extra configuration appended to the generated file.
+    extra: String,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -44,11 +46,32 @@ impl NatsServer {
         Self::start_with(false)
     }
 
+    /// A server with JetStream and the project's `nats/accounts.conf`
+    /// included: every connection needs one of its users.
+    pub fn start_with_accounts() -> Self {
+        let accounts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../nats/accounts.conf");
+        Self::start_with_extra(true, Some(accounts))
+    }
+
     fn start_with(jetstream: bool) -> Self {
+        Self::start_with_extra(jetstream, None)
+    }
+
+    fn start_with_extra(jetstream: bool, accounts: Option<PathBuf>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // nats-server resolves `include` next to the config file.
+        let extra = match accounts {
+            Some(file) => {
+                std::fs::copy(&file, dir.path().join("accounts.conf"))
+                    .unwrap_or_else(|e| panic!("cannot copy {file:?}: {e}"));
+                "include \"accounts.conf\"\n".to_string()
+            }
+            None => String::new(),
+        };
         let mut s = NatsServer {
             port: free_port(),
             jetstream,
+            extra,
             dir,
             child: None,
         };
@@ -60,6 +83,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The URL for one of `nats/accounts.conf`'s users (its placeholder password).
+    pub fn url_as(&self, user: &str) -> String {
+        format!("nats://{user}:change-me-{user}@127.0.0.1:{}", self.port)
+    }
+
     fn spawn(&mut self) {
         let conf = self.dir.path().join("nats.conf");
         let store = self.dir.path().join("store");
@@ -68,7 +96,11 @@ impl NatsServer {
         } else {
             String::new()
         };
-        std::fs::write(&conf, format!("listen: 127.0.0.1:{}\n{js}", self.port)).unwrap();
+        std::fs::write(
+            &conf,
+            format!("listen: 127.0.0.1:{}\n{js}{}", self.port, self.extra),
+        )
+        .unwrap();
         let child = Command::new(binary())
             .arg("-c")
             .arg(&conf)

@@ -73,10 +73,33 @@ impl Stack {
     }
 
     pub async fn start_parts(cfg: Config, parts: Parts) -> Stack {
+        Self::start_parts_as(cfg, parts, |_| None).await
+    }
+
+    /// Like `start_parts`, each part connecting with the NATS URL
+    /// `url_for(part)` returns (`"ingress"`, `"router"`, `"local"`,
+    /// `"cloud"`), when it returns one: a user per role. The stack's own
+    /// probes use the ingress's.
+    pub async fn start_parts_as(
+        cfg: Config,
+        parts: Parts,
+        url_for: impl Fn(&str) -> Option<String>,
+    ) -> Stack {
+        let as_part = |part: &str| {
+            let mut c = cfg.clone();
+            if let Some(url) = url_for(part) {
+                c.nats.url = url;
+            }
+            c
+        };
+        let client = |part: &'static str| {
+            let c = as_part(part);
+            async move { client(&c, part).await }
+        };
         let shutdown = CancellationToken::new();
         let local = if parts.local {
             Some(
-                optiroute_providers::run_local(client(&cfg, "local").await, &cfg, shutdown.clone())
+                optiroute_providers::run_local(client("local").await, &cfg, shutdown.clone())
                     .await
                     .unwrap(),
             )
@@ -85,7 +108,7 @@ impl Stack {
         };
         let cloud = if parts.cloud {
             Some(
-                optiroute_providers::run_cloud(client(&cfg, "cloud").await, &cfg, shutdown.clone())
+                optiroute_providers::run_cloud(client("cloud").await, &cfg, shutdown.clone())
                     .await
                     .unwrap(),
             )
@@ -94,7 +117,7 @@ impl Stack {
         };
         let router = if parts.router {
             Some(
-                optiroute_router::run(client(&cfg, "router").await, &cfg, shutdown.clone())
+                optiroute_router::run(client("router").await, &cfg, shutdown.clone())
                     .await
                     .unwrap(),
             )
@@ -103,7 +126,7 @@ impl Stack {
         };
         let ingress = if parts.ingress {
             Some(
-                optiroute_ingress::run(client(&cfg, "ingress").await, &cfg, shutdown.clone())
+                optiroute_ingress::run(client("ingress").await, &cfg, shutdown.clone())
                     .await
                     .unwrap(),
             )
@@ -111,7 +134,7 @@ impl Stack {
             None
         };
         let stack = Stack {
-            cfg,
+            cfg: as_part("ingress"),
             shutdown,
             ingress,
             router,

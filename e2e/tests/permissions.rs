@@ -1,0 +1,135 @@
+//! The whole pipeline under `nats/accounts.conf`: every process connects as
+//! its own user with only the permissions that file grants, and everything
+//! still works — HTTP, cache, streaming, batches,
+//! direct publishing — while a user cannot reach what its role does not need.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use optiroute_batch::BatchClient;
+use optiroute_common::config::Config;
+use optiroute_testkit::stack::{client, Parts};
+use optiroute_testkit::{json_body, request_json, test_config, wait_until, NatsServer, Stack};
+use serde_json::{json, Value};
+
+fn as_user(nats: &NatsServer, cfg: &Config, user: &str) -> Config {
+    let mut c = cfg.clone();
+    c.nats.url = nats.url_as(user);
+    c
+}
+
+#[tokio::test]
+async fn every_role_works_with_only_its_permissions() {
+    let nats = NatsServer::start_with_accounts();
+    let cfg = test_config(&nats.url());
+    let stack = Stack::start_parts_as(cfg.clone(), Parts::ALL, |part| {
+        Some(nats.url_as(match part {
+            "ingress" => "ingress",
+            "router" => "router",
+            _ => "provider",
+        }))
+    })
+    .await;
+
+    // HTTP, then the same prompt again from the cache (KV through the router's user).
+    let body = json!({"prompt": "permissions: what is 2+2?", "provider": "local"});
+    let (status, first) = stack.generate(&body).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["cached"], false);
+    let (status, again) = stack.generate(&body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["cached"], true, "{again}");
+
+    // Streaming: tokens from the provider to the ingress's inbox.
+    let http = reqwest::Client::new();
+    let text = http
+        .post(stack.url("/v1/chat/completions"))
+        .json(&json!({"model": "local", "stream": true, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "permissions: stream"}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("\"delta\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // A batch through the HTTP API and a worker connected as `batch`.
+    let batch_cfg = as_user(&nats, &cfg, "batch");
+    let worker = optiroute_batch::run(
+        client(&batch_cfg, "batch").await,
+        &batch_cfg,
+        stack.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let submitted: Value = http
+        .post(stack.url("/v1/batches"))
+        .body("{\"prompt\": \"permissions: one\"}\n{\"prompt\": \"permissions: two\", \"provider\": \"local\"}\n")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_string();
+    wait_until("the batch to finish", Duration::from_secs(20), || {
+        let http = http.clone();
+        let url = stack.url(&format!("/v1/batches/{id}"));
+        async move {
+            let s: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            s["status"] == "completed"
+        }
+    })
+    .await;
+    let results = http
+        .get(stack.url(&format!("/v1/batches/{id}/results")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(results.lines().count(), 2, "{results}");
+    assert!(!results.contains("\"error\""), "{results}");
+    drop(worker);
+
+    // Another system, as `client`: direct requests to the routers and
+    // batch jobs published on the stream work...
+    let other = client(&as_user(&nats, &cfg, "client"), "other").await;
+    let reply = request_json(
+        &other,
+        "optiroute.generate",
+        &[],
+        r#"{"prompt": "permissions: direct", "provider": "local"}"#,
+    )
+    .await;
+    assert!(json_body(&reply)["text"].is_string(), "{:?}", reply);
+    let b = BatchClient::open(client(&as_user(&nats, &cfg, "ingress"), "b").await, &cfg)
+        .await
+        .unwrap();
+    assert!(b.status(&id).await.is_ok());
+
+    // ...but not the provider pools behind the routers' backs: the server
+    // refuses the publish, so nobody answers.
+    let refused = tokio::time::timeout(
+        Duration::from_secs(2),
+        other.request(
+            "optiroute.provider.local",
+            r#"{"prompt": "sneaking past the router"}"#.into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "the client user reached a provider pool directly"
+    );
+
+    // And a connection without a user is turned away.
+    let anonymous = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(nats.url())
+        .await;
+    assert!(anonymous.is_err(), "an anonymous connection was accepted");
+}
