@@ -122,14 +122,7 @@ async fn a_batch_runs_through_the_router_and_results_come_back_in_order() {
     );
 
     // Results: one line per input line, in order.
-    let text = http
-        .get(stack.url(&format!("/v1/batches/{id}/results")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, text) = stack.get(&format!("/v1/batches/{id}/results")).await;
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -152,27 +145,11 @@ async fn a_batch_runs_through_the_router_and_results_come_back_in_order() {
         .unwrap()
         .contains("JSON"));
 
-    let st: Value = http
-        .get(stack.url(&format!("/v1/batches/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, st) = stack.get(&format!("/v1/batches/{id}")).await;
+    let st: Value = serde_json::from_str(&st).unwrap();
     assert_eq!(st["status"], "completed");
-    let missing = http
-        .get(stack.url("/v1/batches/nope"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
-    let bad = http
-        .get(stack.url("/v1/batches/bad.id"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(bad.status(), 400);
+    assert_eq!(stack.get("/v1/batches/nope").await.0, 404);
+    assert_eq!(stack.get("/v1/batches/bad.id").await.0, 400);
 }
 
 #[tokio::test]

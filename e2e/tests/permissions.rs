@@ -74,23 +74,12 @@ async fn every_role_works_with_only_its_permissions() {
         .await
         .unwrap();
     let id = submitted["id"].as_str().unwrap().to_string();
-    wait_until("the batch to finish", Duration::from_secs(20), || {
-        let http = http.clone();
-        let url = stack.url(&format!("/v1/batches/{id}"));
-        async move {
-            let s: Value = http.get(url).send().await.unwrap().json().await.unwrap();
-            s["status"] == "completed"
-        }
+    wait_until("the batch to finish", Duration::from_secs(20), || async {
+        let (_, s) = stack.get(&format!("/v1/batches/{id}")).await;
+        serde_json::from_str::<Value>(&s).unwrap()["status"] == "completed"
     })
     .await;
-    let results = http
-        .get(stack.url(&format!("/v1/batches/{id}/results")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, results) = stack.get(&format!("/v1/batches/{id}/results")).await;
     assert_eq!(results.lines().count(), 2, "{results}");
     assert!(!results.contains("\"error\""), "{results}");
     drop(worker);

@@ -196,6 +196,13 @@ impl Stack {
         self.post_raw("/generate", body.to_string()).await
     }
 
+    /// GETs `path`: the status and the body's text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = reqwest::get(self.url(path)).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+
     /// POSTs `body` (sent as JSON) to `path`: the status and the JSON answer.
     pub async fn post_raw(&self, path: &str, body: String) -> (u16, serde_json::Value) {
         let resp = reqwest::Client::new()
