@@ -20,16 +20,47 @@ pub enum UrlAuth {
     Token(String),
 }
 
+/// One URL cut around its credentials: (`scheme://` or "", the
+/// credentials if any, the rest). The last `@` ends them, so a password
+/// may contain `@`; a NATS URL has no path that could.
+fn userinfo(url: &str) -> (&str, Option<&str>, &str) {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    match url[start..].rfind('@') {
+        Some(at) => (
+            &url[..start],
+            Some(&url[start..start + at]),
+            &url[start + at + 1..],
+        ),
+        None => (&url[..start], None, &url[start..]),
+    }
+}
+
+/// The servers of a comma-separated `nats.url`, without credentials (which
+/// go to the connect options instead, so async-nats never logs them).
+pub fn server_urls(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let (scheme, _, rest) = userinfo(u);
+            format!("{scheme}{rest}")
+        })
+        .collect()
+}
+
 /// The credentials in `urls` (comma-separated; the first URL that has
-/// any), percent-decoded. async-nats does not read them from the URL by
-/// itself, and `nats/accounts.conf` gives every process its user this way.
+/// any), percent-decoded: `user:password@` or `token@` (a `,` or `@` in a
+/// password is written `%2C`, `%40`). async-nats does
+/// not read them from the URL by itself, and `nats/accounts.conf` gives
+/// every process its user this way.
 pub fn url_auth(urls: &str) -> Option<UrlAuth> {
     urls.split(',').find_map(|url| {
-        let addr: async_nats::ServerAddr = url.trim().parse().ok()?;
-        let user = percent_decode(addr.username()?);
-        Some(match addr.password() {
-            Some(p) => UrlAuth::UserPassword(user, percent_decode(p)),
-            None => UrlAuth::Token(user),
+        let info = userinfo(url.trim()).1?;
+        Some(match info.split_once(':') {
+            Some((user, password)) => {
+                UrlAuth::UserPassword(percent_decode(user), percent_decode(password))
+            }
+            None => UrlAuth::Token(percent_decode(info)),
         })
     })
 }
@@ -37,10 +68,8 @@ pub fn url_auth(urls: &str) -> Option<UrlAuth> {
 /// `urls` with any credentials replaced by `***`, for logs and errors.
 pub fn redacted(urls: &str) -> String {
     urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}***{}", &url[..scheme + 3], &url[at..])
-            }
+        .map(|url| match userinfo(url) {
+            (scheme, Some(_), rest) => format!("{scheme}***@{rest}"),
             _ => url.to_string(),
         })
         .collect::<Vec<_>>()
@@ -104,7 +133,14 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
                 other => tracing::info!(event = %other, "nats event"),
             }
         });
-    opts.connect(cfg.url.as_str()).await.map_err(|e| {
+    let servers = server_urls(&cfg.url);
+    if servers.is_empty() {
+        return Err(Error::new(
+            ErrorKind::NatsUnavailable,
+            "nats.url names no server",
+        ));
+    }
+    opts.connect(servers).await.map_err(|e| {
         Error::new(
             ErrorKind::NatsUnavailable,
             format!("cannot connect to NATS at {}: {e}", redacted(&cfg.url)),
@@ -346,9 +382,18 @@ mod tests {
             url_auth("nats://s3cr3t@h:4222"),
             Some(UrlAuth::Token("s3cr3t".into()))
         );
+        // A comma separates servers, so one in a password is written %2C.
         assert_eq!(
-            redacted("nats://u:p@a:4222,nats://b:4222"),
-            "nats://***@a:4222,nats://b:4222"
+            url_auth("nats://u:p%2Cw@h:4222"),
+            Some(UrlAuth::UserPassword("u".into(), "p,w".into()))
+        );
+        assert_eq!(
+            redacted("nats://u:p@a:4222,nats://b:4222,u:p@@c:1"),
+            "nats://***@a:4222,nats://b:4222,***@c:1"
+        );
+        assert_eq!(
+            server_urls("nats://u:p@a:4222, nats://b:4222,,tls://t@[::1]:4222"),
+            vec!["nats://a:4222", "nats://b:4222", "tls://[::1]:4222"]
         );
     }
 }

@@ -88,16 +88,29 @@ impl Client {
 
 impl Plain {
     async fn post(&self, body: String) -> Exchange {
-        let mut conn = self.checkout().await?;
         let req = hyper::Request::post(self.path.as_str())
             .header(hyper::header::HOST, self.authority.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|_| "request error".to_string())?;
-        let resp = conn
-            .send_request(req)
-            .await
-            .map_err(|_| "request error".to_string())?;
+        let (mut conn, pooled) = match self.idle_conn().await {
+            Some(c) => (c, true),
+            None => (self.dial().await?, false),
+        };
+        let resp = match conn.try_send_request(req).await {
+            Ok(r) => r,
+            Err(mut e) => match e.take_message() {
+                // A kept-alive connection the server closed as the request
+                // left: it was never sent, so once more on a new connection.
+                Some(req) if pooled => {
+                    conn = self.dial().await?;
+                    conn.send_request(req)
+                        .await
+                        .map_err(|_| "request error".to_string())?
+                }
+                _ => return Err("request error".into()),
+            },
+        };
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -109,15 +122,17 @@ impl Plain {
         Ok((status, body))
     }
 
-    /// An idle connection that is still usable, or a new one.
-    async fn checkout(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+    /// An idle connection that is still usable.
+    async fn idle_conn(&self) -> Option<SendRequest<Full<Bytes>>> {
         loop {
-            let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
-            let Some(mut conn) = pooled else { break };
+            let mut conn = self.idle.lock().ok().and_then(|mut v| v.pop())?;
             if conn.ready().await.is_ok() {
-                return Ok(conn);
+                return Some(conn);
             }
         }
+    }
+
+    async fn dial(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let stream = tokio::net::TcpStream::connect(self.authority.as_str())
             .await
             .map_err(|_| "connect error".to_string())?;
