@@ -38,6 +38,10 @@ pub struct NatsConfig {
     pub prefix: String,
     /// Upper bound of the reconnect backoff, in milliseconds.
     pub max_reconnect_delay_ms: u64,
+    /// Where replies and streamed tokens come back to this process. Give
+    /// each role its own (`nats/accounts.conf` uses `_INBOX_<role>`) so a
+    /// user may only read its own replies.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -46,6 +50,7 @@ impl Default for NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
             prefix: "optiroute".into(),
             max_reconnect_delay_ms: 2000,
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }
@@ -491,6 +496,19 @@ impl Config {
                 "must be a non-empty subject token without spaces or wildcards",
             );
         }
+        let p = &self.nats.inbox_prefix;
+        if p.is_empty()
+            || p.starts_with('.')
+            || p.ends_with('.')
+            || p.contains("..")
+            || p.chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
+        {
+            return bad(
+                "nats.inbox_prefix",
+                "must be a subject without spaces or wildcards, e.g. _INBOX_router",
+            );
+        }
         if self.cache.ttl_secs == 0 {
             return bad("cache.ttl_secs", "must be at least 1");
         }
@@ -585,6 +603,18 @@ mod tests {
         let e = Config::from_parts(None, &[], &[("router.max_in_flight".into(), "many".into())])
             .unwrap_err();
         assert!(e.message.contains("max_in_flight"), "{}", e.message);
+        for bad in ["", "_INBOX.>", "a b", ".x"] {
+            let e = Config::from_parts(None, &[], &[("nats.inbox_prefix".into(), bad.into())])
+                .unwrap_err();
+            assert!(e.message.contains("nats.inbox_prefix"), "{}", e.message);
+        }
+        let c = Config::from_parts(
+            None,
+            &[],
+            &[("nats.inbox_prefix".into(), "_INBOX_router".into())],
+        )
+        .unwrap();
+        assert_eq!(c.nats.inbox_prefix, "_INBOX_router");
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
         None => async_nats::ConnectOptions::new(),
     };
     let opts = opts
+        .custom_inbox_prefix(&cfg.inbox_prefix)
         .name(name)
         .retry_on_initial_connect()
         .max_reconnects(None)

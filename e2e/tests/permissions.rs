@@ -1,20 +1,24 @@
 //! The whole pipeline under `nats/accounts.conf`: every process connects as
 //! its own user with only the permissions that file grants, and everything
 //! still works — HTTP, cache, streaming, batches,
-//! direct publishing — while a user cannot reach what its role does not need.
+//! direct publishing — while a user cannot reach what its role does not
+//! need: the provider pools behind the routers, or another user's replies.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use optiroute_batch::BatchClient;
 use optiroute_common::config::Config;
 use optiroute_testkit::stack::{client, Parts};
 use optiroute_testkit::{json_body, request_json, test_config, wait_until, NatsServer, Stack};
 use serde_json::{json, Value};
 
+/// `cfg` connecting as `user`, with replies on that user's own inbox.
 fn as_user(nats: &NatsServer, cfg: &Config, user: &str) -> Config {
     let mut c = cfg.clone();
     c.nats.url = nats.url_as(user);
+    c.nats.inbox_prefix = format!("_INBOX_{user}");
     c
 }
 
@@ -22,13 +26,16 @@ fn as_user(nats: &NatsServer, cfg: &Config, user: &str) -> Config {
 async fn every_role_works_with_only_its_permissions() {
     let nats = NatsServer::start_with_accounts();
     let cfg = test_config(&nats.url());
-    let stack = Stack::start_parts_as(cfg.clone(), Parts::ALL, |part| {
-        Some(match part {
-            "ingress" => nats.url_as("ingress"),
+    let stack = Stack::start_parts_as(cfg.clone(), Parts::ALL, |part, n| {
+        let user = match part {
+            "ingress" | "router" => part,
+            _ => "provider",
+        };
+        *n = as_user(&nats, &cfg, user).nats;
+        if part == "router" {
             // A server list, one of them down: credentials come with the list.
-            "router" => format!("nats://127.0.0.1:1, {}", nats.url_as("router")),
-            _ => nats.url_as("provider"),
-        })
+            n.url = format!("nats://127.0.0.1:1, {}", n.url);
+        }
     })
     .await;
 
@@ -40,6 +47,14 @@ async fn every_role_works_with_only_its_permissions() {
     let (status, again) = stack.generate(&body).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["cached"], true, "{again}");
+
+    // The UI's live panel: every service answers the ingress's $SRV.STATS.
+    let (status, stats) = stack.get("/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    for pool in ["routers", "local_pool", "cloud_pool"] {
+        assert_eq!(stats[pool]["workers"], 1, "{pool}: {stats}");
+    }
 
     // Streaming: tokens from the provider to the ingress's inbox.
     let http = reqwest::Client::new();
@@ -120,6 +135,29 @@ async fn every_role_works_with_only_its_permissions() {
     assert!(
         ask_pool(other).await.is_err(),
         "the client user reached a provider pool directly"
+    );
+
+    // Replies are private: another user cannot read the ingress's inbox,
+    // while the ingress's own user can.
+    let ingress_user = client(&as_user(&nats, &cfg, "ingress"), "spy-control").await;
+    let mut allowed = ingress_user.subscribe("_INBOX_ingress.>").await.unwrap();
+    let spy = client(&as_user(&nats, &cfg, "client"), "spy").await;
+    let mut denied = spy.subscribe("_INBOX_ingress.>").await.unwrap();
+    ingress_user.flush().await.unwrap();
+    let _ = spy.flush().await;
+    let (status, _) = stack
+        .generate(&json!({"prompt": "permissions: private", "provider": "local"}))
+        .await;
+    assert_eq!(status, 200);
+    let seen = tokio::time::timeout(Duration::from_secs(2), allowed.next()).await;
+    assert!(
+        matches!(seen, Ok(Some(_))),
+        "the ingress user reads its inbox"
+    );
+    let leaked = tokio::time::timeout(Duration::from_millis(500), denied.next()).await;
+    assert!(
+        !matches!(leaked, Ok(Some(_))),
+        "the client user read a reply meant for the ingress"
     );
 
     // And a connection without a user is turned away.

@@ -73,23 +73,21 @@ impl Stack {
     }
 
     pub async fn start_parts(cfg: Config, parts: Parts) -> Stack {
-        Self::start_parts_as(cfg, parts, |_| None).await
+        Self::start_parts_as(cfg, parts, |_, _| {}).await
     }
 
-    /// Like `start_parts`, each part connecting with the NATS URL
-    /// `url_for(part)` returns (`"ingress"`, `"router"`, `"local"`,
-    /// `"cloud"`), when it returns one: a user per role. The stack's own
-    /// probes use the ingress's.
+    /// Like `start_parts`, each part's NATS settings adjusted by
+    /// `nats_for(part, settings)` (`"ingress"`, `"router"`, `"local"`,
+    /// `"cloud"`): a user and an inbox per role. The stack's own probes use
+    /// the ingress's.
     pub async fn start_parts_as(
         cfg: Config,
         parts: Parts,
-        url_for: impl Fn(&str) -> Option<String>,
+        nats_for: impl Fn(&str, &mut optiroute_common::config::NatsConfig),
     ) -> Stack {
         let as_part = |part: &str| {
             let mut c = cfg.clone();
-            if let Some(url) = url_for(part) {
-                c.nats.url = url;
-            }
+            nats_for(part, &mut c.nats);
             c
         };
         let client = |part: &'static str| {
