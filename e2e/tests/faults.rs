@@ -149,6 +149,12 @@ async fn no_router_is_a_fast_503() {
     assert_eq!(v["error"]["code"], "no_responders");
     let ready = reqwest::get(stack.url("/ready")).await.unwrap();
     assert_eq!(ready.status(), 503);
+    // The UI's panel counts it as failed, with no router seen.
+    let (_, stats) = stack.get("/stats").await;
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["requests"]["failed"], 1, "{stats}");
+    assert_eq!(stats["requests"]["total"], 0, "{stats}");
+    assert_eq!(stats["routers"]["workers"], 0, "{stats}");
 }
 
 #[tokio::test]

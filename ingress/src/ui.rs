@@ -100,6 +100,8 @@ pub struct UiStats {
 #[derive(Default)]
 struct Totals {
     answers: u64,
+    /// Requests the routers were sent that ended in an error.
+    failed: u64,
     /// (when, latency in seconds) of the answers of the last [`WINDOW`].
     window: VecDeque<(Instant, f64)>,
     spend_by_provider: [f64; 2],
@@ -182,6 +184,13 @@ impl UiStats {
         self.record_at(answer, Instant::now());
     }
 
+    /// A request the routers were sent that ended in an error. (The NATS
+    /// service API's own `num_errors` cannot count these: error replies
+    /// carry a `{code, message}` body, and it counts only empty ones.)
+    pub fn record_failure(&self) {
+        self.lock().failed += 1;
+    }
+
     fn record_at(&self, a: &GenerateResponse, now: Instant) {
         let cost = if a.cost.is_finite() && a.cost > 0.0 {
             a.cost
@@ -252,6 +261,7 @@ impl UiStats {
             let lat: Vec<f64> = t.window.iter().map(|&(_, l)| l).collect();
             let t = Snapshot {
                 answers: t.answers,
+                failed: t.failed,
                 spend: t.spend_by_provider,
                 served: t.served_by_provider,
                 by_route: t.by_route,
@@ -291,6 +301,7 @@ impl UiStats {
         json!({
             "requests": {
                 "total": t.answers,
+                "failed": t.failed,
                 "by_route": {"local": t.by_route[0], "cloud": t.by_route[1]},
                 "by_provider": {"local": t.served[0], "cloud": t.served[1]},
                 "fallbacks": {"total": fallbacks_total, "by_reason": t.fallbacks},
@@ -320,6 +331,7 @@ impl UiStats {
 
 struct Snapshot {
     answers: u64,
+    failed: u64,
     spend: [f64; 2],
     served: [u64; 2],
     by_route: [u64; 2],
@@ -353,7 +365,6 @@ fn secs_since(at: Instant, now: Instant) -> f64 {
 struct ServiceSums {
     workers: u64,
     requests: u64,
-    errors: u64,
     processing_ns: f64,
 }
 
@@ -373,7 +384,6 @@ impl ServiceSums {
         for e in ours {
             let n = e.get("num_requests").and_then(Value::as_u64).unwrap_or(0);
             self.requests += n;
-            self.errors += e.get("num_errors").and_then(Value::as_u64).unwrap_or(0);
             let avg = e
                 .get("average_processing_time")
                 .and_then(Value::as_f64)
@@ -439,11 +449,10 @@ async fn nats_part(state: &AppState) -> Value {
         "routers": {
             "workers": routers.workers,
             "requests": routers.requests,
-            "errors": routers.errors,
             "avg_processing_ms": routers.avg_processing_ms(),
         },
-        "local_pool": {"workers": local.workers, "requests": local.requests, "errors": local.errors},
-        "cloud_pool": {"workers": cloud.workers, "requests": cloud.requests, "errors": cloud.errors},
+        "local_pool": {"workers": local.workers, "requests": local.requests},
+        "cloud_pool": {"workers": cloud.workers, "requests": cloud.requests},
     });
     *cached = Some((Instant::now(), v.clone()));
     v
@@ -577,7 +586,6 @@ mod tests {
         s.add(&json!({"garbage": true}), "optiroute.generate");
         assert_eq!(s.workers, 2);
         assert_eq!(s.requests, 4);
-        assert_eq!(s.errors, 2);
         assert_eq!(s.avg_processing_ms(), Some(2.0));
     }
 }

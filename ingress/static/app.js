@@ -406,7 +406,7 @@
     const routers = s.routers || {};
     const localPool = s.local_pool || {};
     let foot = "routers " + (routers.workers || 0) + " (" + (routers.requests || 0) + " requests, " +
-      (routers.errors || 0) + " errors) · local workers " + (localPool.workers || 0);
+      (req.failed || 0) + " failed) · local workers " + (localPool.workers || 0);
     if (s.nats && s.nats.connected === false) foot += " · NATS disconnected";
     set("stat-workers", foot);
 
