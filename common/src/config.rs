@@ -496,14 +496,7 @@ impl Config {
                 "must be a non-empty subject token without spaces or wildcards",
             );
         }
-        let p = &self.nats.inbox_prefix;
-        if p.is_empty()
-            || p.starts_with('.')
-            || p.ends_with('.')
-            || p.contains("..")
-            || p.chars()
-                .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
-        {
+        if !crate::nats::valid_subject(&self.nats.inbox_prefix) {
             return bad(
                 "nats.inbox_prefix",
                 "must be a subject without spaces or wildcards, e.g. _INBOX_router",

@@ -262,7 +262,7 @@ impl RequestMeta {
 }
 
 /// A subject we are willing to publish to on a caller's behalf.
-fn valid_subject(s: &str) -> bool {
+pub(crate) fn valid_subject(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && !s.starts_with('.')

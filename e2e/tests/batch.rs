@@ -55,16 +55,7 @@ async fn a_batch_runs_through_the_router_and_results_come_back_in_order() {
     let w2 = worker(&cfg, &stack).await;
     let mut file = input(120);
     file.push_str("{\"prompt\": \"\"}\n{not json\n");
-    let http = reqwest::Client::new();
-    let submitted: Value = http
-        .post(stack.url("/v1/batches"))
-        .body(file.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, submitted) = stack.post_raw("/v1/batches", file.clone()).await;
     let id = submitted["id"].as_str().unwrap().to_string();
     assert_eq!(submitted["total"], 122);
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
@@ -75,15 +66,7 @@ async fn a_batch_runs_through_the_router_and_results_come_back_in_order() {
     assert!(s.cost_usd > 0.0);
 
     // Submitting the same file again adds no job.
-    let again: Value = http
-        .post(stack.url("/v1/batches"))
-        .body(file)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, again) = stack.post_raw("/v1/batches", file).await;
     assert_eq!(again["id"], id.as_str());
     assert_eq!(again["total"], 122);
     tokio::time::sleep(Duration::from_millis(300)).await;

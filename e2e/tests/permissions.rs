@@ -80,15 +80,12 @@ async fn every_role_works_with_only_its_permissions() {
     )
     .await
     .unwrap();
-    let submitted: Value = http
-        .post(stack.url("/v1/batches"))
-        .body("{\"prompt\": \"permissions: one\"}\n{\"prompt\": \"permissions: two\", \"provider\": \"local\"}\n")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, submitted) = stack
+        .post_raw(
+            "/v1/batches",
+            "{\"prompt\": \"permissions: one\"}\n{\"prompt\": \"permissions: two\", \"provider\": \"local\"}\n".into(),
+        )
+        .await;
     let id = submitted["id"].as_str().unwrap().to_string();
     wait_until("the batch to finish", Duration::from_secs(20), || async {
         let (_, s) = stack.get(&format!("/v1/batches/{id}")).await;
