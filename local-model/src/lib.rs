@@ -24,8 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::gguf_file::Content;
+use crate::gguf::Content;
 
+pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
@@ -203,11 +204,9 @@ impl EmbeddedModel {
         };
         let ct = Content::read(&mut file).map_err(|e| corrupt(path, e))?;
         let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+            .get_str("general.architecture")
+            .unwrap_or_default()
+            .to_string();
         if arch != "llama" {
             return Err(corrupt(
                 path,

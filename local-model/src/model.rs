@@ -5,9 +5,7 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::GgmlDType;
-use candle_core::Device;
+use crate::gguf::{Content, DType};
 
 use crate::quant::{quantize_act, BlockAct, FileType, QMatrix};
 
@@ -49,16 +47,11 @@ pub struct Weights {
 }
 
 fn md_u32(ct: &Content, key: &str) -> Result<usize, String> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| format!("missing GGUF metadata `{key}`"))?
-        .to_u32()
-        .map(|v| v as usize)
-        .map_err(|e| format!("GGUF metadata `{key}`: {e}"))
+    ct.get_u32(key).map(|v| v as usize)
 }
 
 fn md_f32(ct: &Content, key: &str) -> Option<f32> {
-    ct.metadata.get(key).and_then(|v| v.to_f32().ok())
+    ct.get_f32(key)
 }
 
 impl Weights {
@@ -88,30 +81,22 @@ impl Weights {
             ));
         }
         let mut read = |name: &str| -> Result<QMatrix, String> {
-            let info = ct
-                .tensor_infos
-                .get(name)
-                .ok_or_else(|| format!("missing tensor `{name}`"))?;
-            let kind = match info.ggml_dtype {
-                GgmlDType::F32 => FileType::F32,
-                GgmlDType::Q4_1 => FileType::Q4_1,
-                GgmlDType::Q8_0 => FileType::Q8_0,
+            let (info, raw) = ct.tensor_bytes(file, name)?;
+            let kind = match info.dtype {
+                DType::F32 => FileType::F32,
+                DType::Q4_1 => FileType::Q4_1,
+                DType::Q8_0 => FileType::Q8_0,
                 other => {
                     return Err(format!(
                         "tensor `{name}` is {other:?}; supported: F32, Q4_1, Q8_0"
                     ))
                 }
             };
-            let dims = info.shape.dims();
-            let (rows, cols) = match dims {
-                [n] => (1, *n),
-                [r, c] => (*r, *c),
-                _ => return Err(format!("tensor `{name}` has shape {dims:?}")),
+            let (rows, cols) = match info.dims[..] {
+                [n] => (1, n),
+                [r, c] => (r, c),
+                _ => return Err(format!("tensor `{name}` has shape {:?}", info.dims)),
             };
-            let q = info
-                .read(file, ct.tensor_data_offset, &Device::Cpu)
-                .map_err(|e| format!("tensor `{name}`: {e}"))?;
-            let raw = q.data().map_err(|e| format!("tensor `{name}`: {e}"))?;
             QMatrix::from_raw(kind, rows, cols, &raw).map_err(|e| format!("tensor `{name}`: {e}"))
         };
         let vector = |m: QMatrix, name: &str| -> Result<Vec<f32>, String> {
@@ -123,7 +108,7 @@ impl Weights {
             Ok(v)
         };
         let embed = read("token_embd.weight")?;
-        let output = if ct.tensor_infos.contains_key("output.weight") {
+        let output = if ct.tensors.contains_key("output.weight") {
             Some(read("output.weight")?)
         } else {
             None

@@ -6,7 +6,7 @@
 //! GPT-2 byte-level pre-tokenizer (prefix space on, digits grouped) tokenizes
 //! the chat template differently from what the model was trained on.
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use crate::gguf::Content;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -68,26 +68,14 @@ pub struct ChatTokenizer {
     pub end_of_text: u32,
 }
 
-fn string_array<'a>(ct: &'a Content, key: &str) -> Result<&'a Vec<Value>, String> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| format!("missing GGUF metadata `{key}`"))?
-        .to_vec()
-        .map_err(|e| format!("GGUF metadata `{key}`: {e}"))
-}
-
-fn as_int(v: &Value) -> Option<i64> {
-    match v {
-        Value::U8(x) => Some(i64::from(*x)),
-        Value::I8(x) => Some(i64::from(*x)),
-        Value::U16(x) => Some(i64::from(*x)),
-        Value::I16(x) => Some(i64::from(*x)),
-        Value::U32(x) => Some(i64::from(*x)),
-        Value::I32(x) => Some(i64::from(*x)),
-        Value::I64(x) => Some(*x),
-        Value::U64(x) => i64::try_from(*x).ok(),
-        _ => None,
-    }
+fn string_array<'a>(ct: &'a Content, key: &str) -> Result<Vec<&'a str>, String> {
+    ct.get_array(key)?
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| format!("GGUF metadata `{key}` holds a non-string"))
+        })
+        .collect()
 }
 
 /// GPT-2's byte-level alphabet: the char each byte is written as in the
@@ -111,36 +99,29 @@ fn char_to_byte() -> std::collections::HashMap<char, u8> {
 
 impl ChatTokenizer {
     pub fn from_gguf(ct: &Content) -> Result<Self, String> {
-        let model = ct
-            .metadata
-            .get("tokenizer.ggml.model")
-            .and_then(|v| v.to_string().ok())
-            .map(String::as_str)
-            .unwrap_or("");
+        let model = ct.get_str("tokenizer.ggml.model").unwrap_or("");
         if model != "gpt2" {
             return Err(format!(
                 "tokenizer.ggml.model is `{model}`, expected `gpt2` (byte-level BPE)"
             ));
         }
         let tokens: Vec<String> = string_array(ct, "tokenizer.ggml.tokens")?
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(|e| e.to_string()))
-            .collect::<Result<_, _>>()?;
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         let merges: Vec<(String, String)> = string_array(ct, "tokenizer.ggml.merges")?
-            .iter()
-            .map(|v| {
-                let m = v.to_string().map_err(|e| e.to_string())?;
+            .into_iter()
+            .map(|m| {
                 m.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
                     .ok_or_else(|| format!("invalid merge `{m}`"))
             })
             .collect::<Result<_, String>>()?;
         let types: Vec<i64> = match ct.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| e.to_string())?
+            Some(_) => ct
+                .get_array("tokenizer.ggml.token_type")?
                 .iter()
-                .map(|t| as_int(t).unwrap_or(1))
+                .map(|t| t.as_i64().unwrap_or(1))
                 .collect(),
             None => vec![1; tokens.len()],
         };
