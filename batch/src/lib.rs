@@ -14,4 +14,4 @@ pub mod worker;
 
 pub use client::BatchClient;
 pub use model::{BatchMeta, BatchResult, BatchStatus, Job, ResultStatus};
-pub use worker::{run, Running};
+pub use worker::{process, run, Running};

@@ -88,6 +88,16 @@ impl Running {
     }
 }
 
+/// The batch worker as a process body for [`optiroute_common::cli::main`] (boxed here,
+/// so the binary does not compile the async call tree again).
+pub fn process(
+    client: Client,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+    Box::pin(async move { run(client, &cfg, shutdown).await?.wait().await })
+}
+
 /// Starts a batch worker; it keeps trying until JetStream is available.
 pub async fn run(
     client: Client,

@@ -1,21 +1,38 @@
 //! The shared `main` of every binary: parse flags, load config, init logs,
 //! connect to NATS, start the process's `run`, wait for a signal.
 
-use std::future::Future;
-
 use async_nats::Client;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CliArgs, Config, USAGE};
 use crate::Error;
 
-/// Runs a process: `start` gets the NATS client, the config and the shutdown
-/// token, and resolves when the process has stopped. Returns the exit code.
-pub async fn main<F, Fut>(process: &str, about: &str, start: F) -> std::process::ExitCode
-where
-    F: FnOnce(Client, Config, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<(), Error>>,
-{
+/// A process's body: gets the NATS client, the config and the shutdown
+/// token, and resolves when the process has stopped.
+///
+/// Each library boxes its own body (`optiroute_router::process` and the
+/// like). Boxing there, behind a plain `fn`, compiles the process's whole
+/// async call tree once, in its library; a generic `main` would make every
+/// binary (and every test binary that starts one) compile it again.
+pub type Process = fn(Client, Config, CancellationToken) -> BoxFuture<'static, Result<(), Error>>;
+
+/// Runs a process on a multi-threaded runtime and returns its exit code.
+pub fn main(process: &str, about: &str, start: Process) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{process}: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(process, about, start))
+}
+
+async fn run(process: &str, about: &str, start: Process) -> std::process::ExitCode {
     let args = match CliArgs::parse(std::env::args().skip(1)) {
         Ok(Some(a)) => a,
         Ok(None) => {

@@ -274,6 +274,16 @@ impl Running {
     }
 }
 
+/// The ingress as a process body for [`optiroute_common::cli::main`] (boxed here,
+/// so the binary does not compile the async call tree again).
+pub fn process(
+    client: Client,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+    Box::pin(async move { run(client, &cfg, shutdown).await?.wait().await })
+}
+
 /// Binds `ingress.listen` and serves until `shutdown`, then finishes open requests.
 pub async fn run(
     client: Client,

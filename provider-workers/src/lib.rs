@@ -10,4 +10,4 @@ pub mod openai;
 pub mod simulated;
 pub mod worker;
 
-pub use worker::{run_cloud, run_local, Running};
+pub use worker::{cloud_process, local_process, run_cloud, run_local, Running};

@@ -326,6 +326,16 @@ async fn start<E: Engine>(
     })
 }
 
+/// The local pool worker as a process body for [`optiroute_common::cli::main`] (boxed here,
+/// so the binary does not compile the async call tree again).
+pub fn local_process(
+    client: Client,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+    Box::pin(async move { run_local(client, &cfg, shutdown).await?.wait().await })
+}
+
 /// Starts a local provider worker.
 pub async fn run_local(
     client: Client,
@@ -393,6 +403,16 @@ pub async fn run_local(
         max_prompt_bytes: c.max_prompt_bytes,
     };
     start(client, setup, metrics, shutdown).await
+}
+
+/// The cloud pool worker as a process body for [`optiroute_common::cli::main`] (boxed here,
+/// so the binary does not compile the async call tree again).
+pub fn cloud_process(
+    client: Client,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+    Box::pin(async move { run_cloud(client, &cfg, shutdown).await?.wait().await })
 }
 
 /// Starts a cloud provider worker.

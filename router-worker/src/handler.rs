@@ -341,6 +341,16 @@ impl Running {
     }
 }
 
+/// The router worker as a process body for [`optiroute_common::cli::main`] (boxed here,
+/// so the binary does not compile the async call tree again).
+pub fn process(
+    client: Client,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> futures::future::BoxFuture<'static, Result<(), Error>> {
+    Box::pin(async move { run(client, &cfg, shutdown).await?.wait().await })
+}
+
 /// Starts a router worker on `client` until `shutdown` is cancelled.
 pub async fn run(
     client: Client,

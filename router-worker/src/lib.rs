@@ -9,4 +9,4 @@ pub mod handler;
 pub mod metrics;
 pub mod routing;
 
-pub use handler::{run, Running};
+pub use handler::{process, run, Running};
