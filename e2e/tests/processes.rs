@@ -12,27 +12,45 @@ use std::time::{Duration, Instant};
 use optiroute_testkit::{wait_until, NatsServer};
 use serde_json::{json, Value};
 
-/// Builds the binaries once per test run (a no-op when up to date) so the
-/// test never runs stale ones, and returns their folder. They get a target
-/// folder of their own: built next to the tests, cargo's feature
-/// unification would rebuild them on every alternation.
+/// The stack's binaries, from the same build as this test (what
+/// `scripts/build.sh`, run by `up.sh` and `test.sh`, makes): the folder this
+/// test binary's `deps/` sits in. Brought up to date once per run (a no-op
+/// after `scripts/test.sh`), so the test never runs stale ones.
 fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // <target>/<profile>/deps/processes-<hash>
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let target = profile_dir.parent().unwrap();
         let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        let target = root.join("target/process-tests");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--bins", "--quiet", "--target-dir"])
-            .arg(&target)
-            .current_dir(&root)
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build --bins failed");
-        target.join("debug")
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--quiet", "--target-dir"])
+            .arg(target)
+            .current_dir(&root);
+        for bin in STACK_BINS.iter().chain(&["optiroute"]) {
+            cmd.args(["--bin", bin]);
+        }
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "building the stack's binaries failed");
+        profile_dir
     })
     .clone()
 }
+
+/// What `scripts/build.sh` builds (and `scripts/up.sh` starts); the tests
+/// also run the `optiroute` CLI.
+const STACK_BINS: [&str; 5] = [
+    "optiroute-ingress",
+    "optiroute-router",
+    "optiroute-local",
+    "optiroute-cloud",
+    "optiroute-batch",
+];
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
