@@ -281,3 +281,45 @@ fn a_corrupt_file_is_named_with_how_to_fetch_it() {
     assert!(msg.contains("truncated.gguf"), "{msg}");
     assert!(msg.contains("scripts/fetch-model.sh"), "{msg}");
 }
+
+/// Our tokenizer gives the ids Hugging Face `tokenizers` gave for the same
+/// file (pinned in `tests/data/tokenizer-reference.json`: contractions,
+/// digits in every script, whitespace runs, control-token strings in both
+/// modes, emoji, CJK, random mixtures), and decodes plain text back exactly.
+#[test]
+fn tokenizer_matches_the_reference_ids() {
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("data/tokenizer-reference.json")).unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() > 200);
+    let t = model().tokenizer();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let mut wrong = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let plain = t.encode_plain(text).unwrap();
+        if plain != ids(&case["plain"]) {
+            wrong.push(format!("plain {text:?}: {plain:?} != {}", case["plain"]));
+        }
+        let template = t.encode(text).unwrap();
+        if template != ids(&case["template"]) {
+            wrong.push(format!(
+                "template {text:?}: {template:?} != {}",
+                case["template"]
+            ));
+        }
+        assert_eq!(t.decode(&plain), text);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} differences:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
