@@ -50,6 +50,10 @@ pub struct NatsConfig {
     /// added. The default covers async-nats's `_INBOX` and the per-role
     /// inboxes of `nats/accounts.conf`.
     pub reply_prefixes: Vec<String>,
+    /// PEM file of the certificate authority to trust for `tls://` servers
+    /// (`nats/cluster/` uses the one `scripts/make-certs.sh` makes). When
+    /// set, the connection must be TLS.
+    pub tls_ca_file: Option<String>,
 }
 
 /// The reply prefixes allowed by default: async-nats's own and the
@@ -85,6 +89,7 @@ impl Default for NatsConfig {
                 .iter()
                 .map(|p| p.to_string())
                 .collect(),
+            tls_ca_file: None,
         }
     }
 }
@@ -556,6 +561,11 @@ impl Config {
                     "nats.reply_prefixes",
                     &format!("`{p}` is a system or service subject, not an inbox"),
                 );
+            }
+        }
+        if let Some(ca) = &self.nats.tls_ca_file {
+            if !Path::new(ca).is_file() {
+                return bad("nats.tls_ca_file", &format!("no such file: {ca}"));
             }
         }
         if self.cache.ttl_secs == 0 {

@@ -113,6 +113,10 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
         Some(UrlAuth::Token(token)) => async_nats::ConnectOptions::with_token(token),
         None => async_nats::ConnectOptions::new(),
     };
+    let opts = match &cfg.tls_ca_file {
+        Some(ca) => opts.add_root_certificates(ca.into()).require_tls(true),
+        None => opts,
+    };
     let opts = opts
         .custom_inbox_prefix(&cfg.inbox_prefix)
         .name(name)
