@@ -125,7 +125,12 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngressConfig {
+    /// The public HTTP API. Loopback by default: bind a public address only
+    /// behind something that authenticates. `/metrics` is served here only
+    /// while this is a loopback address.
     pub listen: String,
+    /// `/metrics`, `/health`, `/ready` for operators (port 0 picks a free one).
+    pub admin_listen: String,
     /// Deadline given to each request, end to end.
     pub request_timeout_ms: u64,
     pub max_prompt_bytes: usize,
@@ -137,7 +142,8 @@ pub struct IngressConfig {
 impl Default for IngressConfig {
     fn default() -> Self {
         IngressConfig {
-            listen: "0.0.0.0:8000".into(),
+            listen: "127.0.0.1:8000".into(),
+            admin_listen: "127.0.0.1:9100".into(),
             request_timeout_ms: 30_000,
             max_prompt_bytes: 32 * 1024,
             ready_probe_timeout_ms: 500,
@@ -626,7 +632,20 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = Config::from_parts(None, &[], &[]).unwrap();
-        assert_eq!(c.ingress.listen, "0.0.0.0:8000");
+        // Nothing listens beyond this host unless asked to.
+        for listen in [
+            &c.ingress.listen,
+            &c.ingress.admin_listen,
+            &c.router.admin_listen,
+            &c.local.admin_listen,
+            &c.cloud.admin_listen,
+            &c.batch.admin_listen,
+        ] {
+            let addr: std::net::SocketAddr = listen.parse().unwrap();
+            assert!(addr.ip().is_loopback(), "{listen}");
+        }
+        assert_eq!(c.ingress.listen, "127.0.0.1:8000");
+        assert_eq!(c.ingress.admin_listen, "127.0.0.1:9100");
         assert_eq!(c.cloud.breaker.failure_threshold, 3);
         assert_eq!(c.cache.ttl_secs, 3600);
     }
