@@ -145,6 +145,7 @@ url = "nats://127.0.0.1:$nats_port"
 max_reconnect_delay_ms = 200
 [ingress]
 listen = "127.0.0.1:$http_port"
+admin_listen = "127.0.0.1:0"
 drain_timeout_ms = 2000
 [router]
 admin_listen = "127.0.0.1:$router_admin"

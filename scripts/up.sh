@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first README command: starts the whole stack on this machine.
-#   nats-server (JetStream) · one router · one local worker · one cloud worker · the ingress on :8000
+#   nats-server (JetStream) · one router · one local worker · one cloud worker · the ingress on 127.0.0.1:8000 (admin :9100)
 # Installs what is missing, builds what the stack runs, stops everything on Ctrl-C.
 #   ./scripts/up.sh            dev build: the quickest first build (about 3 min on
 #                              2 cores), the one the tests reuse; the embedded
@@ -72,7 +72,7 @@ OptiRoute is up.
   API        http://localhost:8000/generate   e.g.
              curl -s localhost:8000/generate -H 'content-type: application/json' -d '{"prompt":"Hello"}'
   health     http://localhost:8000/health  /ready
-  metrics    ingress :8000/metrics · router :9101 · local :9102 · cloud :9103 · batch :9104 (each /metrics)
+  metrics    ingress :9100/metrics (and :8000/metrics, loopback only) · router :9101 · local :9102 · cloud :9103 · batch :9104 (each /metrics)
   web UI     http://localhost:8000/  ·  OpenAI API http://localhost:8000/v1  ·  batches http://localhost:8000/v1/batches
   NATS       nats://127.0.0.1:4222 (monitoring http://127.0.0.1:8222)
   logs       $run/logs/

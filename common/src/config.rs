@@ -42,6 +42,40 @@ pub struct NatsConfig {
     /// each role its own (`nats/accounts.conf` uses `_INBOX_<role>`) so a
     /// user may only read its own replies.
     pub inbox_prefix: String,
+    /// Where this process's endpoints may answer: a request whose reply
+    /// subject (or `Optiroute-Stream-Inbox` header) is not under one of
+    /// these is refused, so a requester cannot make a worker write into a
+    /// KV bucket (`$KV.…`) or call the JetStream API (`$JS.…`) as its reply.
+    /// List every requester's `inbox_prefix`; this process's own is always
+    /// added. The default covers async-nats's `_INBOX` and the per-role
+    /// inboxes of `nats/accounts.conf`.
+    pub reply_prefixes: Vec<String>,
+    /// PEM file of the certificate authority to trust for `tls://` servers
+    /// (`nats/cluster/` uses the one `scripts/make-certs.sh` makes). When
+    /// set, the connection must be TLS.
+    pub tls_ca_file: Option<String>,
+}
+
+/// The reply prefixes allowed by default: async-nats's own and the
+/// `_INBOX_<role>` inboxes `nats/accounts.conf` gives each user.
+pub const DEFAULT_REPLY_PREFIXES: &[&str] = &[
+    "_INBOX",
+    "_INBOX_ingress",
+    "_INBOX_router",
+    "_INBOX_provider",
+    "_INBOX_batch",
+    "_INBOX_client",
+];
+
+impl NatsConfig {
+    /// `reply_prefixes` plus this process's own `inbox_prefix`.
+    pub fn allowed_reply_prefixes(&self) -> Vec<String> {
+        let mut v = self.reply_prefixes.clone();
+        if !v.contains(&self.inbox_prefix) {
+            v.push(self.inbox_prefix.clone());
+        }
+        v
+    }
 }
 
 impl Default for NatsConfig {
@@ -51,6 +85,11 @@ impl Default for NatsConfig {
             prefix: "optiroute".into(),
             max_reconnect_delay_ms: 2000,
             inbox_prefix: "_INBOX".into(),
+            reply_prefixes: DEFAULT_REPLY_PREFIXES
+                .iter()
+                .map(|p| p.to_string())
+                .collect(),
+            tls_ca_file: None,
         }
     }
 }
@@ -86,7 +125,12 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngressConfig {
+    /// The public HTTP API. Loopback by default: bind a public address only
+    /// behind something that authenticates. `/metrics` is served here only
+    /// while this is a loopback address.
     pub listen: String,
+    /// `/metrics`, `/health`, `/ready` for operators (port 0 picks a free one).
+    pub admin_listen: String,
     /// Deadline given to each request, end to end.
     pub request_timeout_ms: u64,
     pub max_prompt_bytes: usize,
@@ -98,7 +142,8 @@ pub struct IngressConfig {
 impl Default for IngressConfig {
     fn default() -> Self {
         IngressConfig {
-            listen: "0.0.0.0:8000".into(),
+            listen: "127.0.0.1:8000".into(),
+            admin_listen: "127.0.0.1:9100".into(),
             request_timeout_ms: 30_000,
             max_prompt_bytes: 32 * 1024,
             ready_probe_timeout_ms: 500,
@@ -502,6 +547,33 @@ impl Config {
                 "must be a subject without spaces or wildcards, e.g. _INBOX_router",
             );
         }
+        if self.nats.reply_prefixes.is_empty() {
+            return bad(
+                "nats.reply_prefixes",
+                "must list at least one inbox prefix, e.g. [\"_INBOX\"]",
+            );
+        }
+        for p in &self.nats.reply_prefixes {
+            if !crate::nats::valid_subject(p) {
+                return bad(
+                    "nats.reply_prefixes",
+                    "each entry must be a subject without spaces or wildcards, e.g. _INBOX_ingress",
+                );
+            }
+            // System subjects ($JS, $KV, $SRV, $SYS...) and the deployment's
+            // own subjects are exactly where replies must never go.
+            if p.starts_with('$') || crate::nats::under_prefix(p, &self.nats.prefix) {
+                return bad(
+                    "nats.reply_prefixes",
+                    &format!("`{p}` is a system or service subject, not an inbox"),
+                );
+            }
+        }
+        if let Some(ca) = &self.nats.tls_ca_file {
+            if !Path::new(ca).is_file() {
+                return bad("nats.tls_ca_file", &format!("no such file: {ca}"));
+            }
+        }
         if self.cache.ttl_secs == 0 {
             return bad("cache.ttl_secs", "must be at least 1");
         }
@@ -560,7 +632,20 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = Config::from_parts(None, &[], &[]).unwrap();
-        assert_eq!(c.ingress.listen, "0.0.0.0:8000");
+        // Nothing listens beyond this host unless asked to.
+        for listen in [
+            &c.ingress.listen,
+            &c.ingress.admin_listen,
+            &c.router.admin_listen,
+            &c.local.admin_listen,
+            &c.cloud.admin_listen,
+            &c.batch.admin_listen,
+        ] {
+            let addr: std::net::SocketAddr = listen.parse().unwrap();
+            assert!(addr.ip().is_loopback(), "{listen}");
+        }
+        assert_eq!(c.ingress.listen, "127.0.0.1:8000");
+        assert_eq!(c.ingress.admin_listen, "127.0.0.1:9100");
         assert_eq!(c.cloud.breaker.failure_threshold, 3);
         assert_eq!(c.cache.ttl_secs, 3600);
     }
@@ -608,6 +693,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.nats.inbox_prefix, "_INBOX_router");
+        assert!(c
+            .nats
+            .allowed_reply_prefixes()
+            .contains(&"_INBOX_router".to_string()));
+        for bad in [
+            "[]",
+            "[\"$KV.optiroute-cache\"]",
+            "[\"optiroute.x\"]",
+            "[\"_INBOX.>\"]",
+        ] {
+            let e = Config::from_parts(None, &[], &[("nats.reply_prefixes".into(), bad.into())])
+                .unwrap_err();
+            assert!(
+                e.message.contains("nats.reply_prefixes"),
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let c = Config::from_parts(
+            None,
+            &[("OPTIROUTE__NATS__INBOX_PREFIX".into(), "_INBOX_edge".into())],
+            &[(
+                "nats.reply_prefixes".into(),
+                "[\"_INBOX_a\", \"_INBOX_b\"]".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(
+            c.nats.allowed_reply_prefixes(),
+            vec!["_INBOX_a", "_INBOX_b", "_INBOX_edge"]
+        );
     }
 
     #[test]

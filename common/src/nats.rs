@@ -113,6 +113,10 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<Client, Error> {
         Some(UrlAuth::Token(token)) => async_nats::ConnectOptions::with_token(token),
         None => async_nats::ConnectOptions::new(),
     };
+    let opts = match &cfg.tls_ca_file {
+        Some(ca) => opts.add_root_certificates(ca.into()).require_tls(true),
+        None => opts,
+    };
     let opts = opts
         .custom_inbox_prefix(&cfg.inbox_prefix)
         .name(name)
@@ -273,6 +277,24 @@ pub(crate) fn valid_subject(s: &str) -> bool {
             .any(|c| c.is_whitespace() || c.is_control() || c == '*' || c == '>')
 }
 
+/// Whether `subject` is `prefix` itself or lies under it, token-wise:
+/// `_INBOX` covers `_INBOX.abc.1` but not `_INBOXES.x`.
+pub fn under_prefix(subject: &str, prefix: &str) -> bool {
+    match subject.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('.'),
+        None => false,
+    }
+}
+
+/// Whether a worker may answer on (or stream to) `subject`: a plain subject
+/// strictly under one of `prefixes` (an inbox, never the prefix alone).
+pub fn is_allowed_reply(subject: &str, prefixes: &[String]) -> bool {
+    valid_subject(subject)
+        && prefixes
+            .iter()
+            .any(|p| subject.len() > p.len() && under_prefix(subject, p))
+}
+
 /// A fresh, unique request id (a NUID: 22 characters, no coordination needed).
 pub fn new_request_id() -> String {
     nuid::next().to_string()
@@ -364,6 +386,28 @@ pub fn reply_error(headers: Option<&HeaderMap>, body: &[u8], format: Format) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_only_under_the_inbox_prefixes() {
+        let p = vec!["_INBOX".to_string(), "_INBOX_ingress".to_string()];
+        assert!(is_allowed_reply("_INBOX.abc.1", &p));
+        assert!(is_allowed_reply("_INBOX_ingress.abc", &p));
+        for bad in [
+            "_INBOX",
+            "_INBOXES.abc",
+            "_INBOX_router.abc",
+            "$KV.optiroute-cache.0123",
+            "$JS.API.STREAM.DELETE.KV_optiroute-cache",
+            "$JS.ACK.OPTIROUTE_BATCH.x",
+            "optiroute.batch.x",
+            "_INBOX.*",
+            "_INBOX.>",
+            "_INBOX..x",
+            "",
+        ] {
+            assert!(!is_allowed_reply(bad, &p), "{bad}");
+        }
+    }
 
     #[test]
     fn credentials_come_from_the_url_and_stay_out_of_messages() {

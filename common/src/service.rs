@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, ErrorBody, ErrorKind};
 use crate::metrics::ServiceMetrics;
-use crate::nats::{RequestMeta, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+use crate::nats::{self, RequestMeta, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use crate::wire::{self, Format};
 
 /// Handles one decoded request.
@@ -49,6 +49,9 @@ pub struct EndpointSpec {
     pub default_deadline: Duration,
     /// How long shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Reply subjects (and stream inboxes) must lie under one of these
+    /// (`NatsConfig::allowed_reply_prefixes`); anything else is refused.
+    pub reply_prefixes: Vec<String>,
 }
 
 /// Serves `spec.subject` until `shutdown` is cancelled, then stops intake and
@@ -159,11 +162,21 @@ async fn handle_one<H: Handler>(
     metrics: &EndpointMetrics,
     request: async_nats::service::Request,
 ) {
-    if request.message.reply.is_none() {
+    let Some(reply) = request.message.reply.as_ref() else {
         // A plain publish, not a request: nobody would read the answer, so
         // spend nothing on it.
         tracing::warn!(subject = %request.message.subject, "message without a reply subject ignored; send a request");
         metrics.finished(&spec.service, "no_reply");
+        return;
+    };
+    if !nats::is_allowed_reply(reply.as_str(), &spec.reply_prefixes) {
+        // The reply would be published with this worker's rights (and
+        // `allow_responses`) wherever the requester said: into a KV bucket
+        // (`$KV.…`), the JetStream API (`$JS.…`), a job stream. Never
+        // answer there, not even with an error.
+        let shown: String = reply.as_str().chars().take(200).collect();
+        tracing::warn!(subject = %request.message.subject, reply = %shown, "request dropped: its reply subject is not under nats.reply_prefixes");
+        metrics.finished(&spec.service, "forbidden_reply");
         return;
     }
     let started = Instant::now();
@@ -178,6 +191,15 @@ async fn handle_one<H: Handler>(
     let span = tracing::info_span!("request", request_id = %request_id, service = %spec.service);
     let result = async {
         let meta = meta?;
+        if let Some(inbox) = &meta.stream_inbox {
+            if !nats::is_allowed_reply(inbox, &spec.reply_prefixes) {
+                return Err(Error::bad_request(format!(
+                    "header {} must name an inbox under one of {:?}",
+                    wire::STREAM_INBOX_HEADER,
+                    spec.reply_prefixes
+                )));
+            }
+        }
         if meta.remaining().is_zero() {
             return Err(Error::new(
                 ErrorKind::Timeout,

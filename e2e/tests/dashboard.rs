@@ -164,7 +164,7 @@ fn dashboard_is_well_formed() {
 #[test]
 fn prometheus_config_scrapes_every_process() {
     let text = std::fs::read_to_string(PROMETHEUS).unwrap();
-    for port in ["8000", "9101", "9102", "9103"] {
+    for port in ["9100", "9101", "9102", "9103"] {
         assert!(
             text.contains(&format!("127.0.0.1:{port}")),
             "prometheus.yml does not scrape port {port}"

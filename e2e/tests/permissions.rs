@@ -10,8 +10,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use optiroute_batch::BatchClient;
 use optiroute_common::config::Config;
+use optiroute_common::wire::{self, Format, GenerateRequest, ProviderChoice};
 use optiroute_testkit::stack::{client, Parts};
-use optiroute_testkit::{json_body, request_json, test_config, wait_until, NatsServer, Stack};
+use optiroute_testkit::{
+    json_body, metric, request_json, scrape, test_config, wait_until, NatsServer, Stack,
+};
 use serde_json::{json, Value};
 
 /// `cfg` connecting as `user`, with replies on that user's own inbox.
@@ -163,4 +166,155 @@ async fn every_role_works_with_only_its_permissions() {
         .connect(nats.url())
         .await;
     assert!(anonymous.is_err(), "an anonymous connection was accepted");
+}
+
+/// The stack under `nats/accounts.conf`, each part as its role's user.
+async fn stack_as_roles(nats: &NatsServer, cfg: &Config) -> Stack {
+    Stack::start_parts_as(cfg.clone(), Parts::ALL, |part, n| {
+        let user = match part {
+            "ingress" | "router" => part,
+            _ => "provider",
+        };
+        *n = as_user(nats, cfg, user).nats;
+    })
+    .await
+}
+
+/// The only key in the cache bucket, read as the router's user.
+async fn only_cache_key(cache: &async_nats::jetstream::kv::Store) -> String {
+    let keys: Vec<String> = cache
+        .keys()
+        .await
+        .unwrap()
+        .map(|k| k.unwrap())
+        .collect()
+        .await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys.into_iter().next().unwrap()
+}
+
+/// A `client` may publish requests, and so name any reply subject. Naming
+/// the KV subject of a cached prompt (computable offline) must not make
+/// the router write its answer there: the entry is unchanged and callers
+/// keep getting the real answer.
+#[tokio::test]
+async fn a_client_cannot_write_into_the_cache_through_a_reply_subject() {
+    let nats = NatsServer::start_with_accounts();
+    let mut cfg = test_config(&nats.url());
+    // Every lookup goes to the bucket, not to a router's memory.
+    cfg.cache.local_ttl_ms = 0;
+    let stack = stack_as_roles(&nats, &cfg).await;
+    let body = json!({"prompt": "forgery: what is the capital of France?", "provider": "local"});
+    let (status, real) = stack.generate(&body).await;
+    assert_eq!(status, 200, "{real}");
+    assert_eq!(real["cached"], false);
+
+    let router_user = client(&as_user(&nats, &cfg, "router"), "inspector").await;
+    let cache = async_nats::jetstream::new(router_user)
+        .get_key_value("optiroute-cache")
+        .await
+        .unwrap();
+    let key = only_cache_key(&cache).await;
+    let before = cache.entry(&key).await.unwrap().unwrap();
+
+    // The forged request, in MessagePack: the router's answer to it has
+    // every field of a cached answer, so the old code served it as one.
+    let attacker = client(&as_user(&nats, &cfg, "client"), "attacker").await;
+    let mut forged = GenerateRequest::new("FORGED: the capital of France is Berlin");
+    forged.provider = ProviderChoice::Local;
+    attacker
+        .publish_with_reply(
+            "optiroute.generate",
+            format!("$KV.optiroute-cache.{key}"),
+            wire::encode(Format::MsgPack, &forged).unwrap(),
+        )
+        .await
+        .unwrap();
+    attacker.flush().await.unwrap();
+    let router_admin = stack.router.as_ref().unwrap().admin_addr;
+    wait_until(
+        "the router to take the forged request",
+        Duration::from_secs(10),
+        || async {
+            let m = scrape(router_admin).await;
+            metric(
+                &m,
+                "optiroute_requests_total",
+                &[("service", "optiroute-router")],
+            ) >= Some(2.0)
+        },
+    )
+    .await;
+
+    // Callers still get the real answer, from the cache, and the entry is untouched.
+    let (status, again) = stack.generate(&body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["cached"], true, "{again}");
+    assert_eq!(again["text"], real["text"], "a forged answer was served");
+    let after = cache.entry(&key).await.unwrap().unwrap();
+    assert_eq!(
+        after.revision, before.revision,
+        "the cache entry was rewritten"
+    );
+    assert_eq!(after.value, before.value);
+    let m = scrape(router_admin).await;
+    assert_eq!(
+        metric(
+            &m,
+            "optiroute_requests_total",
+            &[
+                ("service", "optiroute-router"),
+                ("outcome", "forbidden_reply")
+            ]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+/// The internet-facing ingress has JetStream rights only for its own
+/// batch stream and buckets, and none to delete: not the cache bucket,
+/// not the batch stream, not even its own buckets.
+#[tokio::test]
+async fn the_ingress_cannot_delete_streams_or_buckets() {
+    let nats = NatsServer::start_with_accounts();
+    let cfg = test_config(&nats.url());
+    // The router's user makes the cache bucket; the ingress's the batch stream and buckets.
+    let router_js = async_nats::jetstream::new(client(&as_user(&nats, &cfg, "router"), "r").await);
+    router_js
+        .create_key_value(async_nats::jetstream::kv::Config {
+            bucket: "optiroute-cache".into(),
+            max_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ingress = client(&as_user(&nats, &cfg, "ingress"), "ingress").await;
+    BatchClient::open(ingress.clone(), &cfg).await.unwrap();
+
+    let mut js = async_nats::jetstream::new(ingress);
+    // A refused request gets no answer: do not wait the default 5 s for it.
+    js.set_timeout(Duration::from_millis(500));
+    assert!(js.delete_key_value("optiroute-cache").await.is_err());
+    assert!(js.delete_stream("OPTIROUTE_BATCH").await.is_err());
+    assert!(js.delete_key_value("optiroute-batches").await.is_err());
+    assert!(js
+        .delete_key_value("optiroute-batch-results")
+        .await
+        .is_err());
+    assert!(js.delete_stream("KV_optiroute-cache").await.is_err());
+
+    // All still there, seen by the roles that own them.
+    assert!(router_js.get_key_value("optiroute-cache").await.is_ok());
+    let batch_js = async_nats::jetstream::new(client(&as_user(&nats, &cfg, "batch"), "b").await);
+    for stream in [
+        "OPTIROUTE_BATCH",
+        "KV_optiroute-batches",
+        "KV_optiroute-batch-results",
+    ] {
+        assert!(
+            batch_js.get_stream(stream).await.is_ok(),
+            "{stream} was deleted"
+        );
+    }
 }

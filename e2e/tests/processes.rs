@@ -131,6 +131,7 @@ url = "{url}"
 max_reconnect_delay_ms = 200
 [ingress]
 listen = "127.0.0.1:{http}"
+admin_listen = "127.0.0.1:0"
 [router]
 admin_listen = "127.0.0.1:{router}"
 [cache]

@@ -90,9 +90,11 @@ fn local_models(cfg: &Config) -> Vec<String> {
     }
 }
 
-/// The HTTP API, apart from `main` so tests can drive it.
-pub fn app(state: AppState) -> Router {
-    Router::new()
+/// The HTTP API, apart from `main` so tests can drive it. `with_metrics`
+/// adds `/metrics`: only on a loopback listener (operators scrape the
+/// admin listener; a public one must not show internals).
+pub fn app(state: AppState, with_metrics: bool) -> Router {
+    let router = Router::new()
         .route("/generate", post(generate))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
@@ -106,8 +108,13 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/batches/{id}/results", get(batches::results))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/health", get(admin::health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics_handler))
+        .route("/ready", get(ready));
+    let router = if with_metrics {
+        router.route("/metrics", get(metrics_handler))
+    } else {
+        router
+    };
+    router
         .merge(ui::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -259,9 +266,20 @@ async fn metrics_handler(State(state): State<AppState>) -> Response {
     admin::metrics_response(&state.inner.metrics.registry)
 }
 
+/// The operators' listener (`ingress.admin_listen`), as every worker has.
+fn admin_app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(admin::health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state)
+}
+
 /// A started ingress.
 pub struct Running {
     pub addr: SocketAddr,
+    /// `/metrics`, `/health`, `/ready` (`ingress.admin_listen`).
+    pub admin_addr: SocketAddr,
     pub metrics: IngressMetrics,
     task: JoinHandle<Result<(), Error>>,
 }
@@ -295,7 +313,23 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal(format!("ingress address: {e}")))?;
-    let app = app(AppState::new(client, cfg, metrics.clone()));
+    let state = AppState::new(client, cfg, metrics.clone());
+    let admin = admin::bind(&cfg.ingress.admin_listen, "ingress admin (metrics, health)").await?;
+    let admin_addr = admin
+        .local_addr()
+        .map_err(|e| Error::internal(format!("ingress admin address: {e}")))?;
+    let admin_shutdown = shutdown.clone();
+    let admin_routes = admin_app(state.clone());
+    tokio::spawn(async move {
+        if let Err(e) = admin::serve(admin, admin_routes, admin_shutdown).await {
+            tracing::error!(error = %e, "ingress admin server stopped");
+        }
+    });
+    let public = !addr.ip().is_loopback();
+    if public {
+        tracing::info!(%addr, %admin_addr, "public listener: /metrics only on the admin listener");
+    }
+    let app = app(state, !public);
     let drain = Duration::from_millis(cfg.ingress.drain_timeout_ms);
     let task = tokio::spawn(async move {
         // Open requests may finish after shutdown, within `drain_timeout_ms`.
@@ -314,6 +348,7 @@ pub async fn run(
     });
     Ok(Running {
         addr,
+        admin_addr,
         metrics,
         task,
     })

@@ -265,6 +265,7 @@ fn spec(
     max_in_flight: usize,
     deadline_ms: u64,
     drain_ms: u64,
+    reply_prefixes: Vec<String>,
 ) -> EndpointSpec {
     EndpointSpec {
         service: format!("optiroute-{}", pool.as_str()),
@@ -275,6 +276,7 @@ fn spec(
         max_in_flight,
         default_deadline: Duration::from_millis(deadline_ms),
         drain_timeout: Duration::from_millis(drain_ms),
+        reply_prefixes,
     }
 }
 
@@ -391,6 +393,7 @@ pub async fn run_local(
         c.max_in_flight,
         c.default_deadline_ms,
         c.drain_timeout_ms,
+        cfg.nats.allowed_reply_prefixes(),
     );
     let setup = PoolSetup {
         pool: Pool::Local,
@@ -449,6 +452,7 @@ pub async fn run_cloud(
         c.max_in_flight,
         c.default_deadline_ms,
         c.drain_timeout_ms,
+        cfg.nats.allowed_reply_prefixes(),
     );
     let setup = PoolSetup {
         pool: Pool::Cloud,

@@ -14,7 +14,7 @@ use optiroute_common::nats::epoch_ms;
 
 use async_nats::jetstream::{self, kv};
 use optiroute_common::config::CacheConfig;
-use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse, Pool, Usage};
+use optiroute_common::wire::{GenerateRequest, GenerateResponse, Pool, Usage};
 use optiroute_common::Error;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -22,6 +22,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{CacheEvent, RouterMetrics};
+
+pub mod entry;
 
 /// What the cache keeps of an answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,16 +298,13 @@ impl Cache {
             .observe(started.elapsed().as_secs_f64());
         let result = match got {
             Ok(Ok(Some(bytes))) if pending_until(&bytes).is_some() => Lookup::Miss,
-            Ok(Ok(Some(bytes))) => match wire::decode::<CachedAnswer>(Format::MsgPack, &bytes) {
-                Ok(a) => {
+            Ok(Ok(Some(bytes))) => match self.read_entry(key, &bytes) {
+                Some(a) => {
                     let a = Arc::new(a);
                     self.local.put(key, a.clone());
                     Lookup::Hit(a)
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "unreadable cache entry; treating as a miss");
-                    Lookup::Miss
-                }
+                None => Lookup::Miss,
             },
             Ok(Ok(None)) => Lookup::Miss,
             Ok(Err(e)) => {
@@ -325,10 +324,26 @@ impl Cache {
         result
     }
 
+    /// The answer in a stored value, if it is one written for `key`; any
+    /// other value is counted and logged, and reads as a miss.
+    fn read_entry(&self, key: &str, value: &[u8]) -> Option<CachedAnswer> {
+        match entry::decode(key, value) {
+            Ok(a) => Some(a),
+            Err(why) => {
+                tracing::warn!(
+                    reason = why.as_str(),
+                    "cache entry rejected; treating it as a miss"
+                );
+                self.metrics.cache_rejected(why);
+                None
+            }
+        }
+    }
+
     /// Writes an answer (replacing a placeholder); a failure is logged and
     /// counted, never returned to the caller. True when it was written.
     pub async fn store(&self, key: &str, answer: CachedAnswer) -> bool {
-        let Ok(bytes) = wire::encode(Format::MsgPack, &answer) else {
+        let Ok(bytes) = entry::encode(key, &answer) else {
             return false;
         };
         let Some(store) = self.store.get() else {
@@ -423,9 +438,9 @@ impl Cache {
             }
             match pending_until(&entry.value) {
                 None => {
-                    return match wire::decode::<CachedAnswer>(Format::MsgPack, &entry.value) {
-                        Ok(a) => Claim::Answer(a),
-                        Err(_) => Claim::Proceed,
+                    return match self.read_entry(key, &entry.value) {
+                        Some(a) => Claim::Answer(a),
+                        None => Claim::Proceed,
                     }
                 }
                 Some(ms) => {

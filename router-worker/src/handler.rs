@@ -389,6 +389,7 @@ pub async fn run(
         max_in_flight: r.max_in_flight,
         default_deadline: Duration::from_millis(r.default_deadline_ms),
         drain_timeout: Duration::from_millis(r.drain_timeout_ms),
+        reply_prefixes: cfg.nats.allowed_reply_prefixes(),
     };
     let task = tokio::spawn(service::serve(
         client,

@@ -38,6 +38,7 @@ pub struct RouterMetrics {
     pub route_decisions: IntCounterVec,
     pub fallbacks: IntCounterVec,
     pub provider_request: HistogramVec,
+    cache_rejected: IntCounterVec,
 }
 
 impl RouterMetrics {
@@ -80,8 +81,18 @@ impl RouterMetrics {
                 "NATS request latency from router to a provider pool.",
                 &["provider"],
             ),
+            cache_rejected: counter_vec(
+                &r,
+                "optiroute_cache_rejected_entries_total",
+                "Stored cache values not taken as answers (read as misses), by reason: undecodable, tag, key.",
+                &["reason"],
+            ),
             registry: r,
         }
+    }
+
+    pub fn cache_rejected(&self, why: crate::cache::entry::Rejected) {
+        self.cache_rejected.with_label_values(&[why.as_str()]).inc();
     }
 
     pub fn cache_event(&self, e: CacheEvent) {

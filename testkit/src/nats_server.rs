@@ -16,7 +16,8 @@ pub struct NatsServer {
     child: Option<Child>,
 }
 
-fn binary() -> PathBuf {
+/// The nats-server binary tests run.
+pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
         return PathBuf::from(p);
     }

@@ -12,6 +12,7 @@ pub fn test_config(nats_url: &str) -> Config {
     c.nats.url = nats_url.to_string();
     c.nats.max_reconnect_delay_ms = 100;
     c.ingress.listen = "127.0.0.1:0".into();
+    c.ingress.admin_listen = "127.0.0.1:0".into();
     c.ingress.request_timeout_ms = 5_000;
     c.router.admin_listen = "127.0.0.1:0".into();
     // The test server allows 256 MB of file store; the default bucket is 1 GiB.
