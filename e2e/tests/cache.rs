@@ -10,7 +10,8 @@ use optiroute_common::config::Config;
 use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse, ProviderChoice};
 use optiroute_testkit::stack::{client, Parts};
 use optiroute_testkit::{
-    metric, scrape, test_config, wait_until, FakeUpstream, Mode, NatsServer, Stack,
+    json_body, metric, request_json, scrape, test_config, wait_until, FakeUpstream, Mode,
+    NatsServer, Stack,
 };
 use serde_json::{json, Value};
 
@@ -369,35 +370,45 @@ async fn an_answer_routed_by_bias_is_not_served_to_a_caller_routed_elsewhere() {
     assert_eq!(local["route_reason"], "provider local requested");
 }
 
-/// Fifty identical requests wait on a leader whose provider call times out.
+/// Fifty identical requests, sent at once with one deadline (a client
+/// fanning out), wait on a leader whose provider call times out.
 /// Leadership passes to one waiter at a time, so the struggling upstream
-/// sees the leader's call and its one successor's before every deadline
-/// passes, never fifty at once.
+/// sees the leader's call and its successor's before the deadline passes,
+/// never fifty at once.
 #[tokio::test]
 async fn fifty_waiters_behind_a_leader_that_times_out_make_at_most_two_upstream_calls() {
     let nats = NatsServer::start();
     let up = FakeUpstream::start(Mode::Hang).await;
     let mut cfg = test_config(&nats.url());
     cfg.cloud.upstream.base_url = up.base_url();
-    // Each attempt gives up after 1 s; each request after 1.5 s.
+    // Each attempt gives up after 1 s; the requests after 1.5 s.
     cfg.cloud.upstream.timeout_ms = 1_000;
-    cfg.ingress.request_timeout_ms = 1_500;
     // No local pool: the fallback fails at once, so the leader's failure is the timeout.
-    let stack = Stack::start_parts(
-        cfg,
+    // Held to the end: dropping it stops the workers.
+    let _stack = Stack::start_parts(
+        cfg.clone(),
         Parts {
+            ingress: false,
             local: false,
             ..Parts::ALL
         },
     )
     .await;
-    let body = json!({"prompt": "popular and slow", "provider": "cloud"});
-    let calls = (0..50).map(|_| stack.generate(&body));
-    let answers = join_all(calls).await;
-    assert!(
-        answers.iter().all(|(status, _)| *status >= 500),
-        "{answers:?}"
-    );
+    let c = client(&cfg, "fan-out").await;
+    let deadline = optiroute_common::nats::epoch_ms(
+        std::time::SystemTime::now() + Duration::from_millis(1_500),
+    )
+    .to_string();
+    let headers = [("Optiroute-Deadline", deadline.as_str())];
+    let body = r#"{"prompt": "popular and slow", "provider": "cloud"}"#;
+    let calls = (0..50).map(|_| request_json(&c, "optiroute.generate", &headers, body));
+    let answers: Vec<Value> = join_all(calls).await.iter().map(json_body).collect();
+    for a in &answers {
+        assert!(
+            a["code"] == "timeout" || a["code"] == "all_providers_failed",
+            "{a}"
+        );
+    }
     let hits = up.hits();
     assert!((1..=2).contains(&hits), "the upstream saw {hits} calls");
 }

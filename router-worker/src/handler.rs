@@ -27,6 +27,10 @@ use crate::routing::{Decision, Router};
 /// How much earlier than the router a provider gives up on an attempt.
 const PROVIDER_GRACE: Duration = Duration::from_millis(250);
 
+/// Less time than this left, a provider attempt could not come back with an
+/// answer: it is not made (no call reaches an upstream for nothing).
+const MIN_ATTEMPT: Duration = Duration::from_millis(10);
+
 pub struct GenerateHandler {
     client: Client,
     subjects: Subjects,
@@ -257,7 +261,7 @@ impl GenerateHandler {
                     Ok(reply) => (reply, other, Some(first_err.kind)),
                     Err(e) if !e.kind.allows_fallback() => return Err(e),
                     Err(second_err) => {
-                        let kind = if meta.remaining().is_zero() {
+                        let kind = if meta.remaining() < MIN_ATTEMPT {
                             ErrorKind::Timeout
                         } else if first_err.kind == second_err.kind
                             && matches!(
@@ -325,6 +329,12 @@ impl GenerateHandler {
         let now = std::time::SystemTime::now();
         let wait_until = meta.deadline.min(now + self.provider_timeout);
         let wait = wait_until.duration_since(now).unwrap_or_default();
+        if wait < MIN_ATTEMPT {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no time left for a {} pool attempt", pool.as_str()),
+            ));
+        }
         let grace = if wait > PROVIDER_GRACE * 4 {
             PROVIDER_GRACE
         } else {
