@@ -163,6 +163,10 @@ pub struct RouterConfig {
     pub provider_timeout_ms: u64,
     /// Deadline used when a direct NATS publisher sends none.
     pub default_deadline_ms: u64,
+    /// Longest a request may hold a router slot: a later deadline is
+    /// clamped to this (the request is served, and ends with 504 if it
+    /// needs longer).
+    pub max_deadline_ms: u64,
     pub drain_timeout_ms: u64,
     pub routing: RoutingConfig,
 }
@@ -175,6 +179,7 @@ impl Default for RouterConfig {
             max_prompt_bytes: 32 * 1024,
             provider_timeout_ms: 20_000,
             default_deadline_ms: 30_000,
+            max_deadline_ms: 120_000,
             drain_timeout_ms: 10_000,
             routing: RoutingConfig::default(),
         }
@@ -193,6 +198,9 @@ pub struct CacheConfig {
     pub op_timeout_ms: u64,
     /// Longest an identical request waits for another replica's in-flight answer.
     pub coalesce_wait_ms: u64,
+    /// Most identical requests one router holds waiting for the one in
+    /// flight; one more is refused with 429 (its retry finds the answer).
+    pub max_waiters_per_key: usize,
     /// Each router keeps recent answers in memory for this long (never
     /// longer than `ttl_secs`), saving the KV round trip on hot keys. An
     /// entry refreshed through another replica may be served stale for up
@@ -212,6 +220,7 @@ impl Default for CacheConfig {
             replicas: 1,
             op_timeout_ms: 250,
             coalesce_wait_ms: 10_000,
+            max_waiters_per_key: 256,
             local_ttl_ms: 5_000,
             local_max_entries: 10_000,
         }
@@ -404,6 +413,8 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// How long the breaker stays open before one probe is let through.
     pub open_ms: u64,
+    /// Longest the breaker stays open, whatever an upstream's `Retry-After` asks.
+    pub max_open_ms: u64,
 }
 
 impl Default for BreakerConfig {
@@ -411,9 +422,14 @@ impl Default for BreakerConfig {
         BreakerConfig {
             failure_threshold: 3,
             open_ms: 30_000,
+            max_open_ms: 600_000,
         }
     }
 }
+
+/// The largest `cloud.breaker.max_open_ms` accepted: a day, far below any
+/// overflow of the clock.
+const MAX_OPEN_LIMIT_MS: u64 = 86_400_000;
 
 /// Command-line options every binary accepts.
 #[derive(Debug, Default, Clone)]
@@ -583,6 +599,57 @@ impl Config {
         if self.cloud.breaker.failure_threshold == 0 {
             return bad("cloud.breaker.failure_threshold", "must be at least 1");
         }
+        let b = &self.cloud.breaker;
+        if b.max_open_ms == 0 || b.max_open_ms > MAX_OPEN_LIMIT_MS {
+            return bad(
+                "cloud.breaker.max_open_ms",
+                "must be between 1 and 86400000 (one day)",
+            );
+        }
+        if b.open_ms > b.max_open_ms {
+            return bad(
+                "cloud.breaker.open_ms",
+                "must not exceed cloud.breaker.max_open_ms",
+            );
+        }
+        let r = &self.router;
+        if r.max_deadline_ms == 0 || r.max_deadline_ms > 600_000 {
+            return bad(
+                "router.max_deadline_ms",
+                "must be between 1 and 600000 (ten minutes)",
+            );
+        }
+        if r.default_deadline_ms > r.max_deadline_ms {
+            return bad(
+                "router.default_deadline_ms",
+                "must not exceed router.max_deadline_ms",
+            );
+        }
+        if self.cache.max_waiters_per_key == 0 {
+            return bad("cache.max_waiters_per_key", "must be at least 1");
+        }
+        let mut prices = vec![
+            (
+                "cloud.input_price_per_1k".to_string(),
+                self.cloud.input_price_per_1k,
+            ),
+            (
+                "cloud.output_price_per_1k".to_string(),
+                self.cloud.output_price_per_1k,
+            ),
+        ];
+        for (model, p) in &self.cloud.prices {
+            prices.push((format!("cloud.prices.{model}.input_per_1k"), p.input_per_1k));
+            prices.push((
+                format!("cloud.prices.{model}.output_per_1k"),
+                p.output_per_1k,
+            ));
+        }
+        for (key, price) in prices {
+            if !(price.is_finite() && price >= 0.0) {
+                return bad(&key, "must be a finite number, 0 or more");
+            }
+        }
         for (key, n) in [
             ("router.max_in_flight", self.router.max_in_flight),
             ("local.max_in_flight", self.local.max_in_flight),
@@ -748,5 +815,26 @@ mod tests {
         assert!(a.log_json);
         assert!(CliArgs::parse(["--bogus".to_string()]).is_err());
         assert!(CliArgs::parse(["--help".to_string()]).unwrap().is_none());
+    }
+
+    #[test]
+    fn limits_on_upstream_numbers_and_deadlines_are_checked() {
+        let c = Config::from_parts(None, &[], &[]).unwrap();
+        assert_eq!(c.cloud.breaker.max_open_ms, 600_000);
+        assert_eq!(c.router.max_deadline_ms, 120_000);
+        assert_eq!(c.cache.max_waiters_per_key, 256);
+        for (key, value) in [
+            ("cloud.breaker.max_open_ms", "0"),
+            ("cloud.breaker.max_open_ms", "18446744073709551615"),
+            ("cloud.breaker.open_ms", "700000"),
+            ("router.max_deadline_ms", "600001"),
+            ("router.default_deadline_ms", "130000"),
+            ("cache.max_waiters_per_key", "0"),
+            ("cloud.input_price_per_1k", "-1.0"),
+            ("cloud.output_price_per_1k", "inf"),
+        ] {
+            let err = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
+            assert!(err.message.contains(key), "{key}={value}: {}", err.message);
+        }
     }
 }

@@ -10,7 +10,15 @@ pub fn cloud_cost(cfg: &CloudConfig, model: &str, usage: &Usage) -> f64 {
         Some(p) => (p.input_per_1k, p.output_per_1k),
         None => (cfg.input_price_per_1k, cfg.output_price_per_1k),
     };
-    usage.prompt_tokens as f64 / 1000.0 * input + usage.completion_tokens as f64 / 1000.0 * output
+    let cost = f64::from(usage.prompt_tokens) / 1000.0 * input
+        + f64::from(usage.completion_tokens) / 1000.0 * output;
+    // Prices are checked finite and non-negative at startup; counts are at
+    // most u32::MAX, so this only guards a price near f64::MAX.
+    if cost.is_finite() {
+        cost.max(0.0)
+    } else {
+        f64::MAX
+    }
 }
 
 /// Local cost in USD: compute seconds × price per second.

@@ -328,11 +328,12 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The total saturates: counts come from outside (an upstream's reply).
     pub fn new(prompt_tokens: u32, completion_tokens: u32, estimated: bool) -> Self {
         Usage {
             prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
             estimated,
         }
     }

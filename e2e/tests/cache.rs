@@ -10,7 +10,8 @@ use optiroute_common::config::Config;
 use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse, ProviderChoice};
 use optiroute_testkit::stack::{client, Parts};
 use optiroute_testkit::{
-    metric, scrape, test_config, wait_until, FakeUpstream, Mode, NatsServer, Stack,
+    json_body, metric, request_json, scrape, test_config, wait_until, FakeUpstream, Mode,
+    NatsServer, Stack,
 };
 use serde_json::{json, Value};
 
@@ -286,7 +287,7 @@ async fn a_dead_owners_placeholder_is_taken_over_when_it_expires() {
     let stack = stack_with(&up, &nats, |_| {}).await;
     let mut req = GenerateRequest::new("orphaned question");
     req.provider = ProviderChoice::Cloud;
-    let key = optiroute_router::cache::cache_key(&req);
+    let key = optiroute_router::cache::cache_key(&req, optiroute_common::wire::Pool::Cloud);
     // A router that died mid-request left its placeholder, due to expire soon.
     let js = async_nats::jetstream::new(client(&stack.cfg, "ghost").await);
     let kv = js.get_key_value("optiroute-cache").await.unwrap();
@@ -325,4 +326,114 @@ async fn a_dead_owners_placeholder_is_taken_over_when_it_expires() {
         },
     )
     .await;
+}
+
+/// `route_bias` changes which pool answers, so it changes the answer: a
+/// cheap local answer given to a caller who asked for cheaper must not be
+/// served to an `auto` caller whom routing sends to the cloud.
+#[tokio::test]
+async fn an_answer_routed_by_bias_is_not_served_to_a_caller_routed_elsewhere() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let stack = stack_with(&up, &nats, |_| {}).await;
+    let prompt = "Prove that sqrt(2) is irrational.";
+    let cheap = ask(&stack, json!({"prompt": prompt, "route_bias": -1.0})).await;
+    assert_eq!(cheap["routed_to"], "local", "{cheap}");
+    assert_eq!(cheap["cached"], false);
+    // The cheap answer is in the cache for callers routed the same way.
+    wait_until(
+        "the cheap answer cached",
+        Duration::from_secs(5),
+        || async {
+            ask(
+                &stack,
+                json!({"prompt": prompt, "route_bias": -1.0, "cache": "read_only"}),
+            )
+            .await["cached"]
+                == true
+        },
+    )
+    .await;
+    let auto = ask(&stack, json!({"prompt": prompt})).await;
+    assert_eq!(auto["routed_to"], "cloud", "{auto}");
+    assert_eq!(
+        auto["cached"], false,
+        "a local answer served to a cloud route: {auto}"
+    );
+    assert_eq!(auto["provider"], "cloud");
+    assert_eq!(up.hits(), 1);
+    // The key is the pool routing chose: an explicit `local` request for
+    // the same prompt is the same question to the same pool.
+    let local = ask(&stack, json!({"prompt": prompt, "provider": "local"})).await;
+    assert_eq!(local["cached"], true, "{local}");
+    assert_eq!(local["text"], cheap["text"]);
+    assert_eq!(local["route_reason"], "provider local requested");
+}
+
+/// Fifty identical requests, sent at once with one deadline (a client
+/// fanning out), wait on a leader whose provider call times out.
+/// Leadership passes to one waiter at a time, so the struggling upstream
+/// sees the leader's call and its successor's before the deadline passes,
+/// never fifty at once.
+#[tokio::test]
+async fn fifty_waiters_behind_a_leader_that_times_out_make_at_most_two_upstream_calls() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Hang).await;
+    let mut cfg = test_config(&nats.url());
+    cfg.cloud.upstream.base_url = up.base_url();
+    // Each attempt gives up after 1 s; the requests after 1.5 s.
+    cfg.cloud.upstream.timeout_ms = 1_000;
+    // No local pool: the fallback fails at once, so the leader's failure is the timeout.
+    // Held to the end: dropping it stops the workers.
+    let _stack = Stack::start_parts(
+        cfg.clone(),
+        Parts {
+            ingress: false,
+            local: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
+    let c = client(&cfg, "fan-out").await;
+    let deadline = optiroute_common::nats::epoch_ms(
+        std::time::SystemTime::now() + Duration::from_millis(1_500),
+    )
+    .to_string();
+    let headers = [("Optiroute-Deadline", deadline.as_str())];
+    let body = r#"{"prompt": "popular and slow", "provider": "cloud"}"#;
+    let calls = (0..50).map(|_| request_json(&c, "optiroute.generate", &headers, body));
+    let answers: Vec<Value> = join_all(calls).await.iter().map(json_body).collect();
+    for a in &answers {
+        assert!(
+            a["code"] == "timeout" || a["code"] == "all_providers_failed",
+            "{a}"
+        );
+    }
+    let hits = up.hits();
+    assert!((1..=2).contains(&hits), "the upstream saw {hits} calls");
+}
+
+/// Beyond `cache.max_waiters_per_key` identical requests in flight, one more
+/// is refused with 429 rather than piling onto the pool on its own.
+#[tokio::test]
+async fn waiters_beyond_the_cap_are_refused_with_429() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Slow(Duration::from_millis(500))).await;
+    let stack = stack_with(&up, &nats, |c| c.cache.max_waiters_per_key = 2).await;
+    let body = json!({"prompt": "capped question", "provider": "cloud"});
+    let calls = (0..6).map(|_| stack.generate(&body));
+    let answers = join_all(calls).await;
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(ok, 3, "the leader and two waiters: {answers:?}");
+    assert_eq!(refused.len(), 3, "{answers:?}");
+    assert!(
+        refused[0].1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("identical requests"),
+        "{:?}",
+        refused[0]
+    );
+    assert_eq!(up.hits(), 1);
 }

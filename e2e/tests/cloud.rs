@@ -291,3 +291,88 @@ async fn cost_counters_equal_the_sum_of_reply_costs() {
         "{local} + {cloud} vs {total}"
     );
 }
+
+/// `Retry-After: 18446744073709551615` (u64::MAX seconds) must neither
+/// panic the worker (the request would then wait out its deadline and the
+/// breaker never open) nor open the breaker for ever: the open period is
+/// clamped to `cloud.breaker.max_open_ms`.
+#[tokio::test]
+async fn a_huge_retry_after_opens_the_breaker_for_at_most_max_open() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::RateLimited(u64::MAX)).await;
+    let stack = stack_with(&up, &nats, |c| {
+        c.cloud.breaker.failure_threshold = 1;
+        c.cloud.breaker.open_ms = 50;
+        c.cloud.breaker.max_open_ms = 1_000;
+    })
+    .await;
+    let started = Instant::now();
+    let (status, v) = ask(&stack, cloud_prompt(0)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["fallback_reason"], "rate_limited", "{v}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered at once, not at the provider timeout: {:?}",
+        started.elapsed()
+    );
+    up.set_mode(Mode::Ok);
+    let (_, v) = ask(&stack, cloud_prompt(1)).await;
+    assert_eq!(
+        v["fallback_reason"], "circuit_open",
+        "the breaker opened: {v}"
+    );
+    // Within max_open_ms (1 s), not in 584 billion years, a probe goes through.
+    let mut i = 2;
+    wait_until(
+        "the breaker to admit a probe",
+        Duration::from_secs(5),
+        || {
+            i += 1;
+            let q = cloud_prompt(i);
+            async { ask(&stack, q).await.1["provider"] == "cloud" }
+        },
+    )
+    .await;
+    assert_eq!(up.hits(), 2);
+}
+
+/// Token counts from the upstream are saturated, never overflowed: two
+/// u32::MAX counts (whose sum overflows) and counts beyond any integer
+/// type are served as u32::MAX, priced, and counted once.
+#[tokio::test]
+async fn huge_upstream_token_counts_saturate() {
+    let nats = NatsServer::start();
+    let max = u64::from(u32::MAX);
+    let up = FakeUpstream::start(Mode::Usage(json!({
+        "prompt_tokens": max, "completion_tokens": max, "total_tokens": 2 * max
+    })))
+    .await;
+    let stack = stack_with(&up, &nats, |_| {}).await;
+    let (status, a) = ask(&stack, cloud_prompt(0)).await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["provider"], "cloud", "{a}");
+    assert_eq!(a["usage"]["prompt_tokens"], max);
+    assert_eq!(a["usage"]["completion_tokens"], max);
+    assert_eq!(a["usage"]["total_tokens"], max, "saturated, not wrapped");
+    up.set_mode(Mode::Usage(json!({
+        "prompt_tokens": 1e30, "completion_tokens": 18446744073709551615u64, "total_tokens": 1e300
+    })));
+    let (status, b) = ask(&stack, cloud_prompt(1)).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["provider"], "cloud", "{b}");
+    assert_eq!(b["usage"]["prompt_tokens"], max);
+    assert_eq!(b["usage"]["completion_tokens"], max);
+    // Both priced as 2 × u32::MAX tokens at $0.0002 per 1k, and counted once.
+    let each = 2.0 * max as f64 * 0.0002 / 1000.0;
+    for v in [&a, &b] {
+        let cost = v["cost"].as_f64().unwrap();
+        assert!((cost - each).abs() < 1e-9, "{cost} vs {each}");
+    }
+    let counted = metric(
+        &scrape(stack.cloud.as_ref().unwrap().admin_addr).await,
+        "llm_total_cost_usd_total",
+        &[("provider", "cloud")],
+    )
+    .unwrap();
+    assert!((counted - 2.0 * each).abs() < 1e-9, "{counted}");
+}

@@ -298,3 +298,50 @@ async fn expired_deadline_is_refused_without_work() {
         .unwrap()
         .contains("Optiroute-Deadline"));
 }
+
+/// A direct publisher asking for a ten-minute deadline holds a router slot
+/// no longer than `router.max_deadline_ms`: the deadline is clamped (not
+/// refused), and the request ends when the clamped deadline passes.
+#[tokio::test]
+async fn a_deadline_beyond_the_maximum_is_clamped() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.router.max_deadline_ms = 1_000;
+    cfg.router.default_deadline_ms = 1_000;
+    cfg.router.provider_timeout_ms = 60_000;
+    // A local pool that would take 30 s.
+    cfg.local.simulated.base_ms = 30_000;
+    let stack = Stack::start_parts(
+        cfg,
+        Parts {
+            ingress: false,
+            cloud: false,
+            ..Parts::ALL
+        },
+    )
+    .await;
+    let c = client(&stack.cfg, "patient").await;
+    let ten_minutes =
+        optiroute_common::nats::epoch_ms(std::time::SystemTime::now() + Duration::from_secs(600))
+            .to_string();
+    let started = Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        request_json(
+            &c,
+            "optiroute.generate",
+            &[("Optiroute-Deadline", ten_minutes.as_str())],
+            r#"{"prompt":"take your time","provider":"local"}"#,
+        ),
+    )
+    .await
+    .expect("answered at the clamped deadline, not after the 30 s of work");
+    let waited = started.elapsed();
+    let v = json_body(&reply);
+    assert!(
+        v["code"] == "timeout" || v["code"] == "all_providers_failed",
+        "{v}"
+    );
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+}

@@ -205,7 +205,7 @@ impl UiStats {
         let fp = fingerprint(a);
         let mut t = self.lock();
         t.answers += 1;
-        t.tokens += u64::from(a.usage.total_tokens);
+        t.tokens = t.tokens.saturating_add(u64::from(a.usage.total_tokens));
         t.by_route[idx(a.routed_to)] += 1;
         t.served_by_provider[idx(a.provider)] += 1;
         t.spend_by_provider[idx(a.provider)] += cost;
@@ -243,7 +243,7 @@ impl UiStats {
         t.costs.insert(fp, cost);
         let rate = t.rates.entry((a.provider, a.model.clone())).or_default();
         rate.0 += cost;
-        rate.1 += u64::from(a.usage.total_tokens);
+        rate.1 = rate.1.saturating_add(u64::from(a.usage.total_tokens));
         if a.routed_to == Pool::Cloud {
             t.last_cloud = Some(CloudOutcome {
                 at: now,

@@ -54,15 +54,19 @@ pub struct CircuitBreaker {
     phase: Mutex<Phase>,
     threshold: u32,
     open_for: Duration,
+    /// The longest open period, whatever an upstream's `Retry-After` asks.
+    max_open: Duration,
     label: &'static str,
     state_gauge: IntGaugeVec,
     transitions: IntCounterVec,
 }
 
 impl CircuitBreaker {
+    /// `open_for` is clamped to `max_open`, so is every `Retry-After`.
     pub fn new(
         threshold: u32,
         open_for: Duration,
+        max_open: Duration,
         label: &'static str,
         state_gauge: IntGaugeVec,
         transitions: IntCounterVec,
@@ -71,7 +75,8 @@ impl CircuitBreaker {
         CircuitBreaker {
             phase: Mutex::new(Phase::Closed { failures: 0 }),
             threshold: threshold.max(1),
-            open_for,
+            open_for: open_for.min(max_open),
+            max_open,
             label,
             state_gauge,
             transitions,
@@ -143,18 +148,23 @@ impl CircuitBreaker {
     }
 
     /// Records an upstream failure; `retry_after` (from a 429) lengthens the
-    /// open period when it is longer than the configured one.
+    /// open period when it is longer than the configured one, up to
+    /// `max_open`: an upstream's number never overflows the clock nor holds
+    /// the breaker open for longer.
     pub fn on_failure(&self, retry_after: Option<Duration>) {
+        let retry_after = retry_after.map(|r| r.min(self.max_open));
         let open_for = retry_after.map_or(self.open_for, |r| r.max(self.open_for));
+        let now = Instant::now();
+        let later = |d: Duration| now.checked_add(d).unwrap_or(now);
         let mut phase = self.lock();
         match *phase {
             Phase::Closed { failures } => {
-                let failures = failures + 1;
+                let failures = failures.saturating_add(1);
                 if failures >= self.threshold {
                     self.enter(
                         &mut phase,
                         Phase::Open {
-                            until: Instant::now() + open_for,
+                            until: later(open_for),
                         },
                     );
                 } else {
@@ -164,11 +174,11 @@ impl CircuitBreaker {
             Phase::HalfOpen { .. } => self.enter(
                 &mut phase,
                 Phase::Open {
-                    until: Instant::now() + open_for,
+                    until: later(open_for),
                 },
             ),
             Phase::Open { until } => {
-                let until = until.max(Instant::now() + retry_after.unwrap_or_default());
+                let until = until.max(later(retry_after.unwrap_or_default()));
                 *phase = Phase::Open { until };
             }
         }
@@ -240,7 +250,14 @@ mod tests {
     fn breaker(threshold: u32, open_ms: u64) -> CircuitBreaker {
         let g = IntGaugeVec::new(Opts::new("g", "g"), &["provider"]).unwrap();
         let t = IntCounterVec::new(Opts::new("t", "t"), &["provider", "to"]).unwrap();
-        CircuitBreaker::new(threshold, Duration::from_millis(open_ms), "cloud", g, t)
+        CircuitBreaker::new(
+            threshold,
+            Duration::from_millis(open_ms),
+            Duration::from_secs(600),
+            "cloud",
+            g,
+            t,
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -318,5 +335,26 @@ mod tests {
         assert_eq!(b.admit(), Ok(Admission::Probe));
         b.on_neutral(Admission::Probe);
         assert_eq!(b.admit(), Ok(Admission::Probe));
+    }
+
+    /// `Retry-After: 18446744073709551615` once panicked when added to the
+    /// clock; now it opens the breaker for `max_open` (10 min here), and a
+    /// second one while open does not lengthen that.
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_retry_after_is_clamped_to_max_open() {
+        let b = breaker(1, 1000);
+        let huge = Some(Duration::from_secs(u64::MAX));
+        b.on_failure(huge);
+        assert_eq!(b.state(), BreakerState::Open);
+        b.on_failure(huge);
+        let wait = b.admit().unwrap_err();
+        assert_eq!(wait, Duration::from_secs(600));
+        tokio::time::advance(Duration::from_secs(600) - Duration::from_millis(1)).await;
+        assert!(b.admit().is_err());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(b.admit(), Ok(Admission::Probe));
+        // Half-open, a failed probe with the same header reopens for max_open too.
+        b.on_failure(huge);
+        assert_eq!(b.admit().unwrap_err(), Duration::from_secs(600));
     }
 }

@@ -104,10 +104,40 @@ struct ResponseMessage {
     content: Option<String>,
 }
 
+/// Token counts as the upstream reports them. Any JSON number is read and
+/// saturated into u32 (a count beyond u64 or written as a float included),
+/// so a broken or hostile upstream cannot overflow a sum downstream nor
+/// turn a served answer into an "unreadable" error.
 #[derive(Deserialize)]
 struct UpstreamUsage {
+    #[serde(deserialize_with = "saturating_count")]
     prompt_tokens: u32,
+    #[serde(deserialize_with = "saturating_count")]
     completion_tokens: u32,
+}
+
+fn saturating_count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(u) = n.as_u64() {
+        return Ok(u32::try_from(u).unwrap_or(u32::MAX));
+    }
+    match n.as_f64() {
+        // `as` saturates a float into the integer range.
+        Some(f) if f >= 0.0 => Ok(f as u32),
+        _ => Err(serde::de::Error::custom(format!(
+            "token count must be 0 or more, got {n}"
+        ))),
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is ignored). A number too
+/// large for u64 still means "a long time": the breaker clamps it.
+fn retry_after_secs(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(Duration::from_secs(v.parse::<u64>().unwrap_or(u64::MAX)))
 }
 
 impl OpenAiClient {
@@ -189,8 +219,7 @@ impl OpenAiClient {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(retry_after_secs);
         let detail: String = resp
             .text()
             .await
@@ -377,4 +406,44 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(url.as_str(), "<upstream>");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_of_any_size_parses() {
+        assert_eq!(retry_after_secs(" 30 "), Some(Duration::from_secs(30)));
+        assert_eq!(
+            retry_after_secs("18446744073709551615"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
+            retry_after_secs("99999999999999999999999"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(retry_after_secs("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(retry_after_secs("-1"), None);
+        assert_eq!(retry_after_secs(""), None);
+    }
+
+    #[test]
+    fn usage_counts_saturate() {
+        let u: UpstreamUsage =
+            serde_json::from_str(r#"{"prompt_tokens": 4294967296, "completion_tokens": 1e30}"#)
+                .unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (u32::MAX, u32::MAX));
+        let u: UpstreamUsage = serde_json::from_str(
+            r#"{"prompt_tokens": 18446744073709551616, "completion_tokens": 7}"#,
+        )
+        .unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (u32::MAX, 7));
+        let usage = Usage::new(u.prompt_tokens, u.prompt_tokens, false);
+        assert_eq!(usage.total_tokens, u32::MAX);
+        assert!(serde_json::from_str::<UpstreamUsage>(
+            r#"{"prompt_tokens": -1, "completion_tokens": 7}"#
+        )
+        .is_err());
+    }
 }

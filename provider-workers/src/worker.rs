@@ -435,6 +435,7 @@ pub async fn run_cloud(
     let breaker = CircuitBreaker::new(
         c.breaker.failure_threshold,
         Duration::from_millis(c.breaker.open_ms),
+        Duration::from_millis(c.breaker.max_open_ms),
         "cloud",
         metrics.breaker_state.clone(),
         metrics.breaker_transitions.clone(),

@@ -1,5 +1,6 @@
-//! The response cache in JetStream KV, shared by every router replica, plus
-//! in-process coalescing of identical requests.
+//! The response cache in JetStream KV, shared by every router replica, and
+//! its placeholders that coalesce identical requests across replicas
+//! (within one router, see [`crate::coalesce`]).
 //!
 //! The cache fails open: a slow or missing KV store turns into an `error`
 //! cache event and the request is served without it.
@@ -14,11 +15,9 @@ use optiroute_common::nats::epoch_ms;
 
 use async_nats::jetstream::{self, kv};
 use optiroute_common::config::CacheConfig;
-use optiroute_common::wire::{GenerateRequest, GenerateResponse, Pool, Usage};
-use optiroute_common::Error;
+use optiroute_common::wire::{GenerateRequest, Pool, Usage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{CacheEvent, RouterMetrics};
@@ -52,18 +51,26 @@ struct KeyMaterial<'a> {
     max_tokens: u32,
     temperature: Option<f32>,
     top_p: Option<f32>,
-    provider: &'a str,
+    /// The pool routing chose, not the provider requested.
+    pool: &'a str,
     model_id: Option<&'a str>,
 }
 
 /// SHA-256 hex of the canonical encoding of the request: the prompt with
 /// whitespace trimmed at both ends (or each message's role and trimmed
-/// content), `stop`, `max_tokens`, `temperature`, `top_p`, the requested
-/// provider (`auto`, `local`, `cloud`) and `model_id`.
-/// Cache mode and route bias do not change the answer and are left out.
-pub fn cache_key(req: &GenerateRequest) -> String {
+/// content), `stop`, `max_tokens`, `temperature`, `top_p`, `model_id`, and
+/// `pool`: the pool routing chose for this request, which the caller
+/// decides before the lookup.
+///
+/// The pool stands for everything that routing reads (`provider`,
+/// `route_bias`, the score of the prompt, the router's thresholds): two
+/// requests for the same text sent to the same pool get the same answer,
+/// whatever made routing send them there, and a request sent to the other
+/// pool never gets this one's. Cache mode does not change the answer and is
+/// left out.
+pub fn cache_key(req: &GenerateRequest, pool: Pool) -> String {
     let material = KeyMaterial {
-        v: 1,
+        v: 2,
         prompt: req.prompt.trim(),
         messages: req
             .messages
@@ -81,12 +88,12 @@ pub fn cache_key(req: &GenerateRequest) -> String {
         max_tokens: req.max_tokens,
         temperature: req.temperature,
         top_p: req.top_p,
-        provider: req.provider.as_str(),
+        pool: pool.as_str(),
         model_id: req.model_id.as_deref(),
     };
     // rmp-serde cannot fail on this plain struct; fall back to the prompt alone.
-    let bytes =
-        rmp_serde::to_vec(&material).unwrap_or_else(|_| req.prompt.trim().as_bytes().to_vec());
+    let bytes = rmp_serde::to_vec(&material)
+        .unwrap_or_else(|_| format!("{}\n{}", pool.as_str(), req.prompt.trim()).into_bytes());
     hex::encode(Sha256::digest(&bytes))
 }
 
@@ -198,7 +205,6 @@ pub struct Cache {
     local: Local,
     store: OnceLock<kv::Store>,
     metrics: RouterMetrics,
-    inflight: Mutex<HashMap<String, broadcast::Sender<Result<GenerateResponse, Error>>>>,
 }
 
 impl Cache {
@@ -213,7 +219,6 @@ impl Cache {
             local,
             store: OnceLock::new(),
             metrics,
-            inflight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -451,60 +456,6 @@ impl Cache {
             }
         }
     }
-
-    /// Joins the request in flight for `key`, or becomes its leader.
-    pub fn join(self: &Arc<Self>, key: &str) -> Join {
-        let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = map.get(key) {
-            return Join::Follower(tx.subscribe());
-        }
-        let (tx, _) = broadcast::channel(1);
-        map.insert(key.to_string(), tx);
-        Join::Leader(LeaderGuard {
-            cache: self.clone(),
-            key: Some(key.to_string()),
-        })
-    }
-}
-
-pub enum Join {
-    Leader(LeaderGuard),
-    Follower(broadcast::Receiver<Result<GenerateResponse, Error>>),
-}
-
-/// Held by the one request that generates for a key; identical requests
-/// wait for its answer. Dropping it without finishing releases them to do
-/// their own work.
-pub struct LeaderGuard {
-    cache: Arc<Cache>,
-    /// `None` once finished.
-    key: Option<String>,
-}
-
-impl LeaderGuard {
-    fn release(&mut self) -> Option<broadcast::Sender<Result<GenerateResponse, Error>>> {
-        let key = self.key.take()?;
-        self.cache
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key)
-    }
-
-    /// Hands the result to every identical request waiting for it.
-    pub fn finish(mut self, result: &Result<GenerateResponse, Error>) {
-        if let Some(tx) = self.release() {
-            if tx.receiver_count() > 0 {
-                let _ = tx.send(result.clone());
-            }
-        }
-    }
-}
-
-impl Drop for LeaderGuard {
-    fn drop(&mut self) {
-        self.release();
-    }
 }
 
 #[cfg(test)]
@@ -517,29 +468,41 @@ mod tests {
         let a = GenerateRequest::new("hello world");
         let mut b = GenerateRequest::new("  hello world\n");
         b.cache = CacheMode::WriteOnly;
-        b.route_bias = Some(0.5);
-        assert_eq!(cache_key(&a), cache_key(&b));
-        assert_eq!(cache_key(&a).len(), 64);
+        assert_eq!(cache_key(&a, Pool::Local), cache_key(&b, Pool::Local));
+        assert_eq!(cache_key(&a, Pool::Local).len(), 64);
     }
 
     #[test]
     fn key_changes_with_what_changes_the_answer() {
         let base = GenerateRequest::new("hello");
-        let k = cache_key(&base);
+        let k = cache_key(&base, Pool::Local);
         let mut r = base.clone();
         r.max_tokens = 5;
-        assert_ne!(cache_key(&r), k);
-        let mut r = base.clone();
-        r.provider = ProviderChoice::Cloud;
-        assert_ne!(cache_key(&r), k);
+        assert_ne!(cache_key(&r, Pool::Local), k);
         let mut r = base.clone();
         r.temperature = Some(0.7);
-        assert_ne!(cache_key(&r), k);
+        assert_ne!(cache_key(&r, Pool::Local), k);
         let mut r = base.clone();
         r.model_id = Some("m".into());
-        assert_ne!(cache_key(&r), k);
+        assert_ne!(cache_key(&r, Pool::Local), k);
         let r = GenerateRequest::new("hello!");
-        assert_ne!(cache_key(&r), k);
+        assert_ne!(cache_key(&r, Pool::Local), k);
+        assert_ne!(cache_key(&base, Pool::Cloud), k, "the pool routing chose");
+    }
+
+    /// What routing read (provider, route_bias) reaches the key only as the
+    /// pool it chose: the same pool is the same answer.
+    #[test]
+    fn key_is_the_pool_chosen_not_how_it_was_chosen() {
+        let auto = GenerateRequest::new("hello");
+        let mut explicit = auto.clone();
+        explicit.provider = ProviderChoice::Local;
+        let mut biased = auto.clone();
+        biased.route_bias = Some(-1.0);
+        let k = cache_key(&auto, Pool::Local);
+        assert_eq!(cache_key(&explicit, Pool::Local), k);
+        assert_eq!(cache_key(&biased, Pool::Local), k);
+        assert_ne!(cache_key(&biased, Pool::Cloud), k);
     }
 
     fn answer(text: &str) -> Arc<CachedAnswer> {

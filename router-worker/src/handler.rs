@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::Client;
 use optiroute_common::admin;
@@ -19,21 +19,29 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::{cache_key, Cache, CachedAnswer, Claim, Join, Lookup, Marker};
+use crate::cache::{cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
+use crate::coalesce::{Coalescer, Join, Turn};
 use crate::metrics::{CacheEvent, RouterMetrics};
-use crate::routing::Router;
+use crate::routing::{Decision, Router};
 
 /// How much earlier than the router a provider gives up on an attempt.
 const PROVIDER_GRACE: Duration = Duration::from_millis(250);
+
+/// Less time than this left, a provider attempt could not come back with an
+/// answer: it is not made (no call reaches an upstream for nothing).
+const MIN_ATTEMPT: Duration = Duration::from_millis(10);
 
 pub struct GenerateHandler {
     client: Client,
     subjects: Subjects,
     router: Router,
     cache: Arc<Cache>,
+    coalescer: Arc<Coalescer>,
+    max_waiters: usize,
     metrics: RouterMetrics,
     max_prompt_bytes: usize,
     provider_timeout: Duration,
+    max_deadline: Duration,
     log_payloads: bool,
 }
 
@@ -43,142 +51,161 @@ impl Handler for GenerateHandler {
 
     async fn handle(
         &self,
-        meta: RequestMeta,
+        mut meta: RequestMeta,
         req: GenerateRequest,
     ) -> Result<GenerateResponse, Error> {
         req.validate(self.max_prompt_bytes)?;
+        // A later deadline is clamped, not refused: it is how long the
+        // caller is willing to wait, not work it needs, and the request
+        // ends with 504 here if it does need longer.
+        meta.deadline = meta.deadline.min(SystemTime::now() + self.max_deadline);
         let started = Instant::now();
         if self.log_payloads {
             tracing::debug!(prompt = %req.prompt, "prompt");
         }
+        // Routing comes first: the pool it chooses is part of the cache key.
+        let decision = self.router.decide(&req);
         if !self.cache.enabled() || !(req.cache.reads() || req.cache.writes()) {
             self.metrics.cache_event(CacheEvent::Bypass);
-            return self.generate(&meta, &req, started).await.map(|(r, _)| r);
+            return self
+                .generate(&meta, &req, &decision, started)
+                .await
+                .map(|(r, _)| r);
         }
-        let key = cache_key(&req);
+        let key = cache_key(&req, decision.target);
+        let call = Call {
+            meta: &meta,
+            req: &req,
+            decision: &decision,
+            started,
+            key: &key,
+        };
         if !req.cache.reads() {
             self.metrics.cache_event(CacheEvent::Bypass);
-            return self
-                .generate_and_store(&meta, &req, started, &key, None)
-                .await;
+            return self.generate_and_store(&call, None).await;
         }
         if let Lookup::Hit(hit) = self.cache.lookup(&key).await {
-            self.metrics
-                .cost_saved
-                .with_label_values(&[hit.provider.as_str()])
-                .inc_by(hit.cost);
-            return Ok(from_cache(&hit, started, &meta));
+            self.count_saved(hit.provider, hit.cost);
+            return Ok(from_cache(&hit, &call));
         }
-        match self.cache.join(&key) {
-            Join::Leader(guard) => {
-                // Only a request that will write its answer may hold others waiting.
-                let claim = if req.cache.writes() {
-                    self.cache.claim(&key, meta.deadline).await
-                } else {
-                    Claim::Proceed
-                };
-                let result = match claim {
-                    Claim::Owner(marker) => {
-                        self.generate_and_store(&meta, &req, started, &key, Some(marker))
-                            .await
-                    }
-                    Claim::Answer(answer) => {
-                        self.metrics.cache_event(CacheEvent::Coalesced);
-                        self.metrics
-                            .cost_saved
-                            .with_label_values(&[answer.provider.as_str()])
-                            .inc_by(answer.cost);
-                        Ok(from_cache(&answer, started, &meta))
-                    }
-                    Claim::Proceed => {
-                        self.generate_and_store(&meta, &req, started, &key, None)
-                            .await
-                    }
-                };
-                guard.finish(&result);
-                result
+        let guard = match self.coalescer.join(&key) {
+            Join::Leader(guard) => guard,
+            Join::Full => {
+                return Err(Error::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                    "{} identical requests already wait for this prompt's answer; retry shortly",
+                    self.max_waiters
+                ),
+                ))
             }
-            Join::Follower(mut rx) => {
-                let waited = tokio::time::timeout(meta.remaining(), rx.recv()).await;
-                match waited {
-                    Ok(Ok(Ok(mut shared))) => {
-                        self.metrics.cache_event(CacheEvent::Coalesced);
-                        self.metrics
-                            .cost_saved
-                            .with_label_values(&[shared.provider.as_str()])
-                            .inc_by(shared.cost);
-                        // The leader paid for it; this request cost nothing more.
-                        shared.cost = 0.0;
-                        shared.cached = true;
-                        shared.latency = started.elapsed().as_secs_f64();
-                        shared.request_id = Some(meta.request_id.clone());
-                        Ok(shared)
-                    }
-                    // Only errors about the request itself are shared: a leader's
-                    // timeout, cancellation or outage says nothing about this one.
-                    Ok(Ok(Err(e)))
-                        if matches!(
-                            e.kind,
-                            ErrorKind::BadRequest | ErrorKind::UpstreamClientError
-                        ) =>
-                    {
-                        Err(e)
-                    }
-                    Ok(Ok(Err(_))) => {
-                        self.generate_and_store(&meta, &req, started, &key, None)
-                            .await
-                    }
-                    // The leader went away without an answer: do the work ourselves.
-                    Ok(Err(_)) => {
-                        self.generate_and_store(&meta, &req, started, &key, None)
-                            .await
-                    }
-                    Err(_) => Err(Error::new(
+            Join::Follower(rx) => match tokio::time::timeout(meta.remaining(), rx).await {
+                Ok(Ok(Turn::Answer(Ok(mut shared)))) => {
+                    self.metrics.cache_event(CacheEvent::Coalesced);
+                    self.count_saved(shared.provider, shared.cost);
+                    // The leader paid for it; this request cost nothing more.
+                    shared.cost = 0.0;
+                    shared.cached = true;
+                    shared.latency = started.elapsed().as_secs_f64();
+                    shared.request_id = Some(meta.request_id.clone());
+                    shared.routed_to = decision.target;
+                    shared.route_reason = Some(decision.reason.clone());
+                    return Ok(shared);
+                }
+                // Only errors about the request itself are shared.
+                Ok(Ok(Turn::Answer(Err(e)))) => return Err(e),
+                // The leader failed for a reason of its own: this request
+                // leads now, while the others keep waiting on it.
+                Ok(Ok(Turn::Lead(guard))) => guard,
+                // Not sent by the coalescer; should it happen, do the work alone.
+                Ok(Err(_)) => return self.generate_and_store(&call, None).await,
+                Err(_) => {
+                    return Err(Error::new(
                         ErrorKind::Timeout,
                         "deadline passed waiting for an identical request in flight",
-                    )),
+                    ))
                 }
+            },
+        };
+        // Only a request that will write its answer may hold other replicas waiting.
+        let claim = if req.cache.writes() {
+            self.cache.claim(&key, meta.deadline).await
+        } else {
+            Claim::Proceed
+        };
+        let result = match claim {
+            Claim::Owner(marker) => self.generate_and_store(&call, Some(marker)).await,
+            Claim::Answer(answer) => {
+                self.metrics.cache_event(CacheEvent::Coalesced);
+                self.count_saved(answer.provider, answer.cost);
+                Ok(from_cache(&answer, &call))
             }
-        }
+            Claim::Proceed => self.generate_and_store(&call, None).await,
+        };
+        guard.finish(&result);
+        result
     }
 }
 
-fn from_cache(hit: &CachedAnswer, started: Instant, meta: &RequestMeta) -> GenerateResponse {
+/// One request on its way through the cache: what it asked, where routing
+/// sends it, and its key.
+struct Call<'a> {
+    meta: &'a RequestMeta,
+    req: &'a GenerateRequest,
+    decision: &'a Decision,
+    started: Instant,
+    key: &'a str,
+}
+
+/// A cached answer as this request's reply. The routing fields are this
+/// request's own: the entry may have been made by a request that reached
+/// the same pool another way (an explicit provider, another bias).
+fn from_cache(hit: &CachedAnswer, call: &Call<'_>) -> GenerateResponse {
     GenerateResponse {
         text: hit.text.clone(),
         usage: hit.usage,
         cost: 0.0,
-        latency: started.elapsed().as_secs_f64(),
+        latency: call.started.elapsed().as_secs_f64(),
         model: hit.model.clone(),
-        routed_to: hit.routed_to,
+        routed_to: call.decision.target,
         provider: hit.provider,
         cached: true,
         fallback_reason: None,
-        route_reason: hit.route_reason.clone(),
-        request_id: Some(meta.request_id.clone()),
+        route_reason: Some(call.decision.reason.clone()),
+        request_id: Some(call.meta.request_id.clone()),
         finish_reason: hit.finish_reason.clone(),
     }
 }
 
 impl GenerateHandler {
+    /// What a cache hit or a shared answer saved, counted when it is a real amount.
+    fn count_saved(&self, provider: Pool, cost: f64) {
+        if cost.is_finite() && cost > 0.0 {
+            self.metrics
+                .cost_saved
+                .with_label_values(&[provider.as_str()])
+                .inc_by(cost);
+        }
+    }
+
     /// Generates, then (in the background, after the reply) writes a good
     /// answer to the cache over this router's placeholder, or removes the
     /// placeholder when there is nothing to cache, so waiting replicas move on.
     async fn generate_and_store(
         &self,
-        meta: &RequestMeta,
-        req: &GenerateRequest,
-        started: Instant,
-        key: &str,
+        call: &Call<'_>,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
-        let (result, answer) = match self.generate(meta, req, started).await {
-            Ok((response, answer)) => (Ok(response), answer.filter(|_| req.cache.writes())),
+        let (result, answer) = match self
+            .generate(call.meta, call.req, call.decision, call.started)
+            .await
+        {
+            Ok((response, answer)) => (Ok(response), answer.filter(|_| call.req.cache.writes())),
             Err(e) => (Err(e), None),
         };
         if answer.is_some() || marker.is_some() {
             let cache = self.cache.clone();
-            let key = key.to_string();
+            let key = call.key.to_string();
             tokio::spawn(
                 async move {
                     let stored = match answer {
@@ -196,16 +223,19 @@ impl GenerateHandler {
         result
     }
 
-    /// Routes, calls the chosen pool and falls back to the other one when
+    /// Calls the pool routing chose and falls back to the other one when
     /// the failure allows it. Also returns what to cache: only first-choice
-    /// answers, so the better pool is tried again once it recovers.
+    /// answers. An answer from the fallback pool is not cached: under the
+    /// key of the pool routing chose it would serve the other pool's answer
+    /// for the whole TTL after the chosen pool recovers, and it must not
+    /// stand for that pool's answer either.
     async fn generate(
         &self,
         meta: &RequestMeta,
         req: &GenerateRequest,
+        decision: &Decision,
         started: Instant,
     ) -> Result<(GenerateResponse, Option<CachedAnswer>), Error> {
-        let decision = self.router.decide(req);
         self.metrics
             .route_decisions
             .with_label_values(&[decision.target.as_str(), decision.reason_label])
@@ -231,7 +261,7 @@ impl GenerateHandler {
                     Ok(reply) => (reply, other, Some(first_err.kind)),
                     Err(e) if !e.kind.allows_fallback() => return Err(e),
                     Err(second_err) => {
-                        let kind = if meta.remaining().is_zero() {
+                        let kind = if meta.remaining() < MIN_ATTEMPT {
                             ErrorKind::Timeout
                         } else if first_err.kind == second_err.kind
                             && matches!(
@@ -267,7 +297,7 @@ impl GenerateHandler {
             provider,
             cached: false,
             fallback_reason,
-            route_reason: Some(decision.reason),
+            route_reason: Some(decision.reason.clone()),
             request_id: Some(meta.request_id.clone()),
             finish_reason: reply.finish_reason,
         };
@@ -299,6 +329,12 @@ impl GenerateHandler {
         let now = std::time::SystemTime::now();
         let wait_until = meta.deadline.min(now + self.provider_timeout);
         let wait = wait_until.duration_since(now).unwrap_or_default();
+        if wait < MIN_ATTEMPT {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("no time left for a {} pool attempt", pool.as_str()),
+            ));
+        }
         let grace = if wait > PROVIDER_GRACE * 4 {
             PROVIDER_GRACE
         } else {
@@ -321,7 +357,17 @@ impl GenerateHandler {
             .provider_request
             .with_label_values(&[pool.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        result
+        result.and_then(|reply: ProviderReply| {
+            // Costs are summed and charged downstream: only a real amount passes.
+            if reply.cost_usd.is_finite() && reply.cost_usd >= 0.0 {
+                Ok(reply)
+            } else {
+                Err(Error::new(
+                    ErrorKind::UpstreamError,
+                    format!("the {} pool replied with an invalid cost", pool.as_str()),
+                ))
+            }
+        })
     }
 }
 
@@ -375,9 +421,12 @@ pub async fn run(
         subjects: subjects.clone(),
         router: Router::new(&r.routing)?,
         cache: cache.clone(),
+        coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
+        max_waiters: cfg.cache.max_waiters_per_key,
         metrics: metrics.clone(),
         max_prompt_bytes: r.max_prompt_bytes,
         provider_timeout: Duration::from_millis(r.provider_timeout_ms),
+        max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
     });
     let spec = EndpointSpec {

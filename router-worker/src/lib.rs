@@ -4,6 +4,7 @@
 //! the chosen one fails.
 
 pub mod cache;
+pub mod coalesce;
 pub mod eval;
 pub mod handler;
 pub mod metrics;

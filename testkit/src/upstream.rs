@@ -30,6 +30,8 @@ pub enum Mode {
     Hang,
     /// Streams (when asked to) this many chunks, then breaks the connection.
     StreamBreaksAfter(usize),
+    /// Answers with this `usage` block, whatever it holds.
+    Usage(serde_json::Value),
 }
 
 struct Inner {
@@ -103,7 +105,7 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
         if usage {
             v["usage"] = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30});
         }
-        Json(v).into_response()
+        v
     };
     let text = format!("cloud answer {n} to: {prompt}");
     if body["stream"] == true
@@ -112,11 +114,16 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
         return stream(text, &model, mode);
     }
     match mode {
-        Mode::StreamBreaksAfter(_) | Mode::Ok => answer(true),
-        Mode::NoUsage => answer(false),
+        Mode::StreamBreaksAfter(_) | Mode::Ok => Json(answer(true)).into_response(),
+        Mode::NoUsage => Json(answer(false)).into_response(),
+        Mode::Usage(usage) => {
+            let mut v = answer(false);
+            v["usage"] = usage;
+            Json(v).into_response()
+        }
         Mode::Slow(d) => {
             tokio::time::sleep(d).await;
-            answer(true)
+            Json(answer(true)).into_response()
         }
         Mode::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap();

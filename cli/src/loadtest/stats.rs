@@ -167,7 +167,9 @@ pub fn report(records: &[Record], elapsed_s: f64, cloud_price_per_1k: f64) -> Re
             .prompt_tokens
             .unwrap_or_else(|| rec.prompt_chars.div_ceil(4) as u32);
         let completion = a.completion_tokens.unwrap_or(0);
-        r.all_cloud_cost += f64::from(prompt_tokens + completion) / 1000.0 * cloud_price_per_1k;
+        // Counts come from replies (so from an upstream): summed as floats, never overflowed.
+        r.all_cloud_cost +=
+            (f64::from(prompt_tokens) + f64::from(completion)) / 1000.0 * cloud_price_per_1k;
         if a.cached == Some(false) && !a.fallback {
             if let Some(i) = rec.item {
                 let e = item_cost.entry(i).or_default();
