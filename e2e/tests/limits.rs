@@ -70,13 +70,17 @@ async fn requests_beyond_max_in_flight_get_503_with_retry_after() {
         .collect();
     let addr = stack.ingress_addr();
     // The scrape counts itself: two held requests read as three.
-    wait_until("two requests in flight", Duration::from_secs(5), || async move {
-        metric(
-            &scrape(addr).await,
-            "optiroute_ingress_in_flight_requests",
-            &[],
-        ) == Some(3.0)
-    })
+    wait_until(
+        "two requests in flight",
+        Duration::from_secs(5),
+        || async move {
+            metric(
+                &scrape(addr).await,
+                "optiroute_ingress_in_flight_requests",
+                &[],
+            ) == Some(3.0)
+        },
+    )
     .await;
     let resp = http
         .post(stack.url("/generate"))
@@ -89,7 +93,10 @@ async fn requests_beyond_max_in_flight_get_503_with_retry_after() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "overloaded", "{v}");
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("in flight"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in flight"),
         "{v}"
     );
     // Probes are not counted, and the held requests still finish.

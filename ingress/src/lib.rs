@@ -118,7 +118,10 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             limits::body_deadline,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), limits::in_flight))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::in_flight,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
