@@ -91,10 +91,7 @@ pub async fn serve(
     app: Router,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|e| Error::internal(format!("http server: {e}")))
+    crate::http::serve(listener, app, shutdown, crate::http::ServeLimits::default()).await
 }
 
 /// Starts the admin server on `listen` in the background; returns its address.

@@ -137,6 +137,20 @@ pub struct IngressConfig {
     /// How long `/ready` waits for a router to answer its probe.
     pub ready_probe_timeout_ms: u64,
     pub drain_timeout_ms: u64,
+    /// HTTP requests served at once (streams count until their headers are
+    /// sent); beyond it a request is answered 503 with `Retry-After`.
+    /// `/health` and `/metrics` are not counted.
+    pub max_in_flight_requests: usize,
+    /// Streamed completions open at once; beyond it 503 with `Retry-After`.
+    pub max_streams: usize,
+    /// Longest one streamed event may wait for a client that stopped
+    /// reading; then the stream is dropped and the provider told to stop.
+    pub stream_send_timeout_ms: u64,
+    /// Longest a client may take to send a request's headers (slowloris);
+    /// then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest a client may take to send a request's whole body; then 408.
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for IngressConfig {
@@ -148,6 +162,11 @@ impl Default for IngressConfig {
             max_prompt_bytes: 32 * 1024,
             ready_probe_timeout_ms: 500,
             drain_timeout_ms: 10_000,
+            max_in_flight_requests: 4096,
+            max_streams: 1024,
+            stream_send_timeout_ms: 10_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 60_000,
         }
     }
 }
@@ -654,6 +673,23 @@ impl Config {
             ("router.max_in_flight", self.router.max_in_flight),
             ("local.max_in_flight", self.local.max_in_flight),
             ("cloud.max_in_flight", self.cloud.max_in_flight),
+            (
+                "ingress.max_in_flight_requests",
+                self.ingress.max_in_flight_requests,
+            ),
+            ("ingress.max_streams", self.ingress.max_streams),
+            (
+                "ingress.stream_send_timeout_ms",
+                to_usize(self.ingress.stream_send_timeout_ms),
+            ),
+            (
+                "ingress.header_read_timeout_ms",
+                to_usize(self.ingress.header_read_timeout_ms),
+            ),
+            (
+                "ingress.body_read_timeout_ms",
+                to_usize(self.ingress.body_read_timeout_ms),
+            ),
         ] {
             if n == 0 {
                 return bad(key, "must be at least 1");
@@ -661,6 +697,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// For the "at least 1" check: any value past `usize` is large enough.
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 /// Sets `root.a.b.c = value`, reading `value` as a TOML literal when it is one

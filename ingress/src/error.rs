@@ -56,6 +56,11 @@ impl IntoResponse for ApiError {
             }
         });
         let mut resp = (status, Json(body)).into_response();
+        // At capacity now, likely not in a moment: say when to come back.
+        if kind == ErrorKind::Overloaded {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
         if let Some(id) = self
             .request_id
             .and_then(|id| HeaderValue::from_str(&id).ok())

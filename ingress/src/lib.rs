@@ -4,6 +4,7 @@
 
 mod batches;
 mod error;
+mod limits;
 pub mod metrics;
 mod openai;
 mod ui;
@@ -22,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use optiroute_common::config::Config;
+use optiroute_common::http::ServeLimits;
 use optiroute_common::nats::{self, is_connected, new_request_id, RequestMeta};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{self, CacheMode, Format, GenerateRequest, GenerateResponse};
@@ -52,6 +54,7 @@ struct Inner {
     /// Opened on first use, so the ingress starts without JetStream.
     batches: tokio::sync::OnceCell<optiroute_batch::BatchClient>,
     config: Config,
+    limits: limits::Limits,
 }
 
 impl AppState {
@@ -68,6 +71,7 @@ impl AppState {
                 local_models: local_models(cfg),
                 batches: tokio::sync::OnceCell::new(),
                 config: cfg.clone(),
+                limits: limits::Limits::new(&cfg.ingress),
                 cloud_models: std::iter::once(cfg.cloud.upstream.model.clone())
                     .chain(cfg.cloud.prices.keys().cloned())
                     .collect(),
@@ -117,6 +121,14 @@ pub fn app(state: AppState, with_metrics: bool) -> Router {
     router
         .merge(ui::routes())
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::body_deadline,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::in_flight,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -331,9 +343,12 @@ pub async fn run(
     }
     let app = app(state, !public);
     let drain = Duration::from_millis(cfg.ingress.drain_timeout_ms);
+    let limits = ServeLimits {
+        header_read_timeout: Duration::from_millis(cfg.ingress.header_read_timeout_ms),
+    };
     let task = tokio::spawn(async move {
         // Open requests may finish after shutdown, within `drain_timeout_ms`.
-        let server = admin::serve(listener, app, shutdown.clone());
+        let server = optiroute_common::http::serve(listener, app, shutdown.clone(), limits);
         let drain_over = async {
             shutdown.cancelled().await;
             tokio::time::sleep(drain).await;

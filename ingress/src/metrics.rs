@@ -13,6 +13,10 @@ pub struct IngressMetrics {
     pub in_flight: IntGauge,
     /// `llm_time_to_first_token_seconds`: streamed requests, HTTP arrival to first token.
     pub time_to_first_token: Histogram,
+    /// `optiroute_ingress_limited_total{limit}`: requests and streams refused
+    /// or cut off by a limit (`in_flight`, `streams`, `stream_send_timeout`,
+    /// `body_read_timeout`).
+    pub limited: IntCounterVec,
 }
 
 impl IngressMetrics {
@@ -45,6 +49,12 @@ impl IngressMetrics {
                 &r,
                 "llm_time_to_first_token_seconds",
                 "Time from a streamed request's arrival to its first token.",
+            ),
+            limited: counter_vec(
+                &r,
+                "optiroute_ingress_limited_total",
+                "Requests refused or cut off by a limit, by limit.",
+                &["limit"],
             ),
             registry: r,
         }

@@ -10,15 +10,16 @@
 //! provider stops generating.
 
 use std::convert::Infallible;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::StreamExt;
+use optiroute_common::http::CloseConnection;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::wire::{
     self, ChatMessage, Format, GenerateRequest, GenerateResponse, ProviderChoice, Role, StreamChunk,
@@ -211,6 +212,7 @@ fn answer_headers(headers: &mut HeaderMap, a: &GenerateResponse, request_id: &st
 
 pub(crate) async fn chat_completions(
     State(state): State<AppState>,
+    closer: Option<Extension<CloseConnection>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -227,7 +229,8 @@ pub(crate) async fn chat_completions(
     req.validate(state.inner.max_prompt_bytes).map_err(fail)?;
     req.cache = crate::cache_mode_from_headers(&headers, req.cache);
     if stream {
-        return stream_completion(state, id, req, include_usage, model).await;
+        let closer = closer.map(|Extension(c)| c);
+        return stream_completion(state, id, req, include_usage, model, closer).await;
     }
     let meta = RequestMeta::new(id.clone(), state.inner.request_timeout);
     let answer = crate::relay(&state, &meta, &req).await.map_err(fail)?;
@@ -258,14 +261,23 @@ enum Event {
 /// Streams a completion. The first event (a token, or the final answer or
 /// error) is awaited before the response starts, so a request that fails
 /// before any token gets a proper HTTP error status.
+///
+/// A client that stops reading is given `ingress.stream_send_timeout_ms`
+/// per event; then the provider is told to stop and the connection closed
+/// (`closer`), since the response can neither finish nor be abandoned.
 async fn stream_completion(
     state: AppState,
     id: String,
     req: GenerateRequest,
     include_usage: bool,
     model: String,
+    closer: Option<CloseConnection>,
 ) -> Result<Response, ApiError> {
     let s = state.inner.clone();
+    let slot = s.limits.stream_slot().map_err(|e| {
+        s.metrics.limited.with_label_values(&["streams"]).inc();
+        ApiError::new(e, Some(&id))
+    })?;
     let inbox = s.client.new_inbox();
     let mut chunks = s.client.subscribe(inbox.clone()).await.map_err(|e| {
         ApiError::new(
@@ -331,8 +343,10 @@ async fn stream_completion(
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(64);
     let request_id = id.clone();
     let metrics = s.metrics.clone();
+    let send_timeout = s.limits.stream_send_timeout;
     tokio::spawn(async move {
-        let mut sse = SseWriter::new(id.clone(), model, body_tx);
+        let _slot = slot;
+        let mut sse = SseWriter::new(id.clone(), model, body_tx, send_timeout);
         let mut ev = Some(first);
         let mut streamed = String::new();
         let mut first_token_seen = false;
@@ -389,11 +403,23 @@ async fn stream_completion(
                 }
             }
         };
+        if sse.stalled {
+            tracing::info!(request_id = %id, "client stopped reading the stream; closing it");
+            metrics
+                .limited
+                .with_label_values(&["stream_send_timeout"])
+                .inc();
+        }
         if outcome == Some(ErrorKind::Cancelled) {
             tracing::info!(request_id = %id, "client went away mid-stream; cancelling generation");
             tasks.cancel();
         } else {
             tasks.finish();
+        }
+        if sse.stalled {
+            if let Some(c) = closer {
+                c.close();
+            }
         }
     });
     let stream = futures::stream::unfold(body_rx, |mut rx| async move {
@@ -462,18 +488,28 @@ struct SseWriter {
     model: String,
     tx: mpsc::Sender<Bytes>,
     sent_role: bool,
+    send_timeout: Duration,
+    /// An event waited `send_timeout` for the client: nothing more is sent.
+    stalled: bool,
 }
 
 impl SseWriter {
     /// `model` is the model the caller asked for: the one that answers is
     /// only known at the end, and every chunk must name the same model.
-    fn new(request_id: String, model: String, tx: mpsc::Sender<Bytes>) -> Self {
+    fn new(
+        request_id: String,
+        model: String,
+        tx: mpsc::Sender<Bytes>,
+        send_timeout: Duration,
+    ) -> Self {
         SseWriter {
             id: format!("chatcmpl-{request_id}"),
             created: unix_now(),
             model,
             tx,
             sent_role: false,
+            send_timeout,
+            stalled: false,
         }
     }
 
@@ -481,11 +517,20 @@ impl SseWriter {
         self.tx.closed().await
     }
 
-    async fn send(&self, data: &str) -> bool {
-        self.tx
-            .send(Bytes::from(format!("data: {data}\n\n")))
-            .await
-            .is_ok()
+    /// False when the event cannot go out: the client left, or it has not
+    /// taken the events before it for `send_timeout`.
+    async fn send(&mut self, data: &str) -> bool {
+        if self.stalled {
+            return false;
+        }
+        let event = Bytes::from(format!("data: {data}\n\n"));
+        match tokio::time::timeout(self.send_timeout, self.tx.send(event)).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                self.stalled = true;
+                false
+            }
+        }
     }
 
     fn chunk_value(&self, delta: Value, finish_reason: Option<&str>) -> Value {
@@ -544,7 +589,7 @@ impl SseWriter {
     }
 
     /// An error after the stream started: one error event, then the end.
-    async fn error(&self, e: &Error) {
+    async fn error(&mut self, e: &Error) {
         let message = if e.kind == ErrorKind::Internal {
             "internal error".to_string()
         } else {

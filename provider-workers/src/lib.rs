@@ -8,6 +8,7 @@ pub mod engine;
 pub mod metrics;
 pub mod openai;
 pub mod simulated;
+pub mod sse;
 pub mod worker;
 
 pub use worker::{cloud_process, local_process, run_cloud, run_local, Running};

@@ -11,6 +11,7 @@ use optiroute_common::{Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{ChunkSink, Generation};
+use crate::sse::SseDecoder;
 
 /// Why a call failed, and whether that says the upstream is unhealthy.
 #[derive(Debug)]
@@ -319,24 +320,21 @@ impl OpenAiClient {
         use futures::StreamExt;
         let resp = self.send(req, model, remaining, true).await?;
         let mut body = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
+        let mut sse = SseDecoder::new();
         let (mut text, mut usage, mut finish_reason) = (String::new(), None, None);
         'read: while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| {
                 transport_failure(&e, self.timeout.min(remaining), remaining < self.timeout)
             })?;
-            buf.extend_from_slice(&piece);
-            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                let line = String::from_utf8_lossy(&line);
-                let Some(data) = line.trim().strip_prefix("data:") else {
-                    continue;
-                };
-                let data = data.trim();
+            sse.push(&piece);
+            while let Some(data) = sse
+                .next_data()
+                .map_err(|e| CallFailure::fault(ErrorKind::UpstreamError, e))?
+            {
                 if data == "[DONE]" {
                     break 'read;
                 }
-                let event: StreamEvent = serde_json::from_str(data).map_err(|e| {
+                let event: StreamEvent = serde_json::from_str(&data).map_err(|e| {
                     CallFailure::fault(
                         ErrorKind::UpstreamError,
                         format!("upstream stream event unreadable: {e}"),

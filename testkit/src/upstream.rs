@@ -32,11 +32,15 @@ pub enum Mode {
     StreamBreaksAfter(usize),
     /// Answers with this `usage` block, whatever it holds.
     Usage(serde_json::Value),
+    /// Streams (when asked to) chunks of this many bytes until the caller
+    /// goes away, which [`FakeUpstream::streams_dropped`] counts.
+    StreamEndless(usize),
 }
 
 struct Inner {
     mode: Mutex<Mode>,
     hits: AtomicUsize,
+    streams_dropped: Arc<AtomicUsize>,
 }
 
 pub struct FakeUpstream {
@@ -50,6 +54,7 @@ impl FakeUpstream {
         let inner = Arc::new(Inner {
             mode: Mutex::new(mode),
             hits: AtomicUsize::new(0),
+            streams_dropped: Arc::new(AtomicUsize::new(0)),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -78,6 +83,11 @@ impl FakeUpstream {
     /// Chat completion calls received so far.
     pub fn hits(&self) -> usize {
         self.inner.hits.load(Ordering::SeqCst)
+    }
+
+    /// `StreamEndless` streams whose caller went away.
+    pub fn streams_dropped(&self) -> usize {
+        self.inner.streams_dropped.load(Ordering::SeqCst)
     }
 }
 
@@ -108,13 +118,18 @@ async fn chat(State(inner): State<Arc<Inner>>, Json(body): Json<serde_json::Valu
         v
     };
     let text = format!("cloud answer {n} to: {prompt}");
+    if let (true, Mode::StreamEndless(bytes)) = (body["stream"] == true, &mode) {
+        return endless(*bytes, &model, Arc::clone(&inner.streams_dropped));
+    }
     if body["stream"] == true
         && matches!(mode, Mode::Ok | Mode::NoUsage | Mode::StreamBreaksAfter(_))
     {
         return stream(text, &model, mode);
     }
     match mode {
-        Mode::StreamBreaksAfter(_) | Mode::Ok => Json(answer(true)).into_response(),
+        Mode::StreamBreaksAfter(_) | Mode::StreamEndless(_) | Mode::Ok => {
+            Json(answer(true)).into_response()
+        }
         Mode::NoUsage => Json(answer(false)).into_response(),
         Mode::Usage(usage) => {
             let mut v = answer(false);
@@ -187,4 +202,33 @@ fn stream(text: String, model: &str, mode: Mode) -> Response {
         e
     }));
     ([("content-type", "text/event-stream")], body).into_response()
+}
+
+/// Counts a stream as dropped when its body is dropped before the end.
+struct DropCounter(Arc<AtomicUsize>);
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// An SSE stream of `bytes`-sized content chunks that never ends.
+fn endless(bytes: usize, model: &str, dropped: Arc<AtomicUsize>) -> Response {
+    let chunk = serde_json::json!({"id": "c", "object": "chat.completion.chunk", "model": model,
+        "choices": [{"index": 0, "delta": {"content": "x".repeat(bytes)}, "finish_reason": null}]});
+    let event = bytes::Bytes::from(format!("data: {chunk}\n\n"));
+    let guard = DropCounter(dropped);
+    let body = futures::stream::unfold(guard, move |guard| {
+        let event = event.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            Some((Ok::<_, std::io::Error>(event), guard))
+        }
+    });
+    (
+        [("content-type", "text/event-stream")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
