@@ -15,7 +15,16 @@ if [ -s "$out/server.pem" ] && [ -s "$out/server-key.pem" ] && [ -s "$out/ca.pem
   echo "make-certs: $out already holds certificates; delete it to make new ones"
   exit 0
 fi
-command -v openssl >/dev/null || { echo "make-certs: openssl is required" >&2; exit 1; }
+if ! command -v openssl >/dev/null 2>&1; then
+  # Installs what is missing, like the other scripts: Debian's openssl.
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "make-certs: installing openssl (apt)" >&2
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends openssl >&2 ||
+      { $sudo apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends openssl >&2; }
+  fi
+  command -v openssl >/dev/null 2>&1 || { echo "make-certs: openssl is required (apt-get install openssl)" >&2; exit 1; }
+fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 days=825
