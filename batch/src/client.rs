@@ -10,27 +10,17 @@ use futures::StreamExt;
 use optiroute_common::config::{BatchConfig, Config};
 use optiroute_common::error::ErrorBody;
 use optiroute_common::nats::epoch_ms;
-use optiroute_common::wire::{self, Format, GenerateRequest};
+use optiroute_common::wire::{self, Format};
 use optiroute_common::{Error, ErrorKind};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{BatchMeta, BatchResult, BatchStatus, Job, ResultStatus};
-
-/// One input line as written in the file.
-#[derive(Deserialize)]
-struct InputLine {
-    #[serde(default)]
-    custom_id: Option<String>,
-    #[serde(flatten)]
-    request: GenerateRequest,
-}
+use crate::model::{validate_custom_id, BatchMeta, BatchResult, BatchStatus, Job, ResultStatus};
 
 pub struct BatchClient {
     js: jetstream::Context,
     pub cfg: BatchConfig,
     prefix: String,
-    max_prompt_bytes: usize,
+    pub max_prompt_bytes: usize,
     jobs: stream::Stream,
     meta: kv::Store,
     results: kv::Store,
@@ -141,14 +131,14 @@ impl BatchClient {
                     self.cfg.max_lines
                 )));
             }
-            let parsed = wire::decode::<InputLine>(Format::Json, raw.as_bytes())
+            let parsed = Job::decode(Format::Json, raw.as_bytes())
                 .and_then(|l| l.request.validate(self.max_prompt_bytes).map(|_| l));
+            if let Ok(l) = &parsed {
+                validate_custom_id(l.custom_id.as_deref())
+                    .map_err(|e| Error::bad_request(format!("line {line}: {}", e.message)))?;
+            }
             match parsed {
-                Ok(l) => jobs.push(Job {
-                    line,
-                    custom_id: l.custom_id,
-                    request: l.request,
-                }),
+                Ok(l) => jobs.push(Job { line, ..l }),
                 Err(e) => invalid.push((line, e)),
             }
         }
@@ -162,6 +152,7 @@ impl BatchClient {
             invalid: invalid.len() as u64,
             created_ms: epoch_ms(SystemTime::now()),
             cancelled: false,
+            submitted: u64::MAX,
         };
         let body = wire::encode(Format::Json, &meta)?;
         let existing: HashSet<u64> = match self.meta.create(&id, body).await {
@@ -188,7 +179,7 @@ impl BatchClient {
                     error: Some(ErrorBody::from(&e)),
                     attempts: 0,
                 };
-                self.put_result(&id, &r).await?;
+                self.create_result(&id, &r).await?;
             }
         }
         // Publish pipelined, then wait for every acknowledgement.
@@ -236,18 +227,42 @@ impl BatchClient {
         }
     }
 
-    /// Stores a result under `<id>.<line>`; a job without a usable line
+    /// The key of a result: `<id>.<line>`; a job without a usable line
     /// (line 0) goes under `<id>.<custom_id>` (`invalid-<stream sequence>`).
-    pub async fn put_result(&self, id: &str, r: &BatchResult) -> Result<(), Error> {
-        let key = match (r.line, &r.custom_id) {
+    pub fn result_key(id: &str, r: &BatchResult) -> String {
+        match (r.line, &r.custom_id) {
             (0, Some(tag)) => format!("{id}.{tag}"),
             (line, _) => format!("{id}.{line}"),
-        };
-        self.results
-            .put(key, wire::encode(Format::MsgPack, r)?)
-            .await
-            .map(|_| ())
-            .map_err(|e| js_error("batch result", e))
+        }
+    }
+
+    /// Stores a result if the line has none yet: `Ok(true)` when this call
+    /// stored it, `Ok(false)` when one was already there (kept as it is).
+    pub async fn create_result(&self, id: &str, r: &BatchResult) -> Result<bool, Error> {
+        let body = wire::encode(Format::MsgPack, r)?;
+        match self.results.create(Self::result_key(id, r), body).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(js_error("batch result", e)),
+        }
+    }
+
+    /// Whether a result is stored under `key` (see [`Self::result_key`]).
+    pub async fn has_result(&self, key: &str) -> Result<bool, Error> {
+        match self.results.entry(key).await {
+            Ok(e) => Ok(e.is_some_and(|e| e.operation == kv::Operation::Put)),
+            Err(e) => Err(js_error("batch result", e)),
+        }
+    }
+
+    /// The batch id a job subject names (`<prefix>.batch.<id>`), checked.
+    pub fn batch_id_of<'a>(&self, subject: &'a str) -> Result<&'a str, Error> {
+        let id = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix(".batch."))
+            .ok_or_else(|| Error::bad_request("not a batch job subject"))?;
+        validate_id(id)?;
+        Ok(id)
     }
 
     /// Messages per subject matching `filter` in `stream`, summed.
@@ -439,6 +454,7 @@ pub fn summarize<'a>(
         object: "batch".into(),
         status: status.into(),
         total: meta.total,
+        submitted: meta.submitted(),
         done,
         failed,
         cancelled,
@@ -471,6 +487,7 @@ mod tests {
             invalid: 0,
             created_ms: epoch_ms(SystemTime::now()) - 10_000,
             cancelled: false,
+            submitted: u64::MAX,
         };
         let r = |line, status| BatchResult {
             line,

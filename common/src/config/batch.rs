@@ -29,6 +29,9 @@ pub struct BatchConfig {
     pub ack_wait_ms: u64,
     /// Deadline of each job's request through the router.
     pub request_timeout_ms: u64,
+    /// Tries to store a job's result before the job is ended (terminated,
+    /// reported by a metric and a log) instead of being run again.
+    pub store_attempts: u32,
     pub replicas: usize,
     pub max_lines: usize,
 }
@@ -48,6 +51,7 @@ impl Default for BatchConfig {
             backoff_ms: vec![1_000, 5_000, 15_000, 30_000],
             ack_wait_ms: 60_000,
             request_timeout_ms: 45_000,
+            store_attempts: 5,
             replicas: 1,
             max_lines: 100_000,
         }
