@@ -9,9 +9,11 @@
 //! retried with backoff and end as error results; nothing is dropped.
 
 pub mod client;
+pub mod counters;
 pub mod model;
+pub mod upload;
 pub mod worker;
 
-pub use client::BatchClient;
+pub use client::{BatchClient, SubmitError};
 pub use model::{BatchMeta, BatchResult, BatchStatus, Job, ResultStatus};
 pub use worker::{run, Running};

@@ -1,9 +1,10 @@
 //! The batch worker: pulls jobs from the shared durable consumer, runs each
 //! through the router path, stores its result, and only then acknowledges.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
 use async_nats::jetstream::{AckKind, Message};
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::BatchClient;
+use crate::counters::{Counts, Tally};
 use crate::model::{BatchResult, Job, ResultStatus, MAX_CUSTOM_ID_BYTES};
 
 #[derive(Clone)]
@@ -65,6 +67,33 @@ struct Ctx {
     metrics: BatchMetrics,
     /// Cancelled by [`Running::abort`]: jobs stop where they are, unacknowledged.
     kill: CancellationToken,
+    /// Counts finished here, written to the batch counters in the background.
+    tally: Tally,
+    /// Whether a batch is cancelled, by id, as read at most
+    /// [`CANCELLED_FRESH`] ago: one read per batch instead of one per job.
+    cancelled: Mutex<HashMap<String, (Instant, bool)>>,
+}
+
+const CANCELLED_FRESH: Duration = Duration::from_millis(500);
+
+impl Ctx {
+    async fn cancelled(&self, id: &str) -> bool {
+        if let Ok(c) = self.cancelled.lock() {
+            if let Some((at, v)) = c.get(id) {
+                if at.elapsed() < CANCELLED_FRESH {
+                    return *v;
+                }
+            }
+        }
+        let v = self.batches.meta(id).await.is_ok_and(|m| m.cancelled);
+        if let Ok(mut c) = self.cancelled.lock() {
+            if c.len() > 10_000 {
+                c.clear();
+            }
+            c.insert(id.to_string(), (Instant::now(), v));
+        }
+        v
+    }
 }
 
 pub struct Running {
@@ -122,6 +151,7 @@ pub async fn run(
             }
         };
         let b = &cfg.batch;
+        let tally = Tally::new();
         let ctx = Arc::new(Ctx {
             client,
             generate_subject: Subjects::new(&cfg.nats.prefix).generate,
@@ -135,17 +165,40 @@ pub async fn run(
                 .map(|ms| Duration::from_millis(*ms))
                 .collect(),
             metrics: m,
+            tally: tally.clone(),
+            cancelled: Mutex::new(HashMap::new()),
             batches,
             kill: job_kill,
         });
-        consume(
+        let stop_tally = CancellationToken::new();
+        let written = tally.run(
+            ctx.batches.meta_store().clone(),
+            Duration::from_millis(10),
+            stop_tally.clone(),
+        );
+        let crashed = ctx.kill.clone();
+        // An abort loses what was not written yet, as a crash would (the
+        // status recounts; see `counters`).
+        let writer = tokio::spawn(async move {
+            tokio::select! {
+                _ = written => {}
+                _ = crashed.cancelled() => {}
+            }
+        });
+        let result = consume(
             ctx,
             b.consumer.clone(),
             b.max_in_flight.max(1),
             Duration::from_millis(b.ack_wait_ms),
             shutdown,
         )
-        .await
+        .await;
+        // The counts of every job acknowledged are written before the worker stops.
+        stop_tally.cancel();
+        if let Err(e) = writer.await {
+            tracing::warn!(error = %e, "batch counter writer failed");
+        }
+        result
     });
     Ok(Running {
         admin_addr,
@@ -317,7 +370,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
             return;
         }
     }
-    if ctx.batches.meta(&batch_id).await.is_ok_and(|m| m.cancelled) {
+    if ctx.cancelled(&batch_id).await {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
@@ -413,6 +466,9 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
     for attempt in 1..=ctx.store_attempts {
         match ctx.batches.create_result(batch_id, &result).await {
             Ok(created) => {
+                if created {
+                    ctx.tally.record(batch_id, Counts::of(&result));
+                }
                 let outcome = if created { outcome } else { "duplicate" };
                 ctx.metrics.jobs.with_label_values(&[outcome]).inc();
                 if let Err(e) = msg.double_ack().await {
@@ -444,8 +500,12 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
         custom_id: result.custom_id.filter(|c| c.len() <= MAX_CUSTOM_ID_BYTES),
         ..result
     };
-    if let Err(e) = ctx.batches.create_result(batch_id, &failed).await {
-        tracing::error!(batch = %batch_id, line = failed.line, error = %e, %reason, "batch job ended without a stored result");
+    match ctx.batches.create_result(batch_id, &failed).await {
+        Ok(true) => ctx.tally.record(batch_id, Counts::of(&failed)),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(batch = %batch_id, line = failed.line, error = %e, %reason, "batch job ended without a stored result")
+        }
     }
     terminate(ctx, msg, "store_failed").await;
 }

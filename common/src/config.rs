@@ -508,6 +508,9 @@ impl Config {
         if self.cache.replicas == 0 || self.cache.replicas > 5 {
             return bad("cache.replicas", "must be between 1 and 5");
         }
+        if let Err((key, why)) = self.batch.check() {
+            return bad(&format!("batch.{key}"), why);
+        }
         if self.cloud.breaker.failure_threshold == 0 {
             return bad("cloud.breaker.failure_threshold", "must be at least 1");
         }
