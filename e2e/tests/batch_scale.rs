@@ -161,6 +161,23 @@ async fn status_comes_from_counters_and_agrees_with_the_results() {
     kv.purge("counted.1").await.unwrap();
     let again = b.status("counted").await.unwrap();
     assert_eq!((again.done, again.failed), (80, 1));
+
+    // Counters lost (as when a worker dies between a result and its count):
+    // with nothing queued, the status recounts the results once they have
+    // been still for a few seconds.
+    let meta = jetstream::new(client(&cfg, "kv2").await)
+        .get_key_value(&cfg.batch.meta_bucket)
+        .await
+        .unwrap();
+    meta.purge("counted.n").await.unwrap();
+    wait_until("the status to recount", Duration::from_secs(20), || async {
+        let s = b.status("counted").await.unwrap();
+        s.status == "completed"
+    })
+    .await;
+    let s = b.status("counted").await.unwrap();
+    // Line 1's result was removed above: it counts as failed (lost).
+    assert_eq!((s.done, s.failed), (79, 2));
 }
 
 #[tokio::test]
