@@ -487,3 +487,45 @@ async fn a_custom_id_over_256_bytes_is_refused_at_submission() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_result_that_cannot_be_stored_ends_the_job_after_bounded_tries() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    // A results bucket that holds only a few results: the rest cannot be stored.
+    let js = async_nats::jetstream::new(client(&cfg, "admin").await);
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: cfg.batch.results_bucket.clone(),
+        history: 1,
+        max_bytes: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    for line in 1..=8 {
+        publish_json(
+            &cfg,
+            "optiroute.batch.full",
+            json!({"line": line, "prompt": format!("fill {line}"), "provider": "local", "cache": "off"})
+                .to_string(),
+        )
+        .await;
+    }
+    wait_until("every job to end", Duration::from_secs(30), || async {
+        queued(&b).await == 0
+    })
+    .await;
+    assert_eq!(provider_calls(&stack), 8, "each job generated once");
+    let failed = worker_jobs(&w, "store_failed");
+    assert!(failed >= 1, "some results did not fit");
+    assert_eq!(worker_jobs(&w, "ok") + failed, 8);
+}
