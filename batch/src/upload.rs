@@ -189,3 +189,65 @@ impl Spool {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(
+        chunks: &[&str],
+    ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Unpin {
+        let chunks: Vec<_> = chunks
+            .iter()
+            .map(|c| Ok(Bytes::copy_from_slice(c.as_bytes())))
+            .collect();
+        futures::stream::iter(chunks)
+    }
+
+    #[tokio::test]
+    async fn lines_split_across_chunks_are_spooled_in_order() {
+        let cfg = BatchConfig::default();
+        let input =
+            "{\"prompt\": \"a\", \"custom_id\": \"x\"}\r\n\n  \n{\"prompt\": \"\"}\n{\"prom";
+        let rest = "pt\": \"c\"}";
+        let mut s = spool(body(&[input, rest]), &cfg, 1000).await.unwrap();
+        assert_eq!((s.total, s.invalid), (3, 1));
+        let whole = format!("{input}{rest}");
+        assert_eq!(s.content_id, crate::client::content_id(whole.as_bytes()));
+        let mut seen = Vec::new();
+        while let Some(r) = s.next().await.unwrap() {
+            seen.push(match r {
+                Record::Job { line, body } => {
+                    let j = Job::decode(Format::MsgPack, &body).unwrap();
+                    assert_eq!(j.line, line);
+                    format!("{line}:{}", j.request.prompt)
+                }
+                Record::Invalid { line, .. } => format!("{line}:invalid"),
+            });
+        }
+        assert_eq!(seen, ["1:a", "2:invalid", "3:c"]);
+    }
+
+    #[tokio::test]
+    async fn limits_are_named() {
+        let cfg = BatchConfig {
+            max_line_bytes: 20,
+            max_lines: 2,
+            ..BatchConfig::default()
+        };
+        let long = format!("{{\"prompt\": \"{}\"}}\n", "x".repeat(30));
+        match spool(body(&["{\"prompt\": \"a\"}\n", &long]), &cfg, 1000).await {
+            Err(UploadError::TooLarge(m)) => assert!(m.contains("line 2"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        let three = "{\"prompt\": \"a\"}\n".repeat(3);
+        match spool(body(&[&three]), &cfg, 1000).await {
+            Err(UploadError::TooLarge(m)) => assert!(m.contains("2 lines"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        match spool(body(&["\n \n"]), &cfg, 1000).await {
+            Err(UploadError::Invalid(m)) => assert!(m.contains("no lines"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+    }
+}
