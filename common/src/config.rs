@@ -590,6 +590,23 @@ mod tests {
     }
 
     #[test]
+    fn batch_limits_are_checked_and_named() {
+        for (key, value) in [
+            ("batch.retention_hours", "0"),
+            ("batch.max_line_bytes", "0"),
+            ("batch.max_queue_bytes", "-1"),
+            ("batch.store_attempts", "0"),
+        ] {
+            let e = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
+            assert!(e.message.contains(key), "{}", e.message);
+        }
+        let e = Config::from_parts(None, &[], &[("batch.results_ttl_secs".into(), "5".into())])
+            .unwrap_err();
+        assert!(e.message.contains("results_ttl_secs"), "{}", e.message);
+        assert_eq!(Config::default().batch.retention_hours, 168);
+    }
+
+    #[test]
     fn unknown_and_invalid_keys_are_named() {
         let e = Config::from_parts(None, &[], &[("cache.ttl".into(), "5".into())]).unwrap_err();
         assert!(e.message.contains("ttl"), "{}", e.message);
