@@ -13,12 +13,12 @@ use optiroute_common::config::BatchConfig;
 use optiroute_common::wire::{self, Format, GenerateRequest};
 use proptest::prelude::*;
 
-/// What a spool of `input` cut at `cuts` holds: its id, counts and records
-/// (`Ok` job bodies or error messages), or the refusal's message.
-fn spool(
-    input: &[u8],
-    cuts: &[usize],
-) -> Result<(String, u64, u64, Vec<Result<Bytes, String>>), String> {
+/// A spool's id, its total and invalid counts, and its records (`Ok` job
+/// bodies or error messages).
+type Spooled = (String, u64, u64, Vec<Result<Bytes, String>>);
+
+/// What a spool of `input` cut at `cuts` holds, or the refusal's message.
+fn spool(input: &[u8], cuts: &[usize]) -> Result<Spooled, String> {
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
     points.push(0);
     points.push(input.len());
