@@ -43,10 +43,17 @@ def check_answer(a: dict, prompt_words: str = "") -> None:
     assert isinstance(a["cost"], float) and a["cost"] >= 0, a
 
 
-def error_of(msg) -> tuple:
-    """(status code from the header, body) of an error reply, or None."""
+def error_of(msg):
+    """(status code from the header, message) of an error reply, or None."""
     code = (msg.headers or {}).get("Nats-Service-Error-Code")
     return (int(code), msg) if code is not None else None
+
+
+def status_of(msg) -> int:
+    """The status of an error reply; fails on a success reply."""
+    err = error_of(msg)
+    assert err is not None, f"expected an error reply, got headers {msg.headers} body {msg.data[:200]!r}"
+    return err[0]
 
 
 async def generate_json(nc) -> None:
@@ -98,7 +105,7 @@ async def errors(nc) -> None:
     # A validation error, in JSON: 400 and a body naming the field.
     msg = await nc.request(GENERATE, json.dumps({"prompt": "hi", "max_tokens": 0}).encode(),
                            timeout=TIMEOUT, headers=JSON_HEADERS)
-    status, _ = error_of(msg)
+    status = status_of(msg)
     assert status == 400, msg.headers
     assert "max_tokens" in msg.headers["Nats-Service-Error"], msg.headers
     e = json.loads(msg.data)
@@ -107,22 +114,32 @@ async def errors(nc) -> None:
 
     # The same in MessagePack: the error body is MessagePack too.
     msg = await nc.request(GENERATE, msgpack.packb({"prompt": "   "}), timeout=TIMEOUT)
-    status, _ = error_of(msg)
+    status = status_of(msg)
     e = msgpack.unpackb(msg.data)
     assert status == 400 and e["code"] == "bad_request" and "prompt" in e["message"], (status, e)
     print("ok: msgpack error:", json.dumps(e))
 
+    # The encoding is chosen by the `Content-Type` header alone, and header
+    # names are case-sensitive: a JSON body under `content-type` is read as
+    # MessagePack and refused, in MessagePack.
+    msg = await nc.request(GENERATE, json.dumps({"prompt": "hi"}).encode(), timeout=TIMEOUT,
+                           headers={"content-type": "application/json"})
+    status = status_of(msg)
+    e = msgpack.unpackb(msg.data)
+    assert status == 400 and e["code"] == "bad_request" and "MessagePack" in e["message"], (status, e)
+    print("ok: encoding by header:", json.dumps(e))
+
     # A deadline already past: 504, nothing generated.
     msg = await nc.request(GENERATE, json.dumps({"prompt": "too late"}).encode(), timeout=TIMEOUT,
                            headers=dict(JSON_HEADERS, **{"Optiroute-Deadline": deadline_in(-1)}))
-    status, _ = error_of(msg)
+    status = status_of(msg)
     assert status == 504 and json.loads(msg.data)["code"] == "timeout", (msg.headers, msg.data)
     print("ok: past deadline is 504")
 
     # A stream inbox outside the allowed inbox prefixes is refused.
     msg = await nc.request(GENERATE, json.dumps({"prompt": "hi"}).encode(), timeout=TIMEOUT,
                            headers=dict(JSON_HEADERS, **{"Optiroute-Stream-Inbox": "elsewhere.tokens"}))
-    status, _ = error_of(msg)
+    status = status_of(msg)
     assert status == 400 and json.loads(msg.data)["code"] == "bad_request", (msg.headers, msg.data)
     print("ok: foreign stream inbox is 400")
 
@@ -180,7 +197,7 @@ async def cancel(nc) -> None:
     await nc.publish(f"{inbox}.cancel", b"")
     msg = await reply
     await sub.unsubscribe()
-    status, _ = error_of(msg)
+    status = status_of(msg)
     e = json.loads(msg.data)
     assert status == 499 and e["code"] == "cancelled", (msg.headers, e)
     print("ok: cancel:", json.dumps(e))

@@ -64,6 +64,7 @@ async fn a_python_client_written_from_the_protocol_document_works() {
         "ok: msgpack request",
         "ok: json error",
         "ok: msgpack error",
+        "ok: encoding by header",
         "ok: past deadline is 504",
         "ok: foreign stream inbox is 400",
         "ok: stream",
