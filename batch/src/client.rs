@@ -112,7 +112,7 @@ impl BatchClient {
                 max_messages: b.max_queued_jobs,
                 max_bytes: b.max_queue_bytes,
                 discard: stream::DiscardPolicy::New,
-                num_replicas: b.replicas,
+                num_replicas: cfg.nats.replicas,
                 ..Default::default()
             })
             .await
@@ -123,7 +123,7 @@ impl BatchClient {
             "OptiRoute batches",
             retention,
             b.max_meta_bytes,
-            b.replicas,
+            cfg.nats.replicas,
         )
         .await?;
         let results = open_bucket(
@@ -132,7 +132,7 @@ impl BatchClient {
             "OptiRoute batch results",
             retention,
             b.max_results_bytes,
-            b.replicas,
+            cfg.nats.replicas,
         )
         .await?;
         Ok(BatchClient {

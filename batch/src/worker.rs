@@ -110,6 +110,11 @@ impl Running {
             .map_err(|e| Error::internal(format!("batch task: {e}")))?
     }
 
+    /// Whether the worker has stopped (on its own, or after a shutdown).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Stops the worker at once, as a crash would: jobs in flight are not
     /// acknowledged and go to another worker after `ack_wait`.
     pub fn abort(self) {

@@ -54,6 +54,10 @@ pub struct NatsConfig {
     /// (`nats/cluster/` uses the one `scripts/make-certs.sh` makes). When
     /// set, the connection must be TLS.
     pub tls_ca_file: Option<String>,
+    /// Copies of every stream and bucket this process creates (the cache,
+    /// the batch stream and buckets): 1 on one server, 3 on a 3-node
+    /// cluster. One setting for every role.
+    pub replicas: usize,
 }
 
 /// The reply prefixes allowed by default: async-nats's own and the
@@ -90,6 +94,7 @@ impl Default for NatsConfig {
                 .map(|p| p.to_string())
                 .collect(),
             tls_ca_file: None,
+            replicas: 1,
         }
     }
 }
@@ -212,7 +217,6 @@ pub struct CacheConfig {
     pub bucket: String,
     pub ttl_secs: u64,
     pub max_bytes: i64,
-    pub replicas: usize,
     /// A KV operation slower than this is treated as a cache error (fail open).
     pub op_timeout_ms: u64,
     /// Longest an identical request waits for another replica's in-flight answer.
@@ -236,7 +240,6 @@ impl Default for CacheConfig {
             bucket: "optiroute-cache".into(),
             ttl_secs: 3600,
             max_bytes: 1 << 30,
-            replicas: 1,
             op_timeout_ms: 250,
             coalesce_wait_ms: 10_000,
             max_waiters_per_key: 256,
@@ -612,8 +615,8 @@ impl Config {
         if self.cache.ttl_secs == 0 {
             return bad("cache.ttl_secs", "must be at least 1");
         }
-        if self.cache.replicas == 0 || self.cache.replicas > 5 {
-            return bad("cache.replicas", "must be between 1 and 5");
+        if self.nats.replicas == 0 || self.nats.replicas > 5 {
+            return bad("nats.replicas", "must be between 1 and 5");
         }
         if let Err((key, why)) = self.batch.check() {
             return bad(&format!("batch.{key}"), why);

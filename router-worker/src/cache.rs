@@ -202,13 +202,15 @@ impl Local {
 
 pub struct Cache {
     cfg: CacheConfig,
+    /// `nats.replicas`: copies of the bucket.
+    replicas: usize,
     local: Local,
     store: OnceLock<kv::Store>,
     metrics: RouterMetrics,
 }
 
 impl Cache {
-    pub fn new(cfg: CacheConfig, metrics: RouterMetrics) -> Arc<Self> {
+    pub fn new(cfg: CacheConfig, replicas: usize, metrics: RouterMetrics) -> Arc<Self> {
         let local = Local {
             ttl: Duration::from_millis(cfg.local_ttl_ms).min(Duration::from_secs(cfg.ttl_secs)),
             max_entries: cfg.local_max_entries,
@@ -216,6 +218,7 @@ impl Cache {
         };
         Arc::new(Cache {
             cfg,
+            replicas,
             local,
             store: OnceLock::new(),
             metrics,
@@ -272,7 +275,7 @@ impl Cache {
             history: 1,
             max_age: Duration::from_secs(self.cfg.ttl_secs),
             max_bytes: self.cfg.max_bytes,
-            num_replicas: self.cfg.replicas,
+            num_replicas: self.replicas,
             ..Default::default()
         };
         match tokio::time::timeout(timeout, js.create_key_value(config)).await {

@@ -405,7 +405,7 @@ pub async fn run(
 ) -> Result<Running, Error> {
     let metrics = RouterMetrics::new();
     let subjects = Subjects::new(&cfg.nats.prefix);
-    let cache = Cache::new(cfg.cache.clone(), metrics.clone());
+    let cache = Cache::new(cfg.cache.clone(), cfg.nats.replicas, metrics.clone());
     cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
     let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(

@@ -3,10 +3,12 @@
 //! starts the whole stack in-process over that server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod nats_cluster;
 pub mod nats_server;
 pub mod stack;
 pub mod upstream;
 
+pub use nats_cluster::NatsCluster;
 pub use nats_server::NatsServer;
 pub use stack::{test_config, Stack};
 pub use upstream::{FakeUpstream, Mode};

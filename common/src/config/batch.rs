@@ -42,7 +42,6 @@ pub struct BatchConfig {
     /// Tries to store a job's result before the job is ended (terminated,
     /// reported by a metric and a log) instead of being run again.
     pub store_attempts: u32,
-    pub replicas: usize,
     /// Most non-blank lines in one upload.
     pub max_lines: usize,
     /// Longest line of an upload, in bytes.
@@ -76,7 +75,6 @@ impl Default for BatchConfig {
             ack_wait_ms: 60_000,
             request_timeout_ms: 45_000,
             store_attempts: 5,
-            replicas: 1,
             max_lines: 100_000,
             max_line_bytes: 1 << 20,
             max_upload_bytes: 64 << 20,

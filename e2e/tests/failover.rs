@@ -1,0 +1,369 @@
+//! The pipeline on a 3-node JetStream cluster (every stream and bucket at
+//! 3 replicas) loses the node that leads the cache bucket's stream while
+//! two ingresses carry steady load and a 2,000-line batch runs: SIGKILL,
+//! 5 s down, restart. Nothing but the requests caught in the election may
+//! fail, and those only with 503 or 504 within their deadline; no answer
+//! is wrong; the batch ends with one result per line; answers cached before
+//! the kill are still in the bucket after it.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use optiroute_providers::simulated::SimulatedEngine;
+use optiroute_testkit::stack::{client, Parts};
+use optiroute_testkit::{test_config, wait_until, FakeUpstream, Mode, NatsCluster, Stack};
+use serde_json::{json, Value};
+
+const CONCURRENCY: usize = 16;
+const HOT_PROMPTS: usize = 20;
+const BATCH_LINES: usize = 2_000;
+
+/// One request of the load: when it was sent and answered (since the
+/// start), its status (0: no answer in time) and whether its text was right.
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    sent: Duration,
+    took: Duration,
+    status: u16,
+    right: bool,
+    /// Answered by the cloud pool after the local pool failed.
+    fell_back: bool,
+}
+
+fn expected(prompt: &str) -> String {
+    // The simulated engine's text for a default request (16 tokens).
+    SimulatedEngine::text(prompt, SimulatedEngine::completion_tokens(u32::MAX))
+}
+
+/// A right answer: the local pool's text for the prompt or, after the local
+/// pool failed, the cloud pool's (the fake upstream's) for the same prompt.
+fn is_right(prompt: &str, body: &Value) -> bool {
+    let text = body["text"].as_str().unwrap_or_default();
+    match body["provider"].as_str() {
+        Some("local") => text == expected(prompt),
+        Some("cloud") => {
+            !body["fallback_reason"].is_null()
+                && text.starts_with("cloud answer ")
+                && text.ends_with(&format!(" to: {prompt}"))
+        }
+        _ => false,
+    }
+}
+
+fn hot(i: usize) -> String {
+    format!("failover: hot question {i}")
+}
+
+async fn ask(http: &reqwest::Client, base: &str, prompt: &str) -> (u16, Value) {
+    let r = http
+        .post(format!("{base}/generate"))
+        .json(&json!({"prompt": prompt, "provider": "local"}))
+        .send()
+        .await;
+    match r {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// Closed-loop load on both ingresses until `stop`: each worker alternates
+/// between a hot prompt (a cache hit) and a new one (a miss).
+fn start_load(
+    bases: [String; 2],
+    deadline: Duration,
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+) -> (Arc<Mutex<Vec<Sample>>>, Vec<tokio::task::JoinHandle<()>>) {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let counter = Arc::new(AtomicU64::new(0));
+    // A client timeout past the ingress's own deadline: a request still
+    // unanswered then is a hang.
+    let http = reqwest::Client::builder()
+        .timeout(deadline + Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let tasks = (0..CONCURRENCY)
+        .map(|w| {
+            let (http, bases, stop, samples, counter) = (
+                http.clone(),
+                bases.clone(),
+                stop.clone(),
+                samples.clone(),
+                counter.clone(),
+            );
+            tokio::spawn(async move {
+                let mut turn = w;
+                while !stop.load(Ordering::Relaxed) {
+                    turn += 1;
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let prompt = if turn % 2 == 0 {
+                        hot(n as usize % HOT_PROMPTS)
+                    } else {
+                        format!("failover: new question {n}")
+                    };
+                    let sent = t0.elapsed();
+                    let (status, body) = ask(&http, &bases[turn % 2], &prompt).await;
+                    let took = t0.elapsed() - sent;
+                    let right = status != 200 || is_right(&prompt, &body);
+                    let fell_back = status == 200 && body["provider"] == "cloud";
+                    samples.lock().unwrap().push(Sample {
+                        sent,
+                        took,
+                        status,
+                        right,
+                        fell_back,
+                    });
+                }
+            })
+        })
+        .collect();
+    (samples, tasks)
+}
+
+/// Successes per 250 ms after `from`, until the throughput is back to 80 %
+/// of the rate before it: how long that took.
+fn recovery(samples: &[Sample], from: Duration, rate_before: f64) -> Option<Duration> {
+    let bucket = Duration::from_millis(250);
+    let mut t = from;
+    let end = samples.iter().map(|s| s.sent + s.took).max()?;
+    while t + bucket <= end {
+        let n = samples
+            .iter()
+            .filter(|s| s.status == 200 && (s.sent + s.took) >= t && (s.sent + s.took) < t + bucket)
+            .count() as f64;
+        if n / bucket.as_secs_f64() >= 0.8 * rate_before {
+            return Some(t - from);
+        }
+        t += bucket;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_cache_leader_under_load_loses_nothing() {
+    let mut cluster = NatsCluster::start(3);
+    let mut cfg = test_config(&cluster.url());
+    cfg.nats.replicas = 3;
+    // A working cloud pool, so the router can fall back as in production.
+    let upstream = FakeUpstream::start(Mode::Ok).await;
+    cfg.cloud.upstream.base_url = upstream.base_url();
+    let deadline = Duration::from_millis(cfg.ingress.request_timeout_ms);
+    let probe = client(&cfg, "probe").await;
+    let js = jetstream::new(probe.clone());
+    wait_until("JetStream on the cluster", Duration::from_secs(30), || {
+        let js = js.clone();
+        // A request sent before the meta leader is elected gets no answer.
+        async move {
+            matches!(
+                tokio::time::timeout(Duration::from_millis(500), js.query_account()).await,
+                Ok(Ok(_))
+            )
+        }
+    })
+    .await;
+
+    // Two ingresses and two routers; one local and one cloud pool; a batch worker.
+    let a = Stack::start(cfg.clone()).await;
+    let b = Stack::start_parts(
+        cfg.clone(),
+        Parts {
+            ingress: true,
+            router: true,
+            local: false,
+            cloud: false,
+        },
+    )
+    .await;
+    let batch = optiroute_batch::run(client(&cfg, "batch").await, &cfg, a.shutdown.clone())
+        .await
+        .unwrap();
+    let bases = [a.url(""), b.url("")];
+
+    // Warm the cache with the hot prompts.
+    let http = reqwest::Client::new();
+    for i in 0..HOT_PROMPTS {
+        let (status, body) = ask(&http, &bases[i % 2], &hot(i)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["text"].as_str(), Some(expected(&hot(i)).as_str()));
+    }
+    let stream = js.get_stream("KV_optiroute-cache").await.unwrap();
+    assert_eq!(stream.cached_info().config.num_replicas, 3);
+
+    // A 2,000-line batch, then steady load.
+    let lines: String = (1..=BATCH_LINES)
+        .map(|i| {
+            json!({"custom_id": format!("f{i}"), "prompt": format!("failover batch {i}"), "provider": "local", "cache": "off"})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let r = http
+        .post(a.url("/v1/batches?id=failover"))
+        .body(lines)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    assert!(
+        status == 200 || status == 201,
+        "{status} {}",
+        r.text().await.unwrap()
+    );
+    let t0 = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (samples, tasks) = start_load(bases.clone(), deadline, stop.clone(), t0);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // SIGKILL the cache stream's leader, 5 s down, then back.
+    let mut stream = js.get_stream("KV_optiroute-cache").await.unwrap();
+    let leader = stream
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .unwrap()
+        .leader
+        .unwrap();
+    let victim = cluster.index_of(&leader).unwrap();
+    let killed_at = t0.elapsed();
+    cluster.kill(victim);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.restart(victim);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let samples = samples.lock().unwrap().clone();
+
+    // What happened.
+    let before: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.sent + s.took < killed_at)
+        .collect();
+    let rate_before =
+        before.iter().filter(|s| s.status == 200).count() as f64 / killed_at.as_secs_f64();
+    let failed: Vec<&Sample> = samples.iter().filter(|s| s.status != 200).collect();
+    let mut done: Vec<Duration> = samples
+        .iter()
+        .filter(|s| s.status == 200)
+        .map(|s| s.sent + s.took)
+        .collect();
+    done.sort();
+    let longest_gap = done
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    let back = recovery(&samples, killed_at, rate_before);
+    let fell_back = samples.iter().filter(|s| s.fell_back).count();
+    println!(
+        "failover: killed {leader} at {killed_at:.1?}; {} requests, {} failed (by status: {:?}), {fell_back} answered by the cloud fallback; \
+         {rate_before:.0} req/s before; longest gap without a success {longest_gap:.2?}; \
+         full throughput again {back:.2?} after the kill",
+        samples.len(),
+        failed.len(),
+        [503, 504, 502, 0]
+            .map(|code| (code, failed.iter().filter(|s| s.status == code).count())),
+    );
+
+    // Every answer right; failures only 503/504, within the deadline, and
+    // none for requests sent more than 2 s after the kill.
+    assert!(samples.iter().all(|s| s.right), "a wrong answer");
+    for s in &failed {
+        assert!(
+            s.status == 503 || s.status == 504,
+            "a request failed with {} (0: no answer by the deadline + 2 s): {s:?}",
+            s.status
+        );
+        assert!(s.took <= deadline + Duration::from_millis(500), "{s:?}");
+        assert!(
+            s.sent <= killed_at + Duration::from_secs(2),
+            "a request sent {:?} after the kill failed: {s:?}",
+            s.sent - killed_at
+        );
+    }
+    assert!(
+        samples
+            .iter()
+            .filter(|s| s.sent > killed_at + Duration::from_secs(2))
+            .count()
+            > 100,
+        "load kept running after the kill"
+    );
+
+    // The batch: complete, one result per line.
+    let status_of = |id: &str| {
+        let base = bases[1].clone();
+        let id = id.to_string();
+        async move {
+            let r = reqwest::get(format!("{base}/v1/batches/{id}")).await.ok()?;
+            r.json::<Value>().await.ok()
+        }
+    };
+    wait_until("the batch to complete", Duration::from_secs(120), || {
+        let f = status_of("failover");
+        async move { f.await.is_some_and(|s| s["status"] == "completed") }
+    })
+    .await;
+    let text = reqwest::get(format!("{}/v1/batches/failover/results", bases[0]))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let results: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), BATCH_LINES);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["line"], i as u64 + 1, "{r}");
+        assert_eq!(r["status"], "ok", "{r}");
+        let prompt = format!("failover batch {}", i + 1);
+        assert!(is_right(&prompt, &r["response"]), "{r}");
+        assert_eq!(
+            r["response"]["text"].as_str(),
+            Some(expected(&prompt).as_str())
+        );
+    }
+
+    // Every OptiRoute part still serves, with no restart.
+    a.wait_serving().await;
+    b.wait_serving().await;
+    for base in &bases {
+        let r = reqwest::get(format!("{base}/ready")).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{base}/ready");
+    }
+    assert!(!batch.is_finished(), "the batch worker stopped");
+
+    // The answers cached before the kill are still in the bucket: a router
+    // started now (no memory of them) serves them as hits.
+    a.shutdown.cancel();
+    b.shutdown.cancel();
+    let c = Stack::start_parts(
+        cfg.clone(),
+        Parts {
+            ingress: true,
+            router: true,
+            local: false,
+            cloud: false,
+        },
+    )
+    .await;
+    for i in 0..HOT_PROMPTS {
+        let (status, body) = c
+            .generate(&json!({"prompt": hot(i), "provider": "local"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["cached"], true, "{body}");
+        assert_eq!(body["text"].as_str(), Some(expected(&hot(i)).as_str()));
+    }
+}

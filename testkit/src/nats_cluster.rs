@@ -1,0 +1,140 @@
+//! A cluster of real nats-servers for one test: each node with its own
+//! client port, route port and JetStream store (in one temp dir), routes to
+//! every other node, killed on drop. A node can be SIGKILLed and started
+//! again on the same ports with the same store, as an operator would.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::nats_server::binary;
+
+struct Node {
+    name: String,
+    port: u16,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Held together so no two are the same.
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl NatsCluster {
+    /// `n` nodes named `n1`..`n<n>`, JetStream on each.
+    pub fn start(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(2 * n);
+        let (client_ports, route_ports) = ports.split_at(n);
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                let store = dir.path().join(format!("{name}-store"));
+                let conf = dir.path().join(format!("{name}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "server_name: {name}\nlisten: 127.0.0.1:{}\n\
+                         jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 64MB\n  max_file_store: 512MB\n}}\n\
+                         cluster {{\n  name: optiroute-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                        client_ports[i],
+                        route_ports[i],
+                        routes.join(", ")
+                    ),
+                )
+                .unwrap();
+                Node {
+                    name,
+                    port: client_ports[i],
+                    conf,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut cluster = NatsCluster { nodes, _dir: dir };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (what `nats.url` takes).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node whose `server_name` is `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&node.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nats-server ({:?}): {e}", binary()));
+        node.child = Some(child);
+        let addr: SocketAddr = format!("127.0.0.1:{}", node.port).parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server {} did not start on port {}",
+                node.name,
+                node.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs node `i`: no shutdown, no flush.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports with its store.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
