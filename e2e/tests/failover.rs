@@ -7,12 +7,11 @@
 //! the kill are still in the bucket after it.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use optiroute_providers::simulated::SimulatedEngine;
+use optiroute_testkit::load::{self, Load, Workload};
 use optiroute_testkit::stack::{client, Parts};
 use optiroute_testkit::{test_config, wait_until, FakeUpstream, Mode, NatsCluster, Stack};
 use serde_json::{json, Value};
@@ -20,18 +19,6 @@ use serde_json::{json, Value};
 const CONCURRENCY: usize = 16;
 const HOT_PROMPTS: usize = 20;
 const BATCH_LINES: usize = 2_000;
-
-/// One request of the load: when it was sent and answered (since the
-/// start), its status (0: no answer in time) and whether its text was right.
-#[derive(Clone, Copy, Debug)]
-struct Sample {
-    sent: Duration,
-    took: Duration,
-    status: u16,
-    right: bool,
-    /// Answered by the cloud pool after the local pool failed.
-    fell_back: bool,
-}
 
 fn expected(prompt: &str) -> String {
     // The simulated engine's text for a default request (16 tokens).
@@ -72,77 +59,22 @@ async fn ask(http: &reqwest::Client, base: &str, prompt: &str) -> (u16, Value) {
     }
 }
 
-/// Closed-loop load on both ingresses until `stop`: each worker alternates
-/// between a hot prompt (a cache hit) and a new one (a miss).
-fn start_load(
-    bases: [String; 2],
-    deadline: Duration,
-    stop: Arc<AtomicBool>,
-    t0: Instant,
-) -> (Arc<Mutex<Vec<Sample>>>, Vec<tokio::task::JoinHandle<()>>) {
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let counter = Arc::new(AtomicU64::new(0));
-    // A client timeout past the ingress's own deadline: a request still
-    // unanswered then is a hang.
-    let http = reqwest::Client::builder()
-        .timeout(deadline + Duration::from_secs(2))
-        .build()
-        .unwrap();
-    let tasks = (0..CONCURRENCY)
-        .map(|w| {
-            let (http, bases, stop, samples, counter) = (
-                http.clone(),
-                bases.clone(),
-                stop.clone(),
-                samples.clone(),
-                counter.clone(),
-            );
-            tokio::spawn(async move {
-                let mut turn = w;
-                while !stop.load(Ordering::Relaxed) {
-                    turn += 1;
-                    let n = counter.fetch_add(1, Ordering::Relaxed);
-                    let prompt = if turn % 2 == 0 {
-                        hot(n as usize % HOT_PROMPTS)
-                    } else {
-                        format!("failover: new question {n}")
-                    };
-                    let sent = t0.elapsed();
-                    let (status, body) = ask(&http, &bases[turn % 2], &prompt).await;
-                    let took = t0.elapsed() - sent;
-                    let right = status != 200 || is_right(&prompt, &body);
-                    let fell_back = status == 200 && body["provider"] == "cloud";
-                    samples.lock().unwrap().push(Sample {
-                        sent,
-                        took,
-                        status,
-                        right,
-                        fell_back,
-                    });
-                }
-            })
-        })
-        .collect();
-    (samples, tasks)
-}
+/// A hot prompt (a cache hit) and a new one (a miss) in turn.
+struct Mix;
 
-/// Successes per 250 ms after `from`, until the throughput is back to 80 %
-/// of the rate before it: how long that took.
-fn recovery(samples: &[Sample], from: Duration, rate_before: f64) -> Option<Duration> {
-    let bucket = Duration::from_millis(250);
-    let mut t = from;
-    let end = samples.iter().map(|s| s.sent + s.took).max()?;
-    while t + bucket <= end {
-        let n = samples
-            .iter()
-            .filter(|s| s.status == 200 && (s.sent + s.took) >= t && (s.sent + s.took) < t + bucket)
-            .count() as f64;
-        if n / bucket.as_secs_f64() >= 0.8 * rate_before {
-            return Some(t - from);
-        }
-        t += bucket;
+impl Workload for Mix {
+    fn body(&self, n: u64) -> Value {
+        let prompt = if n % 2 == 0 {
+            hot(n as usize / 2 % HOT_PROMPTS)
+        } else {
+            format!("failover: new question {n}")
+        };
+        json!({"prompt": prompt, "provider": "local"})
     }
-    None
+
+    fn is_right(&self, body: &Value, answer: &Value) -> bool {
+        is_right(body["prompt"].as_str().unwrap(), answer)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -215,9 +147,12 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         "{status} {}",
         r.text().await.unwrap()
     );
-    let t0 = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (samples, tasks) = start_load(bases.clone(), deadline, stop.clone(), t0);
+    let load = Load::start(
+        bases.to_vec(),
+        CONCURRENCY,
+        deadline + Duration::from_secs(2),
+        Mix,
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // SIGKILL the cache stream's leader, 5 s down, then back.
@@ -232,46 +167,29 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         .leader
         .unwrap();
     let victim = cluster.index_of(&leader).unwrap();
-    let killed_at = t0.elapsed();
+    let killed_at = load.t0.elapsed();
     cluster.kill(victim);
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.restart(victim);
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let samples = samples.lock().unwrap().clone();
+    let samples = load.stop().await;
 
     // What happened.
-    let before: Vec<&Sample> = samples
+    let rate_before = load::rate_before(&samples, killed_at);
+    let failed: Vec<&load::Sample> = samples.iter().filter(|s| s.status != 200).collect();
+    let fell_back = samples
         .iter()
-        .filter(|s| s.sent + s.took < killed_at)
-        .collect();
-    let rate_before =
-        before.iter().filter(|s| s.status == 200).count() as f64 / killed_at.as_secs_f64();
-    let failed: Vec<&Sample> = samples.iter().filter(|s| s.status != 200).collect();
-    let mut done: Vec<Duration> = samples
-        .iter()
-        .filter(|s| s.status == 200)
-        .map(|s| s.sent + s.took)
-        .collect();
-    done.sort();
-    let longest_gap = done
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or_default();
-    let back = recovery(&samples, killed_at, rate_before);
-    let fell_back = samples.iter().filter(|s| s.fell_back).count();
+        .filter(|s| s.status == 200 && s.provider.as_deref() == Some("cloud"))
+        .count();
     println!(
-        "failover: killed {leader} at {killed_at:.1?}; {} requests, {} failed (by status: {:?}), {fell_back} answered by the cloud fallback; \
-         {rate_before:.0} req/s before; longest gap without a success {longest_gap:.2?}; \
-         full throughput again {back:.2?} after the kill",
+        "failover: killed {leader} at {killed_at:.1?}; {} requests, {} failed (by status: {:?}), \
+         {fell_back} answered by the cloud fallback; {rate_before:.0} req/s before; \
+         longest gap without a success {:.2?}; full throughput again {:.2?} after the kill",
         samples.len(),
         failed.len(),
-        [503, 504, 502, 0]
-            .map(|code| (code, failed.iter().filter(|s| s.status == code).count())),
+        load::failures_by_status(&samples),
+        load::longest_gap(&samples),
+        load::recovery(&samples, killed_at, rate_before),
     );
 
     // Every answer right; failures only 503/504, within the deadline, and
@@ -329,10 +247,6 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         assert_eq!(r["status"], "ok", "{r}");
         let prompt = format!("failover batch {}", i + 1);
         assert!(is_right(&prompt, &r["response"]), "{r}");
-        assert_eq!(
-            r["response"]["text"].as_str(),
-            Some(expected(&prompt).as_str())
-        );
     }
 
     // Every OptiRoute part still serves, with no restart.

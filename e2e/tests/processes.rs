@@ -3,12 +3,10 @@
 //! errors and graceful shutdown on SIGTERM.
 #![allow(clippy::unwrap_used)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use optiroute_testkit::procs::{bin_dir, free_port, Proc};
 use optiroute_testkit::{wait_until, NatsServer};
 use serde_json::{json, Value};
 
@@ -16,99 +14,6 @@ use serde_json::{json, Value};
 /// `scripts/build.sh`, run by `up.sh` and `test.sh`, makes): the folder this
 /// test binary's `deps/` sits in. Brought up to date once per run (a no-op
 /// after `scripts/test.sh`), so the test never runs stale ones.
-fn bin_dir() -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // <target>/<profile>/deps/processes-<hash>
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let target = profile_dir.parent().unwrap();
-        let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--workspace", "--quiet", "--target-dir"])
-            .arg(target)
-            .current_dir(&root);
-        for bin in STACK_BINS.iter().chain(&["optiroute"]) {
-            cmd.args(["--bin", bin]);
-        }
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().unwrap();
-        assert!(status.success(), "building the stack's binaries failed");
-        profile_dir
-    })
-    .clone()
-}
-
-/// What `scripts/build.sh` builds (and `scripts/up.sh` starts); the tests
-/// also run the `optiroute` CLI.
-const STACK_BINS: [&str; 5] = [
-    "optiroute-ingress",
-    "optiroute-router",
-    "optiroute-local",
-    "optiroute-cloud",
-    "optiroute-batch",
-];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed on drop.
-struct Proc {
-    name: &'static str,
-    child: Child,
-}
-
-impl Proc {
-    fn start(name: &'static str, config: &std::path::Path) -> Proc {
-        let child = Command::new(bin_dir().join(name))
-            .arg("--config")
-            .arg(config)
-            .env_remove("HF_API_TOKEN")
-            .env_remove("OPTIROUTE_CLOUD_API_KEY")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Proc { name, child }
-    }
-
-    /// SIGTERM, then the exit status within `within`.
-    fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not stop within {within:?} of SIGTERM",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test]
 async fn the_real_binaries_serve_and_stop_cleanly() {

@@ -3,8 +3,10 @@
 //! starts the whole stack in-process over that server.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod load;
 pub mod nats_cluster;
 pub mod nats_server;
+pub mod procs;
 pub mod stack;
 pub mod upstream;
 
