@@ -64,7 +64,7 @@ struct Mix;
 
 impl Workload for Mix {
     fn body(&self, n: u64) -> Value {
-        let prompt = if n % 2 == 0 {
+        let prompt = if n.is_multiple_of(2) {
             hot(n as usize / 2 % HOT_PROMPTS)
         } else {
             format!("failover: new question {n}")
