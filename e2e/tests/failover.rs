@@ -171,7 +171,12 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     cluster.kill(victim);
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.restart(victim);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Load after the restart; bench/cluster.sh runs it longer.
+    let after = std::env::var("FAILOVER_AFTER_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    tokio::time::sleep(Duration::from_secs(after)).await;
     let samples = load.stop().await;
 
     // What happened.

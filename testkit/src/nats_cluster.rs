@@ -34,8 +34,15 @@ fn free_ports(n: usize) -> Vec<u16> {
 }
 
 impl NatsCluster {
-    /// `n` nodes named `n1`..`n<n>`, JetStream on each.
+    /// `n` nodes named `n1`..`n<n>`, JetStream on each, every write synced
+    /// to disk before it is acknowledged, as `nats/cluster/` configures.
     pub fn start(n: usize) -> Self {
+        Self::start_with_sync(n, "always")
+    }
+
+    /// The same with JetStream's `sync_interval` set to `sync` (`"2m"` is
+    /// nats-server's default: acknowledged writes reach the disk later).
+    pub fn start_with_sync(n: usize, sync: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * n);
         let (client_ports, route_ports) = ports.split_at(n);
@@ -52,7 +59,7 @@ impl NatsCluster {
                     &conf,
                     format!(
                         "server_name: {name}\nlisten: 127.0.0.1:{}\n\
-                         jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 64MB\n  max_file_store: 512MB\n}}\n\
+                         jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 64MB\n  max_file_store: 512MB\n  sync_interval: {sync}\n}}\n\
                          cluster {{\n  name: optiroute-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                         client_ports[i],
                         route_ports[i],
