@@ -28,6 +28,9 @@ while [ $# -gt 0 ]; do
 done
 [ ${#overlays[@]} -gt 0 ] || overlays=("$k8s"/overlays/*/)
 mkdir -p "$tools"
+# Tests may run this twice at once: one installs, the other waits for it.
+exec 9>"$tools/.install.lock"
+if command -v flock >/dev/null 2>&1; then flock 9; fi
 
 # Python venv with kubernetes-validate (jsonschema and PyYAML come with it).
 venv="$tools/venv"
@@ -73,6 +76,7 @@ os.replace(tmp, dest)
 PY
   fi
 fi
+exec 9>&-
 echo "validate-k8s: $("$kubectl" version --client 2>/dev/null | tr '\n' ' ')" >&2
 
 out="$(mktemp -d)"
