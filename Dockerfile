@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# One image with the five OptiRoute binaries and the embedded local model.
+# One image with the five OptiRoute binaries and the embedded local model
+# (needs BuildKit, the default builder since Docker 23).
 #   docker build -t optiroute:0.1.0 .
 # Each Deployment (deploy/kubernetes/) runs one binary:
 #   /usr/local/bin/optiroute-{ingress,router,local,cloud,batch}

