@@ -153,6 +153,22 @@ def role_facts(name, docs, fail):
         if "OPTIROUTE_CONFIG" in env and config_toml is None:
             fail.add(where, f"OPTIROUTE_CONFIG {env['OPTIROUTE_CONFIG']} is not a mounted ConfigMap file")
         ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+        # What every role must have (issue 18): probes on its admin port,
+        # requests and limits, a PodDisruptionBudget.
+        for probe, path in (("readinessProbe", "/ready"), ("livenessProbe", "/health")):
+            get = (c.get(probe) or {}).get("httpGet") or {}
+            if get.get("path") != path or get.get("port") != "admin":
+                fail.add(where, f"{probe} must GET {path} on the admin port")
+        res = c.get("resources") or {}
+        for kind in ("requests", "limits"):
+            missing = [r for r in ("cpu", "memory") if r not in (res.get(kind) or {})]
+            if missing:
+                fail.add(where, f"resources.{kind} has no {', '.join(missing)}")
+        labels = dep["spec"]["template"]["metadata"].get("labels") or {}
+        if not any(all(labels.get(k) == v for k, v in ((pdb["spec"].get("selector") or {}).get("matchLabels") or {}).items())
+                   and (pdb["spec"].get("selector") or {}).get("matchLabels")
+                   for pdb in by_kind.get("PodDisruptionBudget", {}).values()):
+            fail.add(where, "no PodDisruptionBudget selects its pods")
         for probe in ("readinessProbe", "livenessProbe"):
             get = (c.get(probe) or {}).get("httpGet") or {}
             port = get.get("port")

@@ -216,7 +216,13 @@ patches:
             && stderr.contains("'lagTreshold' was unexpected"),
         "{stderr}"
     );
-    // Nothing else in the base is reported.
+    // The router has lost its readiness probe, which every role must have.
+    assert!(
+        stderr.contains("optiroute-router: readinessProbe must GET /ready"),
+        "{stderr}"
+    );
+    // Nothing else in the base is reported (the fourth line: the KEDA
+    // trigger now lacks lagThreshold).
     let problems = stderr.lines().filter(|l| l.starts_with("INVALID")).count();
-    assert_eq!(problems, 3, "{stderr}");
+    assert_eq!(problems, 4, "{stderr}");
 }
