@@ -155,8 +155,7 @@ async fn every_overlay_renders_validates_and_configures_each_role() {
         }
         if overlay == "production" {
             // JetStream state is replicated on the 3-node cluster.
-            assert_eq!(cfg.cache.replicas, 3, "{what}");
-            assert_eq!(cfg.batch.replicas, 3, "{what}");
+            assert_eq!(cfg.nats.replicas, 3, "{what}");
         }
     }
     for overlay in ["dev", "production"] {
