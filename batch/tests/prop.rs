@@ -10,7 +10,7 @@ use optiroute_common::wire::{self, Format, GenerateRequest};
 use proptest::prelude::*;
 
 fn decode_all(format: Format, bytes: &[u8]) {
-    let _ = wire::decode::<Job>(format, bytes);
+    let _ = Job::decode(format, bytes);
     let _ = wire::decode::<BatchMeta>(format, bytes);
     let _ = wire::decode::<BatchResult>(format, bytes);
 }
@@ -39,11 +39,11 @@ proptest! {
         max_tokens in any::<u32>(),
     ) {
         let mut request = GenerateRequest::new(prompt);
-        request.max_tokens = max_tokens;
+        request.params.max_tokens = max_tokens;
         let job = Job { line, custom_id, request };
         for format in [Format::Json, Format::MsgPack] {
             let bytes = wire::encode(format, &job).unwrap();
-            let back: Job = wire::decode(format, &bytes).unwrap();
+            let back = Job::decode(format, &bytes).unwrap();
             prop_assert_eq!(&back, &job);
         }
     }

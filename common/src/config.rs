@@ -82,7 +82,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
-            prefix: "optiroute".into(),
+            prefix: crate::protocol::DEFAULT_PREFIX.into(),
             max_reconnect_delay_ms: 2000,
             inbox_prefix: "_INBOX".into(),
             reply_prefixes: DEFAULT_REPLY_PREFIXES
@@ -233,7 +233,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             enabled: true,
-            bucket: "optiroute-cache".into(),
+            bucket: crate::protocol::defaults::CACHE_BUCKET.into(),
             ttl_secs: 3600,
             max_bytes: 1 << 30,
             replicas: 1,

@@ -33,6 +33,18 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Reply, Error>> + Send;
 }
 
+/// What a service adds to each endpoint's `$SRV.STATS` reply (its `data`
+/// field), read whenever stats are asked for: e.g. the cloud pool's
+/// breaker state, so the UI reads it instead of guessing it.
+#[derive(Clone)]
+pub struct StatsData(pub Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+impl std::fmt::Debug for StatsData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsData")
+    }
+}
+
 /// Where and how an endpoint is served.
 #[derive(Debug, Clone)]
 pub struct EndpointSpec {
@@ -52,6 +64,8 @@ pub struct EndpointSpec {
     /// Reply subjects (and stream inboxes) must lie under one of these
     /// (`NatsConfig::allowed_reply_prefixes`); anything else is refused.
     pub reply_prefixes: Vec<String>,
+    /// Extra `$SRV.STATS` data, when the service has any.
+    pub stats_data: Option<StatsData>,
 }
 
 /// Serves `spec.subject` until `shutdown` is cancelled, then stops intake and
@@ -63,10 +77,15 @@ pub async fn serve<H: Handler>(
     metrics: ServiceMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let service = client
+    let builder = client
         .service_builder()
         .description(spec.description.clone())
-        .queue_group(spec.queue_group.clone())
+        .queue_group(spec.queue_group.clone());
+    let builder = match spec.stats_data.clone() {
+        Some(data) => builder.stats_handler(move |_endpoint, _stats| (data.0)()),
+        None => builder,
+    };
+    let service = builder
         .start(spec.service.clone(), crate::VERSION)
         .await
         .map_err(|e| Error::internal(format!("cannot start service {}: {e}", spec.service)))?;

@@ -65,7 +65,8 @@ impl IntoResponse for ApiError {
             .request_id
             .and_then(|id| HeaderValue::from_str(&id).ok())
         {
-            resp.headers_mut().insert("x-request-id", id);
+            resp.headers_mut()
+                .insert(optiroute_common::protocol::headers::HTTP_REQUEST_ID, id);
         }
         resp
     }

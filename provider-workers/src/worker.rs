@@ -10,9 +10,10 @@ use optiroute_common::admin;
 use optiroute_common::config::{CloudConfig, Config, LocalEngineKind};
 use optiroute_common::cost::{cloud_cost, local_cost};
 use optiroute_common::nats::RequestMeta;
-use optiroute_common::service::{self, EndpointSpec, Handler};
+use optiroute_common::protocol::BREAKER_STATS_FIELD;
+use optiroute_common::service::{self, EndpointSpec, Handler, StatsData};
 use optiroute_common::subjects::Subjects;
-use optiroute_common::wire::{Pool, ProviderReply, ProviderRequest};
+use optiroute_common::wire::{Completion, Pool, ProviderReply, ProviderRequest};
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +53,8 @@ impl Engine for LocalEngine {
 /// The cloud pool's engine: an OpenAI-compatible client behind a circuit breaker.
 pub struct CloudEngine {
     client: OpenAiClient,
-    breaker: CircuitBreaker,
+    /// Shared with the service's `$SRV.STATS` data, which publishes its state.
+    breaker: Arc<CircuitBreaker>,
     cfg: CloudConfig,
     upstream_errors: prometheus::IntCounterVec,
 }
@@ -67,15 +69,10 @@ impl CloudEngine {
     fn model_for(&self, req: &ProviderRequest) -> Result<String, Error> {
         match &req.model_id {
             None => Ok(self.cfg.upstream.model.clone()),
-            Some(m) if *m == self.cfg.upstream.model || self.cfg.prices.contains_key(m) => {
-                Ok(m.clone())
-            }
+            Some(m) if self.cfg.allows_model(m) => Ok(m.clone()),
             Some(m) => Err(Error::bad_request(format!(
                 "model_id `{m}` is not configured for the cloud pool (configured: {})",
-                std::iter::once(self.cfg.upstream.model.as_str())
-                    .chain(self.cfg.prices.keys().map(String::as_str))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                self.cfg.models().collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -198,12 +195,14 @@ impl<E: Engine> Handler for ProviderHandler<E> {
             .with_label_values(&[pool])
             .observe(seconds);
         Ok(ProviderReply {
-            text: g.text,
-            usage: g.usage,
-            model: g.model,
+            completion: Completion {
+                text: g.text,
+                usage: g.usage,
+                model: g.model,
+                finish_reason: g.finish_reason,
+            },
             cost_usd: cost,
             latency: seconds,
-            finish_reason: g.finish_reason,
         })
     }
 }
@@ -217,7 +216,7 @@ impl<E: Engine> ProviderHandler<E> {
         req: &ProviderRequest,
         inbox: String,
     ) -> Result<Generation, Error> {
-        let cancel_subject = format!("{inbox}.cancel");
+        let cancel_subject = Subjects::cancel(&inbox);
         let mut cancel = self.client.subscribe(cancel_subject).await.map_err(|e| {
             Error::new(
                 ErrorKind::NatsUnavailable,
@@ -268,15 +267,16 @@ fn spec(
     reply_prefixes: Vec<String>,
 ) -> EndpointSpec {
     EndpointSpec {
-        service: format!("optiroute-{}", pool.as_str()),
+        service: subjects.provider_service(pool).to_string(),
         description: format!("OptiRoute {} provider pool", pool.as_str()),
         endpoint: "generate".into(),
         subject: subjects.provider(pool).to_string(),
-        queue_group: format!("{}.provider.{}", subjects.prefix, pool.as_str()),
+        queue_group: subjects.provider_queue_group(pool),
         max_in_flight,
         default_deadline: Duration::from_millis(deadline_ms),
         drain_timeout: Duration::from_millis(drain_ms),
         reply_prefixes,
+        stats_data: None,
     }
 }
 
@@ -440,6 +440,8 @@ pub async fn run_cloud(
         metrics.breaker_state.clone(),
         metrics.breaker_transitions.clone(),
     );
+    let breaker = Arc::new(breaker);
+    let published = breaker.clone();
     let engine = CloudEngine {
         client: http,
         breaker,
@@ -447,7 +449,7 @@ pub async fn run_cloud(
         upstream_errors: metrics.upstream_errors.clone(),
     };
     let subjects = Subjects::new(&cfg.nats.prefix);
-    let spec = spec(
+    let mut spec = spec(
         Pool::Cloud,
         &subjects,
         c.max_in_flight,
@@ -455,6 +457,14 @@ pub async fn run_cloud(
         c.drain_timeout_ms,
         cfg.nats.allowed_reply_prefixes(),
     );
+    spec.stats_data = Some(StatsData(Arc::new(move || {
+        let mut data = serde_json::Map::new();
+        data.insert(
+            BREAKER_STATS_FIELD.to_string(),
+            published.state().as_str().into(),
+        );
+        serde_json::Value::Object(data)
+    })));
     let setup = PoolSetup {
         pool: Pool::Cloud,
         engine,

@@ -226,7 +226,7 @@ impl Router {
             ProviderChoice::Cloud => return explicit(Pool::Cloud),
             ProviderChoice::Auto => {}
         }
-        let f = self.features(&req.text(), req.max_tokens);
+        let f = self.features(&req.text(), req.params.max_tokens);
         let contrib: [f32; 10] = std::array::from_fn(|i| f[i] * self.weights[i]);
         let score: f32 = contrib.iter().sum();
         let threshold = self.threshold - req.route_bias.unwrap_or(0.0) * self.bias_span;

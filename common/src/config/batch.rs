@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use crate::protocol::defaults;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
@@ -60,15 +62,15 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             admin_listen: "127.0.0.1:9104".into(),
-            stream: "OPTIROUTE_BATCH".into(),
-            meta_bucket: "optiroute-batches".into(),
-            results_bucket: "optiroute-batch-results".into(),
+            stream: defaults::BATCH_STREAM.into(),
+            meta_bucket: defaults::BATCH_META_BUCKET.into(),
+            results_bucket: defaults::BATCH_RESULTS_BUCKET.into(),
             retention_hours: 168,
             max_queued_jobs: 1_000_000,
             max_queue_bytes: 1 << 30,
             max_results_bytes: 1 << 30,
             max_meta_bytes: 64 << 20,
-            consumer: "optiroute-batch-workers".into(),
+            consumer: defaults::BATCH_CONSUMER.into(),
             max_in_flight: 8,
             route_bias: 0.0,
             max_deliver: 5,
