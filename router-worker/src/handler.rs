@@ -194,13 +194,15 @@ impl GenerateHandler {
         }
         let leader = match self.coalescer.join(call.key) {
             Join::Leader(guard) => guard,
-            Join::Full => return Outcome::Failed(Error::new(
-                ErrorKind::RateLimited,
-                format!(
+            Join::Full => {
+                return Outcome::Failed(Error::new(
+                    ErrorKind::RateLimited,
+                    format!(
                     "{} identical requests already wait for this prompt's answer; retry shortly",
                     self.max_waiters
                 ),
-            )),
+                ))
+            }
             Join::Follower(rx) => match tokio::time::timeout(call.meta.remaining(), rx).await {
                 Ok(Ok(Turn::Answer(Ok(shared)))) => {
                     return Outcome::Reused {
