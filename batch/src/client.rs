@@ -541,6 +541,7 @@ fn unfinished(line: u64, cancelled: bool) -> BatchResult {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
+            param: None,
         };
         (ResultStatus::Cancelled, Some(error))
     } else {

@@ -173,9 +173,10 @@ impl GenerateRequest {
         self.params.validate(max_prompt_bytes)?;
         if let Some(b) = self.route_bias {
             if !(-1.0..=1.0).contains(&b) {
-                return Err(Error::bad_request(format!(
-                    "route_bias must be between -1 and 1, got {b}"
-                )));
+                return Err(Error::bad_param(
+                    "route_bias",
+                    format!("route_bias must be between -1 and 1, got {b}"),
+                ));
             }
         }
         Ok(())
@@ -322,10 +323,13 @@ fn decode_error<T: DeserializeOwned>(format: Format, body: &[u8]) -> Error {
 }
 
 fn describe(what: &str, path: String, inner: &dyn std::fmt::Display) -> Error {
-    if path.is_empty() || path == "." {
+    if path.is_empty() || path == "." || path == "?" {
         Error::bad_request(format!("invalid {what} body: {inner}"))
     } else {
-        Error::bad_request(format!("invalid {what} body: field `{path}`: {inner}"))
+        Error::bad_param(
+            path.clone(),
+            format!("invalid {what} body: field `{path}`: {inner}"),
+        )
     }
 }
 
@@ -390,6 +394,38 @@ mod tests {
         assert!(r.validate(100).unwrap_err().message.contains("temperature"));
         r.params.temperature = Some(0.5);
         assert!(r.validate(100).is_ok());
+    }
+
+    #[test]
+    fn errors_carry_the_field_as_data() {
+        let param = |body: &[u8]| {
+            decode::<GenerateRequest>(Format::Json, body)
+                .and_then(|r| r.validate(100).map(|_| r))
+                .unwrap_err()
+                .param
+        };
+        assert_eq!(
+            param(br#"{"prompt":"x","max_tokens":"many"}"#).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param(br#"{"prompt":"x","max_tokens":0}"#).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(param(br#"{"prompt":""}"#).as_deref(), Some("prompt"));
+        assert_eq!(
+            param(br#"{"prompt":"x","stop":[""]}"#).as_deref(),
+            Some("stop")
+        );
+        assert_eq!(
+            param(br#"{"prompt":"x","route_bias":2}"#).as_deref(),
+            Some("route_bias")
+        );
+        assert_eq!(
+            param(br#"{"messages":[{"role":"user","content":1}]}"#).as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(param(b"{oops"), None);
     }
 
     #[test]

@@ -206,7 +206,7 @@ proptest! {
         message in text(),
     ) {
         round_trips(&StreamChunk { index, delta })?;
-        round_trips(&ErrorBody { code, message })?;
+        round_trips(&ErrorBody { code, message, param: None })?;
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use optiroute_common::protocol::{Discovery, Subjects, BREAKER_STATS_FIELD};
 use optiroute_testkit::stack::client;
-use optiroute_testkit::{test_config, FakeUpstream, Mode, NatsServer, Stack};
+use optiroute_testkit::{
+    json_body, request_json, test_config, FakeUpstream, Mode, NatsServer, Stack,
+};
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -74,4 +76,52 @@ async fn the_cloud_service_publishes_its_breaker_state() {
         assert_eq!(v["fallback_reason"], "upstream_error", "{v}");
     }
     assert_eq!(published_breaker(&stack).await, "open");
+}
+
+/// The field at fault travels as data: in the NATS error body a publisher
+/// reads, and as OpenAI's `param` on HTTP.
+#[tokio::test]
+async fn errors_name_the_offending_field_as_data() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(test_config(&nats.url())).await;
+    let c = client(&stack.cfg, "publisher").await;
+    let generate = Subjects::new(&stack.cfg.nats.prefix).generate;
+    for (body, param) in [
+        (r#"{"prompt":"hi","temperature":5}"#, "temperature"),
+        (r#"{"prompt":"hi","max_tokens":"many"}"#, "max_tokens"),
+        (r#"{"prompt":"   "}"#, "prompt"),
+    ] {
+        let reply = request_json(&c, &generate, &[], body).await;
+        let v = json_body(&reply);
+        assert_eq!(v["code"], "bad_request", "{body} -> {v}");
+        assert_eq!(v["param"], param, "{body} -> {v}");
+    }
+    let http = reqwest::Client::new();
+    for (path, body, param) in [
+        (
+            "/generate",
+            json!({"prompt": "hi", "route_bias": 3}),
+            "route_bias",
+        ),
+        (
+            "/generate",
+            json!({"prompt": "hi", "max_tokens": "many"}),
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "robot", "content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}),
+            "top_p",
+        ),
+    ] {
+        let resp = http.post(stack.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{path} {body} -> {v}");
+    }
 }

@@ -92,7 +92,7 @@ struct Part {
 }
 
 fn param_error(param: &str, message: String) -> Error {
-    Error::bad_request(format!("{param}: {message}"))
+    Error::bad_param(param, format!("{param}: {message}"))
 }
 
 /// Maps OpenAI's `model` to a provider choice and model id.

@@ -264,63 +264,80 @@ pub fn validate_input(
         return validate_prompt(prompt, max_prompt_bytes);
     }
     if !prompt.is_empty() {
-        return Err(Error::bad_request(
+        return Err(Error::bad_param(
+            "messages",
             "give either prompt or messages, not both",
         ));
     }
     if messages.len() > MAX_MESSAGES {
-        return Err(Error::bad_request(format!(
-            "messages has {} entries, over the limit of {MAX_MESSAGES}",
-            messages.len()
-        )));
+        return Err(Error::bad_param(
+            "messages",
+            format!(
+                "messages has {} entries, over the limit of {MAX_MESSAGES}",
+                messages.len()
+            ),
+        ));
     }
     if !messages
         .iter()
         .any(|m| m.role == Role::User && !m.content.trim().is_empty())
     {
-        return Err(Error::bad_request(
+        return Err(Error::bad_param(
+            "messages",
             "messages must contain a user message with non-empty content",
         ));
     }
     let total: usize = messages.iter().map(|m| m.content.len()).sum();
     if total > max_prompt_bytes {
-        return Err(Error::bad_request(format!(
-            "messages total {total} bytes, over the limit of {max_prompt_bytes} bytes"
-        )));
+        return Err(Error::bad_param(
+            "messages",
+            format!("messages total {total} bytes, over the limit of {max_prompt_bytes} bytes"),
+        ));
     }
     Ok(())
 }
 
 pub fn validate_stop(stop: &[String]) -> Result<(), Error> {
     if stop.len() > MAX_STOP_SEQUENCES {
-        return Err(Error::bad_request(format!(
-            "stop takes at most {MAX_STOP_SEQUENCES} sequences"
-        )));
+        return Err(Error::bad_param(
+            "stop",
+            format!("stop takes at most {MAX_STOP_SEQUENCES} sequences"),
+        ));
     }
     if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
-        return Err(Error::bad_request("stop sequences must be 1 to 256 bytes"));
+        return Err(Error::bad_param(
+            "stop",
+            "stop sequences must be 1 to 256 bytes",
+        ));
     }
     Ok(())
 }
 
 pub fn validate_prompt(prompt: &str, max_prompt_bytes: usize) -> Result<(), Error> {
     if prompt.trim().is_empty() {
-        return Err(Error::bad_request("prompt must not be empty or whitespace"));
+        return Err(Error::bad_param(
+            "prompt",
+            "prompt must not be empty or whitespace",
+        ));
     }
     if prompt.len() > max_prompt_bytes {
-        return Err(Error::bad_request(format!(
-            "prompt is {} bytes, over the limit of {max_prompt_bytes} bytes",
-            prompt.len()
-        )));
+        return Err(Error::bad_param(
+            "prompt",
+            format!(
+                "prompt is {} bytes, over the limit of {max_prompt_bytes} bytes",
+                prompt.len()
+            ),
+        ));
     }
     Ok(())
 }
 
 pub fn validate_max_tokens(max_tokens: u32) -> Result<(), Error> {
     if !(1..=MAX_TOKENS_LIMIT).contains(&max_tokens) {
-        return Err(Error::bad_request(format!(
-            "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
-        )));
+        return Err(Error::bad_param(
+            "max_tokens",
+            format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"),
+        ));
     }
     Ok(())
 }
@@ -328,16 +345,18 @@ pub fn validate_max_tokens(max_tokens: u32) -> Result<(), Error> {
 pub fn validate_sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(), Error> {
     if let Some(t) = temperature {
         if !(0.0..=2.0).contains(&t) {
-            return Err(Error::bad_request(format!(
-                "temperature must be between 0 and 2, got {t}"
-            )));
+            return Err(Error::bad_param(
+                "temperature",
+                format!("temperature must be between 0 and 2, got {t}"),
+            ));
         }
     }
     if let Some(p) = top_p {
         if !(p > 0.0 && p <= 1.0) {
-            return Err(Error::bad_request(format!(
-                "top_p must be in (0, 1], got {p}"
-            )));
+            return Err(Error::bad_param(
+                "top_p",
+                format!("top_p must be in (0, 1], got {p}"),
+            ));
         }
     }
     Ok(())
@@ -345,15 +364,17 @@ pub fn validate_sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result
 
 pub fn validate_model_id(model_id: &str) -> Result<(), Error> {
     if model_id.is_empty() || model_id.len() > MAX_MODEL_ID_BYTES {
-        return Err(Error::bad_request(format!(
-            "model_id must be 1 to {MAX_MODEL_ID_BYTES} bytes"
-        )));
+        return Err(Error::bad_param(
+            "model_id",
+            format!("model_id must be 1 to {MAX_MODEL_ID_BYTES} bytes"),
+        ));
     }
     if model_id
         .chars()
         .any(|c| c.is_control() || c.is_whitespace())
     {
-        return Err(Error::bad_request(
+        return Err(Error::bad_param(
+            "model_id",
             "model_id must not contain whitespace or control characters",
         ));
     }
