@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::service::ServiceExt;
 use async_nats::{Client, HeaderMap};
@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
+use crate::config::ServiceSettings;
 use crate::error::{Error, ErrorBody, ErrorKind};
 use crate::metrics::ServiceMetrics;
 use crate::nats::{self, RequestMeta, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
@@ -56,11 +57,9 @@ pub struct EndpointSpec {
     pub subject: String,
     /// Queue group: every replica of a pool shares it.
     pub queue_group: String,
-    pub max_in_flight: usize,
-    /// Deadline for messages that carry none.
-    pub default_deadline: Duration,
-    /// How long shutdown waits for in-flight requests.
-    pub drain_timeout: Duration,
+    /// Requests at once, the deadline of messages that carry none, and how
+    /// long shutdown waits for the requests in flight.
+    pub settings: ServiceSettings,
     /// Reply subjects (and stream inboxes) must lie under one of these
     /// (`NatsConfig::allowed_reply_prefixes`); anything else is refused.
     pub reply_prefixes: Vec<String>,
@@ -97,7 +96,7 @@ pub async fn serve<H: Handler>(
         .map_err(|e| Error::internal(format!("cannot add endpoint {}: {e}", spec.subject)))?;
     tracing::info!(subject = %spec.subject, queue_group = %spec.queue_group, "serving");
 
-    let permits = Arc::new(Semaphore::new(spec.max_in_flight));
+    let permits = Arc::new(Semaphore::new(spec.settings.max_in_flight));
     let tracker = TaskTracker::new();
     let metrics = Arc::new(EndpointMetrics::new(&metrics, &spec.service));
     let spec = Arc::new(spec);
@@ -132,7 +131,7 @@ pub async fn serve<H: Handler>(
         tracing::warn!(error = %e, "service stop");
     }
     tracker.close();
-    if tokio::time::timeout(spec.drain_timeout, tracker.wait())
+    if tokio::time::timeout(spec.settings.drain_timeout, tracker.wait())
         .await
         .is_err()
     {
@@ -202,7 +201,7 @@ async fn handle_one<H: Handler>(
     metrics.in_flight.inc();
     let headers = request.message.headers.as_ref();
     let format = Format::from_headers(headers);
-    let meta = RequestMeta::from_headers(headers, spec.default_deadline);
+    let meta = RequestMeta::from_headers(headers, spec.settings.default_deadline);
     let request_id = meta
         .as_ref()
         .map(|m| m.request_id.clone())

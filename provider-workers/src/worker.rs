@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use optiroute_common::admin;
-use optiroute_common::config::{CloudConfig, Config, LocalEngineKind};
+use optiroute_common::config::{CloudConfig, Config, LocalEngineKind, ServiceSettings};
 use optiroute_common::cost::{cloud_cost, local_cost};
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::protocol::BREAKER_STATS_FIELD;
@@ -261,9 +261,7 @@ impl Running {
 fn spec(
     pool: Pool,
     subjects: &Subjects,
-    max_in_flight: usize,
-    deadline_ms: u64,
-    drain_ms: u64,
+    settings: ServiceSettings,
     reply_prefixes: Vec<String>,
 ) -> EndpointSpec {
     EndpointSpec {
@@ -272,27 +270,23 @@ fn spec(
         endpoint: "generate".into(),
         subject: subjects.provider(pool).to_string(),
         queue_group: subjects.provider_queue_group(pool),
-        max_in_flight,
-        default_deadline: Duration::from_millis(deadline_ms),
-        drain_timeout: Duration::from_millis(drain_ms),
+        settings,
         reply_prefixes,
         stats_data: None,
     }
 }
 
 /// Everything that differs between the two pools.
-struct PoolSetup<'a, E> {
+struct PoolSetup<E> {
     pool: Pool,
     engine: E,
     pricing: Pricing,
     spec: EndpointSpec,
-    admin_listen: &'a str,
-    max_prompt_bytes: usize,
 }
 
 async fn start<E: Engine>(
     client: Client,
-    setup: PoolSetup<'_, E>,
+    setup: PoolSetup<E>,
     metrics: ProviderMetrics,
     shutdown: CancellationToken,
 ) -> Result<Running, Error> {
@@ -300,7 +294,7 @@ async fn start<E: Engine>(
     let ready_engine = engine.clone();
     let ready = admin::nats_ready(client.clone(), move || ready_engine.ready());
     let admin_addr = admin::spawn(
-        setup.admin_listen,
+        &setup.spec.settings.admin_listen,
         metrics.registry.clone(),
         ready,
         shutdown.clone(),
@@ -312,7 +306,7 @@ async fn start<E: Engine>(
         engine,
         pricing: setup.pricing,
         metrics: metrics.clone(),
-        max_prompt_bytes: setup.max_prompt_bytes,
+        max_prompt_bytes: setup.spec.settings.max_prompt_bytes,
     });
     let task = tokio::spawn(service::serve(
         client,
@@ -390,9 +384,7 @@ pub async fn run_local(
     let spec = spec(
         Pool::Local,
         &subjects,
-        c.max_in_flight,
-        c.default_deadline_ms,
-        c.drain_timeout_ms,
+        c.service(),
         cfg.nats.allowed_reply_prefixes(),
     );
     let setup = PoolSetup {
@@ -402,8 +394,6 @@ pub async fn run_local(
             price_per_second: c.price_per_second,
         },
         spec,
-        admin_listen: &c.admin_listen,
-        max_prompt_bytes: c.max_prompt_bytes,
     };
     start(client, setup, metrics, shutdown).await
 }
@@ -452,9 +442,7 @@ pub async fn run_cloud(
     let mut spec = spec(
         Pool::Cloud,
         &subjects,
-        c.max_in_flight,
-        c.default_deadline_ms,
-        c.drain_timeout_ms,
+        c.service(),
         cfg.nats.allowed_reply_prefixes(),
     );
     spec.stats_data = Some(StatsData(Arc::new(move || {
@@ -470,8 +458,6 @@ pub async fn run_cloud(
         engine,
         pricing: Pricing::Cloud(c.clone()),
         spec,
-        admin_listen: &c.admin_listen,
-        max_prompt_bytes: c.max_prompt_bytes,
     };
     start(client, setup, metrics, shutdown).await
 }

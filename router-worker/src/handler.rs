@@ -486,9 +486,10 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.nats.prefix);
     let cache = Cache::new(cfg.cache.clone(), metrics.clone());
     cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
+    let settings = cfg.router.service();
     let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(
-        &cfg.router.admin_listen,
+        &settings.admin_listen,
         metrics.registry.clone(),
         ready,
         shutdown.clone(),
@@ -503,7 +504,7 @@ pub async fn run(
         coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
         max_waiters: cfg.cache.max_waiters_per_key,
         metrics: metrics.clone(),
-        max_prompt_bytes: r.max_prompt_bytes,
+        max_prompt_bytes: settings.max_prompt_bytes,
         provider_timeout: Duration::from_millis(r.provider_timeout_ms),
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
@@ -514,9 +515,7 @@ pub async fn run(
         endpoint: "generate".into(),
         subject: subjects.generate.clone(),
         queue_group: subjects.router_queue_group(),
-        max_in_flight: r.max_in_flight,
-        default_deadline: Duration::from_millis(r.default_deadline_ms),
-        drain_timeout: Duration::from_millis(r.drain_timeout_ms),
+        settings,
         reply_prefixes: cfg.nats.allowed_reply_prefixes(),
         stats_data: None,
     };
