@@ -12,7 +12,7 @@ set -euo pipefail
 src="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d /tmp/optiroute-first-run.XXXXXX)"
 cleanup() {
-  [ -n "${up_pid:-}" ] && kill -INT "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null || true
+  [ -n "${up_pid:-}" ] && kill -TERM "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null || true
   [ "${KEEP:-0}" = 1 ] || rm -rf "$work"
 }
 trap cleanup EXIT
@@ -43,7 +43,8 @@ t_up=$(( SECONDS - t0 ))
 [ -n "$answer" ] || { echo "first-run: up.sh exited without answering; log:" >&2; tail -30 "$work/up.log" >&2; exit 1; }
 echo "first-run: up.sh answered after ${t_up}s: ${answer:0:120}..."
 grep '^build: done' "$work/up.log" || true
-kill -INT "$up_pid"; wait "$up_pid" 2>/dev/null || true; up_pid=""
+# TERM, not INT: a background job of a script starts with SIGINT ignored.
+kill -TERM "$up_pid"; wait "$up_pid" 2>/dev/null || true; up_pid=""
 
 t1=$SECONDS
 if ./scripts/test.sh >"$work/test.log" 2>&1; then result=passed; else result=FAILED; fi

@@ -8,7 +8,7 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bin="$root/target/release"
+bin="${BENCH_BIN:-$root/target/release}"
 work="$(mktemp -d -t optiroute-bench.XXXXXX)"
 mkdir -p "$work/logs"
 pids=()
@@ -51,9 +51,10 @@ bench_build() {
   . "$root/scripts/setup.sh"
   # setup.sh uses `bin` and `root` for itself.
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  bin="$root/target/release"
-  if [ "${BENCH_NO_BUILD:-0}" = 1 ]; then
-    echo "bench: BENCH_NO_BUILD=1: using the binaries in $bin" >&2
+  # BENCH_BIN=<dir> runs other binaries (e.g. an older build, to compare).
+  bin="${BENCH_BIN:-$root/target/release}"
+  if [ "${BENCH_NO_BUILD:-0}" = 1 ] || [ -n "${BENCH_BIN:-}" ]; then
+    echo "bench: using the binaries in $bin (no build)" >&2
   else
     # Only the packages the benches run (the workspace has heavier ones).
     echo "bench: building release binaries (cargo build --release --bins -p ...)" >&2

@@ -8,4 +8,6 @@ echo "test: using $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 # The stack's binaries first: the same build `up.sh` makes (a no-op after it),
 # which e2e/tests/processes.rs starts as separate processes.
 ./scripts/build.sh
+# The Python clients the e2e tests run (openai, nats-py, msgpack), in .tools/venv.
+bash scripts/py-deps.sh
 cargo test --workspace --all-targets "$@"
