@@ -184,9 +184,12 @@ impl GenerateRequest {
 }
 
 /// The answer to a generate request (also the body of `POST /generate`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Every answer crosses NATS on the hot path, so its (de)serialization is
+/// written out: the [`Completion`]'s fields sit beside the others without
+/// `#[serde(flatten)]`'s buffering (of the map written, and of the map read).
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateResponse {
-    #[serde(flatten)]
     pub completion: Completion,
     /// Cost of this request in USD (0 for a cache hit).
     pub cost: f64,
@@ -200,16 +203,128 @@ pub struct GenerateResponse {
     /// On a cached answer (a cache hit, or an identical request's answer
     /// shared): what this answer cost when it was generated, so what this
     /// request did not spend.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_usd: Option<f64>,
     /// Why the answer came from the other pool, when it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<crate::ErrorKind>,
     /// Short explanation of the routing decision.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+}
+
+impl Serialize for GenerateResponse {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let optional = usize::from(self.saved_usd.is_some())
+            + usize::from(self.fallback_reason.is_some())
+            + usize::from(self.route_reason.is_some())
+            + usize::from(self.request_id.is_some());
+        let len = self.completion.field_count() + 5 + optional;
+        let mut s = serializer.serialize_struct("GenerateResponse", len)?;
+        self.completion.serialize_fields(&mut s)?;
+        s.serialize_field("cost", &self.cost)?;
+        s.serialize_field("latency", &self.latency)?;
+        s.serialize_field("routed_to", &self.routed_to)?;
+        s.serialize_field("provider", &self.provider)?;
+        s.serialize_field("cached", &self.cached)?;
+        if let Some(v) = &self.saved_usd {
+            s.serialize_field("saved_usd", v)?;
+        }
+        if let Some(v) = &self.fallback_reason {
+            s.serialize_field("fallback_reason", v)?;
+        }
+        if let Some(v) = &self.route_reason {
+            s.serialize_field("route_reason", v)?;
+        }
+        if let Some(v) = &self.request_id {
+            s.serialize_field("request_id", v)?;
+        }
+        s.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for GenerateResponse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::protocol::completion::{CompletionFields, FIRST_HOLDER_FIELD as F};
+        use serde::de::Error as _;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GenerateResponse;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct GenerateResponse")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GenerateResponse, A::Error> {
+                let mut completion = CompletionFields::default();
+                let mut seen = Seen::default();
+                let (mut cost, mut latency, mut routed_to, mut provider, mut cached) =
+                    (None, None, None, None, None);
+                let (mut saved_usd, mut fallback_reason, mut route_reason, mut request_id) =
+                    (None, None, None, None);
+                while let Some(Key(key)) = map.next_key()? {
+                    if completion.read_field(&key, &mut seen, &mut map)? {
+                        continue;
+                    }
+                    match &*key {
+                        "cost" => {
+                            seen.mark(F, "cost")?;
+                            cost = Some(map.next_value()?);
+                        }
+                        "latency" => {
+                            seen.mark(F + 1, "latency")?;
+                            latency = Some(map.next_value()?);
+                        }
+                        "routed_to" => {
+                            seen.mark(F + 2, "routed_to")?;
+                            routed_to = Some(map.next_value()?);
+                        }
+                        "provider" => {
+                            seen.mark(F + 3, "provider")?;
+                            provider = Some(map.next_value()?);
+                        }
+                        "cached" => {
+                            seen.mark(F + 4, "cached")?;
+                            cached = Some(map.next_value()?);
+                        }
+                        "saved_usd" => {
+                            seen.mark(F + 5, "saved_usd")?;
+                            saved_usd = map.next_value()?;
+                        }
+                        "fallback_reason" => {
+                            seen.mark(F + 6, "fallback_reason")?;
+                            fallback_reason = map.next_value()?;
+                        }
+                        "route_reason" => {
+                            seen.mark(F + 7, "route_reason")?;
+                            route_reason = map.next_value()?;
+                        }
+                        "request_id" => {
+                            seen.mark(F + 8, "request_id")?;
+                            request_id = map.next_value()?;
+                        }
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                let missing = A::Error::missing_field;
+                Ok(GenerateResponse {
+                    completion: completion.finish()?,
+                    cost: cost.ok_or_else(|| missing("cost"))?,
+                    latency: latency.ok_or_else(|| missing("latency"))?,
+                    routed_to: routed_to.ok_or_else(|| missing("routed_to"))?,
+                    provider: provider.ok_or_else(|| missing("provider"))?,
+                    cached: cached.ok_or_else(|| missing("cached"))?,
+                    saved_usd,
+                    fallback_reason,
+                    route_reason,
+                    request_id,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// A request on a provider subject: the [`GenParams`] alone.
@@ -426,6 +541,36 @@ mod tests {
             Some("messages[0].content")
         );
         assert_eq!(param(b"{oops"), None);
+    }
+
+    #[test]
+    fn answers_keep_their_flat_layout() {
+        let body =
+            br#"{"text":"hi","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},
+            "model":"m","cost":0.0,"latency":0.1,"routed_to":"local","provider":"cloud",
+            "cached":true,"saved_usd":0.25,"extra":[1,2]}"#;
+        let a: GenerateResponse = decode(Format::Json, body).unwrap();
+        assert_eq!(a.completion.text, "hi");
+        assert_eq!(a.completion.usage.total_tokens, 3);
+        assert_eq!(a.saved_usd, Some(0.25));
+        assert_eq!(a.fallback_reason, None);
+        // Written back flat, with the same names, in both formats.
+        let json: serde_json::Value = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["text"], "hi");
+        assert_eq!(json["saved_usd"], 0.25);
+        assert!(json.get("completion").is_none() && json.get("request_id").is_none());
+        let back: GenerateResponse =
+            decode(Format::MsgPack, &encode(Format::MsgPack, &a).unwrap()).unwrap();
+        assert_eq!(back, a);
+        let e = decode::<GenerateResponse>(Format::Json, br#"{"text":"hi"}"#).unwrap_err();
+        assert!(e.message.contains("usage"), "{}", e.message);
+        let e =
+            decode::<GenerateResponse>(Format::Json, br#"{"text":"a","text":"b"}"#).unwrap_err();
+        assert!(
+            e.message.contains("duplicate field `text`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
