@@ -203,7 +203,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             enabled: true,
-            bucket: crate::protocol::defaults::CACHE_BUCKET.into(),
+            bucket: crate::protocol::JetStreamNames::default().cache_bucket,
             ttl_secs: 3600,
             max_bytes: 1 << 30,
             replicas: 1,
@@ -316,8 +316,34 @@ impl Config {
             let path: Vec<String> = k.split('.').map(str::to_string).collect();
             set_path(&mut root, &path, v, &format!("--set {k}"))?;
         }
+        let given = |section: &str, key: &str| {
+            root.get(section)
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key(key))
+        };
+        let derive = [
+            !given("cache", "bucket"),
+            !given("batch", "stream"),
+            !given("batch", "meta_bucket"),
+            !given("batch", "results_bucket"),
+            !given("batch", "consumer"),
+        ];
         let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
             .map_err(|e| Error::bad_request(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        // JetStream names not set follow the prefix, so deployments under
+        // different prefixes never share a cache or a batch queue.
+        let names = crate::protocol::JetStreamNames::for_prefix(&cfg.nats.prefix);
+        for (derived, (slot, name)) in derive.into_iter().zip([
+            (&mut cfg.cache.bucket, names.cache_bucket),
+            (&mut cfg.batch.stream, names.batch_stream),
+            (&mut cfg.batch.meta_bucket, names.batch_meta_bucket),
+            (&mut cfg.batch.results_bucket, names.batch_results_bucket),
+            (&mut cfg.batch.consumer, names.batch_consumer),
+        ]) {
+            if derived {
+                *slot = name;
+            }
+        }
         // Credentials the original OptiRoute users already have.
         if cfg.cloud.upstream.api_key.is_none() {
             cfg.cloud.upstream.api_key = env
@@ -667,5 +693,30 @@ mod tests {
             let err = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
             assert!(err.message.contains(key), "{key}={value}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn jetstream_names_follow_the_prefix_unless_set() {
+        let set = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let d = Config::from_parts(None, &[], &[]).unwrap();
+        assert_eq!(d.cache.bucket, "optiroute-cache");
+        assert_eq!(d.batch.stream, "OPTIROUTE_BATCH");
+        assert_eq!(d.batch.meta_bucket, "optiroute-batches");
+        assert_eq!(d.batch.results_bucket, "optiroute-batch-results");
+        assert_eq!(d.batch.consumer, "optiroute-batch-workers");
+        let blue = Config::from_parts(
+            None,
+            &[],
+            &[
+                set("nats.prefix", "team.blue"),
+                set("batch.meta_bucket", "mine"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(blue.cache.bucket, "team_blue-cache");
+        assert_eq!(blue.batch.stream, "TEAM_BLUE_BATCH");
+        assert_eq!(blue.batch.meta_bucket, "mine", "a key that is set wins");
+        assert_eq!(blue.batch.results_bucket, "team_blue-batch-results");
+        assert_eq!(blue.batch.consumer, "team_blue-batch-workers");
     }
 }

@@ -21,17 +21,39 @@ pub const BREAKER_STATS_FIELD: &str = "breaker";
 /// The prefix of a deployment that does not set `nats.prefix`.
 pub const DEFAULT_PREFIX: &str = "optiroute";
 
-/// Default JetStream names of the default deployment (each is a config key,
-/// so a second deployment on the same NATS sets its own).
-pub mod defaults {
-    /// `cache.bucket`: the answer cache, a KV bucket.
-    pub const CACHE_BUCKET: &str = "optiroute-cache";
-    /// `batch.stream`: the batch job queue, a work-queue stream.
-    pub const BATCH_STREAM: &str = "OPTIROUTE_BATCH";
-    /// `batch.meta_bucket`: one entry per batch.
-    pub const BATCH_META_BUCKET: &str = "optiroute-batches";
-    /// `batch.results_bucket`: one entry per job result.
-    pub const BATCH_RESULTS_BUCKET: &str = "optiroute-batch-results";
-    /// `batch.consumer`: the durable consumer every batch worker shares.
-    pub const BATCH_CONSUMER: &str = "optiroute-batch-workers";
+/// The JetStream names of a deployment. Each is also a config key; one not
+/// set follows `nats.prefix`, so a second deployment on the same NATS gets
+/// its own cache and batch queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JetStreamNames {
+    /// `cache.bucket`: the answer cache, a KV bucket (`<prefix>-cache`).
+    pub cache_bucket: String,
+    /// `batch.stream`: the batch job queue, a work-queue stream (`<PREFIX>_BATCH`).
+    pub batch_stream: String,
+    /// `batch.meta_bucket`: one entry per batch (`<prefix>-batches`).
+    pub batch_meta_bucket: String,
+    /// `batch.results_bucket`: one entry per job result (`<prefix>-batch-results`).
+    pub batch_results_bucket: String,
+    /// `batch.consumer`: the durable consumer every batch worker shares
+    /// (`<prefix>-batch-workers`).
+    pub batch_consumer: String,
+}
+
+impl JetStreamNames {
+    pub fn for_prefix(prefix: &str) -> Self {
+        let token = subjects::name_token(prefix);
+        JetStreamNames {
+            cache_bucket: format!("{token}-cache"),
+            batch_stream: format!("{}_BATCH", token.to_ascii_uppercase()),
+            batch_meta_bucket: format!("{token}-batches"),
+            batch_results_bucket: format!("{token}-batch-results"),
+            batch_consumer: format!("{token}-batch-workers"),
+        }
+    }
+}
+
+impl Default for JetStreamNames {
+    fn default() -> Self {
+        JetStreamNames::for_prefix(DEFAULT_PREFIX)
+    }
 }

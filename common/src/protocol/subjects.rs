@@ -21,11 +21,11 @@ pub struct Subjects {
 /// The token after the prefix in batch job subjects.
 const BATCH_TOKEN: &str = ".batch";
 
-/// A service name for `prefix` and `role`: the service API allows only
+/// `prefix` as a name token: service, bucket and stream names allow only
 /// letters, digits, `-` and `_`, so any other character of the prefix (a
 /// `.` between its tokens) becomes `_`.
-fn service_name(prefix: &str, role: &str) -> String {
-    let token: String = prefix
+pub(crate) fn name_token(prefix: &str) -> String {
+    prefix
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -34,8 +34,12 @@ fn service_name(prefix: &str, role: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{token}-{role}")
+        .collect()
+}
+
+/// The service name of `role` in the deployment under `prefix`.
+fn service_name(prefix: &str, role: &str) -> String {
+    format!("{}-{role}", name_token(prefix))
 }
 
 impl Subjects {
