@@ -147,10 +147,16 @@ impl Reused {
     }
 
     fn from_twin(shared: GenerateResponse) -> Self {
+        // A twin that was itself served from the cache paid nothing; what
+        // it saved, this request saved too.
+        let cost = match (shared.cached, shared.saved_usd) {
+            (true, Some(saved)) => saved,
+            _ => shared.cost,
+        };
         Reused {
             completion: shared.completion,
             provider: shared.provider,
-            cost: shared.cost,
+            cost,
             fallback_reason: shared.fallback_reason,
         }
     }
