@@ -11,6 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 use optiroute_common::config::{BatchConfig, Config};
 use optiroute_common::error::ErrorBody;
 use optiroute_common::nats::epoch_ms;
+use optiroute_common::protocol::{headers, Subjects};
 use optiroute_common::wire::{self, Format};
 use optiroute_common::{Error, ErrorKind};
 use sha2::{Digest, Sha256};
@@ -23,7 +24,7 @@ use crate::upload::{self, Record, Spool, UploadError};
 pub struct BatchClient {
     js: jetstream::Context,
     pub cfg: BatchConfig,
-    prefix: String,
+    subjects: Subjects,
     pub max_prompt_bytes: usize,
     /// Uploads being read now (see [`Self::upload_permit`]).
     uploads: Arc<Semaphore>,
@@ -100,12 +101,12 @@ impl BatchClient {
     pub async fn open(client: Client, cfg: &Config) -> Result<Self, Error> {
         let b = &cfg.batch;
         let js = jetstream::new(client);
-        let prefix = cfg.nats.prefix.clone();
+        let subjects = Subjects::new(&cfg.nats.prefix);
         let retention = Duration::from_secs(b.retention_hours.saturating_mul(3600));
         let jobs = js
             .get_or_create_stream(stream::Config {
                 name: b.stream.clone(),
-                subjects: vec![format!("{prefix}.batch.*")],
+                subjects: vec![subjects.batch_jobs()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 duplicate_window: Duration::from_secs(3600).min(retention),
                 max_age: retention,
@@ -138,7 +139,7 @@ impl BatchClient {
         Ok(BatchClient {
             js,
             cfg: b.clone(),
-            prefix,
+            subjects,
             max_prompt_bytes: cfg.router.max_prompt_bytes,
             uploads: Arc::new(Semaphore::new(b.max_concurrent_uploads)),
             jobs,
@@ -148,12 +149,12 @@ impl BatchClient {
     }
 
     pub fn job_subject(&self, id: &str) -> String {
-        format!("{}.batch.{id}", self.prefix)
+        self.subjects.batch_job(id)
     }
 
     /// Where workers pull from: every batch's jobs.
     pub fn jobs_filter(&self) -> String {
-        format!("{}.batch.*", self.prefix)
+        self.subjects.batch_jobs()
     }
 
     pub fn jobs_stream(&self) -> &stream::Stream {
@@ -270,7 +271,7 @@ impl BatchClient {
             match record {
                 Record::Job { line, body } => {
                     let mut h = HeaderMap::new();
-                    h.insert("Nats-Msg-Id", format!("{id}:{line}").as_str());
+                    h.insert(headers::NATS_MSG_ID, format!("{id}:{line}").as_str());
                     let ack = self
                         .js
                         .publish_with_headers(subject.clone(), h, body)
@@ -392,9 +393,9 @@ impl BatchClient {
 
     /// The batch id a job subject names (`<prefix>.batch.<id>`), checked.
     pub fn batch_id_of<'a>(&self, subject: &'a str) -> Result<&'a str, Error> {
-        let id = subject
-            .strip_prefix(self.prefix.as_str())
-            .and_then(|s| s.strip_prefix(".batch."))
+        let id = self
+            .subjects
+            .batch_id_of(subject)
             .ok_or_else(|| Error::bad_request("not a batch job subject"))?;
         validate_id(id)?;
         Ok(id)
@@ -540,6 +541,7 @@ fn unfinished(line: u64, cancelled: bool) -> BatchResult {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
+            param: None,
         };
         (ResultStatus::Cancelled, Some(error))
     } else {

@@ -168,7 +168,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!((j.line, j.custom_id.as_deref()), (3, Some("x")));
-        assert_eq!((j.request.prompt.as_str(), j.request.max_tokens), ("hi", 7));
+        assert_eq!(
+            (
+                j.request.params.prompt.as_str(),
+                j.request.params.max_tokens
+            ),
+            ("hi", 7)
+        );
         for f in [Format::Json, Format::MsgPack] {
             let back = Job::decode(f, &wire::encode(f, &j).unwrap()).unwrap();
             assert_eq!(back, j);

@@ -220,7 +220,7 @@ mod tests {
                 Record::Job { line, body } => {
                     let j = Job::decode(Format::MsgPack, &body).unwrap();
                     assert_eq!(j.line, line);
-                    format!("{line}:{}", j.request.prompt)
+                    format!("{line}:{}", j.request.params.prompt)
                 }
                 Record::Invalid { line, .. } => format!("{line}:invalid"),
             });

@@ -389,6 +389,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
+            param: None,
         };
         finish(
             ctx,
@@ -511,6 +512,7 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
                 "the result could not be stored after {} attempts",
                 ctx.store_attempts
             ),
+            param: None,
         }),
         custom_id: result.custom_id.filter(|c| c.len() <= MAX_CUSTOM_ID_BYTES),
         ..result

@@ -94,7 +94,7 @@ proptest! {
         max_tokens in any::<u32>(),
     ) {
         let mut request = GenerateRequest::new(prompt);
-        request.max_tokens = max_tokens;
+        request.params.max_tokens = max_tokens;
         let job = Job { line, custom_id, request };
         for format in [Format::Json, Format::MsgPack] {
             let bytes = wire::encode(format, &job).unwrap();

@@ -3,7 +3,6 @@
 //! reads the same file and uses its own sections. Unknown keys are errors that
 //! name the key, so a typo never silently falls back to a default.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -11,9 +10,14 @@ use serde::Deserialize;
 use crate::error::Error;
 
 mod batch;
+mod roles;
 mod routing;
 
 pub use batch::BatchConfig;
+pub use roles::{
+    BreakerConfig, CloudConfig, EmbeddedConfig, LocalConfig, LocalEngineKind, ModelPrice,
+    RouterConfig, ServiceSettings, SimulatedConfig, UpstreamConfig,
+};
 pub use routing::{RoutingConfig, RoutingWeights};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -86,7 +90,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "nats://127.0.0.1:4222".into(),
-            prefix: "optiroute".into(),
+            prefix: crate::protocol::DEFAULT_PREFIX.into(),
             max_reconnect_delay_ms: 2000,
             inbox_prefix: "_INBOX".into(),
             reply_prefixes: DEFAULT_REPLY_PREFIXES
@@ -178,40 +182,6 @@ impl Default for IngressConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RouterConfig {
-    /// Address of `/metrics`, `/health`, `/ready` (port 0 picks a free one).
-    pub admin_listen: String,
-    pub max_in_flight: usize,
-    pub max_prompt_bytes: usize,
-    /// Longest a single provider attempt may take; the request deadline still wins.
-    pub provider_timeout_ms: u64,
-    /// Deadline used when a direct NATS publisher sends none.
-    pub default_deadline_ms: u64,
-    /// Longest a request may hold a router slot: a later deadline is
-    /// clamped to this (the request is served, and ends with 504 if it
-    /// needs longer).
-    pub max_deadline_ms: u64,
-    pub drain_timeout_ms: u64,
-    pub routing: RoutingConfig,
-}
-
-impl Default for RouterConfig {
-    fn default() -> Self {
-        RouterConfig {
-            admin_listen: "127.0.0.1:9101".into(),
-            max_in_flight: 4096,
-            max_prompt_bytes: 32 * 1024,
-            provider_timeout_ms: 20_000,
-            default_deadline_ms: 30_000,
-            max_deadline_ms: 120_000,
-            drain_timeout_ms: 10_000,
-            routing: RoutingConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     pub enabled: bool,
     pub bucket: String,
@@ -237,7 +207,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             enabled: true,
-            bucket: "optiroute-cache".into(),
+            bucket: crate::protocol::JetStreamNames::default().cache_bucket,
             ttl_secs: 3600,
             max_bytes: 1 << 30,
             op_timeout_ms: 250,
@@ -245,206 +215,6 @@ impl Default for CacheConfig {
             max_waiters_per_key: 256,
             local_ttl_ms: 5_000,
             local_max_entries: 10_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LocalEngineKind {
-    /// The original's latency model with a deterministic text.
-    #[default]
-    Simulated,
-    /// Any OpenAI-compatible local server (llama.cpp, vLLM, Ollama, LM Studio).
-    Openai,
-    /// SmolLM2-135M-Instruct in-process on CPU (`local.embedded`).
-    Embedded,
-    /// `embedded` when `local.embedded.model_path` exists, else `simulated`.
-    Auto,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LocalConfig {
-    pub admin_listen: String,
-    pub engine: LocalEngineKind,
-    /// USD per second of compute.
-    pub price_per_second: f64,
-    pub max_in_flight: usize,
-    pub max_prompt_bytes: usize,
-    pub default_deadline_ms: u64,
-    pub drain_timeout_ms: u64,
-    pub simulated: SimulatedConfig,
-    pub openai: UpstreamConfig,
-    pub embedded: EmbeddedConfig,
-}
-
-impl LocalConfig {
-    /// The engine `auto` stands for here: `embedded` when the model file
-    /// exists (relative paths from the working directory), else `simulated`.
-    pub fn resolved_engine(&self) -> LocalEngineKind {
-        match self.engine {
-            LocalEngineKind::Auto if Path::new(&self.embedded.model_path).is_file() => {
-                LocalEngineKind::Embedded
-            }
-            LocalEngineKind::Auto => LocalEngineKind::Simulated,
-            other => other,
-        }
-    }
-}
-
-/// The embedded model (`local.engine = "embedded"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EmbeddedConfig {
-    /// GGUF file, relative to the working directory; `scripts/fetch-model.sh` fetches it.
-    pub model_path: String,
-    /// Generations at once, one core each; 0 = one per available core.
-    pub max_concurrent: usize,
-    /// 1.0 turns it off.
-    pub repeat_penalty: f32,
-    /// How many recent tokens the repeat penalty looks at.
-    pub repeat_last_n: usize,
-    /// Seed for sampled (temperature > 0) answers.
-    pub seed: u64,
-}
-
-impl Default for EmbeddedConfig {
-    fn default() -> Self {
-        EmbeddedConfig {
-            model_path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-            max_concurrent: 0,
-            repeat_penalty: 1.1,
-            repeat_last_n: 64,
-            seed: 299_792_458,
-        }
-    }
-}
-
-impl Default for LocalConfig {
-    fn default() -> Self {
-        LocalConfig {
-            admin_listen: "127.0.0.1:9102".into(),
-            // The embedded model when its file is there, else the simulated engine.
-            engine: LocalEngineKind::Auto,
-            price_per_second: 0.000005,
-            max_in_flight: 256,
-            max_prompt_bytes: 32 * 1024,
-            default_deadline_ms: 30_000,
-            drain_timeout_ms: 10_000,
-            simulated: SimulatedConfig::default(),
-            openai: UpstreamConfig {
-                base_url: "http://127.0.0.1:8080/v1".into(),
-                model: "local".into(),
-                ..UpstreamConfig::default()
-            },
-            embedded: EmbeddedConfig::default(),
-        }
-    }
-}
-
-/// The original OptiRoute's "local GPU": a fixed cost plus a cost per token.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimulatedConfig {
-    pub base_ms: u64,
-    pub per_token_ms: u64,
-    pub max_ms: u64,
-}
-
-impl Default for SimulatedConfig {
-    fn default() -> Self {
-        SimulatedConfig {
-            base_ms: 500,
-            per_token_ms: 20,
-            max_ms: 5000,
-        }
-    }
-}
-
-/// An OpenAI-compatible chat completions endpoint.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UpstreamConfig {
-    pub base_url: String,
-    pub model: String,
-    /// API key; for the cloud pool `HF_API_TOKEN` or `OPTIROUTE_CLOUD_API_KEY` fill it.
-    pub api_key: Option<String>,
-    pub connect_timeout_ms: u64,
-    pub timeout_ms: u64,
-}
-
-impl Default for UpstreamConfig {
-    fn default() -> Self {
-        UpstreamConfig {
-            base_url: "https://router.huggingface.co/v1".into(),
-            model: "meta-llama/Llama-3.1-8B-Instruct".into(),
-            api_key: None,
-            connect_timeout_ms: 3_000,
-            timeout_ms: 20_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CloudConfig {
-    pub admin_listen: String,
-    pub upstream: UpstreamConfig,
-    /// USD per 1k prompt tokens, for models without an entry in `prices`.
-    pub input_price_per_1k: f64,
-    /// USD per 1k completion tokens, for models without an entry in `prices`.
-    pub output_price_per_1k: f64,
-    /// Per-model prices.
-    pub prices: BTreeMap<String, ModelPrice>,
-    pub breaker: BreakerConfig,
-    pub max_in_flight: usize,
-    pub max_prompt_bytes: usize,
-    pub default_deadline_ms: u64,
-    pub drain_timeout_ms: u64,
-}
-
-impl Default for CloudConfig {
-    fn default() -> Self {
-        CloudConfig {
-            admin_listen: "127.0.0.1:9103".into(),
-            upstream: UpstreamConfig::default(),
-            input_price_per_1k: 0.0002,
-            output_price_per_1k: 0.0002,
-            prices: BTreeMap::new(),
-            breaker: BreakerConfig::default(),
-            max_in_flight: 1024,
-            max_prompt_bytes: 32 * 1024,
-            default_deadline_ms: 30_000,
-            drain_timeout_ms: 10_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelPrice {
-    pub input_per_1k: f64,
-    pub output_per_1k: f64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerConfig {
-    /// Consecutive failures that open the breaker.
-    pub failure_threshold: u32,
-    /// How long the breaker stays open before one probe is let through.
-    pub open_ms: u64,
-    /// Longest the breaker stays open, whatever an upstream's `Retry-After` asks.
-    pub max_open_ms: u64,
-}
-
-impl Default for BreakerConfig {
-    fn default() -> Self {
-        BreakerConfig {
-            failure_threshold: 3,
-            open_ms: 30_000,
-            max_open_ms: 600_000,
         }
     }
 }
@@ -549,8 +319,34 @@ impl Config {
             let path: Vec<String> = k.split('.').map(str::to_string).collect();
             set_path(&mut root, &path, v, &format!("--set {k}"))?;
         }
+        let given = |section: &str, key: &str| {
+            root.get(section)
+                .and_then(|s| s.as_table())
+                .is_some_and(|s| s.contains_key(key))
+        };
+        let derive = [
+            !given("cache", "bucket"),
+            !given("batch", "stream"),
+            !given("batch", "meta_bucket"),
+            !given("batch", "results_bucket"),
+            !given("batch", "consumer"),
+        ];
         let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
             .map_err(|e| Error::bad_request(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        // JetStream names not set follow the prefix, so deployments under
+        // different prefixes never share a cache or a batch queue.
+        let names = crate::protocol::JetStreamNames::for_prefix(&cfg.nats.prefix);
+        for (derived, (slot, name)) in derive.into_iter().zip([
+            (&mut cfg.cache.bucket, names.cache_bucket),
+            (&mut cfg.batch.stream, names.batch_stream),
+            (&mut cfg.batch.meta_bucket, names.batch_meta_bucket),
+            (&mut cfg.batch.results_bucket, names.batch_results_bucket),
+            (&mut cfg.batch.consumer, names.batch_consumer),
+        ]) {
+            if derived {
+                *slot = name;
+            }
+        }
         // Credentials the original OptiRoute users already have.
         if cfg.cloud.upstream.api_key.is_none() {
             cfg.cloud.upstream.api_key = env
@@ -900,5 +696,30 @@ mod tests {
             let err = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
             assert!(err.message.contains(key), "{key}={value}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn jetstream_names_follow_the_prefix_unless_set() {
+        let set = |k: &str, v: &str| (k.to_string(), v.to_string());
+        let d = Config::from_parts(None, &[], &[]).unwrap();
+        assert_eq!(d.cache.bucket, "optiroute-cache");
+        assert_eq!(d.batch.stream, "OPTIROUTE_BATCH");
+        assert_eq!(d.batch.meta_bucket, "optiroute-batches");
+        assert_eq!(d.batch.results_bucket, "optiroute-batch-results");
+        assert_eq!(d.batch.consumer, "optiroute-batch-workers");
+        let blue = Config::from_parts(
+            None,
+            &[],
+            &[
+                set("nats.prefix", "team.blue"),
+                set("batch.meta_bucket", "mine"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(blue.cache.bucket, "team_blue-cache");
+        assert_eq!(blue.batch.stream, "TEAM_BLUE_BATCH");
+        assert_eq!(blue.batch.meta_bucket, "mine", "a key that is set wins");
+        assert_eq!(blue.batch.results_bucket, "team_blue-batch-results");
+        assert_eq!(blue.batch.consumer, "team_blue-batch-workers");
     }
 }

@@ -130,6 +130,9 @@ impl std::fmt::Display for ErrorKind {
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    /// The request field at fault, when there is one (OpenAI's `param`):
+    /// `max_tokens`, `messages[0].role`...
+    pub param: Option<String>,
 }
 
 impl Error {
@@ -137,6 +140,7 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            param: None,
         }
     }
 
@@ -144,16 +148,29 @@ impl Error {
         Self::new(ErrorKind::BadRequest, message)
     }
 
+    /// A bad request because of the field `param`.
+    pub fn bad_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::bad_request(message).with_param(param)
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
 }
 
-/// The body of an error reply on NATS: `{code, message}`.
+/// The body of an error reply on NATS: `{code, message}`, and `param`
+/// when a request field is at fault.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ErrorBody {
     pub code: ErrorKind,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
 }
 
 impl From<&Error> for ErrorBody {
@@ -161,13 +178,18 @@ impl From<&Error> for ErrorBody {
         ErrorBody {
             code: e.kind,
             message: e.message.clone(),
+            param: e.param.clone(),
         }
     }
 }
 
 impl From<ErrorBody> for Error {
     fn from(b: ErrorBody) -> Self {
-        Error::new(b.code, b.message)
+        Error {
+            kind: b.code,
+            message: b.message,
+            param: b.param,
+        }
     }
 }
 

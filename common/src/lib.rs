@@ -10,13 +10,15 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod nats;
+pub mod protocol;
 pub mod service;
 pub mod shutdown;
-pub mod subjects;
 pub mod telemetry;
 pub mod wire;
 
 pub use error::{Error, ErrorKind};
+/// Subject names live in [`protocol`]; this path is kept for callers.
+pub use protocol::subjects;
 
 /// Version of the OptiRoute build, reported in `optiroute_build_info` and `$SRV.INFO`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -9,7 +9,7 @@ use crate::config::NatsConfig;
 use crate::error::{Error, ErrorBody, ErrorKind};
 use crate::wire::{self, Format, DEADLINE_HEADER, REQUEST_ID_HEADER};
 
-pub use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+pub use crate::protocol::headers::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 
 /// Credentials written into a NATS URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,7 +261,9 @@ impl RequestMeta {
 
     /// The subject a streaming requester listens on to cancel generation.
     pub fn cancel_subject(&self) -> Option<String> {
-        self.stream_inbox.as_ref().map(|i| format!("{i}.cancel"))
+        self.stream_inbox
+            .as_deref()
+            .map(crate::protocol::Subjects::cancel)
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::service::ServiceExt;
 use async_nats::{Client, HeaderMap};
@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
+use crate::config::ServiceSettings;
 use crate::error::{Error, ErrorBody, ErrorKind};
 use crate::metrics::ServiceMetrics;
 use crate::nats::{self, RequestMeta, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
@@ -33,6 +34,18 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Reply, Error>> + Send;
 }
 
+/// What a service adds to each endpoint's `$SRV.STATS` reply (its `data`
+/// field), read whenever stats are asked for: e.g. the cloud pool's
+/// breaker state, so the UI reads it instead of guessing it.
+#[derive(Clone)]
+pub struct StatsData(pub Arc<dyn Fn() -> serde_json::Value + Send + Sync>);
+
+impl std::fmt::Debug for StatsData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsData")
+    }
+}
+
 /// Where and how an endpoint is served.
 #[derive(Debug, Clone)]
 pub struct EndpointSpec {
@@ -44,14 +57,14 @@ pub struct EndpointSpec {
     pub subject: String,
     /// Queue group: every replica of a pool shares it.
     pub queue_group: String,
-    pub max_in_flight: usize,
-    /// Deadline for messages that carry none.
-    pub default_deadline: Duration,
-    /// How long shutdown waits for in-flight requests.
-    pub drain_timeout: Duration,
+    /// Requests at once, the deadline of messages that carry none, and how
+    /// long shutdown waits for the requests in flight.
+    pub settings: ServiceSettings,
     /// Reply subjects (and stream inboxes) must lie under one of these
     /// (`NatsConfig::allowed_reply_prefixes`); anything else is refused.
     pub reply_prefixes: Vec<String>,
+    /// Extra `$SRV.STATS` data, when the service has any.
+    pub stats_data: Option<StatsData>,
 }
 
 /// Serves `spec.subject` until `shutdown` is cancelled, then stops intake and
@@ -63,10 +76,15 @@ pub async fn serve<H: Handler>(
     metrics: ServiceMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let service = client
+    let builder = client
         .service_builder()
         .description(spec.description.clone())
-        .queue_group(spec.queue_group.clone())
+        .queue_group(spec.queue_group.clone());
+    let builder = match spec.stats_data.clone() {
+        Some(data) => builder.stats_handler(move |_endpoint, _stats| (data.0)()),
+        None => builder,
+    };
+    let service = builder
         .start(spec.service.clone(), crate::VERSION)
         .await
         .map_err(|e| Error::internal(format!("cannot start service {}: {e}", spec.service)))?;
@@ -78,7 +96,7 @@ pub async fn serve<H: Handler>(
         .map_err(|e| Error::internal(format!("cannot add endpoint {}: {e}", spec.subject)))?;
     tracing::info!(subject = %spec.subject, queue_group = %spec.queue_group, "serving");
 
-    let permits = Arc::new(Semaphore::new(spec.max_in_flight));
+    let permits = Arc::new(Semaphore::new(spec.settings.max_in_flight));
     let tracker = TaskTracker::new();
     let metrics = Arc::new(EndpointMetrics::new(&metrics, &spec.service));
     let spec = Arc::new(spec);
@@ -113,7 +131,7 @@ pub async fn serve<H: Handler>(
         tracing::warn!(error = %e, "service stop");
     }
     tracker.close();
-    if tokio::time::timeout(spec.drain_timeout, tracker.wait())
+    if tokio::time::timeout(spec.settings.drain_timeout, tracker.wait())
         .await
         .is_err()
     {
@@ -183,7 +201,7 @@ async fn handle_one<H: Handler>(
     metrics.in_flight.inc();
     let headers = request.message.headers.as_ref();
     let format = Format::from_headers(headers);
-    let meta = RequestMeta::from_headers(headers, spec.default_deadline);
+    let meta = RequestMeta::from_headers(headers, spec.settings.default_deadline);
     let request_id = meta
         .as_ref()
         .map(|m| m.request_id.clone())

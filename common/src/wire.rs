@@ -10,22 +10,20 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::Error;
 
-/// Header carrying the request id made at the ingress (`x-request-id` on HTTP).
-pub const REQUEST_ID_HEADER: &str = "Optiroute-Request-Id";
-/// Header carrying the request's absolute deadline, in Unix epoch milliseconds.
-pub const DEADLINE_HEADER: &str = "Optiroute-Deadline";
-/// Header naming the subject where the provider publishes [`StreamChunk`]s as
-/// tokens are generated; the final reply still carries the whole answer.
-/// The requester publishes anything on `<inbox>.cancel` to stop generation.
-pub const STREAM_INBOX_HEADER: &str = "Optiroute-Stream-Inbox";
-pub const CONTENT_TYPE_HEADER: &str = "Content-Type";
-pub const JSON_CONTENT_TYPE: &str = "application/json";
-pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
+/// The header names, under the names wire users know (defined in
+/// [`crate::protocol::headers`]).
+pub use crate::protocol::headers::{
+    CONTENT_TYPE as CONTENT_TYPE_HEADER, DEADLINE as DEADLINE_HEADER, JSON_CONTENT_TYPE,
+    MSGPACK_CONTENT_TYPE, REQUEST_ID as REQUEST_ID_HEADER, STREAM_INBOX as STREAM_INBOX_HEADER,
+};
 
-/// Limits every entry point enforces on a generate request.
-pub const MAX_TOKENS_LIMIT: u32 = 4096;
-pub const DEFAULT_MAX_TOKENS: u32 = 100;
-pub const MAX_MODEL_ID_BYTES: usize = 256;
+pub use crate::protocol::completion::{Completion, Usage};
+pub use crate::protocol::params::{
+    validate_input, validate_max_tokens, validate_model_id, validate_prompt, validate_sampling,
+    validate_stop, ChatMessage, GenParams, Role, DEFAULT_MAX_TOKENS, MAX_MESSAGES,
+    MAX_MODEL_ID_BYTES, MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT,
+};
+use crate::protocol::params::{Key, Seen, FIRST_HOLDER_FIELD};
 
 /// A provider pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -93,359 +91,259 @@ impl CacheMode {
     }
 }
 
-fn default_max_tokens() -> u32 {
-    DEFAULT_MAX_TOKENS
-}
-
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-/// A chat turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: Role,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn user(content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: Role::User,
-            content: content.into(),
-        }
-    }
-}
-
-/// Most stop sequences a request may carry (OpenAI's limit).
-pub const MAX_STOP_SEQUENCES: usize = 4;
-pub const MAX_MESSAGES: usize = 256;
-
-/// The body of `POST /generate` and of a request on `optiroute.generate`:
-/// either `prompt` or `messages`. Unknown fields are ignored, as the
-/// original Python service did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The body of `POST /generate` and of a request on the generate subject:
+/// the [`GenParams`] (either `prompt` or `messages`) and how to route and
+/// cache them. Unknown fields are ignored, as the original Python service did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerateRequest {
-    #[serde(default)]
-    pub prompt: String,
-    /// A conversation, instead of `prompt`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub messages: Vec<ChatMessage>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: u32,
-    #[serde(default)]
+    #[serde(flatten)]
+    pub params: GenParams,
     pub provider: ProviderChoice,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-    #[serde(default, skip_serializing_if = "is_default")]
+    #[serde(skip_serializing_if = "is_default")]
     pub cache: CacheMode,
     /// Shifts the routing threshold: -1 prefers cheaper, +1 prefers better.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub route_bias: Option<f32>,
+}
+
+impl<'de> Deserialize<'de> for GenerateRequest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GenerateRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct GenerateRequest")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GenerateRequest, A::Error> {
+                let mut r = GenerateRequest::new("");
+                let mut seen = Seen::default();
+                while let Some(Key(key)) = map.next_key()? {
+                    if r.params.read_field(&key, &mut seen, &mut map)? {
+                        continue;
+                    }
+                    match &*key {
+                        "provider" => {
+                            seen.mark(FIRST_HOLDER_FIELD, "provider")?;
+                            r.provider = map.next_value()?;
+                        }
+                        "cache" => {
+                            seen.mark(FIRST_HOLDER_FIELD + 1, "cache")?;
+                            r.cache = map.next_value()?;
+                        }
+                        "route_bias" => {
+                            seen.mark(FIRST_HOLDER_FIELD + 2, "route_bias")?;
+                            r.route_bias = map.next_value()?;
+                        }
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(r)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 impl GenerateRequest {
     pub fn new(prompt: impl Into<String>) -> Self {
         GenerateRequest {
-            prompt: prompt.into(),
-            messages: Vec::new(),
-            stop: Vec::new(),
-            max_tokens: DEFAULT_MAX_TOKENS,
+            params: GenParams::new(prompt),
             provider: ProviderChoice::Auto,
-            model_id: None,
-            temperature: None,
-            top_p: None,
             cache: CacheMode::On,
             route_bias: None,
         }
     }
 
-    /// The text that routing and the simulated engine look at: the prompt,
-    /// or the conversation's contents joined by newlines.
+    /// The text that routing and the simulated engine look at.
     pub fn text(&self) -> std::borrow::Cow<'_, str> {
-        if self.messages.is_empty() {
-            std::borrow::Cow::Borrowed(&self.prompt)
-        } else {
-            std::borrow::Cow::Owned(
-                self.messages
-                    .iter()
-                    .map(|m| m.content.as_str())
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-        }
+        self.params.text()
     }
 
     /// Checks every user-settable field; the message names the field.
     pub fn validate(&self, max_prompt_bytes: usize) -> Result<(), Error> {
-        validate_input(&self.prompt, &self.messages, max_prompt_bytes)?;
-        validate_stop(&self.stop)?;
-        validate_max_tokens(self.max_tokens)?;
-        validate_sampling(self.temperature, self.top_p)?;
-        if let Some(m) = &self.model_id {
-            validate_model_id(m)?;
-        }
+        self.params.validate(max_prompt_bytes)?;
         if let Some(b) = self.route_bias {
             if !(-1.0..=1.0).contains(&b) {
-                return Err(Error::bad_request(format!(
-                    "route_bias must be between -1 and 1, got {b}"
-                )));
+                return Err(Error::bad_param(
+                    "route_bias",
+                    format!("route_bias must be between -1 and 1, got {b}"),
+                ));
             }
         }
         Ok(())
     }
 }
 
-/// Exactly one of `prompt` and `messages`, within the size limit.
-pub fn validate_input(
-    prompt: &str,
-    messages: &[ChatMessage],
-    max_prompt_bytes: usize,
-) -> Result<(), Error> {
-    if messages.is_empty() {
-        return validate_prompt(prompt, max_prompt_bytes);
-    }
-    if !prompt.is_empty() {
-        return Err(Error::bad_request(
-            "give either prompt or messages, not both",
-        ));
-    }
-    if messages.len() > MAX_MESSAGES {
-        return Err(Error::bad_request(format!(
-            "messages has {} entries, over the limit of {MAX_MESSAGES}",
-            messages.len()
-        )));
-    }
-    if !messages
-        .iter()
-        .any(|m| m.role == Role::User && !m.content.trim().is_empty())
-    {
-        return Err(Error::bad_request(
-            "messages must contain a user message with non-empty content",
-        ));
-    }
-    let total: usize = messages.iter().map(|m| m.content.len()).sum();
-    if total > max_prompt_bytes {
-        return Err(Error::bad_request(format!(
-            "messages total {total} bytes, over the limit of {max_prompt_bytes} bytes"
-        )));
-    }
-    Ok(())
-}
-
-pub fn validate_stop(stop: &[String]) -> Result<(), Error> {
-    if stop.len() > MAX_STOP_SEQUENCES {
-        return Err(Error::bad_request(format!(
-            "stop takes at most {MAX_STOP_SEQUENCES} sequences"
-        )));
-    }
-    if stop.iter().any(|s| s.is_empty() || s.len() > 256) {
-        return Err(Error::bad_request("stop sequences must be 1 to 256 bytes"));
-    }
-    Ok(())
-}
-
-pub fn validate_prompt(prompt: &str, max_prompt_bytes: usize) -> Result<(), Error> {
-    if prompt.trim().is_empty() {
-        return Err(Error::bad_request("prompt must not be empty or whitespace"));
-    }
-    if prompt.len() > max_prompt_bytes {
-        return Err(Error::bad_request(format!(
-            "prompt is {} bytes, over the limit of {max_prompt_bytes} bytes",
-            prompt.len()
-        )));
-    }
-    Ok(())
-}
-
-pub fn validate_max_tokens(max_tokens: u32) -> Result<(), Error> {
-    if !(1..=MAX_TOKENS_LIMIT).contains(&max_tokens) {
-        return Err(Error::bad_request(format!(
-            "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}, got {max_tokens}"
-        )));
-    }
-    Ok(())
-}
-
-pub fn validate_sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(), Error> {
-    if let Some(t) = temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(Error::bad_request(format!(
-                "temperature must be between 0 and 2, got {t}"
-            )));
-        }
-    }
-    if let Some(p) = top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(Error::bad_request(format!(
-                "top_p must be in (0, 1], got {p}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-pub fn validate_model_id(model_id: &str) -> Result<(), Error> {
-    if model_id.is_empty() || model_id.len() > MAX_MODEL_ID_BYTES {
-        return Err(Error::bad_request(format!(
-            "model_id must be 1 to {MAX_MODEL_ID_BYTES} bytes"
-        )));
-    }
-    if model_id
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace())
-    {
-        return Err(Error::bad_request(
-            "model_id must not contain whitespace or control characters",
-        ));
-    }
-    Ok(())
-}
-
-/// Token counts, as OpenAI reports them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-    /// True when the counts are estimated rather than reported by the model.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub estimated: bool,
-}
-
-impl Usage {
-    /// The total saturates: counts come from outside (an upstream's reply).
-    pub fn new(prompt_tokens: u32, completion_tokens: u32, estimated: bool) -> Self {
-        Usage {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens.saturating_add(completion_tokens),
-            estimated,
-        }
-    }
-}
-
 /// The answer to a generate request (also the body of `POST /generate`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Every answer crosses NATS on the hot path, so its (de)serialization is
+/// written out: the [`Completion`]'s fields sit beside the others without
+/// `#[serde(flatten)]`'s buffering (of the map written, and of the map read).
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateResponse {
-    pub text: String,
-    pub usage: Usage,
+    pub completion: Completion,
     /// Cost of this request in USD (0 for a cache hit).
     pub cost: f64,
     /// Seconds from the router receiving the request to its reply.
     pub latency: f64,
-    pub model: String,
     /// The pool the routing decision picked.
     pub routed_to: Pool,
     /// The pool that actually answered.
     pub provider: Pool,
     pub cached: bool,
+    /// On a cached answer (a cache hit, or an identical request's answer
+    /// shared): what this answer cost when it was generated, so what this
+    /// request did not spend.
+    pub saved_usd: Option<f64>,
     /// Why the answer came from the other pool, when it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<crate::ErrorKind>,
     /// Short explanation of the routing decision.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
-    /// `stop` or `length`, as OpenAI reports it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<String>,
 }
 
-/// A request on a provider subject: `prompt` or `messages`, as for generate.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ProviderRequest {
-    #[serde(default)]
-    pub prompt: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub messages: Vec<ChatMessage>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stop: Vec<String>,
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f32>,
-}
-
-impl ProviderRequest {
-    pub fn new(prompt: impl Into<String>) -> Self {
-        ProviderRequest::from(&GenerateRequest::new(prompt))
-    }
-
-    /// The conversation to send to a chat model.
-    pub fn conversation(&self) -> std::borrow::Cow<'_, [ChatMessage]> {
-        if self.messages.is_empty() {
-            std::borrow::Cow::Owned(vec![ChatMessage::user(self.prompt.clone())])
-        } else {
-            std::borrow::Cow::Borrowed(&self.messages)
+impl Serialize for GenerateResponse {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let optional = usize::from(self.saved_usd.is_some())
+            + usize::from(self.fallback_reason.is_some())
+            + usize::from(self.route_reason.is_some())
+            + usize::from(self.request_id.is_some());
+        let len = self.completion.field_count() + 5 + optional;
+        let mut s = serializer.serialize_struct("GenerateResponse", len)?;
+        self.completion.serialize_fields(&mut s)?;
+        s.serialize_field("cost", &self.cost)?;
+        s.serialize_field("latency", &self.latency)?;
+        s.serialize_field("routed_to", &self.routed_to)?;
+        s.serialize_field("provider", &self.provider)?;
+        s.serialize_field("cached", &self.cached)?;
+        if let Some(v) = &self.saved_usd {
+            s.serialize_field("saved_usd", v)?;
         }
-    }
-
-    /// The last user turn (what a model without chat history answers).
-    pub fn last_user_text(&self) -> &str {
-        self.messages
-            .iter()
-            .rev()
-            .find(|m| m.role == Role::User)
-            .map_or(self.prompt.as_str(), |m| m.content.as_str())
-    }
-
-    pub fn validate(&self, max_prompt_bytes: usize) -> Result<(), Error> {
-        validate_input(&self.prompt, &self.messages, max_prompt_bytes)?;
-        validate_stop(&self.stop)?;
-        validate_max_tokens(self.max_tokens)?;
-        validate_sampling(self.temperature, self.top_p)?;
-        if let Some(m) = &self.model_id {
-            validate_model_id(m)?;
+        if let Some(v) = &self.fallback_reason {
+            s.serialize_field("fallback_reason", v)?;
         }
-        Ok(())
+        if let Some(v) = &self.route_reason {
+            s.serialize_field("route_reason", v)?;
+        }
+        if let Some(v) = &self.request_id {
+            s.serialize_field("request_id", v)?;
+        }
+        s.end()
     }
 }
+
+impl<'de> Deserialize<'de> for GenerateResponse {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use crate::protocol::completion::{CompletionFields, FIRST_HOLDER_FIELD as F};
+        use serde::de::Error as _;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GenerateResponse;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct GenerateResponse")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<GenerateResponse, A::Error> {
+                let mut completion = CompletionFields::default();
+                let mut seen = Seen::default();
+                let (mut cost, mut latency, mut routed_to, mut provider, mut cached) =
+                    (None, None, None, None, None);
+                let (mut saved_usd, mut fallback_reason, mut route_reason, mut request_id) =
+                    (None, None, None, None);
+                while let Some(Key(key)) = map.next_key()? {
+                    if completion.read_field(&key, &mut seen, &mut map)? {
+                        continue;
+                    }
+                    match &*key {
+                        "cost" => {
+                            seen.mark(F, "cost")?;
+                            cost = Some(map.next_value()?);
+                        }
+                        "latency" => {
+                            seen.mark(F + 1, "latency")?;
+                            latency = Some(map.next_value()?);
+                        }
+                        "routed_to" => {
+                            seen.mark(F + 2, "routed_to")?;
+                            routed_to = Some(map.next_value()?);
+                        }
+                        "provider" => {
+                            seen.mark(F + 3, "provider")?;
+                            provider = Some(map.next_value()?);
+                        }
+                        "cached" => {
+                            seen.mark(F + 4, "cached")?;
+                            cached = Some(map.next_value()?);
+                        }
+                        "saved_usd" => {
+                            seen.mark(F + 5, "saved_usd")?;
+                            saved_usd = map.next_value()?;
+                        }
+                        "fallback_reason" => {
+                            seen.mark(F + 6, "fallback_reason")?;
+                            fallback_reason = map.next_value()?;
+                        }
+                        "route_reason" => {
+                            seen.mark(F + 7, "route_reason")?;
+                            route_reason = map.next_value()?;
+                        }
+                        "request_id" => {
+                            seen.mark(F + 8, "request_id")?;
+                            request_id = map.next_value()?;
+                        }
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                let missing = A::Error::missing_field;
+                Ok(GenerateResponse {
+                    completion: completion.finish()?,
+                    cost: cost.ok_or_else(|| missing("cost"))?,
+                    latency: latency.ok_or_else(|| missing("latency"))?,
+                    routed_to: routed_to.ok_or_else(|| missing("routed_to"))?,
+                    provider: provider.ok_or_else(|| missing("provider"))?,
+                    cached: cached.ok_or_else(|| missing("cached"))?,
+                    saved_usd,
+                    fallback_reason,
+                    route_reason,
+                    request_id,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A request on a provider subject: the [`GenParams`] alone.
+pub type ProviderRequest = GenParams;
 
 impl From<&GenerateRequest> for ProviderRequest {
     fn from(r: &GenerateRequest) -> Self {
-        ProviderRequest {
-            prompt: r.prompt.clone(),
-            messages: r.messages.clone(),
-            stop: r.stop.clone(),
-            max_tokens: r.max_tokens,
-            model_id: r.model_id.clone(),
-            temperature: r.temperature,
-            top_p: r.top_p,
-        }
+        r.params.clone()
     }
 }
 
 /// A provider worker's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProviderReply {
-    pub text: String,
-    pub usage: Usage,
-    pub model: String,
+    #[serde(flatten)]
+    pub completion: Completion,
     pub cost_usd: f64,
     /// Seconds the provider spent on the request.
     pub latency: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finish_reason: Option<String>,
 }
 
 /// One piece of a streamed answer, published on the stream inbox.
@@ -540,10 +438,13 @@ fn decode_error<T: DeserializeOwned>(format: Format, body: &[u8]) -> Error {
 }
 
 fn describe(what: &str, path: String, inner: &dyn std::fmt::Display) -> Error {
-    if path.is_empty() || path == "." {
+    if path.is_empty() || path == "." || path == "?" {
         Error::bad_request(format!("invalid {what} body: {inner}"))
     } else {
-        Error::bad_request(format!("invalid {what} body: field `{path}`: {inner}"))
+        Error::bad_param(
+            path.clone(),
+            format!("invalid {what} body: field `{path}`: {inner}"),
+        )
     }
 }
 
@@ -559,14 +460,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.provider, ProviderChoice::Cloud);
-        assert_eq!(r.max_tokens, 100);
+        assert_eq!(r.params.max_tokens, 100);
         assert_eq!(r.cache, CacheMode::On);
     }
 
     #[test]
     fn msgpack_round_trip_uses_named_fields() {
         let mut r = GenerateRequest::new("hello");
-        r.max_tokens = 7;
+        r.params.max_tokens = 7;
         let bytes = encode(Format::MsgPack, &r).unwrap();
         // Named fields: the key appears in the encoding.
         assert!(bytes.windows(6).any(|w| w == b"prompt"));
@@ -593,21 +494,83 @@ mod tests {
     fn validation_names_the_field() {
         let mut r = GenerateRequest::new("   ");
         assert!(r.validate(100).unwrap_err().message.contains("prompt"));
-        r.prompt = "x".repeat(101);
+        r.params.prompt = "x".repeat(101);
         assert!(r.validate(100).unwrap_err().message.contains("prompt"));
-        r.prompt = "ok".into();
-        r.max_tokens = 0;
+        r.params.prompt = "ok".into();
+        r.params.max_tokens = 0;
         assert!(r.validate(100).unwrap_err().message.contains("max_tokens"));
-        r.max_tokens = 4097;
+        r.params.max_tokens = 4097;
         assert!(r.validate(100).unwrap_err().message.contains("max_tokens"));
-        r.max_tokens = 4096;
+        r.params.max_tokens = 4096;
         r.route_bias = Some(1.5);
         assert!(r.validate(100).unwrap_err().message.contains("route_bias"));
         r.route_bias = None;
-        r.temperature = Some(3.0);
+        r.params.temperature = Some(3.0);
         assert!(r.validate(100).unwrap_err().message.contains("temperature"));
-        r.temperature = Some(0.5);
+        r.params.temperature = Some(0.5);
         assert!(r.validate(100).is_ok());
+    }
+
+    #[test]
+    fn errors_carry_the_field_as_data() {
+        let param = |body: &[u8]| {
+            decode::<GenerateRequest>(Format::Json, body)
+                .and_then(|r| r.validate(100).map(|_| r))
+                .unwrap_err()
+                .param
+        };
+        assert_eq!(
+            param(br#"{"prompt":"x","max_tokens":"many"}"#).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param(br#"{"prompt":"x","max_tokens":0}"#).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(param(br#"{"prompt":""}"#).as_deref(), Some("prompt"));
+        assert_eq!(
+            param(br#"{"prompt":"x","stop":[""]}"#).as_deref(),
+            Some("stop")
+        );
+        assert_eq!(
+            param(br#"{"prompt":"x","route_bias":2}"#).as_deref(),
+            Some("route_bias")
+        );
+        assert_eq!(
+            param(br#"{"messages":[{"role":"user","content":1}]}"#).as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(param(b"{oops"), None);
+    }
+
+    #[test]
+    fn answers_keep_their_flat_layout() {
+        let body =
+            br#"{"text":"hi","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},
+            "model":"m","cost":0.0,"latency":0.1,"routed_to":"local","provider":"cloud",
+            "cached":true,"saved_usd":0.25,"extra":[1,2]}"#;
+        let a: GenerateResponse = decode(Format::Json, body).unwrap();
+        assert_eq!(a.completion.text, "hi");
+        assert_eq!(a.completion.usage.total_tokens, 3);
+        assert_eq!(a.saved_usd, Some(0.25));
+        assert_eq!(a.fallback_reason, None);
+        // Written back flat, with the same names, in both formats.
+        let json: serde_json::Value = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["text"], "hi");
+        assert_eq!(json["saved_usd"], 0.25);
+        assert!(json.get("completion").is_none() && json.get("request_id").is_none());
+        let back: GenerateResponse =
+            decode(Format::MsgPack, &encode(Format::MsgPack, &a).unwrap()).unwrap();
+        assert_eq!(back, a);
+        let e = decode::<GenerateResponse>(Format::Json, br#"{"text":"hi"}"#).unwrap_err();
+        assert!(e.message.contains("usage"), "{}", e.message);
+        let e =
+            decode::<GenerateResponse>(Format::Json, br#"{"text":"a","text":"b"}"#).unwrap_err();
+        assert!(
+            e.message.contains("duplicate field `text`"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@ use optiroute_common::config::Config;
 use optiroute_common::error::ErrorBody;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::wire::{
-    self, CacheMode, ChatMessage, Format, GenerateRequest, GenerateResponse, Pool, ProviderChoice,
-    ProviderReply, ProviderRequest, Role, StreamChunk, Usage,
+    self, CacheMode, ChatMessage, Completion, Format, GenParams, GenerateRequest, GenerateResponse,
+    Pool, ProviderChoice, ProviderReply, ProviderRequest, Role, StreamChunk, Usage,
 };
 use optiroute_common::ErrorKind;
 use proptest::prelude::*;
@@ -74,14 +74,16 @@ prop_compose! {
         route_bias in proptest::option::of(f32_finite()),
     ) -> GenerateRequest {
         GenerateRequest {
-            prompt,
-            messages: messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect(),
-            stop,
-            max_tokens,
+            params: GenParams {
+                prompt,
+                messages: messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect(),
+                stop,
+                max_tokens,
+                model_id,
+                temperature,
+                top_p,
+            },
             provider,
-            model_id,
-            temperature,
-            top_p,
             cache,
             route_bias,
         }
@@ -92,7 +94,7 @@ prop_compose! {
     fn generate_response()(
         text in text(),
         usage in usage(),
-        cost in f64_finite(),
+        (cost, saved_usd) in (f64_finite(), proptest::option::of(f64_finite())),
         latency in f64_finite(),
         model in text(),
         routed_to in pool(),
@@ -104,8 +106,9 @@ prop_compose! {
         finish_reason in proptest::option::of(text()),
     ) -> GenerateResponse {
         GenerateResponse {
-            text, usage, cost, latency, model, routed_to, provider, cached,
-            fallback_reason, route_reason, request_id, finish_reason,
+            completion: Completion { text, usage, model, finish_reason },
+            cost, latency, routed_to, provider, cached, saved_usd,
+            fallback_reason, route_reason, request_id,
         }
     }
 }
@@ -119,7 +122,7 @@ prop_compose! {
         latency in f64_finite(),
         finish_reason in proptest::option::of(text()),
     ) -> ProviderReply {
-        ProviderReply { text, usage, model, cost_usd, latency, finish_reason }
+        ProviderReply { completion: Completion { text, usage, model, finish_reason }, cost_usd, latency }
     }
 }
 
@@ -203,7 +206,7 @@ proptest! {
         message in text(),
     ) {
         round_trips(&StreamChunk { index, delta })?;
-        round_trips(&ErrorBody { code, message })?;
+        round_trips(&ErrorBody { code, message, param: None })?;
     }
 
     #[test]

@@ -154,7 +154,9 @@ async fn identical_requests_across_two_router_replicas_make_one_provider_call() 
         1,
         "one provider call for 20 requests on 2 replicas"
     );
-    assert!(answers.iter().all(|a| a.text == answers[0].text));
+    assert!(answers
+        .iter()
+        .all(|a| a.completion.text == answers[0].completion.text));
     let served = |text: String| {
         metric(&text, "optiroute_requests_total", &[("outcome", "ok")]).unwrap_or(0.0)
     };

@@ -118,7 +118,7 @@ async fn garbage_on_nats_gets_an_error_reply_and_workers_keep_serving() {
         .await
         .unwrap();
     let r: GenerateResponse = wire::decode(Format::MsgPack, &msg.payload).unwrap();
-    assert!(!r.text.is_empty());
+    assert!(!r.completion.text.is_empty());
 }
 
 #[tokio::test]

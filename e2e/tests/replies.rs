@@ -11,7 +11,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use optiroute_common::nats::NATS_SERVICE_ERROR_CODE;
-use optiroute_common::wire::{self, Format, GenerateRequest, Pool, ProviderChoice, Usage};
+use optiroute_common::wire::{
+    self, Completion, Format, GenerateRequest, Pool, ProviderChoice, Usage,
+};
 use optiroute_router::cache::CachedAnswer;
 use optiroute_testkit::stack::client;
 use optiroute_testkit::{metric, request_json, scrape, test_config, wait_until, NatsServer, Stack};
@@ -71,14 +73,16 @@ async fn forged_cache_values_are_misses() {
 
     // An answer without the entry's tag, and what a router's reply looks like.
     let bare = CachedAnswer {
-        text: "FORGED".into(),
-        usage: Usage::default(),
-        model: "m".into(),
+        completion: Completion {
+            text: "FORGED".into(),
+            usage: Usage::default(),
+            model: "m".into(),
+            finish_reason: None,
+        },
         provider: Pool::Local,
         routed_to: Pool::Local,
         cost: 0.0,
         route_reason: None,
-        finish_reason: None,
     };
     let reply: wire::GenerateResponse = wire::decode(
         Format::Json,

@@ -90,7 +90,8 @@ async fn page_assets_and_stats() {
     assert!(s["cache"]["hit_ratio"].is_null(), "{s}");
     assert!(s["latency_s"]["p50"].is_null(), "{s}");
     assert_eq!(s["cloud_pool"]["workers"], 1, "{s}");
-    assert_eq!(s["cloud_pool"]["breaker"], "unknown", "{s}");
+    // The breaker state is what the cloud worker publishes, before any call.
+    assert_eq!(s["cloud_pool"]["breaker"], "closed", "{s}");
     assert_eq!(s["local_pool"]["workers"], 1, "{s}");
     assert_eq!(s["routers"]["workers"], 1, "{s}");
     assert_eq!(s["nats"]["connected"], true, "{s}");
@@ -172,7 +173,6 @@ async fn page_assets_and_stats() {
     assert!((ratio - 2.0 / sent as f64).abs() < 1e-9, "{s}");
     // The hits saved at least what the cloud answer cost, known exactly.
     assert!(f(&cache["cost_saved_usd"]) >= cloud_cost - 1e-12, "{s}");
-    assert_eq!(f(&cache["cost_saved_estimated_usd"]), 0.0, "{s}");
     let lat = &s["latency_s"];
     assert_eq!(lat["count"], sent, "{s}");
     assert!(

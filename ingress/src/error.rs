@@ -52,7 +52,7 @@ impl IntoResponse for ApiError {
                 "message": message,
                 "type": error_type(kind),
                 "code": kind.as_str(),
-                "param": param_of(&message),
+                "param": self.error.param,
             }
         });
         let mut resp = (status, Json(body)).into_response();
@@ -65,30 +65,9 @@ impl IntoResponse for ApiError {
             .request_id
             .and_then(|id| HeaderValue::from_str(&id).ok())
         {
-            resp.headers_mut().insert("x-request-id", id);
+            resp.headers_mut()
+                .insert(optiroute_common::protocol::headers::HTTP_REQUEST_ID, id);
         }
         resp
     }
-}
-
-/// The field a validation message names, for OpenAI's `param`.
-fn param_of(message: &str) -> Option<String> {
-    const FIELDS: [&str; 8] = [
-        "prompt",
-        "max_tokens",
-        "provider",
-        "model_id",
-        "temperature",
-        "top_p",
-        "cache",
-        "route_bias",
-    ];
-    if let Some(start) = message.find("field `") {
-        let rest = &message[start + 7..];
-        return rest.split('`').next().map(str::to_string);
-    }
-    FIELDS
-        .iter()
-        .find(|f| message.starts_with(*f))
-        .map(|f| f.to_string())
 }

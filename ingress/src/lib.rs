@@ -25,7 +25,7 @@ use axum::{Json, Router};
 use optiroute_common::config::Config;
 use optiroute_common::http::ServeLimits;
 use optiroute_common::nats::{self, is_connected, new_request_id, RequestMeta};
-use optiroute_common::subjects::Subjects;
+use optiroute_common::protocol::{headers, models, Discovery, Subjects};
 use optiroute_common::wire::{self, CacheMode, Format, GenerateRequest, GenerateResponse};
 use optiroute_common::{admin, Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -68,29 +68,13 @@ impl AppState {
                 ready_probe_timeout: Duration::from_millis(cfg.ingress.ready_probe_timeout_ms),
                 max_prompt_bytes: cfg.ingress.max_prompt_bytes,
                 ui: ui::UiStats::new(),
-                local_models: local_models(cfg),
+                local_models: models::local_models(cfg),
                 batches: tokio::sync::OnceCell::new(),
                 config: cfg.clone(),
                 limits: limits::Limits::new(&cfg.ingress),
-                cloud_models: std::iter::once(cfg.cloud.upstream.model.clone())
-                    .chain(cfg.cloud.prices.keys().cloned())
-                    .collect(),
+                cloud_models: cfg.cloud.models().map(str::to_string).collect(),
             }),
         }
-    }
-}
-
-/// The name the embedded engine answers with.
-const EMBEDDED_MODEL: &str = "SmolLM2-135M-Instruct";
-
-fn local_models(cfg: &Config) -> Vec<String> {
-    use optiroute_common::config::LocalEngineKind;
-    match cfg.local.engine {
-        LocalEngineKind::Simulated => vec!["simulated".to_string()],
-        LocalEngineKind::Openai => vec![cfg.local.openai.model.clone()],
-        LocalEngineKind::Embedded => vec![EMBEDDED_MODEL.to_string()],
-        // Which one runs is decided by the local worker at startup.
-        LocalEngineKind::Auto => vec![EMBEDDED_MODEL.to_string(), "simulated".to_string()],
     }
 }
 
@@ -161,7 +145,7 @@ async fn not_found() -> ApiError {
 /// A caller's `x-request-id` when it is usable, else a fresh one.
 fn request_id(headers: &HeaderMap) -> String {
     headers
-        .get("x-request-id")
+        .get(headers::HTTP_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
@@ -210,7 +194,7 @@ async fn generate(
         .map_err(|e| ApiError::new(e, Some(&id)))?;
     let mut resp = Json(answer).into_response();
     if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(headers::HTTP_REQUEST_ID, v);
     }
     Ok(resp)
 }
@@ -265,7 +249,10 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
     let ping = tokio::time::timeout(
         s.ready_probe_timeout,
-        s.client.request("$SRV.PING.optiroute-router", Bytes::new()),
+        s.client.request(
+            Discovery::Ping.subject(&s.subjects.router_service),
+            Bytes::new(),
+        ),
     )
     .await;
     match ping {

@@ -21,6 +21,7 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 use optiroute_common::http::CloseConnection;
 use optiroute_common::nats::RequestMeta;
+use optiroute_common::protocol::{headers, Subjects};
 use optiroute_common::wire::{
     self, ChatMessage, Format, GenerateRequest, GenerateResponse, ProviderChoice, Role, StreamChunk,
 };
@@ -91,7 +92,7 @@ struct Part {
 }
 
 fn param_error(param: &str, message: String) -> Error {
-    Error::bad_request(format!("{param}: {message}"))
+    Error::bad_param(param, format!("{param}: {message}"))
 }
 
 /// Maps OpenAI's `model` to a provider choice and model id.
@@ -159,16 +160,16 @@ impl ChatCompletionRequest {
         }
         let (provider, model_id) = resolve_model(state, self.model.as_deref())?;
         let mut req = GenerateRequest::new("");
-        req.messages = messages;
+        req.params.messages = messages;
         req.provider = provider;
-        req.model_id = model_id;
-        req.max_tokens = self
+        req.params.model_id = model_id;
+        req.params.max_tokens = self
             .max_completion_tokens
             .or(self.max_tokens)
             .unwrap_or(wire::DEFAULT_MAX_TOKENS);
-        req.temperature = self.temperature;
-        req.top_p = self.top_p;
-        req.stop = match self.stop {
+        req.params.temperature = self.temperature;
+        req.params.top_p = self.top_p;
+        req.params.stop = match self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
             Some(Stop::Many(v)) => v,
@@ -187,9 +188,9 @@ fn unix_now() -> u64 {
 
 fn usage_json(a: &GenerateResponse) -> Value {
     json!({
-        "prompt_tokens": a.usage.prompt_tokens,
-        "completion_tokens": a.usage.completion_tokens,
-        "total_tokens": a.usage.total_tokens,
+        "prompt_tokens": a.completion.usage.prompt_tokens,
+        "completion_tokens": a.completion.usage.completion_tokens,
+        "total_tokens": a.completion.usage.total_tokens,
     })
 }
 
@@ -200,14 +201,14 @@ fn answer_headers(headers: &mut HeaderMap, a: &GenerateResponse, request_id: &st
             headers.insert(name, v);
         }
     };
-    put("x-optiroute-provider", a.provider.as_str().to_string());
-    put("x-optiroute-routed-to", a.routed_to.as_str().to_string());
+    put(headers::HTTP_PROVIDER, a.provider.as_str().to_string());
+    put(headers::HTTP_ROUTED_TO, a.routed_to.as_str().to_string());
     put(
-        "x-optiroute-cache",
+        headers::HTTP_CACHE,
         if a.cached { "hit" } else { "miss" }.to_string(),
     );
-    put("x-optiroute-cost-usd", format!("{:.10}", a.cost));
-    put("x-request-id", request_id.to_string());
+    put(headers::HTTP_COST_USD, format!("{:.10}", a.cost));
+    put(headers::HTTP_REQUEST_ID, request_id.to_string());
 }
 
 pub(crate) async fn chat_completions(
@@ -238,11 +239,11 @@ pub(crate) async fn chat_completions(
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
         "created": unix_now(),
-        "model": answer.model,
+        "model": answer.completion.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": answer.text},
-            "finish_reason": answer.finish_reason.as_deref().unwrap_or("stop"),
+            "message": {"role": "assistant", "content": answer.completion.text},
+            "finish_reason": answer.completion.finish_reason.as_deref().unwrap_or("stop"),
             "logprobs": null,
         }],
         "usage": usage_json(&answer),
@@ -317,7 +318,7 @@ async fn stream_completion(
         relay,
         pump: token_pump,
         client: s.client.clone(),
-        cancel_subject: format!("{inbox}.cancel"),
+        cancel_subject: Subjects::cancel(&inbox),
         settled: false,
     };
     // The first event decides the status. If the client goes away before
@@ -376,7 +377,7 @@ async fn stream_completion(
                     // Whatever did not arrive as tokens (a cache hit, chunks
                     // still in flight) goes out as one last piece. An answer
                     // that does not continue what was sent cannot be spliced on.
-                    let Some(rest) = answer.text.strip_prefix(streamed.as_str()) else {
+                    let Some(rest) = answer.completion.text.strip_prefix(streamed.as_str()) else {
                         let e = Error::new(
                             ErrorKind::StreamInterrupted,
                             "the answer changed after tokens were sent",
@@ -433,7 +434,7 @@ async fn stream_completion(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        h.insert("x-request-id", v);
+        h.insert(headers::HTTP_REQUEST_ID, v);
     }
     Ok(resp)
 }
@@ -559,7 +560,7 @@ impl SseWriter {
     }
 
     async fn finish(&mut self, answer: &GenerateResponse, include_usage: bool) {
-        let finish = answer.finish_reason.as_deref().unwrap_or("stop");
+        let finish = answer.completion.finish_reason.as_deref().unwrap_or("stop");
         // The last chunk also says how OptiRoute served the request (the
         // `x-optiroute-*` headers of a plain answer); OpenAI clients ignore it.
         let mut chunk = self.chunk_value(json!({}), Some(finish));
@@ -569,7 +570,7 @@ impl SseWriter {
             "cached": answer.cached,
             "cost": answer.cost,
             "latency": answer.latency,
-            "model": answer.model,
+            "model": answer.completion.model,
             "route_reason": answer.route_reason,
             "fallback_reason": answer.fallback_reason,
         });

@@ -3,15 +3,15 @@
 //!
 //! `/stats` is built from two sources, never from Prometheus:
 //! - the ingress's own view of the answers it relays ([`UiStats::record`]):
-//!   spend by provider, cache hits and the cost they saved, routes, fallbacks,
-//!   the last cloud-routed outcome (for the breaker state) and a rolling
+//!   spend by provider, cache hits and the cost they saved (each cached
+//!   answer carries its `saved_usd`), routes, fallbacks and a rolling
 //!   60-second window of latencies;
 //! - the NATS service API: `$SRV.STATS` of the routers and of both provider
-//!   pools, whose replies are collected on an inbox for a short while.
+//!   pools, whose replies are collected on an inbox for a short while; the
+//!   cloud workers publish their circuit breaker's state there.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,8 +24,9 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use futures::StreamExt;
 use optiroute_common::nats::is_connected;
+use optiroute_common::protocol::BREAKER_STATS_FIELD;
+use optiroute_common::subjects::Discovery;
 use optiroute_common::wire::{GenerateResponse, Pool};
-use optiroute_common::ErrorKind;
 use serde_json::{json, Value};
 
 use crate::AppState;
@@ -39,9 +40,6 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// Upper bound on the samples kept in the window, so a burst cannot grow it
 /// without limit; the oldest go first.
 const MAX_WINDOW_SAMPLES: usize = 20_000;
-/// Fresh answers remembered (by a fingerprint) so a later cache hit on one of
-/// them can be credited with exactly what it cost.
-const MAX_REMEMBERED_COSTS: usize = 4_096;
 /// How long replies to a `$SRV.STATS` request are collected.
 const DISCOVERY_WINDOW: Duration = Duration::from_millis(150);
 /// `/stats` reuses the NATS part for this long, so many open pages polling
@@ -95,6 +93,9 @@ pub struct UiStats {
     started: Instant,
     inner: Mutex<Totals>,
     nats_part: tokio::sync::Mutex<Option<(Instant, Value)>>,
+    /// Set by an answer that fell back: the breaker may have changed, so
+    /// the next `/stats` asks the services again instead of reusing.
+    nats_part_stale: AtomicBool,
 }
 
 #[derive(Default)]
@@ -109,26 +110,10 @@ struct Totals {
     by_route: [u64; 2],
     cache_hits: u64,
     cache_misses: u64,
+    /// The sum of the cached answers' `saved_usd`.
     cost_saved: f64,
-    /// Part of `cost_saved` estimated from the per-model price per token
-    /// (the hit's original answer went through another ingress, or long ago).
-    cost_saved_estimated: f64,
     fallbacks: BTreeMap<&'static str, u64>,
     tokens: u64,
-    /// Fingerprint of a fresh answer → its cost, for crediting cache hits.
-    costs: HashMap<u64, f64>,
-    costs_order: VecDeque<u64>,
-    /// Per (provider, model): (USD, tokens) of fresh answers, for estimates.
-    rates: HashMap<(Pool, String), (f64, u64)>,
-    last_cloud: Option<CloudOutcome>,
-}
-
-/// What the most recent cloud-routed, uncached answer says about the breaker.
-#[derive(Clone, Copy)]
-struct CloudOutcome {
-    at: Instant,
-    provider: Pool,
-    fallback: Option<ErrorKind>,
 }
 
 fn idx(p: Pool) -> usize {
@@ -136,18 +121,6 @@ fn idx(p: Pool) -> usize {
         Pool::Local => 0,
         Pool::Cloud => 1,
     }
-}
-
-/// Identifies an answer across a cache round trip: a hit carries the text,
-/// model, provider and usage of the answer that was stored.
-fn fingerprint(a: &GenerateResponse) -> u64 {
-    let mut h = DefaultHasher::new();
-    a.text.hash(&mut h);
-    a.model.hash(&mut h);
-    a.provider.hash(&mut h);
-    a.usage.prompt_tokens.hash(&mut h);
-    a.usage.completion_tokens.hash(&mut h);
-    h.finish()
 }
 
 /// The `q` quantile (0..=1) of sorted values, nearest rank.
@@ -171,6 +144,7 @@ impl UiStats {
             started: Instant::now(),
             inner: Mutex::new(Totals::default()),
             nats_part: tokio::sync::Mutex::new(None),
+            nats_part_stale: AtomicBool::new(false),
         }
     }
 
@@ -192,20 +166,17 @@ impl UiStats {
     }
 
     fn record_at(&self, a: &GenerateResponse, now: Instant) {
-        let cost = if a.cost.is_finite() && a.cost > 0.0 {
-            a.cost
-        } else {
-            0.0
-        };
-        let latency = if a.latency.is_finite() && a.latency >= 0.0 {
-            a.latency
-        } else {
-            0.0
-        };
-        let fp = fingerprint(a);
+        let real = |v: f64| if v.is_finite() && v > 0.0 { v } else { 0.0 };
+        let cost = real(a.cost);
+        let latency = real(a.latency);
+        if a.fallback_reason.is_some() {
+            self.nats_part_stale.store(true, Ordering::Relaxed);
+        }
         let mut t = self.lock();
         t.answers += 1;
-        t.tokens = t.tokens.saturating_add(u64::from(a.usage.total_tokens));
+        t.tokens = t
+            .tokens
+            .saturating_add(u64::from(a.completion.usage.total_tokens));
         t.by_route[idx(a.routed_to)] += 1;
         t.served_by_provider[idx(a.provider)] += 1;
         t.spend_by_provider[idx(a.provider)] += cost;
@@ -217,39 +188,11 @@ impl UiStats {
             t.window.pop_front();
         }
         expire(&mut t.window, now);
-
         if a.cached {
             t.cache_hits += 1;
-            if let Some(c) = t.costs.get(&fp).copied() {
-                t.cost_saved += c;
-            } else if let Some(&(usd, tokens)) = t.rates.get(&(a.provider, a.model.clone())) {
-                if tokens > 0 {
-                    let est = usd / tokens as f64 * f64::from(a.usage.total_tokens);
-                    t.cost_saved += est;
-                    t.cost_saved_estimated += est;
-                }
-            }
-            return;
-        }
-        t.cache_misses += 1;
-        if !t.costs.contains_key(&fp) {
-            t.costs_order.push_back(fp);
-            while t.costs_order.len() > MAX_REMEMBERED_COSTS {
-                if let Some(old) = t.costs_order.pop_front() {
-                    t.costs.remove(&old);
-                }
-            }
-        }
-        t.costs.insert(fp, cost);
-        let rate = t.rates.entry((a.provider, a.model.clone())).or_default();
-        rate.0 += cost;
-        rate.1 = rate.1.saturating_add(u64::from(a.usage.total_tokens));
-        if a.routed_to == Pool::Cloud {
-            t.last_cloud = Some(CloudOutcome {
-                at: now,
-                provider: a.provider,
-                fallback: a.fallback_reason,
-            });
+            t.cost_saved += real(a.saved_usd.unwrap_or(0.0));
+        } else {
+            t.cache_misses += 1;
         }
     }
 
@@ -268,35 +211,14 @@ impl UiStats {
                 hits: t.cache_hits,
                 misses: t.cache_misses,
                 saved: t.cost_saved,
-                saved_estimated: t.cost_saved_estimated,
                 fallbacks: t.fallbacks.clone(),
                 tokens: t.tokens,
-                last_cloud: t.last_cloud,
             };
             (t, lat)
         };
         lat.sort_by(f64::total_cmp);
         let lookups = t.hits + t.misses;
         let hit_ratio = (lookups > 0).then(|| t.hits as f64 / lookups as f64);
-        let (breaker, breaker_basis) = match t.last_cloud {
-            Some(o) if o.fallback == Some(ErrorKind::CircuitOpen) => (
-                "open",
-                json!({"fallback_reason": "circuit_open", "seconds_ago": secs_since(o.at, now)}),
-            ),
-            Some(o) if o.provider == Pool::Cloud => (
-                "closed",
-                json!({"provider": "cloud", "seconds_ago": secs_since(o.at, now)}),
-            ),
-            Some(o) => (
-                "unknown",
-                json!({
-                    "provider": o.provider.as_str(),
-                    "fallback_reason": o.fallback.map(ErrorKind::as_str),
-                    "seconds_ago": secs_since(o.at, now),
-                }),
-            ),
-            None => ("unknown", Value::Null),
-        };
         let fallbacks_total: u64 = t.fallbacks.values().sum();
         json!({
             "requests": {
@@ -316,7 +238,6 @@ impl UiStats {
                 "misses": t.misses,
                 "hit_ratio": hit_ratio,
                 "cost_saved_usd": t.saved,
-                "cost_saved_estimated_usd": t.saved_estimated,
             },
             "latency_s": {
                 "window_s": WINDOW.as_secs(),
@@ -324,7 +245,6 @@ impl UiStats {
                 "p50": quantile(&lat, 0.50),
                 "p95": quantile(&lat, 0.95),
             },
-            "breaker": {"state": breaker, "last_cloud_routed": breaker_basis},
         })
     }
 }
@@ -338,10 +258,8 @@ struct Snapshot {
     hits: u64,
     misses: u64,
     saved: f64,
-    saved_estimated: f64,
     fallbacks: BTreeMap<&'static str, u64>,
     tokens: u64,
-    last_cloud: Option<CloudOutcome>,
 }
 
 fn expire(window: &mut VecDeque<(Instant, f64)>, now: Instant) {
@@ -354,10 +272,6 @@ fn expire(window: &mut VecDeque<(Instant, f64)>, now: Instant) {
     }
 }
 
-fn secs_since(at: Instant, now: Instant) -> f64 {
-    (now.saturating_duration_since(at).as_secs_f64() * 10.0).round() / 10.0
-}
-
 /// Sums of the `$SRV.STATS` replies of one service, counting only the
 /// instances that serve `subject` (another deployment with another prefix
 /// may run a service of the same name on the same NATS).
@@ -366,6 +280,8 @@ struct ServiceSums {
     workers: u64,
     requests: u64,
     processing_ns: f64,
+    /// Workers by the breaker state they publish (cloud workers only).
+    breakers: BTreeMap<String, u64>,
 }
 
 impl ServiceSums {
@@ -381,6 +297,19 @@ impl ServiceSums {
             return;
         }
         self.workers += 1;
+        let breaker = ours.iter().find_map(|e| {
+            e.get("data")
+                .and_then(|d| d.get(BREAKER_STATS_FIELD))
+                .and_then(Value::as_str)
+        });
+        if let Some(state) = breaker {
+            // A bounded set from our own workers; anything else is one bucket.
+            let state = match state {
+                "closed" | "open" | "half_open" => state,
+                _ => "other",
+            };
+            *self.breakers.entry(state.to_string()).or_default() += 1;
+        }
         for e in ours {
             let n = e.get("num_requests").and_then(Value::as_u64).unwrap_or(0);
             self.requests += n;
@@ -394,6 +323,17 @@ impl ServiceSums {
 
     fn avg_processing_ms(&self) -> Option<f64> {
         (self.requests > 0).then(|| self.processing_ns / self.requests as f64 / 1e6)
+    }
+
+    /// The pool's breaker state as its workers publish it: theirs when they
+    /// agree, `mixed` when they do not, `unknown` when none says.
+    fn breaker(&self) -> &str {
+        let mut states = self.breakers.keys();
+        match (states.next(), states.next()) {
+            (None, _) => "unknown",
+            (Some(one), None) => one,
+            (Some(_), Some(_)) => "mixed",
+        }
     }
 }
 
@@ -409,7 +349,7 @@ async fn service_stats(client: &async_nats::Client, service: &str, subject: &str
         }
     };
     if let Err(e) = client
-        .publish_with_reply(format!("$SRV.STATS.{service}"), inbox, Bytes::new())
+        .publish_with_reply(Discovery::Stats.subject(service), inbox, Bytes::new())
         .await
     {
         tracing::debug!(error = %e, "stats: cannot publish");
@@ -429,17 +369,26 @@ async fn service_stats(client: &async_nats::Client, service: &str, subject: &str
 async fn nats_part(state: &AppState) -> Value {
     let s = &state.inner;
     let mut cached = s.ui.nats_part.lock().await;
+    let stale = s.ui.nats_part_stale.swap(false, Ordering::Relaxed);
     if let Some((at, v)) = cached.as_ref() {
-        if at.elapsed() < NATS_PART_TTL {
+        if at.elapsed() < NATS_PART_TTL && !stale {
             return v.clone();
         }
     }
     let connected = is_connected(&s.client);
     let (routers, local, cloud) = if connected {
         tokio::join!(
-            service_stats(&s.client, "optiroute-router", &s.subjects.generate),
-            service_stats(&s.client, "optiroute-local", &s.subjects.provider_local),
-            service_stats(&s.client, "optiroute-cloud", &s.subjects.provider_cloud),
+            service_stats(&s.client, &s.subjects.router_service, &s.subjects.generate),
+            service_stats(
+                &s.client,
+                &s.subjects.local_service,
+                &s.subjects.provider_local
+            ),
+            service_stats(
+                &s.client,
+                &s.subjects.cloud_service,
+                &s.subjects.provider_cloud
+            ),
         )
     } else {
         Default::default()
@@ -452,7 +401,12 @@ async fn nats_part(state: &AppState) -> Value {
             "avg_processing_ms": routers.avg_processing_ms(),
         },
         "local_pool": {"workers": local.workers, "requests": local.requests},
-        "cloud_pool": {"workers": cloud.workers, "requests": cloud.requests},
+        "cloud_pool": {
+            "workers": cloud.workers,
+            "requests": cloud.requests,
+            "breaker": cloud.breaker(),
+            "breaker_states": cloud.breakers,
+        },
     });
     *cached = Some((Instant::now(), v.clone()));
     v
@@ -468,13 +422,6 @@ async fn stats(State(state): State<AppState>) -> Response {
             "uptime_s".into(),
             json!(state.inner.ui.started.elapsed().as_secs()),
         );
-        // The breaker state belongs with the cloud pool it describes.
-        if let Some(b) = obj.remove("breaker") {
-            if let Some(cloud) = obj.get_mut("cloud_pool").and_then(Value::as_object_mut) {
-                cloud.insert("breaker".into(), b["state"].clone());
-                cloud.insert("breaker_basis".into(), b["last_cloud_routed"].clone());
-            }
-        }
     }
     let mut resp = Json(v).into_response();
     resp.headers_mut()
@@ -489,7 +436,7 @@ mod tests {
 
     /// Built from JSON so fields added to the wire type later need no change here.
     fn answer(routed: Pool, provider: Pool, cost: f64, cached: bool) -> GenerateResponse {
-        serde_json::from_value(json!({
+        let mut a: GenerateResponse = serde_json::from_value(json!({
             "text": format!("answer from {}", provider.as_str()),
             "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30},
             "cost": cost,
@@ -499,7 +446,13 @@ mod tests {
             "provider": provider,
             "cached": cached,
         }))
-        .unwrap()
+        .unwrap();
+        // What the router says a cached answer saved: its original cost.
+        if cached {
+            a.saved_usd = Some(cost);
+            a.cost = 0.0;
+        }
+        a
     }
 
     #[test]
@@ -508,18 +461,16 @@ mod tests {
         let t0 = Instant::now();
         s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.002, false), t0);
         s.record_at(&answer(Pool::Local, Pool::Local, 0.000001, false), t0);
-        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.0, true), t0);
+        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.002, true), t0);
         let v = s.snapshot(t0);
         assert_eq!(v["requests"]["total"], 3);
         assert_eq!(v["requests"]["by_route"]["cloud"], 2);
         assert_eq!(v["cache"]["hits"], 1);
         assert_eq!(v["cache"]["misses"], 2);
         assert!((v["cache"]["cost_saved_usd"].as_f64().unwrap() - 0.002).abs() < 1e-12);
-        assert_eq!(v["cache"]["cost_saved_estimated_usd"], 0.0);
         assert!((v["spend_usd"]["by_provider"]["cloud"].as_f64().unwrap() - 0.002).abs() < 1e-12);
         assert_eq!(v["latency_s"]["count"], 3);
         assert_eq!(v["latency_s"]["p50"], 0.5);
-        assert_eq!(v["breaker"]["state"], "closed");
         // A minute later the window is empty, the totals stay.
         let v = s.snapshot(t0 + Duration::from_secs(61));
         assert_eq!(v["latency_s"]["count"], 0);
@@ -528,40 +479,37 @@ mod tests {
     }
 
     #[test]
-    fn unknown_hit_is_estimated_from_the_model_rate() {
+    fn hits_count_the_saving_they_carry() {
         let s = UiStats::new();
         let now = Instant::now();
-        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.003, false), now);
-        let mut hit = answer(Pool::Cloud, Pool::Cloud, 0.0, true);
-        hit.text = "something else".into();
-        s.record_at(&hit, now);
+        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.003, true), now);
+        // No saving stated, or one that is not a real amount: nothing counted.
+        let mut bare = answer(Pool::Cloud, Pool::Cloud, 0.0, true);
+        bare.saved_usd = None;
+        s.record_at(&bare, now);
+        let mut bad = answer(Pool::Local, Pool::Local, 0.0, true);
+        bad.saved_usd = Some(f64::NAN);
+        s.record_at(&bad, now);
         let v = s.snapshot(now);
-        assert!((v["cache"]["cost_saved_estimated_usd"].as_f64().unwrap() - 0.003).abs() < 1e-12);
+        assert_eq!(v["cache"]["hits"], 3);
+        assert!((v["cache"]["cost_saved_usd"].as_f64().unwrap() - 0.003).abs() < 1e-12);
+        assert_eq!(v["spend_usd"]["total"], 0.0);
     }
 
     #[test]
-    fn breaker_follows_the_last_cloud_routed_answer() {
+    fn a_fallback_makes_the_nats_part_stale() {
         let s = UiStats::new();
         let now = Instant::now();
-        assert_eq!(s.snapshot(now)["breaker"]["state"], "unknown");
+        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.001, false), now);
+        assert!(!s.nats_part_stale.load(Ordering::Relaxed));
         let mut open = answer(Pool::Cloud, Pool::Local, 0.0, false);
-        open.fallback_reason = Some(ErrorKind::CircuitOpen);
+        open.fallback_reason = Some(optiroute_common::ErrorKind::CircuitOpen);
         s.record_at(&open, now);
-        assert_eq!(s.snapshot(now)["breaker"]["state"], "open");
+        assert!(s.nats_part_stale.load(Ordering::Relaxed));
         assert_eq!(
             s.snapshot(now)["requests"]["fallbacks"]["by_reason"]["circuit_open"],
             1
         );
-        // Local-routed and cached answers say nothing about the breaker.
-        s.record_at(&answer(Pool::Local, Pool::Local, 0.0, false), now);
-        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.0, true), now);
-        assert_eq!(s.snapshot(now)["breaker"]["state"], "open");
-        let mut timeout = answer(Pool::Cloud, Pool::Local, 0.0, false);
-        timeout.fallback_reason = Some(ErrorKind::Timeout);
-        s.record_at(&timeout, now);
-        assert_eq!(s.snapshot(now)["breaker"]["state"], "unknown");
-        s.record_at(&answer(Pool::Cloud, Pool::Cloud, 0.001, false), now);
-        assert_eq!(s.snapshot(now)["breaker"]["state"], "closed");
     }
 
     #[test]
@@ -587,5 +535,28 @@ mod tests {
         assert_eq!(s.workers, 2);
         assert_eq!(s.requests, 4);
         assert_eq!(s.avg_processing_ms(), Some(2.0));
+        assert_eq!(s.breaker(), "unknown");
+    }
+
+    #[test]
+    fn breaker_is_what_the_cloud_workers_publish() {
+        let subject = "optiroute.provider.cloud";
+        let reply = |state: &str| {
+            json!({"endpoints": [{"subject": subject, "num_requests": 1,
+                                  "data": {"breaker": state}}]})
+        };
+        let mut s = ServiceSums::default();
+        s.add(&reply("open"), subject);
+        assert_eq!(s.breaker(), "open");
+        s.add(&reply("open"), subject);
+        assert_eq!(s.breaker(), "open");
+        s.add(&reply("closed"), subject);
+        assert_eq!(s.breaker(), "mixed");
+        assert_eq!(s.breakers["open"], 2);
+        // Another deployment's cloud workers do not count.
+        let mut s = ServiceSums::default();
+        s.add(&reply("half_open"), subject);
+        s.add(&reply("open"), "blue.provider.cloud");
+        assert_eq!(s.breaker(), "half_open");
     }
 }

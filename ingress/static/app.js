@@ -377,8 +377,7 @@
     set("stat-spend-split", "local " + usd(split.local) + "\ncloud " + usd(split.cloud));
 
     const cache = s.cache || {};
-    set("stat-saved", usd(cache.cost_saved_usd), "USD " + cache.cost_saved_usd +
-      (cache.cost_saved_estimated_usd ? " (of which estimated: " + cache.cost_saved_estimated_usd + ")" : ""));
+    set("stat-saved", usd(cache.cost_saved_usd), "USD " + cache.cost_saved_usd);
     set("stat-cache", "hits " + (cache.hits || 0) + " · misses " + (cache.misses || 0));
     set("stat-hit-ratio", cache.hit_ratio === null || cache.hit_ratio === undefined ? "–" : pct(cache.hit_ratio));
     $("hit-meter").style.width = ((cache.hit_ratio || 0) * 100).toFixed(1) + "%";

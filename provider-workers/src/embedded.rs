@@ -25,6 +25,31 @@ use crate::metrics::ProviderMetrics;
 
 pub use optiroute_local_model::MODEL_NAME as EMBEDDED_MODEL;
 
+/// The model crate names its model; the protocol's catalogue (what the
+/// ingress lists) must say the same, checked when this crate compiles.
+const _: () = assert!(
+    same_str(
+        MODEL_NAME,
+        optiroute_common::protocol::models::EMBEDDED_MODEL
+    ),
+    "protocol::models::EMBEDDED_MODEL differs from the local model's MODEL_NAME"
+);
+
+const fn same_str(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 pub struct EmbeddedEngine {
     model: Arc<EmbeddedModel>,
     slots: Arc<Semaphore>,

@@ -1,7 +1,8 @@
 //! Every metric a provider worker exports, registered once at startup.
 
 use optiroute_common::metrics::{
-    counter_vec, float_counter_vec, gauge_vec, histogram_vec, new_registry, ServiceMetrics,
+    counter_vec, float_counter_vec, gauge_vec, histogram_vec, new_registry, panic_metric,
+    ServiceMetrics,
 };
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Registry};
 
@@ -17,8 +18,8 @@ fn speed_histogram(r: &Registry) -> HistogramVec {
         "Embedded-model generation speed per answer (tokens after the first / their time).",
     )
     .buckets(SPEED_BUCKETS.to_vec());
-    let h = HistogramVec::new(opts, &["provider", "model"])
-        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    let h =
+        HistogramVec::new(opts, &["provider", "model"]).unwrap_or_else(|e| panic_metric(name, e));
     if let Err(e) = r.register(Box::new(h.clone())) {
         tracing::error!(error = %e, "metric registration failed");
     }

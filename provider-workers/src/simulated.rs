@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::{ChunkSink, Engine, Generation};
 
-pub const SIMULATED_MODEL: &str = "simulated";
+pub use optiroute_common::protocol::models::SIMULATED_MODEL;
 
 const WORDS: &[&str] = &[
     "answer", "local", "model", "cheap", "fast", "route", "token", "reply", "simple", "short",

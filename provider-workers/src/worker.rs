@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use optiroute_common::admin;
-use optiroute_common::config::{CloudConfig, Config, LocalEngineKind};
+use optiroute_common::config::{CloudConfig, Config, LocalEngineKind, ServiceSettings};
 use optiroute_common::cost::{cloud_cost, local_cost};
 use optiroute_common::nats::RequestMeta;
-use optiroute_common::service::{self, EndpointSpec, Handler};
+use optiroute_common::protocol::BREAKER_STATS_FIELD;
+use optiroute_common::service::{self, EndpointSpec, Handler, StatsData};
 use optiroute_common::subjects::Subjects;
-use optiroute_common::wire::{Pool, ProviderReply, ProviderRequest};
+use optiroute_common::wire::{Completion, Pool, ProviderReply, ProviderRequest};
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +53,8 @@ impl Engine for LocalEngine {
 /// The cloud pool's engine: an OpenAI-compatible client behind a circuit breaker.
 pub struct CloudEngine {
     client: OpenAiClient,
-    breaker: CircuitBreaker,
+    /// Shared with the service's `$SRV.STATS` data, which publishes its state.
+    breaker: Arc<CircuitBreaker>,
     cfg: CloudConfig,
     upstream_errors: prometheus::IntCounterVec,
 }
@@ -67,15 +69,10 @@ impl CloudEngine {
     fn model_for(&self, req: &ProviderRequest) -> Result<String, Error> {
         match &req.model_id {
             None => Ok(self.cfg.upstream.model.clone()),
-            Some(m) if *m == self.cfg.upstream.model || self.cfg.prices.contains_key(m) => {
-                Ok(m.clone())
-            }
+            Some(m) if self.cfg.allows_model(m) => Ok(m.clone()),
             Some(m) => Err(Error::bad_request(format!(
                 "model_id `{m}` is not configured for the cloud pool (configured: {})",
-                std::iter::once(self.cfg.upstream.model.as_str())
-                    .chain(self.cfg.prices.keys().map(String::as_str))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                self.cfg.models().collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -198,12 +195,14 @@ impl<E: Engine> Handler for ProviderHandler<E> {
             .with_label_values(&[pool])
             .observe(seconds);
         Ok(ProviderReply {
-            text: g.text,
-            usage: g.usage,
-            model: g.model,
+            completion: Completion {
+                text: g.text,
+                usage: g.usage,
+                model: g.model,
+                finish_reason: g.finish_reason,
+            },
             cost_usd: cost,
             latency: seconds,
-            finish_reason: g.finish_reason,
         })
     }
 }
@@ -217,7 +216,7 @@ impl<E: Engine> ProviderHandler<E> {
         req: &ProviderRequest,
         inbox: String,
     ) -> Result<Generation, Error> {
-        let cancel_subject = format!("{inbox}.cancel");
+        let cancel_subject = Subjects::cancel(&inbox);
         let mut cancel = self.client.subscribe(cancel_subject).await.map_err(|e| {
             Error::new(
                 ErrorKind::NatsUnavailable,
@@ -262,37 +261,32 @@ impl Running {
 fn spec(
     pool: Pool,
     subjects: &Subjects,
-    max_in_flight: usize,
-    deadline_ms: u64,
-    drain_ms: u64,
+    settings: ServiceSettings,
     reply_prefixes: Vec<String>,
 ) -> EndpointSpec {
     EndpointSpec {
-        service: format!("optiroute-{}", pool.as_str()),
+        service: subjects.provider_service(pool).to_string(),
         description: format!("OptiRoute {} provider pool", pool.as_str()),
         endpoint: "generate".into(),
         subject: subjects.provider(pool).to_string(),
-        queue_group: format!("{}.provider.{}", subjects.prefix, pool.as_str()),
-        max_in_flight,
-        default_deadline: Duration::from_millis(deadline_ms),
-        drain_timeout: Duration::from_millis(drain_ms),
+        queue_group: subjects.provider_queue_group(pool),
+        settings,
         reply_prefixes,
+        stats_data: None,
     }
 }
 
 /// Everything that differs between the two pools.
-struct PoolSetup<'a, E> {
+struct PoolSetup<E> {
     pool: Pool,
     engine: E,
     pricing: Pricing,
     spec: EndpointSpec,
-    admin_listen: &'a str,
-    max_prompt_bytes: usize,
 }
 
 async fn start<E: Engine>(
     client: Client,
-    setup: PoolSetup<'_, E>,
+    setup: PoolSetup<E>,
     metrics: ProviderMetrics,
     shutdown: CancellationToken,
 ) -> Result<Running, Error> {
@@ -300,7 +294,7 @@ async fn start<E: Engine>(
     let ready_engine = engine.clone();
     let ready = admin::nats_ready(client.clone(), move || ready_engine.ready());
     let admin_addr = admin::spawn(
-        setup.admin_listen,
+        &setup.spec.settings.admin_listen,
         metrics.registry.clone(),
         ready,
         shutdown.clone(),
@@ -312,7 +306,7 @@ async fn start<E: Engine>(
         engine,
         pricing: setup.pricing,
         metrics: metrics.clone(),
-        max_prompt_bytes: setup.max_prompt_bytes,
+        max_prompt_bytes: setup.spec.settings.max_prompt_bytes,
     });
     let task = tokio::spawn(service::serve(
         client,
@@ -390,9 +384,7 @@ pub async fn run_local(
     let spec = spec(
         Pool::Local,
         &subjects,
-        c.max_in_flight,
-        c.default_deadline_ms,
-        c.drain_timeout_ms,
+        c.service(),
         cfg.nats.allowed_reply_prefixes(),
     );
     let setup = PoolSetup {
@@ -402,8 +394,6 @@ pub async fn run_local(
             price_per_second: c.price_per_second,
         },
         spec,
-        admin_listen: &c.admin_listen,
-        max_prompt_bytes: c.max_prompt_bytes,
     };
     start(client, setup, metrics, shutdown).await
 }
@@ -440,6 +430,8 @@ pub async fn run_cloud(
         metrics.breaker_state.clone(),
         metrics.breaker_transitions.clone(),
     );
+    let breaker = Arc::new(breaker);
+    let published = breaker.clone();
     let engine = CloudEngine {
         client: http,
         breaker,
@@ -447,21 +439,25 @@ pub async fn run_cloud(
         upstream_errors: metrics.upstream_errors.clone(),
     };
     let subjects = Subjects::new(&cfg.nats.prefix);
-    let spec = spec(
+    let mut spec = spec(
         Pool::Cloud,
         &subjects,
-        c.max_in_flight,
-        c.default_deadline_ms,
-        c.drain_timeout_ms,
+        c.service(),
         cfg.nats.allowed_reply_prefixes(),
     );
+    spec.stats_data = Some(StatsData(Arc::new(move || {
+        let mut data = serde_json::Map::new();
+        data.insert(
+            BREAKER_STATS_FIELD.to_string(),
+            published.state().as_str().into(),
+        );
+        serde_json::Value::Object(data)
+    })));
     let setup = PoolSetup {
         pool: Pool::Cloud,
         engine,
         pricing: Pricing::Cloud(c.clone()),
         spec,
-        admin_listen: &c.admin_listen,
-        max_prompt_bytes: c.max_prompt_bytes,
     };
     start(client, setup, metrics, shutdown).await
 }

@@ -15,7 +15,7 @@ use optiroute_common::nats::epoch_ms;
 
 use async_nats::jetstream::{self, kv};
 use optiroute_common::config::CacheConfig;
-use optiroute_common::wire::{GenerateRequest, Pool, Usage};
+use optiroute_common::wire::{Completion, GenerateRequest, Pool};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -27,17 +27,15 @@ pub mod entry;
 /// What the cache keeps of an answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CachedAnswer {
-    pub text: String,
-    pub usage: Usage,
-    pub model: String,
+    /// The answer as the provider gave it.
+    #[serde(flatten)]
+    pub completion: Completion,
     pub provider: Pool,
     pub routed_to: Pool,
     /// What the answer cost when it was generated (the saving of each hit).
     pub cost: f64,
     #[serde(default)]
     pub route_reason: Option<String>,
-    #[serde(default)]
-    pub finish_reason: Option<String>,
 }
 
 /// Everything that changes the answer, in a fixed order. Version it so a
@@ -69,6 +67,7 @@ struct KeyMaterial<'a> {
 /// pool never gets this one's. Cache mode does not change the answer and is
 /// left out.
 pub fn cache_key(req: &GenerateRequest, pool: Pool) -> String {
+    let req = &req.params;
     let material = KeyMaterial {
         v: 2,
         prompt: req.prompt.trim(),
@@ -480,13 +479,13 @@ mod tests {
         let base = GenerateRequest::new("hello");
         let k = cache_key(&base, Pool::Local);
         let mut r = base.clone();
-        r.max_tokens = 5;
+        r.params.max_tokens = 5;
         assert_ne!(cache_key(&r, Pool::Local), k);
         let mut r = base.clone();
-        r.temperature = Some(0.7);
+        r.params.temperature = Some(0.7);
         assert_ne!(cache_key(&r, Pool::Local), k);
         let mut r = base.clone();
-        r.model_id = Some("m".into());
+        r.params.model_id = Some("m".into());
         assert_ne!(cache_key(&r, Pool::Local), k);
         let r = GenerateRequest::new("hello!");
         assert_ne!(cache_key(&r, Pool::Local), k);
@@ -510,14 +509,16 @@ mod tests {
 
     fn answer(text: &str) -> Arc<CachedAnswer> {
         Arc::new(CachedAnswer {
-            text: text.into(),
-            usage: Usage::default(),
-            model: "m".into(),
+            completion: Completion {
+                text: text.into(),
+                usage: Default::default(),
+                model: "m".into(),
+                finish_reason: None,
+            },
             provider: Pool::Local,
             routed_to: Pool::Local,
             cost: 0.0,
             route_reason: None,
-            finish_reason: None,
         })
     }
 
@@ -530,7 +531,7 @@ mod tests {
         };
         let t0 = Instant::now();
         local.put_at("a", answer("A"), t0);
-        assert_eq!(local.get_at("a", t0).unwrap().text, "A");
+        assert_eq!(local.get_at("a", t0).unwrap().completion.text, "A");
         assert!(local.get_at("b", t0).is_none());
         for k in ["b", "c", "d", "e"] {
             local.put_at(k, answer(k), t0);
@@ -540,6 +541,7 @@ mod tests {
             local
                 .get_at("e", t0 + Duration::from_millis(49))
                 .unwrap()
+                .completion
                 .text,
             "e"
         );

@@ -162,22 +162,25 @@ impl Drop for LeaderGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use optiroute_common::wire::{Pool, Usage};
+    use optiroute_common::wire::{Completion, Pool, Usage};
 
     fn answer() -> GenerateResponse {
         GenerateResponse {
-            text: "a".into(),
-            usage: Usage::default(),
+            completion: Completion {
+                text: "a".into(),
+                usage: Usage::default(),
+                model: "m".into(),
+                finish_reason: None,
+            },
             cost: 0.0,
             latency: 0.0,
-            model: "m".into(),
             routed_to: Pool::Local,
             provider: Pool::Local,
             cached: false,
+            saved_usd: None,
             fallback_reason: None,
             route_reason: None,
             request_id: None,
-            finish_reason: None,
         }
     }
 

@@ -1,12 +1,12 @@
 //! Evaluation of the router on the labelled prompt set
 //! (`router-worker/data/prompts.jsonl`), against the original 60-character rule.
 
-use optiroute_common::config::RoutingConfig;
+use optiroute_common::config::{RoutingConfig, RoutingWeights};
 use optiroute_common::cost::estimate_tokens;
 use optiroute_common::wire::{GenerateRequest, Pool};
 use serde::Deserialize;
 
-use crate::routing::{original_rule, Router};
+use crate::routing::{original_rule, Features, Router};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Labelled {
@@ -131,7 +131,7 @@ pub fn tune(
     start: &RoutingConfig,
 ) -> Result<RoutingConfig, optiroute_common::Error> {
     let router = Router::new(start)?;
-    let feats: Vec<([f32; 10], bool)> = items
+    let feats: Vec<(Features, bool)> = items
         .iter()
         .map(|i| {
             (
@@ -140,13 +140,13 @@ pub fn tune(
             )
         })
         .collect();
-    let objective = |w: &[f32; 10], t: f32| {
+    let objective = |w: &RoutingWeights, t: f32| {
         let (mut correct, mut tp, mut pos) = (0usize, 0usize, 0usize);
         // Credit only decisions made with a margin, so the weights do not
         // hinge on the exact prompts they were tuned on.
         const MARGIN: f32 = 0.25;
         for (f, cloud) in &feats {
-            let s = Router::score_features(w, f);
+            let s = f.score(w);
             let sure = if *cloud {
                 s >= t + MARGIN
             } else {
@@ -158,19 +158,19 @@ pub fn tune(
         }
         correct as f64 / feats.len().max(1) as f64 + 2.0 * tp as f64 / pos.max(1) as f64
     };
-    let mut w = start.weights.as_array();
+    let mut w = start.weights;
     let mut t = start.threshold;
     let mut best = objective(&w, t);
     let steps = [-0.4f32, -0.2, -0.1, -0.05, 0.05, 0.1, 0.2, 0.4];
     for _round in 0..30 {
         let mut improved = false;
-        for i in 0..=w.len() {
+        // Each weight in turn, then the threshold (index 10).
+        for i in 0..=10 {
             for s in steps {
                 let (mut w2, mut t2) = (w, t);
-                if i == w.len() {
-                    t2 = (t + s).max(0.1);
-                } else {
-                    w2[i] = ((w[i] + s) * 100.0).round() / 100.0;
+                match w2.named_mut().into_iter().nth(i) {
+                    Some((_, weight)) => *weight = ((*weight + s) * 100.0).round() / 100.0,
+                    None => t2 = (t + s).max(0.1),
                 }
                 let o = objective(&w2, t2);
                 if o > best + 1e-9 {
@@ -186,7 +186,7 @@ pub fn tune(
         }
     }
     let mut cfg = start.clone();
-    cfg.weights = optiroute_common::config::RoutingWeights::from_array(w);
+    cfg.weights = w;
     cfg.threshold = (t * 100.0).round() / 100.0;
     Ok(cfg)
 }

@@ -12,7 +12,7 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
+    Completion, GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cache::{cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
-use crate::coalesce::{Coalescer, Join, Turn};
+use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
 use crate::metrics::{CacheEvent, RouterMetrics};
 use crate::routing::{Decision, Router};
 
@@ -61,17 +61,10 @@ impl Handler for GenerateHandler {
         meta.deadline = meta.deadline.min(SystemTime::now() + self.max_deadline);
         let started = Instant::now();
         if self.log_payloads {
-            tracing::debug!(prompt = %req.prompt, "prompt");
+            tracing::debug!(prompt = %req.params.prompt, "prompt");
         }
         // Routing comes first: the pool it chooses is part of the cache key.
         let decision = self.router.decide(&req);
-        if !self.cache.enabled() || !(req.cache.reads() || req.cache.writes()) {
-            self.metrics.cache_event(CacheEvent::Bypass);
-            return self
-                .generate(&meta, &req, &decision, started)
-                .await
-                .map(|(r, _)| r);
-        }
         let key = cache_key(&req, decision.target);
         let call = Call {
             meta: &meta,
@@ -80,70 +73,92 @@ impl Handler for GenerateHandler {
             started,
             key: &key,
         };
-        if !req.cache.reads() {
-            self.metrics.cache_event(CacheEvent::Bypass);
-            return self.generate_and_store(&call, None).await;
-        }
-        if let Lookup::Hit(hit) = self.cache.lookup(&key).await {
-            self.count_saved(hit.provider, hit.cost);
-            return Ok(from_cache(&hit, &call));
-        }
-        let guard = match self.coalescer.join(&key) {
-            Join::Leader(guard) => guard,
-            Join::Full => {
-                return Err(Error::new(
-                    ErrorKind::RateLimited,
-                    format!(
-                    "{} identical requests already wait for this prompt's answer; retry shortly",
-                    self.max_waiters
-                ),
-                ))
-            }
-            Join::Follower(rx) => match tokio::time::timeout(meta.remaining(), rx).await {
-                Ok(Ok(Turn::Answer(Ok(mut shared)))) => {
-                    self.metrics.cache_event(CacheEvent::Coalesced);
-                    self.count_saved(shared.provider, shared.cost);
-                    // The leader paid for it; this request cost nothing more.
-                    shared.cost = 0.0;
-                    shared.cached = true;
-                    shared.latency = started.elapsed().as_secs_f64();
-                    shared.request_id = Some(meta.request_id.clone());
-                    shared.routed_to = decision.target;
-                    shared.route_reason = Some(decision.reason.clone());
-                    return Ok(shared);
+        match self.cache_outcome(&call).await {
+            Outcome::Reused {
+                answer,
+                event,
+                leader,
+            } => {
+                if let Some(event) = event {
+                    self.metrics.cache_event(event);
                 }
-                // Only errors about the request itself are shared.
-                Ok(Ok(Turn::Answer(Err(e)))) => return Err(e),
-                // The leader failed for a reason of its own: this request
-                // leads now, while the others keep waiting on it.
-                Ok(Ok(Turn::Lead(guard))) => guard,
-                // Not sent by the coalescer; should it happen, do the work alone.
-                Ok(Err(_)) => return self.generate_and_store(&call, None).await,
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        "deadline passed waiting for an identical request in flight",
-                    ))
+                let result = Ok(self.reply_reused(answer, &call));
+                // Identical requests here wait for this one: they get it too.
+                if let Some(guard) = leader {
+                    guard.finish(&result);
                 }
-            },
-        };
-        // Only a request that will write its answer may hold other replicas waiting.
-        let claim = if req.cache.writes() {
-            self.cache.claim(&key, meta.deadline).await
-        } else {
-            Claim::Proceed
-        };
-        let result = match claim {
-            Claim::Owner(marker) => self.generate_and_store(&call, Some(marker)).await,
-            Claim::Answer(answer) => {
-                self.metrics.cache_event(CacheEvent::Coalesced);
-                self.count_saved(answer.provider, answer.cost);
-                Ok(from_cache(&answer, &call))
+                result
             }
-            Claim::Proceed => self.generate_and_store(&call, None).await,
+            Outcome::Generate {
+                store,
+                marker,
+                leader,
+            } => {
+                let result = self.generate_and_store(&call, store, marker).await;
+                if let Some(guard) = leader {
+                    guard.finish(&result);
+                }
+                result
+            }
+            Outcome::Failed(e) => Err(e),
+        }
+    }
+}
+
+/// What the cache and the requests in flight make of one request.
+enum Outcome {
+    /// An answer this request did not generate: a cache hit, or the answer
+    /// of an identical request (in this router or another replica). `event`
+    /// is the cache event still to count; `leader` the identical requests
+    /// in this router that wait for this one.
+    Reused {
+        answer: Reused,
+        event: Option<CacheEvent>,
+        leader: Option<LeaderGuard>,
+    },
+    /// Generate; write the answer to the cache when `store`. `marker` is
+    /// this router's placeholder in the key; `leader` the identical
+    /// requests in this router that wait for the answer.
+    Generate {
+        store: bool,
+        marker: Option<Box<Marker>>,
+        leader: Option<LeaderGuard>,
+    },
+    /// Waiting for an identical request failed this one.
+    Failed(Error),
+}
+
+/// An answer served again, with what it cost when it was generated.
+struct Reused {
+    completion: Completion,
+    provider: Pool,
+    cost: f64,
+    fallback_reason: Option<ErrorKind>,
+}
+
+impl Reused {
+    fn from_cache(hit: &CachedAnswer) -> Self {
+        Reused {
+            completion: hit.completion.clone(),
+            provider: hit.provider,
+            cost: hit.cost,
+            fallback_reason: None,
+        }
+    }
+
+    fn from_twin(shared: GenerateResponse) -> Self {
+        // A twin that was itself served from the cache paid nothing; what
+        // it saved, this request saved too.
+        let cost = match (shared.cached, shared.saved_usd) {
+            (true, Some(saved)) => saved,
+            _ => shared.cost,
         };
-        guard.finish(&result);
-        result
+        Reused {
+            completion: shared.completion,
+            provider: shared.provider,
+            cost,
+            fallback_reason: shared.fallback_reason,
+        }
     }
 }
 
@@ -157,34 +172,108 @@ struct Call<'a> {
     key: &'a str,
 }
 
-/// A cached answer as this request's reply. The routing fields are this
-/// request's own: the entry may have been made by a request that reached
-/// the same pool another way (an explicit provider, another bias).
-fn from_cache(hit: &CachedAnswer, call: &Call<'_>) -> GenerateResponse {
-    GenerateResponse {
-        text: hit.text.clone(),
-        usage: hit.usage,
-        cost: 0.0,
-        latency: call.started.elapsed().as_secs_f64(),
-        model: hit.model.clone(),
-        routed_to: call.decision.target,
-        provider: hit.provider,
-        cached: true,
-        fallback_reason: None,
-        route_reason: Some(call.decision.reason.clone()),
-        request_id: Some(call.meta.request_id.clone()),
-        finish_reason: hit.finish_reason.clone(),
-    }
-}
-
 impl GenerateHandler {
-    /// What a cache hit or a shared answer saved, counted when it is a real amount.
-    fn count_saved(&self, provider: Pool, cost: f64) {
-        if cost.is_finite() && cost > 0.0 {
+    /// Looks the request up in the cache and among the identical requests
+    /// in flight, here and in other replicas.
+    async fn cache_outcome(&self, call: &Call<'_>) -> Outcome {
+        let mode = call.req.cache;
+        let generate = |store, marker, leader| Outcome::Generate {
+            store,
+            marker,
+            leader,
+        };
+        if !self.cache.enabled() || !(mode.reads() || mode.writes()) {
+            self.metrics.cache_event(CacheEvent::Bypass);
+            return generate(false, None, None);
+        }
+        if !mode.reads() {
+            self.metrics.cache_event(CacheEvent::Bypass);
+            return generate(true, None, None);
+        }
+        if let Lookup::Hit(hit) = self.cache.lookup(call.key).await {
+            // The lookup counted the hit itself.
+            return Outcome::Reused {
+                answer: Reused::from_cache(&hit),
+                event: None,
+                leader: None,
+            };
+        }
+        let leader = match self.coalescer.join(call.key) {
+            Join::Leader(guard) => guard,
+            Join::Full => {
+                return Outcome::Failed(Error::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                    "{} identical requests already wait for this prompt's answer; retry shortly",
+                    self.max_waiters
+                ),
+                ))
+            }
+            Join::Follower(rx) => match tokio::time::timeout(call.meta.remaining(), rx).await {
+                Ok(Ok(Turn::Answer(Ok(shared)))) => {
+                    return Outcome::Reused {
+                        answer: Reused::from_twin(shared),
+                        event: Some(CacheEvent::Coalesced),
+                        leader: None,
+                    }
+                }
+                // Only errors about the request itself are shared.
+                Ok(Ok(Turn::Answer(Err(e)))) => return Outcome::Failed(e),
+                // The leader failed for a reason of its own: this request
+                // leads now, while the others keep waiting on it.
+                Ok(Ok(Turn::Lead(guard))) => guard,
+                // Not sent by the coalescer; should it happen, do the work alone.
+                Ok(Err(_)) => return generate(mode.writes(), None, None),
+                Err(_) => {
+                    return Outcome::Failed(Error::new(
+                        ErrorKind::Timeout,
+                        "deadline passed waiting for an identical request in flight",
+                    ))
+                }
+            },
+        };
+        // Only a request that will write its answer may hold other replicas waiting.
+        let claim = if mode.writes() {
+            self.cache.claim(call.key, call.meta.deadline).await
+        } else {
+            Claim::Proceed
+        };
+        match claim {
+            Claim::Owner(marker) => generate(mode.writes(), Some(marker), Some(leader)),
+            Claim::Answer(answer) => Outcome::Reused {
+                answer: Reused::from_cache(&answer),
+                event: Some(CacheEvent::Coalesced),
+                leader: Some(leader),
+            },
+            Claim::Proceed => generate(mode.writes(), None, Some(leader)),
+        }
+    }
+
+    /// The reply for an answer this request did not generate: it costs
+    /// nothing and saved what the answer cost; the routing fields are this
+    /// request's own (the answer may come from a request that reached the
+    /// same pool another way: an explicit provider, another bias).
+    fn reply_reused(&self, reused: Reused, call: &Call<'_>) -> GenerateResponse {
+        let saved = if reused.cost.is_finite() && reused.cost > 0.0 {
             self.metrics
                 .cost_saved
-                .with_label_values(&[provider.as_str()])
-                .inc_by(cost);
+                .with_label_values(&[reused.provider.as_str()])
+                .inc_by(reused.cost);
+            reused.cost
+        } else {
+            0.0
+        };
+        GenerateResponse {
+            completion: reused.completion,
+            cost: 0.0,
+            latency: call.started.elapsed().as_secs_f64(),
+            routed_to: call.decision.target,
+            provider: reused.provider,
+            cached: true,
+            saved_usd: Some(saved),
+            fallback_reason: reused.fallback_reason,
+            route_reason: Some(call.decision.reason.clone()),
+            request_id: Some(call.meta.request_id.clone()),
         }
     }
 
@@ -194,13 +283,14 @@ impl GenerateHandler {
     async fn generate_and_store(
         &self,
         call: &Call<'_>,
+        store: bool,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
         let (result, answer) = match self
             .generate(call.meta, call.req, call.decision, call.started)
             .await
         {
-            Ok((response, answer)) => (Ok(response), answer.filter(|_| call.req.cache.writes())),
+            Ok((response, answer)) => (Ok(response), answer.filter(|_| store)),
             Err(e) => (Err(e), None),
         };
         if answer.is_some() || marker.is_some() {
@@ -241,8 +331,8 @@ impl GenerateHandler {
             .with_label_values(&[decision.target.as_str(), decision.reason_label])
             .inc();
         tracing::debug!(target_pool = decision.target.as_str(), reason = %decision.reason, "routed");
-        let preq = ProviderRequest::from(req);
-        let first = self.call(meta, decision.target, &preq).await;
+        let preq = &req.params;
+        let first = self.call(meta, decision.target, preq).await;
         let (reply, provider, fallback_reason) = match first {
             Ok(reply) => (reply, decision.target, None),
             Err(e) if !e.kind.allows_fallback() => return Err(e),
@@ -257,7 +347,7 @@ impl GenerateHandler {
                     ])
                     .inc();
                 tracing::info!(from = decision.target.as_str(), reason = %first_err.kind, detail = %first_err.message, "falling back");
-                match self.call(meta, other, &preq).await {
+                match self.call(meta, other, preq).await {
                     Ok(reply) => (reply, other, Some(first_err.kind)),
                     Err(e) if !e.kind.allows_fallback() => return Err(e),
                     Err(second_err) => {
@@ -287,30 +377,25 @@ impl GenerateHandler {
                 }
             }
         };
+        let answer = fallback_reason.is_none().then(|| CachedAnswer {
+            completion: reply.completion.clone(),
+            provider,
+            routed_to: decision.target,
+            cost: reply.cost_usd,
+            route_reason: Some(decision.reason.clone()),
+        });
         let response = GenerateResponse {
-            text: reply.text,
-            usage: reply.usage,
+            completion: reply.completion,
             cost: reply.cost_usd,
             latency: started.elapsed().as_secs_f64(),
-            model: reply.model,
             routed_to: decision.target,
             provider,
             cached: false,
+            saved_usd: None,
             fallback_reason,
             route_reason: Some(decision.reason.clone()),
             request_id: Some(meta.request_id.clone()),
-            finish_reason: reply.finish_reason,
         };
-        let answer = fallback_reason.is_none().then(|| CachedAnswer {
-            text: response.text.clone(),
-            usage: response.usage,
-            model: response.model.clone(),
-            provider,
-            routed_to: decision.target,
-            cost: response.cost,
-            route_reason: response.route_reason.clone(),
-            finish_reason: response.finish_reason.clone(),
-        });
         Ok((response, answer))
     }
 
@@ -407,9 +492,10 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.nats.prefix);
     let cache = Cache::new(cfg.cache.clone(), cfg.nats.replicas, metrics.clone());
     cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
+    let settings = cfg.router.service();
     let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(
-        &cfg.router.admin_listen,
+        &settings.admin_listen,
         metrics.registry.clone(),
         ready,
         shutdown.clone(),
@@ -424,21 +510,20 @@ pub async fn run(
         coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
         max_waiters: cfg.cache.max_waiters_per_key,
         metrics: metrics.clone(),
-        max_prompt_bytes: r.max_prompt_bytes,
+        max_prompt_bytes: settings.max_prompt_bytes,
         provider_timeout: Duration::from_millis(r.provider_timeout_ms),
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
     });
     let spec = EndpointSpec {
-        service: "optiroute-router".into(),
+        service: subjects.router_service.clone(),
         description: "OptiRoute router: cache, routing, fallback".into(),
         endpoint: "generate".into(),
         subject: subjects.generate.clone(),
-        queue_group: format!("{}.router", subjects.prefix),
-        max_in_flight: r.max_in_flight,
-        default_deadline: Duration::from_millis(r.default_deadline_ms),
-        drain_timeout: Duration::from_millis(r.drain_timeout_ms),
+        queue_group: subjects.router_queue_group(),
+        settings,
         reply_prefixes: cfg.nats.allowed_reply_prefixes(),
+        stats_data: None,
     };
     let task = tokio::spawn(service::serve(
         client,

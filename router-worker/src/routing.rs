@@ -7,22 +7,53 @@
 //! features that contributed most. Scoring allocates only for the reason
 //! string and costs a few microseconds (see `benches`/`route-eval --bench`).
 
-use optiroute_common::config::RoutingConfig;
+use optiroute_common::config::{RoutingConfig, RoutingWeights};
 use optiroute_common::wire::{GenerateRequest, Pool, ProviderChoice};
 
-/// Names of the features, also the bounded `reason` label of `llm_route_decisions_total`.
-pub const FEATURES: [&str; 10] = [
-    "length",
-    "max_tokens",
-    "code",
-    "math",
-    "reasoning",
-    "longform",
-    "questions",
-    "non_english",
-    "constraints",
-    "simple",
-];
+/// The features of a prompt that routing scores, each mostly in [0, 1]
+/// (a few may reach 2). A feature's name is also the bounded `reason`
+/// label of `llm_route_decisions_total`; its weight is the field of the
+/// same name in [`RoutingWeights`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Features {
+    /// A ramp around the original 60-character rule, then a slow rise.
+    pub length: f32,
+    /// How many tokens the answer may take.
+    pub max_tokens: f32,
+    pub code: f32,
+    pub math: f32,
+    pub reasoning: f32,
+    pub longform: f32,
+    /// Questions beyond the first.
+    pub questions: f32,
+    pub non_english: f32,
+    pub constraints: f32,
+    /// Small talk and short factual questions (weighted negatively).
+    pub simple: f32,
+}
+
+impl Features {
+    /// Each feature's contribution to the score under `w`, with its name.
+    pub fn contributions(&self, w: &RoutingWeights) -> [(&'static str, f32); 10] {
+        [
+            ("length", self.length * w.length),
+            ("max_tokens", self.max_tokens * w.max_tokens),
+            ("code", self.code * w.code),
+            ("math", self.math * w.math),
+            ("reasoning", self.reasoning * w.reasoning),
+            ("longform", self.longform * w.longform),
+            ("questions", self.questions * w.questions),
+            ("non_english", self.non_english * w.non_english),
+            ("constraints", self.constraints * w.constraints),
+            ("simple", self.simple * w.simple),
+        ]
+    }
+
+    /// The score under `w`: the sum of the contributions.
+    pub fn score(&self, w: &RoutingWeights) -> f32 {
+        self.contributions(w).iter().map(|(_, c)| c).sum()
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -145,7 +176,7 @@ const FOREIGN_WORDS: &[&str] = &[
 pub struct Router {
     threshold: f32,
     bias_span: f32,
-    weights: [f32; 10],
+    weights: RoutingWeights,
     matcher: Matcher,
 }
 
@@ -155,7 +186,7 @@ impl Router {
         Ok(Router {
             threshold: cfg.threshold,
             bias_span: cfg.bias_span,
-            weights: cfg.weights.as_array(),
+            weights: cfg.weights,
             matcher: Matcher::new([
                 &cfg.code_keywords,
                 &cfg.math_keywords,
@@ -174,8 +205,8 @@ impl Router {
         })
     }
 
-    /// The feature values of a prompt, in the order of [`FEATURES`].
-    pub fn features(&self, prompt: &str, max_tokens: u32) -> [f32; 10] {
+    /// The feature values of a prompt.
+    pub fn features(&self, prompt: &str, max_tokens: u32) -> Features {
         let lower = prompt.to_lowercase();
         let chars = prompt.chars().count() as f32;
         // A ramp around the original 60-character rule, then a slow rise for long prompts.
@@ -200,9 +231,9 @@ impl Router {
         } else {
             0.0
         };
-        [
+        Features {
             length,
-            max_tok,
+            max_tokens: max_tok,
             code,
             math,
             reasoning,
@@ -211,12 +242,7 @@ impl Router {
             non_english,
             constraints,
             simple,
-        ]
-    }
-
-    /// The score of features under these weights.
-    pub fn score_features(weights: &[f32; 10], f: &[f32; 10]) -> f32 {
-        weights.iter().zip(f).map(|(w, x)| w * x).sum()
+        }
     }
 
     /// The pool for a request, and why.
@@ -226,28 +252,29 @@ impl Router {
             ProviderChoice::Cloud => return explicit(Pool::Cloud),
             ProviderChoice::Auto => {}
         }
-        let f = self.features(&req.text(), req.max_tokens);
-        let contrib: [f32; 10] = std::array::from_fn(|i| f[i] * self.weights[i]);
-        let score: f32 = contrib.iter().sum();
+        let f = self.features(&req.text(), req.params.max_tokens);
+        let contrib = f.contributions(&self.weights);
+        let score: f32 = contrib.iter().map(|(_, c)| c).sum();
         let threshold = self.threshold - req.route_bias.unwrap_or(0.0) * self.bias_span;
         let target = if score >= threshold {
             Pool::Cloud
         } else {
             Pool::Local
         };
-        let mut order: Vec<usize> = (0..contrib.len())
-            .filter(|&i| contrib[i].abs() > 0.01)
+        let mut order: Vec<(&'static str, f32)> = contrib
+            .into_iter()
+            .filter(|(_, c)| c.abs() > 0.01)
             .collect();
-        order.sort_by(|&a, &b| contrib[b].abs().total_cmp(&contrib[a].abs()));
-        let reason_label = match (target, order.iter().find(|&&i| contrib[i] > 0.0)) {
-            (Pool::Cloud, Some(&i)) => FEATURES[i],
+        order.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        let reason_label = match (target, order.iter().find(|(_, c)| *c > 0.0)) {
+            (Pool::Cloud, Some(&(name, _))) => name,
             _ => "below_threshold",
         };
         let cmp = if target == Pool::Cloud { ">=" } else { "<" };
         let mut reason = format!("score {score:.2} {cmp} {threshold:.2}");
-        for (n, &i) in order.iter().take(3).enumerate() {
+        for (n, (name, c)) in order.iter().take(3).enumerate() {
             reason.push_str(if n == 0 { ": " } else { ", " });
-            reason.push_str(&format!("{}{:+.2}", FEATURES[i], contrib[i]));
+            reason.push_str(&format!("{name}{c:+.2}"));
         }
         Decision {
             target,

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use optiroute_common::config::Config;
+use optiroute_common::subjects::{Discovery, Subjects};
 use tokio_util::sync::CancellationToken;
 
 /// A config for tests: free ports, a fast simulated local engine, short timeouts.
@@ -152,25 +153,24 @@ impl Stack {
     /// race the subscriptions.
     pub async fn wait_serving(&self) {
         let c = client(&self.cfg, "probe").await;
+        let subjects = Subjects::new(&self.cfg.nats.prefix);
         let mut names = Vec::new();
         if self.router.is_some() {
-            names.push("optiroute-router");
+            names.push(subjects.router_service.clone());
         }
         if self.local.is_some() {
-            names.push("optiroute-local");
+            names.push(subjects.local_service.clone());
         }
         if self.cloud.is_some() {
-            names.push("optiroute-cloud");
+            names.push(subjects.cloud_service.clone());
         }
         for name in names {
             let c = c.clone();
-            crate::wait_until(name, std::time::Duration::from_secs(10), move || {
+            let ping = Discovery::Ping.subject(&name);
+            crate::wait_until(&name, std::time::Duration::from_secs(10), move || {
                 let c = c.clone();
-                async move {
-                    c.request(format!("$SRV.PING.{name}"), "".into())
-                        .await
-                        .is_ok()
-                }
+                let ping = ping.clone();
+                async move { c.request(ping, "".into()).await.is_ok() }
             })
             .await;
         }

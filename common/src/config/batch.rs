@@ -2,6 +2,8 @@
 
 use serde::Deserialize;
 
+use crate::protocol::JetStreamNames;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
@@ -57,17 +59,18 @@ pub struct BatchConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
+        let names = JetStreamNames::default();
         BatchConfig {
             admin_listen: "127.0.0.1:9104".into(),
-            stream: "OPTIROUTE_BATCH".into(),
-            meta_bucket: "optiroute-batches".into(),
-            results_bucket: "optiroute-batch-results".into(),
+            stream: names.batch_stream,
+            meta_bucket: names.batch_meta_bucket,
+            results_bucket: names.batch_results_bucket,
             retention_hours: 168,
             max_queued_jobs: 1_000_000,
             max_queue_bytes: 1 << 30,
             max_results_bytes: 1 << 30,
             max_meta_bytes: 64 << 20,
-            consumer: "optiroute-batch-workers".into(),
+            consumer: names.batch_consumer,
             max_in_flight: 8,
             route_bias: 0.0,
             max_deliver: 5,

@@ -57,34 +57,21 @@ impl Default for RoutingWeights {
 }
 
 impl RoutingWeights {
-    pub fn as_array(&self) -> [f32; 10] {
+    /// Each weight with its feature's name, for a search over the weights
+    /// (`optiroute-route-eval --tune`).
+    pub fn named_mut(&mut self) -> [(&'static str, &mut f32); 10] {
         [
-            self.length,
-            self.max_tokens,
-            self.code,
-            self.math,
-            self.reasoning,
-            self.longform,
-            self.questions,
-            self.non_english,
-            self.constraints,
-            self.simple,
+            ("length", &mut self.length),
+            ("max_tokens", &mut self.max_tokens),
+            ("code", &mut self.code),
+            ("math", &mut self.math),
+            ("reasoning", &mut self.reasoning),
+            ("longform", &mut self.longform),
+            ("questions", &mut self.questions),
+            ("non_english", &mut self.non_english),
+            ("constraints", &mut self.constraints),
+            ("simple", &mut self.simple),
         ]
-    }
-
-    pub fn from_array(a: [f32; 10]) -> Self {
-        RoutingWeights {
-            length: a[0],
-            max_tokens: a[1],
-            code: a[2],
-            math: a[3],
-            reasoning: a[4],
-            longform: a[5],
-            questions: a[6],
-            non_english: a[7],
-            constraints: a[8],
-            simple: a[9],
-        }
     }
 }
 

@@ -79,18 +79,20 @@ pub fn decode(key: &str, value: &[u8]) -> Result<CachedAnswer, Rejected> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use optiroute_common::wire::{GenerateResponse, Pool, Usage};
+    use optiroute_common::wire::{Completion, GenerateResponse, Pool, Usage};
 
     fn answer() -> CachedAnswer {
         CachedAnswer {
-            text: "4".into(),
-            usage: Usage::default(),
-            model: "m".into(),
+            completion: Completion {
+                text: "4".into(),
+                usage: Usage::default(),
+                model: "m".into(),
+                finish_reason: None,
+            },
             provider: Pool::Local,
             routed_to: Pool::Local,
             cost: 0.001,
             route_reason: None,
-            finish_reason: None,
         }
     }
 
@@ -106,18 +108,21 @@ mod tests {
         // What a router's reply looks like when a requester sends it into
         // the bucket: it has every field of an answer, but no tag.
         let reply = GenerateResponse {
-            text: "forged".into(),
-            usage: Usage::default(),
+            completion: Completion {
+                text: "forged".into(),
+                usage: Usage::default(),
+                model: "m".into(),
+                finish_reason: None,
+            },
             cost: 0.0,
             latency: 0.1,
-            model: "m".into(),
             routed_to: Pool::Local,
             provider: Pool::Local,
             cached: false,
+            saved_usd: None,
             fallback_reason: None,
             route_reason: None,
             request_id: Some("r".into()),
-            finish_reason: None,
         };
         let forged = wire::encode(Format::MsgPack, &reply).unwrap();
         assert_eq!(decode("k", &forged), Err(Rejected::Undecodable));

@@ -1,0 +1,30 @@
+//! Header names: on NATS messages between processes, and on HTTP answers.
+
+/// The request id made at the ingress (`x-request-id` on HTTP).
+pub const REQUEST_ID: &str = "Optiroute-Request-Id";
+/// The request's absolute deadline, in Unix epoch milliseconds.
+pub const DEADLINE: &str = "Optiroute-Deadline";
+/// The subject where the provider publishes stream chunks as tokens are
+/// generated; the final reply still carries the whole answer. The
+/// requester publishes anything on [`super::Subjects::cancel`]`(inbox)` to
+/// stop generation.
+pub const STREAM_INBOX: &str = "Optiroute-Stream-Inbox";
+/// `application/json` selects JSON bodies; anything else is MessagePack.
+pub const CONTENT_TYPE: &str = "Content-Type";
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+pub const MSGPACK_CONTENT_TYPE: &str = "application/msgpack";
+/// The service API's error headers: a description and an HTTP-like status.
+pub use async_nats::service::{NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
+/// JetStream's deduplication id on a published batch job.
+pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+
+/// HTTP: the request id, taken from the caller when usable and always returned.
+pub const HTTP_REQUEST_ID: &str = "x-request-id";
+/// HTTP: the pool that answered.
+pub const HTTP_PROVIDER: &str = "x-optiroute-provider";
+/// HTTP: the pool routing chose.
+pub const HTTP_ROUTED_TO: &str = "x-optiroute-routed-to";
+/// HTTP: `hit` or `miss`.
+pub const HTTP_CACHE: &str = "x-optiroute-cache";
+/// HTTP: what the request cost, in USD.
+pub const HTTP_COST_USD: &str = "x-optiroute-cost-usd";
