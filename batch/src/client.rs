@@ -373,8 +373,14 @@ impl BatchClient {
 
     /// Stores a result if the line has none yet: `Ok(true)` when this call
     /// stored it, `Ok(false)` when one was already there (kept as it is).
+    /// An error message over [`crate::model::MAX_ERROR_MESSAGE_BYTES`] is
+    /// stored capped, so no message makes a result too big to store.
     pub async fn create_result(&self, id: &str, r: &BatchResult) -> Result<bool, Error> {
-        let body = wire::encode(Format::MsgPack, r)?;
+        let body = if r.error_too_long() {
+            wire::encode(Format::MsgPack, &r.clone().with_capped_error())?
+        } else {
+            wire::encode(Format::MsgPack, r)?
+        };
         match self.results.create(Self::result_key(id, r), body).await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),

@@ -471,6 +471,8 @@ async fn terminate(ctx: &Ctx, msg: &Message, outcome: &str) {
 /// job is not run again); then the job ends with a short failed result if
 /// that can be stored, else a log, and `store_failed` is counted.
 async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
+    // Capped once here (create_result would on each try).
+    let result = result.with_capped_error();
     let outcome = match result.status {
         ResultStatus::Ok => "ok",
         ResultStatus::Cancelled => "cancelled",

@@ -252,3 +252,98 @@ async fn a_submission_cut_off_midway_is_incomplete_and_completed_by_resubmitting
     assert_eq!(generated, 120);
     assert_eq!(w.metrics.jobs.with_label_values(&["ok"]).get(), 120);
 }
+
+/// Stored error messages are capped (`optiroute_batch::model::MAX_ERROR_MESSAGE_BYTES`,
+/// 1 KiB): serde's "invalid type" message repeats the offending string,
+/// so an invalid line near the line limit made an error result over
+/// NATS's max_payload (1 MiB). Its store failed, the submission answered
+/// 503, and resubmitting failed the same way forever.
+#[tokio::test]
+async fn an_invalid_line_with_a_huge_error_message_is_stored_with_the_message_capped() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let stack = Stack::start(cfg.clone()).await;
+    let head = r#"{"prompt":"hi","max_tokens":""#;
+    let x = "x".repeat(cfg.batch.max_line_bytes - head.len() - 2 - 8);
+    let line = format!("{head}{x}\"}}");
+    assert!(line.len() <= cfg.batch.max_line_bytes);
+    let (status, body) = post(&stack, "/v1/batches?id=huge-error", format!("{line}\n")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["status"].as_str(), body["failed"].as_u64()),
+        (Some("completed"), Some(1)),
+        "{body}"
+    );
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    let r = b
+        .result("huge-error", 1)
+        .await
+        .unwrap()
+        .expect("an error result");
+    assert_eq!(r.status, ResultStatus::Error);
+    let message = r.error.unwrap().message;
+    assert!(message.len() <= 1024, "{} bytes", message.len());
+    assert!(
+        message.contains("max_tokens") && message.contains("invalid type"),
+        "{message}"
+    );
+}
+
+/// The same through a worker: a job published directly whose decode error
+/// is bigger than max_payload (each combining accent, 2 bytes in the job,
+/// is 7 in serde's message) ends with its real, capped, error.
+#[tokio::test]
+async fn a_direct_job_with_a_huge_error_message_gets_its_capped_error_stored() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let stack = Stack::start_parts(
+        cfg.clone(),
+        optiroute_testkit::stack::Parts {
+            ingress: false,
+            ..optiroute_testkit::stack::Parts::ALL
+        },
+    )
+    .await;
+    let w = worker(&cfg, &stack).await;
+    // Creates the stream and buckets (the worker does too, in the background).
+    BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    let accents = "\u{301}".repeat(200_000);
+    let job = json!({"line": 1, "prompt": "hi", "max_tokens": accents}).to_string();
+    let js = jetstream::new(client(&cfg, "producer").await);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Content-Type", "application/json");
+    js.publish_with_headers("optiroute.batch.huge-direct", h, job.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // The line is not usable (the job does not decode): the result is
+    // kept under `<id>.invalid-<stream sequence>`.
+    let results = jetstream::new(client(&cfg, "kv").await)
+        .get_key_value(&cfg.batch.results_bucket)
+        .await
+        .unwrap();
+    let key = "huge-direct.invalid-1";
+    wait_until("the job's result", Duration::from_secs(30), || async {
+        results.get(key).await.unwrap().is_some()
+    })
+    .await;
+    let stored = results.get(key).await.unwrap().unwrap();
+    let r: optiroute_batch::BatchResult =
+        optiroute_common::wire::decode(optiroute_common::wire::Format::MsgPack, &stored).unwrap();
+    assert_eq!(r.status, ResultStatus::Error);
+    let e = r.error.unwrap();
+    assert_eq!(
+        e.code,
+        optiroute_common::ErrorKind::BadRequest,
+        "{}",
+        e.message
+    );
+    assert!(e.message.len() <= 1024, "{} bytes", e.message.len());
+    assert!(e.message.contains("max_tokens"), "{}", e.message);
+    assert_eq!(w.metrics.jobs.with_label_values(&["store_failed"]).get(), 0);
+}
