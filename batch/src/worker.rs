@@ -483,10 +483,14 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
     for attempt in 1..=ctx.store_attempts {
         match ctx.batches.create_result(batch_id, &result).await {
             Ok(created) => {
-                if created {
-                    ctx.tally.record(batch_id, Counts::of(&result));
+                if let Some(revision) = created {
+                    ctx.tally.record(batch_id, revision, Counts::of(&result));
                 }
-                let outcome = if created { outcome } else { "duplicate" };
+                let outcome = if created.is_some() {
+                    outcome
+                } else {
+                    "duplicate"
+                };
                 ctx.metrics.jobs.with_label_values(&[outcome]).inc();
                 if let Err(e) = msg.double_ack().await {
                     tracing::warn!(error = %e, "batch ack failed; a redelivery finds the result and is not run again");
@@ -518,8 +522,8 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
         ..result
     };
     match ctx.batches.create_result(batch_id, &failed).await {
-        Ok(true) => ctx.tally.record(batch_id, Counts::of(&failed)),
-        Ok(false) => {}
+        Ok(Some(revision)) => ctx.tally.record(batch_id, revision, Counts::of(&failed)),
+        Ok(None) => {}
         Err(e) => {
             tracing::error!(batch = %batch_id, line = failed.line, error = %e, %reason, "batch job ended without a stored result")
         }

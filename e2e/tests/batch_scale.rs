@@ -347,3 +347,138 @@ async fn a_direct_job_with_a_huge_error_message_gets_its_capped_error_stored() {
     assert!(e.message.contains("max_tokens"), "{}", e.message);
     assert_eq!(w.metrics.jobs.with_label_values(&["store_failed"]).get(), 0);
 }
+
+/// A failed result of `line`, as a worker stores it.
+fn failed_result(line: u64) -> optiroute_batch::BatchResult {
+    optiroute_batch::BatchResult {
+        line,
+        custom_id: None,
+        status: ResultStatus::Error,
+        response: None,
+        error: Some(optiroute_common::error::ErrorBody {
+            code: optiroute_common::ErrorKind::Internal,
+            message: "failed".into(),
+        }),
+        attempts: 1,
+    }
+}
+
+/// The races between a worker's count and a status's recount, driven step
+/// by step against a real nats-server: a count written late (its write
+/// failed, or the status recounted between the worker's result and its
+/// count) after a recount already counted that result is not counted again,
+/// and a recount never overwrites a count written while it scanned.
+#[tokio::test]
+async fn a_count_written_after_a_recount_does_not_count_twice() {
+    use optiroute_batch::counters::{self, Counts, Tally};
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    b.submit(lines(3, "race").as_bytes(), Some("race"))
+        .await
+        .unwrap();
+    let meta = b.meta("race").await.unwrap();
+    let store = b.meta_store();
+
+    // A worker stores line 1's result; its count is not written yet.
+    let tally = Tally::new();
+    let r1 = failed_result(1);
+    let rev1 = b.create_result("race", &r1).await.unwrap().unwrap();
+    tally.record("race", rev1, Counts::of(&r1));
+    // Its first write fails (here: to a bucket that is gone).
+    let js = jetstream::new(client(&cfg, "admin").await);
+    let gone = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: "gone".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    js.delete_key_value("gone").await.unwrap();
+    assert!(!tally.flush(&gone).await, "the write failed");
+    // A status recounts in that window, then the count lands.
+    assert_eq!(b.recount("race", &meta).await.unwrap().failed, 1);
+    assert!(tally.flush(store).await);
+    let (c, _) = counters::read(store, "race").await.unwrap();
+    assert_eq!(c.failed, 1, "line 1 counted twice: {c:?}");
+
+    // A result stored after the recount still counts, once.
+    let r2 = failed_result(2);
+    let rev2 = b.create_result("race", &r2).await.unwrap().unwrap();
+    tally.record("race", rev2, Counts::of(&r2));
+    assert!(tally.flush(store).await);
+    assert_eq!(counters::read(store, "race").await.unwrap().0.failed, 2);
+
+    // A recount that scanned while a count landed is dropped, not written
+    // over that count: here the count of line 3 lands between the recount's
+    // reads (simulated by writing it before, with the recount starting from
+    // the counters' previous revision).
+    let r3 = failed_result(3);
+    let rev3 = b.create_result("race", &r3).await.unwrap().unwrap();
+    let (_, before) = counters::read(store, "race").await.unwrap();
+    counters::add(store, "race", &[(rev3, Counts::of(&r3))])
+        .await
+        .unwrap();
+    let stale = Counts {
+        failed: 2,
+        verified: true,
+        counted_through: rev2,
+        ..Counts::default()
+    };
+    assert!(!counters::replace(store, "race", &stale, before)
+        .await
+        .unwrap());
+    assert_eq!(counters::read(store, "race").await.unwrap().0.failed, 3);
+    let s = b.status("race").await.unwrap();
+    assert_eq!((s.failed, s.done), (3, 0));
+}
+
+/// A counter write that fails is tried again by the writer on its own,
+/// without waiting for the next job to wake it.
+#[tokio::test]
+async fn a_failed_counter_write_is_retried_without_a_new_job() {
+    use optiroute_batch::counters::{self, Counts, Tally};
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let js = jetstream::new(client(&cfg, "admin").await);
+    let bucket = jetstream::kv::Config {
+        bucket: "scratch".into(),
+        ..Default::default()
+    };
+    let store = js.create_key_value(bucket.clone()).await.unwrap();
+    let tally = Tally::new();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = tokio::spawn(tally.clone().run(
+        store.clone(),
+        Duration::from_millis(10),
+        stop.clone(),
+    ));
+    // The bucket goes away: the write fails.
+    js.delete_key_value("scratch").await.unwrap();
+    let one = Counts {
+        done: 1,
+        ..Counts::default()
+    };
+    tally.record("x", 1, one);
+    wait_until("a failed write", Duration::from_secs(20), || async {
+        tally.write_failures() >= 1
+    })
+    .await;
+    // It comes back: the kept count is written with nothing else recorded.
+    js.create_key_value(bucket).await.unwrap();
+    wait_until(
+        "the count to be written",
+        Duration::from_secs(20),
+        || async {
+            counters::read(&store, "x")
+                .await
+                .is_ok_and(|(c, _)| c.done == 1)
+        },
+    )
+    .await;
+    stop.cancel();
+    writer.await.unwrap();
+    assert_eq!(counters::read(&store, "x").await.unwrap().0.done, 1);
+}
