@@ -653,7 +653,7 @@ pub fn summarize(meta: &BatchMeta, counts: &Counts, pending: u64) -> BatchStatus
         "cancelled"
     } else if meta.submitted() < meta.total {
         "incomplete"
-    } else if finished >= meta.total {
+    } else if finished >= meta.total && pending == 0 {
         "completed"
     } else {
         "running"
@@ -713,6 +713,8 @@ mod tests {
         assert_eq!(summarize(&meta, &c, 2).status, "incomplete");
         meta.submitted = 4;
         c.done = 3;
+        // Counts alone do not complete a batch while jobs of it are queued.
+        assert_eq!(summarize(&meta, &c, 1).status, "running");
         let s = summarize(&meta, &c, 0);
         assert_eq!(s.status, "completed");
         assert!(s.finished());

@@ -42,7 +42,7 @@ impl BatchMetrics {
             jobs: counter_vec(
                 &r,
                 "optiroute_batch_jobs_total",
-                "Batch jobs handled, by outcome (ok, error, cancelled, retried; duplicate: its result existed, not run again; rejected: malformed subject, ended; store_failed: result not storable, ended).",
+                "Batch jobs handled, by outcome (ok, error, cancelled, retried; duplicate: its result existed, not run again; rejected: malformed subject, ended; out_of_range: line outside a submitted batch's lines, ended uncounted; store_failed: result not storable, ended).",
                 &["outcome"],
             ),
             in_flight: gauge(
@@ -69,30 +69,45 @@ struct Ctx {
     kill: CancellationToken,
     /// Counts finished here, written to the batch counters in the background.
     tally: Tally,
-    /// Whether a batch is cancelled, by id, as read at most
-    /// [`CANCELLED_FRESH`] ago: one read per batch instead of one per job.
-    cancelled: Mutex<HashMap<String, (Instant, bool)>>,
+    /// What a batch's description says, by id, as read at most
+    /// [`META_FRESH`] ago: one read per batch instead of one per job.
+    metas: Mutex<HashMap<String, (Instant, Option<Described>)>>,
 }
 
-const CANCELLED_FRESH: Duration = Duration::from_millis(500);
+/// The parts of a batch's description a worker needs. A batch without a
+/// description (jobs published directly by other systems) has none.
+#[derive(Clone, Copy)]
+struct Described {
+    total: u64,
+    cancelled: bool,
+}
+
+const META_FRESH: Duration = Duration::from_millis(500);
 
 impl Ctx {
-    async fn cancelled(&self, id: &str) -> bool {
-        if let Ok(c) = self.cancelled.lock() {
+    async fn described(&self, id: &str) -> Result<Option<Described>, Error> {
+        if let Ok(c) = self.metas.lock() {
             if let Some((at, v)) = c.get(id) {
-                if at.elapsed() < CANCELLED_FRESH {
-                    return *v;
+                if at.elapsed() < META_FRESH {
+                    return Ok(*v);
                 }
             }
         }
-        let v = self.batches.meta(id).await.is_ok_and(|m| m.cancelled);
-        if let Ok(mut c) = self.cancelled.lock() {
+        let v = match self.batches.meta(id).await {
+            Ok(m) => Some(Described {
+                total: m.total,
+                cancelled: m.cancelled,
+            }),
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if let Ok(mut c) = self.metas.lock() {
             if c.len() > 10_000 {
                 c.clear();
             }
             c.insert(id.to_string(), (Instant::now(), v));
         }
-        v
+        Ok(v)
     }
 }
 
@@ -181,7 +196,7 @@ pub async fn run(
                 .collect(),
             metrics: m,
             tally: tally.clone(),
-            cancelled: Mutex::new(HashMap::new()),
+            metas: Mutex::new(HashMap::new()),
             batches,
             kill: job_kill,
         });
@@ -322,6 +337,27 @@ async fn handle(ctx: &Ctx, msg: Message) {
     };
     let format = Format::from_headers(msg.headers.as_ref());
     let job = Job::decode(format, &msg.payload);
+    let described = match ctx.described(&batch_id).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a batch's description; the job will be retried");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    };
+    // A submitted batch's lines are 1..=total: a job outside them was
+    // published straight onto its subject by someone else. It is neither
+    // run nor counted, so it cannot change that batch's counts or cost.
+    if let Some(d) = described {
+        let line = job.as_ref().map_or(0, |j| j.line);
+        if line == 0 || line > d.total {
+            tracing::warn!(batch = %batch_id, line, total = d.total, "batch job outside its batch's lines; terminated");
+            terminate(ctx, &msg, "out_of_range").await;
+            return;
+        }
+    }
     let base = BatchResult {
         line: job.as_ref().map_or(0, |j| j.line),
         custom_id: None,
@@ -385,7 +421,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
             return;
         }
     }
-    if ctx.cancelled(&batch_id).await {
+    if described.is_some_and(|d| d.cancelled) {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
