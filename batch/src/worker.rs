@@ -273,6 +273,7 @@ async fn consume(
         .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("batch consumer: {e}")))?;
     tracing::info!(consumer = %name, max_in_flight, "batch worker consuming");
     let permits = Arc::new(Semaphore::new(max_in_flight));
+    let heartbeat = (ack_wait / 3).max(Duration::from_millis(10));
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -289,7 +290,8 @@ async fn consume(
                 tracker.spawn(async move {
                     ctx.metrics.in_flight.inc();
                     tokio::select! {
-                        _ = handle(&ctx, msg) => {}
+                        _ = handle(&ctx, &msg) => {}
+                        _ = keep_alive(&msg, heartbeat) => {}
                         _ = ctx.kill.cancelled() => {}
                     }
                     ctx.metrics.in_flight.dec();
@@ -313,11 +315,25 @@ async fn consume(
     Ok(())
 }
 
+/// Restarts the job's ack timer every `every` (a third of `ack_wait`) for as
+/// long as it is being handled: the request and the result's store loop
+/// (with its backoff) may together outlast `ack_wait`, and a job whose
+/// timer ran out would be delivered to another worker and paid twice.
+/// Never returns; dropped when the job's handling ends.
+async fn keep_alive(msg: &Message, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+            tracing::debug!(error = %e, "batch progress ack failed");
+        }
+    }
+}
+
 /// Runs one job. Every path ends in a stored result plus an ack, a nak
 /// (a retryable failure: the job comes back later), or a termination (a job
 /// that can never succeed, reported by a metric and a log); a job is never
 /// acknowledged without a result, and never run when its result exists.
-async fn handle(ctx: &Ctx, msg: Message) {
+async fn handle(ctx: &Ctx, msg: &Message) {
     let (delivered, seq) = msg
         .info()
         .map(|i| (i.delivered, i.stream_sequence))
@@ -331,7 +347,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         Err(e) => {
             let subject: String = msg.subject.as_str().chars().take(200).collect();
             tracing::warn!(%subject, error = %e, "batch job on a malformed subject; terminated");
-            terminate(ctx, &msg, "rejected").await;
+            terminate(ctx, msg, "rejected").await;
             return;
         }
     };
@@ -354,7 +370,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         let line = job.as_ref().map_or(0, |j| j.line);
         if line == 0 || line > d.total {
             tracing::warn!(batch = %batch_id, line, total = d.total, "batch job outside its batch's lines; terminated");
-            terminate(ctx, &msg, "out_of_range").await;
+            terminate(ctx, msg, "out_of_range").await;
             return;
         }
     }
@@ -381,7 +397,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
             let custom_id = (base.line == 0).then(|| format!("invalid-{seq}"));
             finish(
                 ctx,
-                &msg,
+                msg,
                 &batch_id,
                 BatchResult {
                     custom_id,
@@ -428,7 +444,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         };
         finish(
             ctx,
-            &msg,
+            msg,
             &batch_id,
             BatchResult {
                 status: ResultStatus::Cancelled,
@@ -448,7 +464,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         Ok(r) => {
             finish(
                 ctx,
-                &msg,
+                msg,
                 &batch_id,
                 BatchResult {
                     response: Some(r),
@@ -473,7 +489,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         Err(e) => {
             finish(
                 ctx,
-                &msg,
+                msg,
                 &batch_id,
                 BatchResult {
                     status: ResultStatus::Error,

@@ -591,3 +591,45 @@ async fn direct_jobs_outside_a_submitted_batchs_lines_are_ended_uncounted() {
     );
     assert_eq!(b.result("victim", 4).await.unwrap(), None);
 }
+
+/// A job handled for longer than `batch.ack_wait_ms` (here a provider
+/// slower than it) keeps its delivery alive with progress acks: it is not
+/// delivered to the second worker and paid for twice.
+#[tokio::test]
+async fn a_job_slower_than_ack_wait_runs_once() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.local.simulated.base_ms = 1_500;
+    cfg.batch.ack_wait_ms = 500;
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let w1 = worker(&cfg, &stack).await;
+    let w2 = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    publish_json(
+        &cfg,
+        "optiroute.batch.slow",
+        json!({"line": 1, "prompt": "take your time", "provider": "local", "cache": "off"})
+            .to_string(),
+    )
+    .await;
+    wait_until(
+        "the job to leave the queue and both workers to be idle",
+        Duration::from_secs(20),
+        || async {
+            queued(&b).await == 0 && w1.metrics.in_flight.get() + w2.metrics.in_flight.get() == 0
+        },
+    )
+    .await;
+    let r = b.result("slow", 1).await.unwrap().expect("a result");
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert_eq!(r.attempts, 1);
+    let handled = |o| worker_jobs(&w1, o) + worker_jobs(&w2, o);
+    assert_eq!((handled("ok"), handled("duplicate")), (1, 0));
+    assert_eq!(provider_calls(&stack), 1, "generated once");
+}
