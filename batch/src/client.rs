@@ -527,25 +527,18 @@ impl BatchClient {
         self.results_stream(id).await?.try_collect().await
     }
 
-    /// Marks the batch cancelled and drops its queued jobs (jobs already
-    /// running still finish; lines never run count as `cancelled`). Each
-    /// step is retried with backoff, all within `batch.cancel_timeout_ms`.
+    /// Marks the batch cancelled (retried with backoff, within
+    /// `batch.cancel_timeout_ms`). Jobs running finish; the workers end its
+    /// queued jobs as `cancelled` results without running them, and lines
+    /// never run count as `cancelled` at once. Nothing is purged: a purge's
+    /// subject filter travels in its body, so the right to purge one
+    /// batch's jobs would be the right to purge every batch's, and the
+    /// internet-facing ingress does not get it.
     pub async fn cancel(&self, id: &str) -> Result<BatchStatus, Error> {
         validate_id(id)?;
         let limit = Duration::from_millis(self.cfg.cancel_timeout_ms);
         let steps = async {
             self.update_meta(id, |m| m.cancelled = true).await?;
-            let mut delay = Duration::from_millis(50);
-            loop {
-                match self.jobs.purge().filter(self.job_subject(id)).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(batch = %id, error = %e, ?delay, "batch purge failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(1));
-                    }
-                }
-            }
             self.status(id).await
         };
         tokio::time::timeout(limit, steps).await.map_err(|_| {

@@ -52,8 +52,8 @@ pub struct BatchConfig {
     pub max_upload_bytes: u64,
     /// Uploads one ingress reads at once; more are refused with 503.
     pub max_concurrent_uploads: usize,
-    /// Time a cancel may take (marking the batch, dropping its queued jobs,
-    /// each retried with backoff) before it answers 504.
+    /// Time a cancel may take (marking the batch, retried with backoff;
+    /// then reading its status) before it answers 504.
     pub cancel_timeout_ms: u64,
 }
 
