@@ -260,7 +260,7 @@ impl BatchClient {
     async fn publish(&self, id: &str, spool: &mut Spool, resume_after: u64) -> Result<(), Error> {
         let subject = self.job_subject(id);
         let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
-        let mut invalid = Counts::default();
+        let mut invalid: Vec<counters::Delta> = Vec::new();
         while let Some(record) = spool.next().await? {
             let line = match record {
                 Record::Job { line, .. } | Record::Invalid { line, .. } => line,
@@ -293,8 +293,8 @@ impl BatchClient {
                         error: Some(ErrorBody::from(&error)),
                         attempts: 0,
                     };
-                    if self.create_result(id, &r).await? {
-                        invalid.add(&Counts::of(&r));
+                    if let Some(revision) = self.create_result(id, &r).await? {
+                        invalid.push((revision, Counts::of(&r)));
                     }
                 }
             }
@@ -302,8 +302,9 @@ impl BatchClient {
                 for a in acks.drain(..) {
                     a.await.map_err(|e| js_error("batch publish", e))?;
                 }
-                if invalid.finished() > 0 {
-                    counters::add(&self.meta, id, std::mem::take(&mut invalid)).await?;
+                if !invalid.is_empty() {
+                    counters::add(&self.meta, id, &invalid).await?;
+                    invalid.clear();
                 }
                 self.update_meta(id, |m| m.submitted = m.submitted.max(line).min(m.total))
                     .await?;
@@ -372,13 +373,20 @@ impl BatchClient {
         }
     }
 
-    /// Stores a result if the line has none yet: `Ok(true)` when this call
-    /// stored it, `Ok(false)` when one was already there (kept as it is).
-    pub async fn create_result(&self, id: &str, r: &BatchResult) -> Result<bool, Error> {
-        let body = wire::encode(Format::MsgPack, r)?;
+    /// Stores a result if the line has none yet: `Ok(Some(revision))` when
+    /// this call stored it (the revision its count carries, see
+    /// [`counters`]), `Ok(None)` when one was already there (kept as it is).
+    /// An error message over [`crate::model::MAX_ERROR_MESSAGE_BYTES`] is
+    /// stored capped, so no message makes a result too big to store.
+    pub async fn create_result(&self, id: &str, r: &BatchResult) -> Result<Option<u64>, Error> {
+        let body = if r.error_too_long() {
+            wire::encode(Format::MsgPack, &r.clone().with_capped_error())?
+        } else {
+            wire::encode(Format::MsgPack, r)?
+        };
         match self.results.create(Self::result_key(id, r), body).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Ok(revision) => Ok(Some(revision)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(js_error("batch result", e)),
         }
     }
@@ -438,22 +446,47 @@ impl BatchClient {
 
     /// Counts the stored results again and writes the counters (marked
     /// verified): for a worker that died between a result and its count.
-    async fn recount(&self, id: &str, meta: &BatchMeta) -> Result<Counts, Error> {
+    /// Written only if no count landed meanwhile (then those counters are
+    /// returned, untouched); see the invariant in [`counters`].
+    pub async fn recount(&self, id: &str, meta: &BatchMeta) -> Result<Counts, Error> {
         tracing::info!(batch = %id, "batch counters short while nothing is queued; recounting");
-        let mut fresh = Counts::default();
-        let mut results = std::pin::pin!(self.stored_results(id, meta.total));
-        while let Some(r) = results.next().await {
-            if let Some(r) = r? {
-                fresh.add(&Counts::of(&r));
+        let (_, before) = counters::read(&self.meta, id).await?;
+        let through = self
+            .results
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| js_error("batch results info", e))?
+            .state
+            .last_sequence;
+        let mut fresh = Counts {
+            verified: true,
+            counted_through: through,
+            ..Counts::default()
+        };
+        let id_owned = id.to_string();
+        let store = self.results.clone();
+        let mut entries = std::pin::pin!(futures::stream::iter(1..=meta.total)
+            .map(move |line| {
+                let key = format!("{id_owned}.{line}");
+                let store = store.clone();
+                async move { read_entry(&store, &key).await }
+            })
+            .buffered(RESULT_READS));
+        while let Some(e) = entries.next().await {
+            if let Some((revision, r)) = e? {
+                if revision <= through {
+                    fresh.add(&Counts::of(&r));
+                }
             }
         }
-        counters::change(&self.meta, id, |c| {
-            *c = Counts {
-                verified: true,
-                ..fresh
-            };
-        })
-        .await
+        fresh.updated_ms = epoch_ms(SystemTime::now());
+        if counters::replace(&self.meta, id, &fresh, before).await? {
+            Ok(fresh)
+        } else {
+            tracing::info!(batch = %id, "batch counters changed while recounting; kept");
+            Ok(counters::read(&self.meta, id).await?.0)
+        }
     }
 
     /// The stored result of each line 1..=total, in order (`None`: none yet),
@@ -495,25 +528,18 @@ impl BatchClient {
         self.results_stream(id).await?.try_collect().await
     }
 
-    /// Marks the batch cancelled and drops its queued jobs (jobs already
-    /// running still finish; lines never run count as `cancelled`). Each
-    /// step is retried with backoff, all within `batch.cancel_timeout_ms`.
+    /// Marks the batch cancelled (retried with backoff, within
+    /// `batch.cancel_timeout_ms`). Jobs running finish; the workers end its
+    /// queued jobs as `cancelled` results without running them, and lines
+    /// never run count as `cancelled` at once. Nothing is purged: a purge's
+    /// subject filter travels in its body, so the right to purge one
+    /// batch's jobs would be the right to purge every batch's, and the
+    /// internet-facing ingress does not get it.
     pub async fn cancel(&self, id: &str) -> Result<BatchStatus, Error> {
         validate_id(id)?;
         let limit = Duration::from_millis(self.cfg.cancel_timeout_ms);
         let steps = async {
             self.update_meta(id, |m| m.cancelled = true).await?;
-            let mut delay = Duration::from_millis(50);
-            loop {
-                match self.jobs.purge().filter(self.job_subject(id)).await {
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(batch = %id, error = %e, ?delay, "batch purge failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(1));
-                    }
-                }
-            }
             self.status(id).await
         };
         tokio::time::timeout(limit, steps).await.map_err(|_| {
@@ -525,6 +551,17 @@ impl BatchClient {
                 ),
             )
         })?
+    }
+}
+
+/// A stored result and its revision.
+async fn read_entry(store: &kv::Store, key: &str) -> Result<Option<(u64, BatchResult)>, Error> {
+    match store.entry(key).await {
+        Ok(Some(e)) if e.operation == kv::Operation::Put => {
+            Ok(Some((e.revision, wire::decode(Format::MsgPack, &e.value)?)))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(js_error("batch result", e)),
     }
 }
 
@@ -611,7 +648,7 @@ pub fn summarize(meta: &BatchMeta, counts: &Counts, pending: u64) -> BatchStatus
         "cancelled"
     } else if meta.submitted() < meta.total {
         "incomplete"
-    } else if finished >= meta.total {
+    } else if finished >= meta.total && pending == 0 {
         "completed"
     } else {
         "running"
@@ -671,6 +708,8 @@ mod tests {
         assert_eq!(summarize(&meta, &c, 2).status, "incomplete");
         meta.submitted = 4;
         c.done = 3;
+        // Counts alone do not complete a batch while jobs of it are queued.
+        assert_eq!(summarize(&meta, &c, 1).status, "running");
         let s = summarize(&meta, &c, 0);
         assert_eq!(s.status, "completed");
         assert!(s.finished());

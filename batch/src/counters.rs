@@ -4,11 +4,25 @@
 //! by compare-and-set. A result is counted by whoever created it (the
 //! create-if-absent arbitrates), so each line counts once. Workers add up
 //! what they finish and write it every few milliseconds ([`Tally`]), one
-//! write per batch instead of one per job. A worker that dies between
-//! storing a result and writing its count leaves the counters short: the
-//! status then recounts the results once (see `BatchClient::status`).
+//! write per batch instead of one per job; a write that fails is retried
+//! on a timer. A worker that dies between storing a result and writing its
+//! count leaves the counters short: the status then recounts the results
+//! once (see `BatchClient::recount`).
+//!
+//! Invariant: every stored result is counted exactly once, whichever comes
+//! first of its creator's delta and a recount. Each delta carries the
+//! results-bucket revision of the result it counts (the revision its
+//! create-if-absent returned). A recount reads the counters' revision,
+//! then the results bucket's last revision `S`, counts only results with
+//! a revision up to `S` (every one of them existed before the scan
+//! began, so the scan sees it), and writes `counted_through = S` with an
+//! update on the revision it read first: if any delta landed meanwhile,
+//! the update fails and the recount is dropped, so no delta is ever
+//! overwritten. A delta applied later counts only if its result's revision
+//! is above `counted_through`: the recount counted the others already.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -35,7 +49,15 @@ pub struct Counts {
     /// until something changes.
     #[serde(default)]
     pub verified: bool,
+    /// Results-bucket revision through which the last recount counted the
+    /// results: deltas of results at or below it are counted already.
+    #[serde(default)]
+    pub counted_through: u64,
 }
+
+/// One result's count, with the results-bucket revision its
+/// create-if-absent returned.
+pub type Delta = (u64, Counts);
 
 impl Counts {
     pub fn of(r: &BatchResult) -> Counts {
@@ -111,67 +133,130 @@ pub async fn change(meta: &kv::Store, id: &str, f: impl Fn(&mut Counts)) -> Resu
     Err(js_error("too many conflicting writes"))
 }
 
-/// Adds `delta` to a batch's counters.
-pub async fn add(meta: &kv::Store, id: &str, delta: Counts) -> Result<(), Error> {
+/// Adds the deltas of results a recount has not counted yet (see the
+/// module's invariant) to a batch's counters.
+pub async fn add(meta: &kv::Store, id: &str, deltas: &[Delta]) -> Result<(), Error> {
     change(meta, id, |c| {
-        c.add(&delta);
-        c.verified = false;
+        let through = c.counted_through;
+        for (revision, d) in deltas {
+            if *revision > through {
+                c.add(d);
+                c.verified = false;
+            }
+        }
     })
     .await
     .map(|_| ())
 }
 
+/// Writes `counts` in place of the counters if they are still at
+/// `revision` (0: none yet): `Ok(false)` when they changed meanwhile.
+pub async fn replace(
+    meta: &kv::Store,
+    id: &str,
+    counts: &Counts,
+    revision: u64,
+) -> Result<bool, Error> {
+    let body = wire::encode(Format::Json, counts)?;
+    if revision == 0 {
+        match meta.create(key(id), body).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(js_error(e)),
+        }
+    } else {
+        match meta.update(key(id), body, revision).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(js_error(e)),
+        }
+    }
+}
+
 /// What a worker has finished but not yet written, by batch.
 #[derive(Clone)]
 pub struct Tally {
-    pending: Arc<Mutex<HashMap<String, Counts>>>,
+    /// Deltas by batch: at most what finished since the last successful
+    /// write (results cannot be stored either while NATS is away).
+    pending: Arc<Mutex<HashMap<String, Vec<Delta>>>>,
     wake: Arc<Notify>,
+    failures: Arc<AtomicU64>,
 }
+
+/// Longest wait before a failed write is tried again.
+const MAX_RETRY: Duration = Duration::from_secs(1);
 
 impl Tally {
     pub fn new() -> Self {
         Tally {
             pending: Arc::new(Mutex::new(HashMap::new())),
             wake: Arc::new(Notify::new()),
+            failures: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    pub fn record(&self, id: &str, delta: Counts) {
+    /// Counts a result this worker created; `revision` is what its
+    /// create-if-absent returned.
+    pub fn record(&self, id: &str, revision: u64, counts: Counts) {
         if let Ok(mut p) = self.pending.lock() {
-            p.entry(id.to_string()).or_default().add(&delta);
+            p.entry(id.to_string())
+                .or_default()
+                .push((revision, counts));
         }
         self.wake.notify_one();
     }
 
-    /// Writes what is pending; what cannot be written is kept for the next time.
-    pub async fn flush(&self, meta: &kv::Store) {
-        let batch: Vec<(String, Counts)> = match self.pending.lock() {
+    /// Counter writes that failed so far (each is tried again).
+    pub fn write_failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().map_or(true, |p| p.is_empty())
+    }
+
+    /// Writes what is pending; what cannot be written is kept for the next
+    /// time. Whether everything was written.
+    pub async fn flush(&self, meta: &kv::Store) -> bool {
+        let batch: Vec<(String, Vec<Delta>)> = match self.pending.lock() {
             Ok(mut p) => p.drain().collect(),
-            Err(_) => return,
+            Err(_) => return false,
         };
-        for (id, delta) in batch {
-            if let Err(e) = add(meta, &id, delta).await {
-                tracing::warn!(batch = %id, error = %e, "cannot write batch counters; kept for later");
+        let mut all = true;
+        for (id, deltas) in batch {
+            if let Err(e) = add(meta, &id, &deltas).await {
+                all = false;
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(batch = %id, error = %e, "cannot write batch counters; kept and retried");
                 if let Ok(mut p) = self.pending.lock() {
-                    p.entry(id).or_default().add(&delta);
+                    p.entry(id).or_default().extend(deltas);
                 }
             }
         }
+        all
     }
 
-    /// Writes the counters every `every` while there is something to
-    /// write, until `stop`; then a last time.
+    /// Writes the counters `every` after something was recorded, and tries
+    /// a failed write again (backing off to [`MAX_RETRY`]) without waiting
+    /// for the next record, until `stop`; then a last time.
     pub async fn run(self, meta: kv::Store, every: Duration, stop: CancellationToken) {
+        let mut wait = every;
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = self.wake.notified() => {}
+            if self.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = self.wake.notified() => {}
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            self.flush(&meta).await;
+            wait = if self.flush(&meta).await {
+                every
+            } else {
+                (wait * 2).clamp(every, MAX_RETRY)
+            };
         }
         self.flush(&meta).await;
     }

@@ -9,6 +9,26 @@ use serde::{Deserialize, Serialize};
 /// bigger one could make the result too big to store (and the job run again).
 pub const MAX_CUSTOM_ID_BYTES: usize = 256;
 
+/// Longest error message kept in a stored result, in bytes. Messages can
+/// quote what they reject (serde's "invalid type: string \"…\"" repeats
+/// the whole offending string), so an uncapped one could make the result
+/// bigger than NATS's max_payload: never storable, the job or the
+/// submission failing on every try.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// `message` cut to at most [`MAX_ERROR_MESSAGE_BYTES`] on a char
+/// boundary, ending in `…` when cut.
+pub fn cap_message(message: &str) -> String {
+    if message.len() <= MAX_ERROR_MESSAGE_BYTES {
+        return message.to_string();
+    }
+    let mut end = MAX_ERROR_MESSAGE_BYTES - '…'.len_utf8();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
+}
+
 /// One job: an input line (the `/generate` body or a chat `messages` body,
 /// with an optional `custom_id`) and its 1-based position among the
 /// non-blank lines of the input. Also what other systems publish directly
@@ -124,6 +144,23 @@ impl BatchResult {
     pub fn cost(&self) -> f64 {
         self.response.as_ref().map_or(0.0, |r| r.cost)
     }
+
+    /// Whether its error message is over [`MAX_ERROR_MESSAGE_BYTES`].
+    pub fn error_too_long(&self) -> bool {
+        self.error
+            .as_ref()
+            .is_some_and(|e| e.message.len() > MAX_ERROR_MESSAGE_BYTES)
+    }
+
+    /// The result with its error message capped (see [`cap_message`]).
+    pub fn with_capped_error(mut self) -> Self {
+        if let Some(e) = self.error.as_mut() {
+            if e.message.len() > MAX_ERROR_MESSAGE_BYTES {
+                e.message = cap_message(&e.message);
+            }
+        }
+        self
+    }
 }
 
 /// Progress of a batch.
@@ -178,6 +215,24 @@ mod tests {
         for f in [Format::Json, Format::MsgPack] {
             let back = Job::decode(f, &wire::encode(f, &j).unwrap()).unwrap();
             assert_eq!(back, j);
+        }
+    }
+
+    #[test]
+    fn error_messages_are_capped_on_a_char_boundary() {
+        assert_eq!(cap_message("short"), "short");
+        let exact = "a".repeat(MAX_ERROR_MESSAGE_BYTES);
+        assert_eq!(cap_message(&exact), exact);
+        for filler in ["x", "é", "\u{301}", "😀"] {
+            let long = format!("b{}", filler.repeat(MAX_ERROR_MESSAGE_BYTES));
+            let capped = cap_message(&long);
+            assert!(capped.len() <= MAX_ERROR_MESSAGE_BYTES, "{}", capped.len());
+            assert!(
+                capped.len() > MAX_ERROR_MESSAGE_BYTES - 8,
+                "{}",
+                capped.len()
+            );
+            assert!(capped.ends_with('…') && long.starts_with(capped.trim_end_matches('…')));
         }
     }
 

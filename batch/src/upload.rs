@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio_util::io::StreamReader;
 
-use crate::model::{validate_custom_id, Job};
+use crate::model::{cap_message, validate_custom_id, Job};
 
 /// Why an upload was refused: the HTTP status differs.
 #[derive(Debug)]
@@ -134,7 +134,7 @@ where
             }
             Err(e) => {
                 invalid += 1;
-                (INVALID, Bytes::from(e.message.into_bytes()))
+                (INVALID, Bytes::from(cap_message(&e.message).into_bytes()))
             }
         };
         out.write_u8(tag).await.map_err(io)?;

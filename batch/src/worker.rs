@@ -42,7 +42,7 @@ impl BatchMetrics {
             jobs: counter_vec(
                 &r,
                 "optiroute_batch_jobs_total",
-                "Batch jobs handled, by outcome (ok, error, cancelled, retried; duplicate: its result existed, not run again; rejected: malformed subject, ended; store_failed: result not storable, ended).",
+                "Batch jobs handled, by outcome (ok, error, cancelled, retried; duplicate: its result existed, not run again; rejected: malformed subject, ended; out_of_range: line outside a submitted batch's lines, ended uncounted; store_failed: result not storable, ended).",
                 &["outcome"],
             ),
             in_flight: gauge(
@@ -69,30 +69,45 @@ struct Ctx {
     kill: CancellationToken,
     /// Counts finished here, written to the batch counters in the background.
     tally: Tally,
-    /// Whether a batch is cancelled, by id, as read at most
-    /// [`CANCELLED_FRESH`] ago: one read per batch instead of one per job.
-    cancelled: Mutex<HashMap<String, (Instant, bool)>>,
+    /// What a batch's description says, by id, as read at most
+    /// [`META_FRESH`] ago: one read per batch instead of one per job.
+    metas: Mutex<HashMap<String, (Instant, Option<Described>)>>,
 }
 
-const CANCELLED_FRESH: Duration = Duration::from_millis(500);
+/// The parts of a batch's description a worker needs. A batch without a
+/// description (jobs published directly by other systems) has none.
+#[derive(Clone, Copy)]
+struct Described {
+    total: u64,
+    cancelled: bool,
+}
+
+const META_FRESH: Duration = Duration::from_millis(500);
 
 impl Ctx {
-    async fn cancelled(&self, id: &str) -> bool {
-        if let Ok(c) = self.cancelled.lock() {
+    async fn described(&self, id: &str) -> Result<Option<Described>, Error> {
+        if let Ok(c) = self.metas.lock() {
             if let Some((at, v)) = c.get(id) {
-                if at.elapsed() < CANCELLED_FRESH {
-                    return *v;
+                if at.elapsed() < META_FRESH {
+                    return Ok(*v);
                 }
             }
         }
-        let v = self.batches.meta(id).await.is_ok_and(|m| m.cancelled);
-        if let Ok(mut c) = self.cancelled.lock() {
+        let v = match self.batches.meta(id).await {
+            Ok(m) => Some(Described {
+                total: m.total,
+                cancelled: m.cancelled,
+            }),
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        if let Ok(mut c) = self.metas.lock() {
             if c.len() > 10_000 {
                 c.clear();
             }
             c.insert(id.to_string(), (Instant::now(), v));
         }
-        v
+        Ok(v)
     }
 }
 
@@ -181,7 +196,7 @@ pub async fn run(
                 .collect(),
             metrics: m,
             tally: tally.clone(),
-            cancelled: Mutex::new(HashMap::new()),
+            metas: Mutex::new(HashMap::new()),
             batches,
             kill: job_kill,
         });
@@ -258,6 +273,7 @@ async fn consume(
         .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("batch consumer: {e}")))?;
     tracing::info!(consumer = %name, max_in_flight, "batch worker consuming");
     let permits = Arc::new(Semaphore::new(max_in_flight));
+    let heartbeat = (ack_wait / 3).max(Duration::from_millis(10));
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -274,7 +290,8 @@ async fn consume(
                 tracker.spawn(async move {
                     ctx.metrics.in_flight.inc();
                     tokio::select! {
-                        _ = handle(&ctx, msg) => {}
+                        _ = handle(&ctx, &msg) => {}
+                        _ = keep_alive(&msg, heartbeat) => {}
                         _ = ctx.kill.cancelled() => {}
                     }
                     ctx.metrics.in_flight.dec();
@@ -298,11 +315,25 @@ async fn consume(
     Ok(())
 }
 
+/// Restarts the job's ack timer every `every` (a third of `ack_wait`) for as
+/// long as it is being handled: the request and the result's store loop
+/// (with its backoff) may together outlast `ack_wait`, and a job whose
+/// timer ran out would be delivered to another worker and paid twice.
+/// Never returns; dropped when the job's handling ends.
+async fn keep_alive(msg: &Message, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+            tracing::debug!(error = %e, "batch progress ack failed");
+        }
+    }
+}
+
 /// Runs one job. Every path ends in a stored result plus an ack, a nak
 /// (a retryable failure: the job comes back later), or a termination (a job
 /// that can never succeed, reported by a metric and a log); a job is never
 /// acknowledged without a result, and never run when its result exists.
-async fn handle(ctx: &Ctx, msg: Message) {
+async fn handle(ctx: &Ctx, msg: &Message) {
     let (delivered, seq) = msg
         .info()
         .map(|i| (i.delivered, i.stream_sequence))
@@ -316,12 +347,33 @@ async fn handle(ctx: &Ctx, msg: Message) {
         Err(e) => {
             let subject: String = msg.subject.as_str().chars().take(200).collect();
             tracing::warn!(%subject, error = %e, "batch job on a malformed subject; terminated");
-            terminate(ctx, &msg, "rejected").await;
+            terminate(ctx, msg, "rejected").await;
             return;
         }
     };
     let format = Format::from_headers(msg.headers.as_ref());
     let job = Job::decode(format, &msg.payload);
+    let described = match ctx.described(&batch_id).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a batch's description; the job will be retried");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    };
+    // A submitted batch's lines are 1..=total: a job outside them was
+    // published straight onto its subject by someone else. It is neither
+    // run nor counted, so it cannot change that batch's counts or cost.
+    if let Some(d) = described {
+        let line = job.as_ref().map_or(0, |j| j.line);
+        if line == 0 || line > d.total {
+            tracing::warn!(batch = %batch_id, line, total = d.total, "batch job outside its batch's lines; terminated");
+            terminate(ctx, msg, "out_of_range").await;
+            return;
+        }
+    }
     let base = BatchResult {
         line: job.as_ref().map_or(0, |j| j.line),
         custom_id: None,
@@ -345,7 +397,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
             let custom_id = (base.line == 0).then(|| format!("invalid-{seq}"));
             finish(
                 ctx,
-                &msg,
+                msg,
                 &batch_id,
                 BatchResult {
                     custom_id,
@@ -385,7 +437,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
             return;
         }
     }
-    if ctx.cancelled(&batch_id).await {
+    if described.is_some_and(|d| d.cancelled) {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
@@ -393,7 +445,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         };
         finish(
             ctx,
-            &msg,
+            msg,
             &batch_id,
             BatchResult {
                 status: ResultStatus::Cancelled,
@@ -413,7 +465,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         Ok(r) => {
             finish(
                 ctx,
-                &msg,
+                msg,
                 &batch_id,
                 BatchResult {
                     response: Some(r),
@@ -438,7 +490,7 @@ async fn handle(ctx: &Ctx, msg: Message) {
         Err(e) => {
             finish(
                 ctx,
-                &msg,
+                msg,
                 &batch_id,
                 BatchResult {
                     status: ResultStatus::Error,
@@ -472,6 +524,8 @@ async fn terminate(ctx: &Ctx, msg: &Message, outcome: &str) {
 /// job is not run again); then the job ends with a short failed result if
 /// that can be stored, else a log, and `store_failed` is counted.
 async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
+    // Capped once here (create_result would on each try).
+    let result = result.with_capped_error();
     let outcome = match result.status {
         ResultStatus::Ok => "ok",
         ResultStatus::Cancelled => "cancelled",
@@ -482,10 +536,14 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
     for attempt in 1..=ctx.store_attempts {
         match ctx.batches.create_result(batch_id, &result).await {
             Ok(created) => {
-                if created {
-                    ctx.tally.record(batch_id, Counts::of(&result));
+                if let Some(revision) = created {
+                    ctx.tally.record(batch_id, revision, Counts::of(&result));
                 }
-                let outcome = if created { outcome } else { "duplicate" };
+                let outcome = if created.is_some() {
+                    outcome
+                } else {
+                    "duplicate"
+                };
                 ctx.metrics.jobs.with_label_values(&[outcome]).inc();
                 if let Err(e) = msg.double_ack().await {
                     tracing::warn!(error = %e, "batch ack failed; a redelivery finds the result and is not run again");
@@ -518,8 +576,8 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
         ..result
     };
     match ctx.batches.create_result(batch_id, &failed).await {
-        Ok(true) => ctx.tally.record(batch_id, Counts::of(&failed)),
-        Ok(false) => {}
+        Ok(Some(revision)) => ctx.tally.record(batch_id, revision, Counts::of(&failed)),
+        Ok(None) => {}
         Err(e) => {
             tracing::error!(batch = %batch_id, line = failed.line, error = %e, %reason, "batch job ended without a stored result")
         }

@@ -592,6 +592,21 @@ mod tests {
             let e = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
             assert!(e.message.contains(key), "{}", e.message);
         }
+        let e = Config::from_parts(
+            None,
+            &[],
+            &[
+                ("batch.ack_wait_ms".into(), "30000".into()),
+                ("batch.request_timeout_ms".into(), "30000".into()),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("batch.request_timeout_ms")
+                && e.message.contains("batch.ack_wait_ms"),
+            "{}",
+            e.message
+        );
         let e = Config::from_parts(None, &[], &[("batch.results_ttl_secs".into(), "5".into())])
             .unwrap_err();
         assert!(e.message.contains("results_ttl_secs"), "{}", e.message);

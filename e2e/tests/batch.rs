@@ -529,3 +529,107 @@ async fn a_result_that_cannot_be_stored_ends_the_job_after_bounded_tries() {
     assert!(failed >= 1, "some results did not fit");
     assert_eq!(worker_jobs(&w, "ok") + failed, 8);
 }
+
+/// Jobs published straight onto a submitted batch's subject with a line
+/// outside 1..=total (0, total + 1, far beyond) are ended without running
+/// and without touching that batch's counts or cost; a status stays
+/// `running`, not `completed`, while anything of the batch is queued.
+#[tokio::test]
+async fn direct_jobs_outside_a_submitted_batchs_lines_are_ended_uncounted() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    b.submit(input(3).as_bytes(), Some("victim")).await.unwrap();
+    // Nothing ran yet: the batch is not completed, whatever its counts.
+    let s = b.status("victim").await.unwrap();
+    assert_eq!((s.status.as_str(), s.pending), ("running", 3));
+    let w = worker(&cfg, &stack).await;
+    let before = wait_finished(&b, "victim", Duration::from_secs(20)).await;
+    assert_eq!((before.done, before.failed), (3, 0));
+    let calls = provider_calls(&stack);
+    assert_eq!(calls, 3);
+    for line in [0, 4, 1_000] {
+        publish_json(
+            &cfg,
+            "optiroute.batch.victim",
+            json!({"line": line, "prompt": format!("intruder {line}"), "provider": "local", "cache": "off"})
+                .to_string(),
+        )
+        .await;
+    }
+    wait_until(
+        "the intruders to leave the queue",
+        Duration::from_secs(10),
+        || async { queued(&b).await == 0 },
+    )
+    .await;
+    assert_eq!(worker_jobs(&w, "out_of_range"), 3);
+    assert_eq!(provider_calls(&stack), calls, "no intruder was generated");
+    let after = b.status("victim").await.unwrap();
+    assert_eq!(
+        (
+            after.done,
+            after.failed,
+            after.cancelled,
+            after.cost_usd,
+            after.status.as_str()
+        ),
+        (
+            before.done,
+            before.failed,
+            before.cancelled,
+            before.cost_usd,
+            "completed"
+        )
+    );
+    assert_eq!(b.result("victim", 4).await.unwrap(), None);
+}
+
+/// A job handled for longer than `batch.ack_wait_ms` (here a provider
+/// slower than it) keeps its delivery alive with progress acks: it is not
+/// delivered to the second worker and paid for twice.
+#[tokio::test]
+async fn a_job_slower_than_ack_wait_runs_once() {
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.local.simulated.base_ms = 1_500;
+    cfg.batch.ack_wait_ms = 500;
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let w1 = worker(&cfg, &stack).await;
+    let w2 = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    publish_json(
+        &cfg,
+        "optiroute.batch.slow",
+        json!({"line": 1, "prompt": "take your time", "provider": "local", "cache": "off"})
+            .to_string(),
+    )
+    .await;
+    wait_until(
+        "the job to leave the queue and both workers to be idle",
+        Duration::from_secs(20),
+        || async {
+            queued(&b).await == 0 && w1.metrics.in_flight.get() + w2.metrics.in_flight.get() == 0
+        },
+    )
+    .await;
+    let r = b.result("slow", 1).await.unwrap().expect("a result");
+    assert_eq!(r.status, ResultStatus::Ok);
+    assert_eq!(r.attempts, 1);
+    let handled = |o| worker_jobs(&w1, o) + worker_jobs(&w2, o);
+    assert_eq!((handled("ok"), handled("duplicate")), (1, 0));
+    assert_eq!(provider_calls(&stack), 1, "generated once");
+}

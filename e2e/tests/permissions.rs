@@ -318,3 +318,74 @@ async fn the_ingress_cannot_delete_streams_or_buckets() {
         );
     }
 }
+
+/// Cancelling needs no purge: the ingress marks the batch cancelled and
+/// the workers turn its queued jobs into `cancelled` results without
+/// generating. The internet-facing ingress may not purge the job stream
+/// (a purge's subject filter is in its body, so the right to purge one
+/// batch's jobs was the right to purge every batch's).
+#[tokio::test]
+async fn the_ingress_cancels_a_batch_but_cannot_purge_the_queue() {
+    let nats = NatsServer::start_with_accounts();
+    let cfg = test_config(&nats.url());
+    let stack = stack_as_roles(&nats, &cfg).await;
+    let file: String = (1..=5)
+        .map(|i| format!("{{\"prompt\": \"cancel me {i}\", \"provider\": \"local\"}}\n"))
+        .collect();
+    let (status, submitted) = stack.post_raw("/v1/batches?id=to-cancel", file).await;
+    assert_eq!(status, 200, "{submitted}");
+    let (status, cancelled) = stack
+        .post_raw("/v1/batches/to-cancel/cancel", String::new())
+        .await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+
+    // The jobs stay queued until a worker ends each as `cancelled`, unrun.
+    let batch_cfg = as_user(&nats, &cfg, "batch");
+    let worker = optiroute_batch::run(
+        client(&batch_cfg, "batch").await,
+        &batch_cfg,
+        stack.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let b = BatchClient::open(client(&as_user(&nats, &cfg, "ingress"), "b").await, &cfg)
+        .await
+        .unwrap();
+    wait_until(
+        "the queued jobs to end",
+        Duration::from_secs(20),
+        || async { b.status("to-cancel").await.unwrap().pending == 0 },
+    )
+    .await;
+    let s = b.status("to-cancel").await.unwrap();
+    assert_eq!(
+        (s.status.as_str(), s.cancelled, s.done),
+        ("cancelled", 5, 0)
+    );
+    assert_eq!(
+        worker.metrics.jobs.with_label_values(&["cancelled"]).get(),
+        5,
+        "each queued job was ended by the worker"
+    );
+    let local = &stack.local.as_ref().unwrap().metrics.provider_latency;
+    assert_eq!(local.with_label_values(&["local"]).get_sample_count(), 0);
+
+    // Another batch's queued job survives the ingress's attempt to purge.
+    worker.abort();
+    let (status, _) = stack
+        .post_raw(
+            "/v1/batches?id=bystander",
+            "{\"prompt\": \"keep me\"}\n".into(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut js = async_nats::jetstream::new(client(&as_user(&nats, &cfg, "ingress"), "i").await);
+    js.set_timeout(Duration::from_millis(500));
+    let mut stream = js.get_stream("OPTIROUTE_BATCH").await.unwrap();
+    assert!(
+        stream.purge().await.is_err(),
+        "the ingress purged the job stream"
+    );
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+}

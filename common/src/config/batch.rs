@@ -39,7 +39,9 @@ pub struct BatchConfig {
     pub backoff_ms: Vec<u64>,
     /// A job not acknowledged in this time is redelivered (a worker died).
     pub ack_wait_ms: u64,
-    /// Deadline of each job's request through the router.
+    /// Deadline of each job's request through the router; less than
+    /// `ack_wait_ms` (the worker also renews the delivery every third of
+    /// `ack_wait_ms` while a job is handled).
     pub request_timeout_ms: u64,
     /// Tries to store a job's result before the job is ended (terminated,
     /// reported by a metric and a log) instead of being run again.
@@ -52,8 +54,8 @@ pub struct BatchConfig {
     pub max_upload_bytes: u64,
     /// Uploads one ingress reads at once; more are refused with 503.
     pub max_concurrent_uploads: usize,
-    /// Time a cancel may take (marking the batch, dropping its queued jobs,
-    /// each retried with backoff) before it answers 504.
+    /// Time a cancel may take (marking the batch, retried with backoff;
+    /// then reading its status) before it answers 504.
     pub cancel_timeout_ms: u64,
 }
 
@@ -112,6 +114,12 @@ impl BatchConfig {
             if n < 1 {
                 return Err((key, "must be at least 1 (a limit is required)"));
             }
+        }
+        if self.request_timeout_ms >= self.ack_wait_ms {
+            return Err((
+                "request_timeout_ms",
+                "must be less than batch.ack_wait_ms (a job's request must end before its delivery times out)",
+            ));
         }
         Ok(())
     }
