@@ -358,6 +358,7 @@ fn failed_result(line: u64) -> optiroute_batch::BatchResult {
         error: Some(optiroute_common::error::ErrorBody {
             code: optiroute_common::ErrorKind::Internal,
             message: "failed".into(),
+            param: None,
         }),
         attempts: 1,
     }
