@@ -71,10 +71,12 @@ async def generate_json(nc) -> None:
     assert a["finish_reason"] in ("stop", "length"), a
     print("ok: json request:", json.dumps(a))
 
-    # The same request again is served from the cache: cached, cost 0.
+    # The same request again is served from the cache: cached, cost 0, and
+    # saved_usd is what the first answer cost.
     again = await nc.request(GENERATE, json.dumps(body).encode(), timeout=TIMEOUT, headers=JSON_HEADERS)
     b = json.loads(again.data)
     assert b["cached"] is True and b["cost"] == 0, b
+    assert b["saved_usd"] == a["cost"], (a, b)
     assert b["text"] == a["text"], (a, b)
     print("ok: json cache hit:", json.dumps(b))
 
@@ -217,13 +219,18 @@ async def provider_direct(nc) -> None:
 
 
 async def services(nc) -> None:
-    ping = json.loads((await nc.request("$SRV.PING.optiroute-router", b"", timeout=TIMEOUT)).data)
-    assert ping["type"] == "io.nats.micro.v1.ping_response" and ping["name"] == "optiroute-router", ping
-    stats = json.loads((await nc.request("$SRV.STATS.optiroute-local", b"", timeout=TIMEOUT)).data)
+    # Service names carry the prefix: <prefix>-router, <prefix>-local, <prefix>-cloud.
+    service = PREFIX.replace(".", "_")
+    ping = json.loads((await nc.request(f"$SRV.PING.{service}-router", b"", timeout=TIMEOUT)).data)
+    assert ping["type"] == "io.nats.micro.v1.ping_response" and ping["name"] == f"{service}-router", ping
+    stats = json.loads((await nc.request(f"$SRV.STATS.{service}-local", b"", timeout=TIMEOUT)).data)
     ep = stats["endpoints"][0]
     assert ep["subject"] == PROVIDER_LOCAL and ep["queue_group"] == f"{PREFIX}.provider.local", ep
     assert ep["num_requests"] >= 1, ep
-    print("ok: services:", json.dumps(ping), json.dumps(ep))
+    # The cloud service publishes its circuit breaker's state.
+    cloud = json.loads((await nc.request(f"$SRV.STATS.{service}-cloud", b"", timeout=TIMEOUT)).data)
+    assert cloud["endpoints"][0]["data"]["breaker"] in ("closed", "open", "half_open"), cloud
+    print("ok: services:", json.dumps(ping), json.dumps(ep), "breaker:", cloud["endpoints"][0]["data"]["breaker"])
 
 
 async def batch(nc) -> None:
