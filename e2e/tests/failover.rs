@@ -13,11 +13,14 @@ use async_nats::jetstream;
 use optiroute_providers::simulated::SimulatedEngine;
 use optiroute_testkit::load::{self, Load, Workload};
 use optiroute_testkit::stack::{client, Parts};
-use optiroute_testkit::{test_config, wait_until, FakeUpstream, Mode, NatsCluster, Stack};
+use optiroute_testkit::{
+    instances, test_config, wait_until, FakeUpstream, Mode, NatsCluster, Stack,
+};
 use serde_json::{json, Value};
 
 const CONCURRENCY: usize = 16;
 const HOT_PROMPTS: usize = 20;
+const KEPT_PROMPTS: usize = 20;
 const BATCH_LINES: usize = 2_000;
 
 fn expected(prompt: &str) -> String {
@@ -31,13 +34,20 @@ fn is_right(prompt: &str, body: &Value) -> bool {
     let text = body["text"].as_str().unwrap_or_default();
     match body["provider"].as_str() {
         Some("local") => text == expected(prompt),
+        // The fake upstream answers `cloud answer <n> to: <prompt>`.
         Some("cloud") => {
             !body["fallback_reason"].is_null()
-                && text.starts_with("cloud answer ")
-                && text.ends_with(&format!(" to: {prompt}"))
+                && text
+                    .strip_prefix("cloud answer ")
+                    .and_then(|t| t.split_once(" to: "))
+                    .is_some_and(|(n, p)| n.parse::<u64>().is_ok() && p == prompt)
         }
         _ => false,
     }
+}
+
+fn kept(i: usize) -> String {
+    format!("failover: kept question {i}")
 }
 
 fn hot(i: usize) -> String {
@@ -116,18 +126,37 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         .await
         .unwrap();
     let bases = [a.url(""), b.url("")];
-
-    // Warm the cache with the hot prompts.
-    let http = reqwest::Client::new();
-    for i in 0..HOT_PROMPTS {
-        let (status, body) = ask(&http, &bases[i % 2], &hot(i)).await;
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["text"].as_str(), Some(expected(&hot(i)).as_str()));
+    for s in [&a, &b] {
+        let cache = s.router.as_ref().unwrap().cache.clone();
+        wait_until("the cache bucket", Duration::from_secs(30), move || {
+            let cache = cache.clone();
+            async move { cache.is_connected() }
+        })
+        .await;
     }
     let stream = js.get_stream("KV_optiroute-cache").await.unwrap();
     assert_eq!(stream.cached_info().config.num_replicas, 3);
 
-    // A 2,000-line batch, then steady load.
+    // Cache the hot prompts (the load asks them again) and the kept ones
+    // (nobody asks them again until the end): each asked twice, the second
+    // time a hit, so it is in the bucket before the kill.
+    let http = reqwest::Client::new();
+    for prompt in (0..HOT_PROMPTS).map(hot).chain((0..KEPT_PROMPTS).map(kept)) {
+        let (status, body) = ask(&http, &bases[0], &prompt).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(is_right(&prompt, &body), "{body}");
+        let (_, again) = ask(&http, &bases[1], &prompt).await;
+        assert_eq!(again["cached"], true, "{again}");
+    }
+
+    // Steady load, then a 2,000-line batch (still running at the kill).
+    let load = Load::start(
+        bases.to_vec(),
+        CONCURRENCY,
+        deadline + Duration::from_secs(2),
+        Mix,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let lines: String = (1..=BATCH_LINES)
         .map(|i| {
             json!({"custom_id": format!("f{i}"), "prompt": format!("failover batch {i}"), "provider": "local", "cache": "off"})
@@ -147,13 +176,13 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         "{status} {}",
         r.text().await.unwrap()
     );
-    let load = Load::start(
-        bases.to_vec(),
-        CONCURRENCY,
-        deadline + Duration::from_secs(2),
-        Mix,
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, before_kill) = b.get("/v1/batches/failover").await;
+    let before_kill: Value = serde_json::from_str(&before_kill).unwrap();
+    assert_ne!(
+        before_kill["status"], "completed",
+        "the batch ended before the kill: {before_kill}"
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
 
     // SIGKILL the cache stream's leader, 5 s down, then back.
     let mut stream = js.get_stream("KV_optiroute-cache").await.unwrap();
@@ -171,6 +200,34 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     cluster.kill(victim);
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.restart(victim);
+    // The restarted node catches up: the stream has its three copies again.
+    wait_until(
+        "the cache stream's 3 copies",
+        Duration::from_secs(30),
+        || {
+            let js = js.clone();
+            async move {
+                let Ok(Ok(mut st)) = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    js.get_stream("KV_optiroute-cache"),
+                )
+                .await
+                else {
+                    return false;
+                };
+                let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(1), st.info()).await
+                else {
+                    return false;
+                };
+                info.cluster.as_ref().is_some_and(|c| {
+                    c.leader.is_some()
+                        && c.replicas.len() == 2
+                        && c.replicas.iter().all(|r| r.current)
+                })
+            }
+        },
+    )
+    .await;
     // Load after the restart; bench/cluster.sh runs it longer.
     let after = std::env::var("FAILOVER_AFTER_SECS")
         .ok()
@@ -180,7 +237,8 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     let samples = load.stop().await;
 
     // What happened.
-    let rate_before = load::rate_before(&samples, killed_at);
+    // The rate in the second before the kill, with the batch running.
+    let rate_before = load::rate_between(&samples, killed_at - Duration::from_secs(1), killed_at);
     let failed: Vec<&load::Sample> = samples.iter().filter(|s| s.status != 200).collect();
     let fell_back = samples
         .iter()
@@ -200,13 +258,25 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     // Every answer right; failures only 503/504, within the deadline, and
     // none for requests sent more than 2 s after the kill.
     assert!(samples.iter().all(|s| s.right), "a wrong answer");
+    for s in &samples {
+        assert!(s.took <= deadline + Duration::from_millis(500), "{s:?}");
+    }
+    let hits = samples.iter().filter(|s| s.cached).count();
+    assert!(
+        hits * 4 >= samples.len(),
+        "{hits} of {} were cache hits",
+        samples.len()
+    );
     for s in &failed {
         assert!(
             s.status == 503 || s.status == 504,
             "a request failed with {} (0: no answer by the deadline + 2 s): {s:?}",
             s.status
         );
-        assert!(s.took <= deadline + Duration::from_millis(500), "{s:?}");
+        assert!(
+            s.done() >= killed_at,
+            "a request failed before the kill: {s:?}"
+        );
         assert!(
             s.sent <= killed_at + Duration::from_secs(2),
             "a request sent {:?} after the kill failed: {s:?}",
@@ -254,9 +324,15 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         assert!(is_right(&prompt, &r["response"]), "{r}");
     }
 
-    // Every OptiRoute part still serves, with no restart.
-    a.wait_serving().await;
-    b.wait_serving().await;
+    // Every OptiRoute part still serves, with no restart: both routers, both
+    // pools, both ingresses and the batch worker.
+    for (service, n) in [
+        ("optiroute-router", 2),
+        ("optiroute-local", 1),
+        ("optiroute-cloud", 1),
+    ] {
+        assert_eq!(instances(&probe, service).await, n, "{service}");
+    }
     for base in &bases {
         let r = reqwest::get(format!("{base}/ready")).await.unwrap();
         assert_eq!(r.status().as_u16(), 200, "{base}/ready");
@@ -277,12 +353,25 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         },
     )
     .await;
-    for i in 0..HOT_PROMPTS {
+    let cache = c.router.as_ref().unwrap().cache.clone();
+    wait_until("the cache bucket", Duration::from_secs(30), move || {
+        let cache = cache.clone();
+        async move { cache.is_connected() }
+    })
+    .await;
+    let ready = c.url("/ready");
+    wait_until("the new ingress", Duration::from_secs(30), || {
+        let ready = ready.clone();
+        async move { matches!(reqwest::get(ready).await, Ok(r) if r.status() == 200) }
+    })
+    .await;
+    // The kept prompts were written once, before the kill, and never again.
+    for i in 0..KEPT_PROMPTS {
         let (status, body) = c
-            .generate(&json!({"prompt": hot(i), "provider": "local"}))
+            .generate(&json!({"prompt": kept(i), "provider": "local"}))
             .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["cached"], true, "{body}");
-        assert_eq!(body["text"].as_str(), Some(expected(&hot(i)).as_str()));
+        assert_eq!(body["text"].as_str(), Some(expected(&kept(i)).as_str()));
     }
 }

@@ -10,11 +10,6 @@ use optiroute_testkit::procs::{bin_dir, free_port, Proc};
 use optiroute_testkit::{wait_until, NatsServer};
 use serde_json::{json, Value};
 
-/// The stack's binaries, from the same build as this test (what
-/// `scripts/build.sh`, run by `up.sh` and `test.sh`, makes): the folder this
-/// test binary's `deps/` sits in. Brought up to date once per run (a no-op
-/// after `scripts/test.sh`), so the test never runs stale ones.
-
 #[tokio::test]
 async fn the_real_binaries_serve_and_stop_cleanly() {
     let nats = NatsServer::start();

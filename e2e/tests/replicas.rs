@@ -10,7 +10,7 @@ use std::time::Duration;
 use optiroute_providers::simulated::SimulatedEngine;
 use optiroute_testkit::load::{self, Load, Sample, Workload};
 use optiroute_testkit::procs::{free_port, Proc};
-use optiroute_testkit::{wait_until, NatsServer};
+use optiroute_testkit::{instances, wait_until, NatsServer};
 use serde_json::{json, Value};
 
 const CONCURRENCY: usize = 16;
@@ -33,21 +33,6 @@ impl Workload for NewPrompts {
                     SimulatedEngine::completion_tokens(u32::MAX),
                 ))
     }
-}
-
-/// How many instances of `service` answer `$SRV.PING`.
-async fn instances(nc: &async_nats::Client, service: &str) -> usize {
-    use futures::StreamExt;
-    let inbox = nc.new_inbox();
-    let mut sub = nc.subscribe(inbox.clone()).await.unwrap();
-    nc.publish_with_reply(format!("$SRV.PING.{service}"), inbox, "".into())
-        .await
-        .unwrap();
-    let mut n = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
-        n += 1;
-    }
-    n
 }
 
 /// Was `s` in flight in a process killed at `at`: sent before the kill
@@ -131,13 +116,19 @@ per_token_ms = 0
     let samples = load.stop().await;
 
     let rate = load::rate_before(&samples, router_killed);
+    // The router kill's recovery, up to the pool kill.
+    let until_pool_kill: Vec<Sample> = samples
+        .iter()
+        .filter(|s| s.done() < local_killed)
+        .cloned()
+        .collect();
     println!(
         "replicas: {} requests, failed by status {:?}; {rate:.0} req/s before; \
          after the router kill full throughput again in {:.2?}, after the pool kill in {:.2?}; \
          longest gap without a success {:.2?}",
         samples.len(),
         load::failures_by_status(&samples),
-        load::recovery(&samples, router_killed, rate),
+        load::recovery(&until_pool_kill, router_killed, rate),
         load::recovery(&samples, local_killed, rate),
         load::longest_gap(&samples),
     );

@@ -97,3 +97,21 @@ pub async fn scrape(addr: std::net::SocketAddr) -> String {
         .await
         .unwrap()
 }
+
+/// How many instances of NATS service `service` answer `$SRV.PING` within
+/// 200 ms of the last answer.
+pub async fn instances(nc: &async_nats::Client, service: &str) -> usize {
+    use futures::StreamExt;
+    let inbox = nc.new_inbox();
+    let mut sub = nc.subscribe(inbox.clone()).await.unwrap();
+    nc.publish_with_reply(format!("$SRV.PING.{service}"), inbox, "".into())
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Ok(Some(_)) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), sub.next()).await
+    {
+        n += 1;
+    }
+    n
+}

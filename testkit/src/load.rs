@@ -19,6 +19,8 @@ pub struct Sample {
     pub status: u16,
     pub right: bool,
     pub provider: Option<String>,
+    /// Answered from the cache.
+    pub cached: bool,
 }
 
 impl Sample {
@@ -90,12 +92,14 @@ impl Load {
                         let took = t0.elapsed() - sent;
                         let right = status != 200 || workload.is_right(&body, &answer);
                         let provider = answer["provider"].as_str().map(str::to_string);
+                        let cached = answer["cached"] == true;
                         samples.lock().unwrap().push(Sample {
                             sent,
                             took,
                             status,
                             right,
                             provider,
+                            cached,
                         });
                     }
                 })
@@ -122,11 +126,16 @@ impl Load {
 
 /// Successes per second among the samples answered before `until`.
 pub fn rate_before(samples: &[Sample], until: Duration) -> f64 {
+    rate_between(samples, Duration::ZERO, until)
+}
+
+/// Successes per second among the samples answered in `[from, until)`.
+pub fn rate_between(samples: &[Sample], from: Duration, until: Duration) -> f64 {
     samples
         .iter()
-        .filter(|s| s.status == 200 && s.done() < until)
+        .filter(|s| s.status == 200 && s.done() >= from && s.done() < until)
         .count() as f64
-        / until.as_secs_f64()
+        / (until - from).as_secs_f64()
 }
 
 /// The longest time between two successive successes.
@@ -143,23 +152,32 @@ pub fn longest_gap(samples: &[Sample]) -> Duration {
         .unwrap_or_default()
 }
 
-/// How long after `from` the successes per 250 ms were back to 80 % of
-/// `rate` (per second); `None` if they never were.
+/// How long after `from` until the successes per 250 ms stayed at 80 % of
+/// `rate` (per second) or more for the rest of the run: the end of the last
+/// slower interval (zero if none was slower); `None` if the run ended slow.
 pub fn recovery(samples: &[Sample], from: Duration, rate: f64) -> Option<Duration> {
     let bucket = Duration::from_millis(250);
-    let end = samples.iter().map(Sample::done).max()?;
+    // The last interval is left out: the workers stop during it.
+    let end = samples
+        .iter()
+        .map(Sample::done)
+        .max()?
+        .checked_sub(bucket)?;
     let mut t = from;
+    let mut back = Some(Duration::ZERO);
     while t + bucket <= end {
         let n = samples
             .iter()
             .filter(|s| s.status == 200 && s.done() >= t && s.done() < t + bucket)
             .count() as f64;
-        if n / bucket.as_secs_f64() >= 0.8 * rate {
-            return Some(t - from);
-        }
+        back = if n / bucket.as_secs_f64() >= 0.8 * rate {
+            back.or(Some(t - from))
+        } else {
+            None
+        };
         t += bucket;
     }
-    None
+    back
 }
 
 /// Failed samples counted by status, for a report.

@@ -14,6 +14,7 @@ struct Node {
     name: String,
     port: u16,
     conf: PathBuf,
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -68,6 +69,7 @@ impl NatsCluster {
                 )
                 .unwrap();
                 Node {
+                    log: dir.path().join(format!("{name}.log")),
                     name,
                     port: client_ports[i],
                     conf,
@@ -102,25 +104,36 @@ impl NatsCluster {
 
     fn spawn(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let child = Command::new(binary())
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        let mut child = Command::new(binary())
             .arg("-c")
             .arg(&node.conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nats-server ({:?}): {e}", binary()));
-        node.child = Some(child);
         let addr: SocketAddr = format!("127.0.0.1:{}", node.port).parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        // Up when its port answers and it is still running (another
+        // process may have taken a port chosen free a moment before).
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err()
+            || child.try_wait().unwrap().is_some()
+        {
+            let exited = child.try_wait().unwrap();
             assert!(
-                Instant::now() < deadline,
-                "nats-server {} did not start on port {}",
+                exited.is_none() && Instant::now() < deadline,
+                "nats-server {} did not start on port {} ({exited:?}): {}",
                 node.name,
-                node.port
+                node.port,
+                std::fs::read_to_string(&node.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        node.child = Some(child);
     }
 
     /// SIGKILLs node `i`: no shutdown, no flush.

@@ -7,8 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The target dir's profile folder holding the stack's binaries, after
-/// building them into the test's own target dir (a no-op after `scripts/build.sh`).
+/// The stack's binaries, from the same build as the running test (what
+/// `scripts/build.sh`, run by `up.sh` and `test.sh`, makes): the folder the
+/// test binary's `deps/` sits in. Brought up to date once per run (a no-op
+/// after `scripts/test.sh`), so a test never runs stale ones.
 pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -53,7 +55,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A child process killed on drop.
 /// One of the stack's binaries, running; SIGKILLed on drop.
 pub struct Proc {
     pub name: &'static str,
@@ -77,7 +78,6 @@ impl Proc {
     }
 
     /// SIGTERM, then the exit status within `within`.
-    /// SIGTERM, then waits at most `within` for it to exit.
     pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
         let ok = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
