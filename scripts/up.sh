@@ -39,13 +39,28 @@ wait "$fetch" || { echo "up: fetching the model failed" >&2; exit 1; }
 run="$root/.run"
 mkdir -p "$run/logs" "$run/nats"
 pids=()
+nats_pids=()
+worker_pids=()
+# stop PID...: SIGTERM, then SIGKILL what still runs after 15 s.
+stop() {
+  [ "$#" -gt 0 ] || return 0
+  local pid alive
+  for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for _ in $(seq 1 150); do
+    alive=0
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && return 0
+    sleep 0.1
+  done
+  for pid in "$@"; do kill -KILL "$pid" 2>/dev/null || true; done
+}
 cleanup() {
   trap - INT TERM EXIT
   echo
   echo "up: stopping"
-  # Workers first (they drain), NATS last.
-  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  # Workers first (they drain, still connected), NATS last.
+  stop "${worker_pids[@]}"
+  stop "${nats_pids[@]}"
 }
 trap 'cleanup; exit 0' INT TERM
 trap cleanup EXIT
@@ -54,12 +69,16 @@ port_used() { (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 wait_port() { for _ in $(seq 1 100); do port_used "$1" && return 0; sleep 0.1; done; return 1; }
 mkdir -p "$run/pids"
 rm -f "$run/pids/"*.pid
+# Each process in its own process group, so Ctrl-C reaches only this
+# script, which then stops the workers before NATS.
+set -m
 # start NAME PROGRAM [ARGS...]: runs it in the background, logs to
 # .run/logs/NAME.log, pid in .run/pids/NAME.pid.
 start() {
   local name="$1"; shift
   "$@" >"$run/logs/$name.log" 2>&1 &
   pids+=($!)
+  case "$name" in nats*) nats_pids+=($!) ;; *) worker_pids+=($!) ;; esac
   echo $! >"$run/pids/$name.pid"
 }
 bin="${CARGO_TARGET_DIR:-$root/target}/$profile"
@@ -76,7 +95,7 @@ if [ "$cluster" = 0 ]; then
   done
   ingress_ports="8000"
 else
-  for port in 4222 4223 4224 6222 6223 6224 8000 8001; do
+  for port in 4222 4223 4224 6222 6223 6224 8222 8223 8224 8000 8001 9100 9101 9102 9103 9104 9110 9111; do
     if port_used "$port"; then echo "up: 127.0.0.1:$port is in use; stop what listens there first" >&2; exit 1; fi
   done
   ./scripts/make-certs.sh >/dev/null
@@ -93,7 +112,11 @@ else
   as_role() {
     local user="$1" inbox="$2"; shift 2
     local url="" port
-    for port in 4222 4223 4224; do url+="${url:+,}tls://$user:change-me-$user@127.0.0.1:$port"; done
+    # The passwords of nats/accounts.conf; after changing them there, pass
+    # them as NATS_PASSWORD_<USER> (e.g. NATS_PASSWORD_ROUTER).
+    local var="NATS_PASSWORD_${user^^}"
+    local password="${!var:-change-me-$user}"
+    for port in 4222 4223 4224; do url+="${url:+,}tls://$user:$password@127.0.0.1:$port"; done
     exec env OPTIROUTE__NATS__URL="$url" OPTIROUTE__NATS__TLS_CA_FILE="$root/nats/cluster/certs/ca.pem" \
       OPTIROUTE__NATS__INBOX_PREFIX="$inbox" OPTIROUTE__NATS__REPLICAS=3 "$@"
   }
