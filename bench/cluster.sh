@@ -9,9 +9,20 @@
 #      to full throughput.
 # Settings: BENCH_LINES=2000 BENCH_UPDATES=2000 BENCH_ROUNDS=2
 #           FAILOVER_AFTER_SECS=20 (load after the restart)
+# Both run in the test (debug) profile, the build ./scripts/test.sh makes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-cargo test --quiet -p optiroute-e2e --test cluster_bench -- --ignored --nocapture 2>&1 | grep -E '^(cluster|sync_interval|2m|always) '
-FAILOVER_AFTER_SECS="${FAILOVER_AFTER_SECS:-20}" \
-  cargo test --quiet -p optiroute-e2e --test failover -- --nocapture 2>&1 | grep -E '^failover:|test result'
+log="$(mktemp -t optiroute-cluster-bench.XXXXXX)"
+run() {
+  if ! "$@" >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "cluster: failed: $*" >&2
+    exit 1
+  fi
+}
+run cargo test --quiet -p optiroute-e2e --test cluster_bench -- --ignored --nocapture
+grep -E '^(cluster|sync_interval|2m|always) ' "$log"
+run env FAILOVER_AFTER_SECS="${FAILOVER_AFTER_SECS:-20}" cargo test --quiet -p optiroute-e2e --test failover -- --nocapture
+grep -E '^failover:' "$log"
+rm -f "$log"

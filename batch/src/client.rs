@@ -118,6 +118,12 @@ impl BatchClient {
             })
             .await
             .map_err(|e| js_error("batch stream", e))?;
+        optiroute_common::nats::check_replicas(
+            "batch stream",
+            &b.stream,
+            jobs.cached_info().config.num_replicas,
+            cfg.nats.replicas,
+        );
         let meta = open_bucket(
             &js,
             &b.meta_bucket,
@@ -603,6 +609,14 @@ async fn open_bucket(
     replicas: usize,
 ) -> Result<kv::Store, Error> {
     if let Ok(store) = js.get_key_value(name).await {
+        if let Ok(status) = store.status().await {
+            optiroute_common::nats::check_replicas(
+                "batch bucket",
+                &status.info.config.name,
+                status.info.config.num_replicas,
+                replicas,
+            );
+        }
         return Ok(store);
     }
     js.create_key_value(kv::Config {

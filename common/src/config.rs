@@ -331,8 +331,18 @@ impl Config {
             !given("batch", "results_bucket"),
             !given("batch", "consumer"),
         ];
-        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(root))
-            .map_err(|e| Error::bad_request(format!("config key `{}`: {}", e.path(), e.inner())))?;
+        let mut cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(root)).map_err(|e| {
+                let path = e.path().to_string();
+                // Keys that moved: say where.
+                let moved = match path.as_str() {
+                    "cache.replicas" | "batch.replicas" => {
+                        " (moved to `nats.replicas`, one setting for every stream and bucket)"
+                    }
+                    _ => "",
+                };
+                Error::bad_request(format!("config key `{path}`: {}{moved}", e.inner()))
+            })?;
         // JetStream names not set follow the prefix, so deployments under
         // different prefixes never share a cache or a batch queue.
         let names = crate::protocol::JetStreamNames::for_prefix(&cfg.nats.prefix);
@@ -558,6 +568,26 @@ mod tests {
         assert_eq!(c.ingress.admin_listen, "127.0.0.1:9100");
         assert_eq!(c.cloud.breaker.failure_threshold, 3);
         assert_eq!(c.cache.ttl_secs, 3600);
+    }
+
+    #[test]
+    fn replicas_is_one_setting_and_the_old_keys_say_where_it_went() {
+        let set = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let c = Config::from_parts(None, &[], &set("nats.replicas", "3")).unwrap();
+        assert_eq!(c.nats.replicas, 3);
+        for old in ["cache.replicas", "batch.replicas"] {
+            let e = Config::from_parts(None, &[], &set(old, "3")).unwrap_err();
+            assert!(e.message.contains(old), "{}", e.message);
+            assert!(
+                e.message.contains("moved to `nats.replicas`"),
+                "{}",
+                e.message
+            );
+        }
+        for bad in ["0", "6"] {
+            let e = Config::from_parts(None, &[], &set("nats.replicas", bad)).unwrap_err();
+            assert!(e.message.contains("nats.replicas"), "{}", e.message);
+        }
     }
 
     #[test]

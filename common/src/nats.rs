@@ -444,3 +444,20 @@ mod tests {
         );
     }
 }
+
+/// Warns when a stream or bucket that already existed keeps another number
+/// of copies than `nats.replicas` asks for: an existing one is used as it
+/// is (raising `nats.replicas` later does not move its data; an operator
+/// changes it with `nats stream edit <stream> --replicas <n>`).
+pub fn check_replicas(what: &str, stream: &str, have: usize, want: usize) {
+    if have != want {
+        tracing::warn!(
+            what,
+            stream,
+            have,
+            want,
+            "the existing stream has another number of replicas than nats.replicas; \
+             it is used as it is (nats stream edit <stream> --replicas <n> changes it)"
+        );
+    }
+}

@@ -266,6 +266,14 @@ impl Cache {
         let existing =
             tokio::time::timeout(timeout, js.get_key_value(self.cfg.bucket.clone())).await;
         if let Ok(Ok(store)) = existing {
+            if let Ok(Ok(status)) = tokio::time::timeout(timeout, store.status()).await {
+                optiroute_common::nats::check_replicas(
+                    "cache",
+                    &status.info.config.name,
+                    status.info.config.num_replicas,
+                    self.replicas,
+                );
+            }
             return Ok(store);
         }
         let config = kv::Config {
