@@ -385,6 +385,23 @@ pub fn reply_error(headers: Option<&HeaderMap>, body: &[u8], format: Format) -> 
     Some(Error::new(kind, message))
 }
 
+/// Warns when a stream or bucket that already existed keeps another number
+/// of copies than `nats.replicas` asks for: an existing one is used as it
+/// is (raising `nats.replicas` later does not move its data; an operator
+/// changes it with `nats stream edit <stream> --replicas <n>`).
+pub fn check_replicas(what: &str, stream: &str, have: usize, want: usize) {
+    if have != want {
+        tracing::warn!(
+            what,
+            stream,
+            have,
+            want,
+            "the existing stream has another number of replicas than nats.replicas; \
+             it is used as it is (nats stream edit <stream> --replicas <n> changes it)"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,23 +458,6 @@ mod tests {
         assert_eq!(
             server_urls("nats://u:p@a:4222, nats://b:4222,,tls://t@[::1]:4222"),
             vec!["nats://a:4222", "nats://b:4222", "tls://[::1]:4222"]
-        );
-    }
-}
-
-/// Warns when a stream or bucket that already existed keeps another number
-/// of copies than `nats.replicas` asks for: an existing one is used as it
-/// is (raising `nats.replicas` later does not move its data; an operator
-/// changes it with `nats stream edit <stream> --replicas <n>`).
-pub fn check_replicas(what: &str, stream: &str, have: usize, want: usize) {
-    if have != want {
-        tracing::warn!(
-            what,
-            stream,
-            have,
-            want,
-            "the existing stream has another number of replicas than nats.replicas; \
-             it is used as it is (nats stream edit <stream> --replicas <n> changes it)"
         );
     }
 }
