@@ -296,8 +296,20 @@ impl LocalConfig {
 pub struct EmbeddedConfig {
     /// GGUF file, relative to the working directory; `scripts/fetch-model.sh` fetches it.
     pub model_path: String,
-    /// Generations at once, one core each; 0 = one per available core.
+    /// Sequences decoded together in one batch (continuous batching);
+    /// more wait in line until their deadline. 0 = 16.
     pub max_concurrent: usize,
+    /// Sequences waiting to join the batch; past it requests are refused
+    /// as overloaded.
+    pub max_queue: usize,
+    /// KV cache memory the active sequences may reserve, in MiB (each
+    /// reserves its prompt plus `max_tokens` when it joins).
+    pub max_kv_cache_mib: usize,
+    /// Prompt tokens processed per step (a long prompt is read in chunks
+    /// so it never stalls the other sequences for long).
+    pub prefill_chunk: usize,
+    /// Threads the engine uses for each step; 0 = one per available core.
+    pub threads: usize,
     /// 1.0 turns it off.
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty looks at.
@@ -311,6 +323,10 @@ impl Default for EmbeddedConfig {
         EmbeddedConfig {
             model_path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             max_concurrent: 0,
+            max_queue: 256,
+            max_kv_cache_mib: 512,
+            prefill_chunk: 64,
+            threads: 0,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
             seed: 299_792_458,
@@ -646,6 +662,16 @@ impl Config {
         }
         if self.cache.max_waiters_per_key == 0 {
             return bad("cache.max_waiters_per_key", "must be at least 1");
+        }
+        let e = &self.local.embedded;
+        if e.max_concurrent > 1024 {
+            return bad("local.embedded.max_concurrent", "must be at most 1024 (0 = 16)");
+        }
+        if e.max_kv_cache_mib == 0 {
+            return bad("local.embedded.max_kv_cache_mib", "must be at least 1");
+        }
+        if e.prefill_chunk == 0 || e.prefill_chunk > 4096 {
+            return bad("local.embedded.prefill_chunk", "must be between 1 and 4096");
         }
         let mut prices = vec![
             (

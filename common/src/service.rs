@@ -54,6 +54,10 @@ pub struct EndpointSpec {
     pub reply_prefixes: Vec<String>,
 }
 
+/// Extra figures for the endpoint's `$SRV.STATS` `data` (e.g. a worker's
+/// load: active sequences, queue length, tokens/s).
+pub type StatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// Serves `spec.subject` until `shutdown` is cancelled, then stops intake and
 /// waits (bounded) for the requests in flight.
 pub async fn serve<H: Handler>(
@@ -63,8 +67,24 @@ pub async fn serve<H: Handler>(
     metrics: ServiceMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let service = client
-        .service_builder()
+    serve_with_stats(client, spec, handler, metrics, shutdown, None).await
+}
+
+/// [`serve`], with `stats` reported as the endpoint's `data` in the NATS
+/// service API's stats (`$SRV.STATS`, `nats micro stats`).
+pub async fn serve_with_stats<H: Handler>(
+    client: Client,
+    spec: EndpointSpec,
+    handler: Arc<H>,
+    metrics: ServiceMetrics,
+    shutdown: CancellationToken,
+    stats: Option<StatsFn>,
+) -> Result<(), Error> {
+    let mut builder = client.service_builder();
+    if let Some(stats) = stats {
+        builder = builder.stats_handler(move |_endpoint, _stats| stats());
+    }
+    let service = builder
         .description(spec.description.clone())
         .queue_group(spec.queue_group.clone())
         .start(spec.service.clone(), crate::VERSION)

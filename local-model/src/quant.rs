@@ -215,14 +215,60 @@ impl QMatrix {
     /// weights) and `x` the floats (for F32 weights).
     pub fn matvec(&self, x: &[f32], act: &[BlockAct], out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.rows);
+        self.matmul_rows(x, act, 1, 0..self.rows, out, self.rows);
+    }
+
+    /// The product with `n` columns at once, for the rows in `rows`:
+    /// `out[c * ld + (r - rows.start)] = row r · column c`. Column `c` is
+    /// `x[c * cols..]` as floats (F32 weights) and `act[c * cols / 32..]`
+    /// quantized. Each weight block is read once for all `n` columns.
+    ///
+    /// Every (row, column) pair is computed with the same arithmetic in the
+    /// same order whatever `n`, `rows` and the tiling, so a sequence gets
+    /// bit-identical results alone or in a batch, on any thread.
+    pub fn matmul_rows(
+        &self,
+        x: &[f32],
+        act: &[BlockAct],
+        n: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        debug_assert!(rows.end <= self.rows && ld >= rows.len());
         match &self.data {
             QData::F32(w) => {
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(self.cols)) {
-                    *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
+                for r in rows.clone() {
+                    let row = &w[r * self.cols..(r + 1) * self.cols];
+                    for c in 0..n {
+                        let xc = &x[c * self.cols..(c + 1) * self.cols];
+                        out[c * ld + r - rows.start] = row.iter().zip(xc).map(|(a, b)| a * b).sum();
+                    }
                 }
             }
-            QData::Q4_1(w) => simd::matvec_q4_1(w, self.cols / BLOCK, act, out),
-            QData::Q8_0(w) => simd::matvec_q8_0(w, self.cols / BLOCK, act, out),
+            QData::Q4_1(w) => simd::matmul_q4_1(w, self.cols / BLOCK, rows, act, n, out, ld),
+            QData::Q8_0(w) => simd::matmul_q8_0(w, self.cols / BLOCK, rows, act, n, out, ld),
+        }
+    }
+}
+
+/// The portable product over a range of rows (same layout as
+/// [`QMatrix::matmul_rows`]).
+#[allow(clippy::too_many_arguments)]
+fn matmul_portable<B>(
+    w: &[B],
+    kb: usize,
+    rows: std::ops::Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+    dot: impl Fn(&[B], &[BlockAct]) -> f32,
+) {
+    for r in rows.clone() {
+        let row = &w[r * kb..(r + 1) * kb];
+        for c in 0..n {
+            out[c * ld + r - rows.start] = dot(row, &act[c * kb..(c + 1) * kb]);
         }
     }
 }
@@ -280,9 +326,11 @@ fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{
-        dot_q4_1_portable, dot_q8_0_portable, quantize_portable, BlockAct, BlockQ4_1, BlockQ8_0,
+        dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct,
+        BlockQ4_1, BlockQ8_0,
     };
     use pulp::bytemuck::cast;
+    use std::ops::Range;
     use pulp::x86::V3;
     use std::arch::x86_64::{__m128i, __m256, __m256i};
 
@@ -306,115 +354,162 @@ mod simd {
             ._mm256_and_si256(both, simd.avx._mm256_set1_epi8(0x0f))
     }
 
-    /// Four rows at once: the activation block is loaded once for all four
-    /// and the four accumulations are independent.
+    /// An R-row by C-column tile: each weight block is unpacked once for
+    /// the C columns and each activation block loaded once for the R rows;
+    /// the R*C accumulations are independent. Per (row, column) the
+    /// arithmetic is the same for every tile shape.
     #[inline(always)]
-    fn q4_1_rows4(simd: V3, w: [&[BlockQ4_1]; 4], act: &[BlockAct]) -> [f32; 4] {
+    #[allow(clippy::needless_range_loop)]
+    fn q4_1_tile<const R: usize, const C: usize>(
+        simd: V3,
+        w: [&[BlockQ4_1]; R],
+        a: [&[BlockAct]; C],
+    ) -> [[f32; C]; R] {
         let ones = simd.avx._mm256_set1_epi16(1);
-        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        let mut macc = [0f32; 4];
-        for (i, a) in act.iter().enumerate() {
-            let y: __m256i = cast(a.qs);
-            for r in 0..4 {
+        let mut acc = [[simd.avx._mm256_setzero_ps(); C]; R];
+        let mut macc = [[0f32; C]; R];
+        let kb = a[0].len();
+        for i in 0..kb {
+            let ys: [__m256i; C] = std::array::from_fn(|c| cast(a[c][i].qs));
+            for r in 0..R {
                 let b = &w[r][i];
-                let p16 = simd.avx2._mm256_maddubs_epi16(nibbles(simd, b.qs), y);
-                let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
-                let f = simd.avx._mm256_cvtepi32_ps(p32);
-                acc[r] = simd
-                    .fma
-                    ._mm256_fmadd_ps(simd.avx._mm256_set1_ps(b.d * a.d), f, acc[r]);
-                macc[r] += b.m * a.s;
+                let x = nibbles(simd, b.qs);
+                for c in 0..C {
+                    let p16 = simd.avx2._mm256_maddubs_epi16(x, ys[c]);
+                    let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
+                    let f = simd.avx._mm256_cvtepi32_ps(p32);
+                    acc[r][c] = simd.fma._mm256_fmadd_ps(
+                        simd.avx._mm256_set1_ps(b.d * a[c][i].d),
+                        f,
+                        acc[r][c],
+                    );
+                    macc[r][c] += b.m * a[c][i].s;
+                }
             }
         }
-        [
-            hsum(simd, acc[0]) + macc[0],
-            hsum(simd, acc[1]) + macc[1],
-            hsum(simd, acc[2]) + macc[2],
-            hsum(simd, acc[3]) + macc[3],
-        ]
+        std::array::from_fn(|r| std::array::from_fn(|c| hsum(simd, acc[r][c]) + macc[r][c]))
     }
 
     #[inline(always)]
-    fn q8_0_rows4(simd: V3, w: [&[BlockQ8_0]; 4], act: &[BlockAct]) -> [f32; 4] {
+    #[allow(clippy::needless_range_loop)]
+    fn q8_0_tile<const R: usize, const C: usize>(
+        simd: V3,
+        w: [&[BlockQ8_0]; R],
+        a: [&[BlockAct]; C],
+    ) -> [[f32; C]; R] {
         let ones = simd.avx._mm256_set1_epi16(1);
-        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        for (i, a) in act.iter().enumerate() {
-            let y: __m256i = cast(a.qs);
-            for r in 0..4 {
+        let mut acc = [[simd.avx._mm256_setzero_ps(); C]; R];
+        let kb = a[0].len();
+        for i in 0..kb {
+            let ys: [__m256i; C] = std::array::from_fn(|c| cast(a[c][i].qs));
+            for r in 0..R {
                 let b = &w[r][i];
                 let x: __m256i = cast(b.qs);
                 // maddubs wants unsigned × signed: move x's sign onto y.
                 let ax = simd.avx2._mm256_sign_epi8(x, x);
-                let sy = simd.avx2._mm256_sign_epi8(y, x);
-                let p16 = simd.avx2._mm256_maddubs_epi16(ax, sy);
-                let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
-                let f = simd.avx._mm256_cvtepi32_ps(p32);
-                acc[r] = simd
-                    .fma
-                    ._mm256_fmadd_ps(simd.avx._mm256_set1_ps(b.d * a.d), f, acc[r]);
-            }
-        }
-        [
-            hsum(simd, acc[0]),
-            hsum(simd, acc[1]),
-            hsum(simd, acc[2]),
-            hsum(simd, acc[3]),
-        ]
-    }
-
-    #[inline(always)]
-    fn matvec_q4_1_v3(simd: V3, w: &[BlockQ4_1], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        let mut rows = w.chunks_exact(kb);
-        let mut outs = out.chunks_exact_mut(4);
-        for o in &mut outs {
-            let (Some(r0), Some(r1), Some(r2), Some(r3)) =
-                (rows.next(), rows.next(), rows.next(), rows.next())
-            else {
-                break;
-            };
-            o.copy_from_slice(&q4_1_rows4(simd, [r0, r1, r2, r3], act));
-        }
-        for (o, r) in outs.into_remainder().iter_mut().zip(rows) {
-            *o = dot_q4_1_portable(r, act);
-        }
-    }
-
-    #[inline(always)]
-    fn matvec_q8_0_v3(simd: V3, w: &[BlockQ8_0], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        let mut rows = w.chunks_exact(kb);
-        let mut outs = out.chunks_exact_mut(4);
-        for o in &mut outs {
-            let (Some(r0), Some(r1), Some(r2), Some(r3)) =
-                (rows.next(), rows.next(), rows.next(), rows.next())
-            else {
-                break;
-            };
-            o.copy_from_slice(&q8_0_rows4(simd, [r0, r1, r2, r3], act));
-        }
-        for (o, r) in outs.into_remainder().iter_mut().zip(rows) {
-            *o = dot_q8_0_portable(r, act);
-        }
-    }
-
-    pub fn matvec_q4_1(w: &[BlockQ4_1], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        match V3::try_new() {
-            Some(simd) => simd.vectorize(move || matvec_q4_1_v3(simd, w, kb, act, out)),
-            None => {
-                for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-                    *o = dot_q4_1_portable(r, act);
+                for c in 0..C {
+                    let sy = simd.avx2._mm256_sign_epi8(ys[c], x);
+                    let p16 = simd.avx2._mm256_maddubs_epi16(ax, sy);
+                    let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
+                    let f = simd.avx._mm256_cvtepi32_ps(p32);
+                    acc[r][c] = simd.fma._mm256_fmadd_ps(
+                        simd.avx._mm256_set1_ps(b.d * a[c][i].d),
+                        f,
+                        acc[r][c],
+                    );
                 }
             }
         }
+        std::array::from_fn(|r| std::array::from_fn(|c| hsum(simd, acc[r][c])))
     }
 
-    pub fn matvec_q8_0(w: &[BlockQ8_0], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        match V3::try_new() {
-            Some(simd) => simd.vectorize(move || matvec_q8_0_v3(simd, w, kb, act, out)),
-            None => {
-                for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-                    *o = dot_q8_0_portable(r, act);
+    /// Tiles a row range: 4 rows at a time; 4 columns at a time as two
+    /// 2x4 tiles, the remaining columns one by one as 4x1 tiles; leftover
+    /// rows as 1x1 tiles.
+    macro_rules! tiled {
+        ($name:ident, $block:ty, $tile:ident) => {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn $name(
+                simd: V3,
+                w: &[$block],
+                kb: usize,
+                rows: Range<usize>,
+                act: &[BlockAct],
+                n: usize,
+                out: &mut [f32],
+                ld: usize,
+            ) {
+                let row = |r: usize| &w[r * kb..(r + 1) * kb];
+                let col = |c: usize| &act[c * kb..(c + 1) * kb];
+                let r0 = rows.start;
+                let mut r = rows.start;
+                while r + 4 <= rows.end {
+                    let mut c = 0;
+                    while c + 4 <= n {
+                        let cols = [col(c), col(c + 1), col(c + 2), col(c + 3)];
+                        for half in [0, 2] {
+                            let t = $tile::<2, 4>(simd, [row(r + half), row(r + half + 1)], cols);
+                            for (dr, tr) in t.iter().enumerate() {
+                                for (dc, v) in tr.iter().enumerate() {
+                                    out[(c + dc) * ld + r + half + dr - r0] = *v;
+                                }
+                            }
+                        }
+                        c += 4;
+                    }
+                    while c < n {
+                        let t = $tile::<4, 1>(simd, [row(r), row(r + 1), row(r + 2), row(r + 3)], [col(c)]);
+                        for (dr, tr) in t.iter().enumerate() {
+                            out[c * ld + r + dr - r0] = tr[0];
+                        }
+                        c += 1;
+                    }
+                    r += 4;
+                }
+                while r < rows.end {
+                    for c in 0..n {
+                        out[c * ld + r - r0] = $tile::<1, 1>(simd, [row(r)], [col(c)])[0][0];
+                    }
+                    r += 1;
                 }
             }
+        };
+    }
+    tiled!(matmul_q4_1_v3, BlockQ4_1, q4_1_tile);
+    tiled!(matmul_q8_0_v3, BlockQ8_0, q8_0_tile);
+
+    pub fn matmul_q4_1(
+        w: &[BlockQ4_1],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        match V3::try_new() {
+            Some(simd) => {
+                simd.vectorize(move || matmul_q4_1_v3(simd, w, kb, rows, act, n, out, ld))
+            }
+            None => matmul_portable(w, kb, rows, act, n, out, ld, dot_q4_1_portable),
+        }
+    }
+
+    pub fn matmul_q8_0(
+        w: &[BlockQ8_0],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        match V3::try_new() {
+            Some(simd) => {
+                simd.vectorize(move || matmul_q8_0_v3(simd, w, kb, rows, act, n, out, ld))
+            }
+            None => matmul_portable(w, kb, rows, act, n, out, ld, dot_q8_0_portable),
         }
     }
 
@@ -430,19 +525,33 @@ mod simd {
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
     use super::{
-        dot_q4_1_portable, dot_q8_0_portable, quantize_portable, BlockAct, BlockQ4_1, BlockQ8_0,
+        dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct,
+        BlockQ4_1, BlockQ8_0,
     };
+    use std::ops::Range;
 
-    pub fn matvec_q4_1(w: &[BlockQ4_1], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-            *o = dot_q4_1_portable(r, act);
-        }
+    pub fn matmul_q4_1(
+        w: &[BlockQ4_1],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        matmul_portable(w, kb, rows, act, n, out, ld, dot_q4_1_portable)
     }
 
-    pub fn matvec_q8_0(w: &[BlockQ8_0], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-            *o = dot_q8_0_portable(r, act);
-        }
+    pub fn matmul_q8_0(
+        w: &[BlockQ8_0],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        matmul_portable(w, kb, rows, act, n, out, ld, dot_q8_0_portable)
     }
 
     pub fn quantize(x: &[f32], out: &mut [BlockAct]) {
@@ -558,6 +667,75 @@ mod tests {
                 (fast[r] - exact[r]).abs() < 0.02 * exact[r].abs().max(1.0),
                 "{fast:?} {exact:?}"
             );
+        }
+    }
+
+    /// A batched product gives, bit for bit, what one column at a time
+    /// gives, for every tile shape and any row range (thread split).
+    #[test]
+    fn batched_products_equal_single_columns_bit_for_bit() {
+        let (rows, cols) = (22, 96);
+        let kb = cols / BLOCK;
+        let q41 = QMatrix {
+            rows,
+            cols,
+            data: QData::Q4_1(
+                (0..rows * kb)
+                    .map(|i| BlockQ4_1 {
+                        d: 0.01 + i as f32 * 0.001,
+                        m: -0.05 + i as f32 * 0.002,
+                        qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
+                    })
+                    .collect(),
+            ),
+        };
+        let q80 = QMatrix {
+            rows,
+            cols,
+            data: QData::Q8_0(
+                (0..rows * kb)
+                    .map(|i| BlockQ8_0 {
+                        d: 0.003 + i as f32 * 0.0001,
+                        qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 255) as i32 - 127) as i8),
+                    })
+                    .collect(),
+            ),
+        };
+        for m in [&q41, &q80] {
+            for n in [1, 2, 3, 4, 5, 8, 11] {
+                let x = pseudo(n * cols, 3 + n as u32);
+                let mut act = Vec::new();
+                quantize_act(&x, &mut act);
+                let mut batched = vec![0f32; n * rows];
+                m.matmul_rows(&x, &act, n, 0..rows, &mut batched, rows);
+                // Two row ranges, as two threads would split them.
+                let mut split = vec![0f32; n * rows];
+                let mut top = vec![0f32; n * 8];
+                m.matmul_rows(&x, &act, n, 0..8, &mut top, 8);
+                let mut bottom = vec![0f32; n * (rows - 8)];
+                m.matmul_rows(&x, &act, n, 8..rows, &mut bottom, rows - 8);
+                for c in 0..n {
+                    split[c * rows..c * rows + 8].copy_from_slice(&top[c * 8..(c + 1) * 8]);
+                    split[c * rows + 8..(c + 1) * rows]
+                        .copy_from_slice(&bottom[c * (rows - 8)..(c + 1) * (rows - 8)]);
+                }
+                for c in 0..n {
+                    let mut single = vec![0f32; rows];
+                    m.matvec(
+                        &x[c * cols..(c + 1) * cols],
+                        &act[c * kb..(c + 1) * kb],
+                        &mut single,
+                    );
+                    for r in 0..rows {
+                        assert_eq!(
+                            batched[c * rows + r].to_bits(),
+                            single[r].to_bits(),
+                            "{m:?} n={n} c={c} r={r}"
+                        );
+                        assert_eq!(split[c * rows + r].to_bits(), single[r].to_bits());
+                    }
+                }
+            }
         }
     }
 }

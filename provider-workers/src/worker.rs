@@ -47,6 +47,20 @@ impl Engine for LocalEngine {
             LocalEngine::Embedded(e) => e.generate(meta, req, sink).await,
         }
     }
+
+    fn ready(&self) -> Result<(), String> {
+        match self {
+            LocalEngine::Embedded(e) => e.ready(),
+            _ => Ok(()),
+        }
+    }
+
+    fn stats(&self) -> Option<serde_json::Value> {
+        match self {
+            LocalEngine::Embedded(e) => Some(e.stats()),
+            _ => None,
+        }
+    }
 }
 
 /// The cloud pool's engine: an OpenAI-compatible client behind a circuit breaker.
@@ -314,18 +328,29 @@ async fn start<E: Engine>(
         metrics: metrics.clone(),
         max_prompt_bytes: setup.max_prompt_bytes,
     });
-    let task = tokio::spawn(service::serve(
+    let stats = engine_stats(&handler.engine);
+    let task = tokio::spawn(service::serve_with_stats(
         client,
         setup.spec,
         handler,
         metrics.service.clone(),
         shutdown,
+        stats,
     ));
     Ok(Running {
         admin_addr,
         metrics,
         task,
     })
+}
+
+/// The engine's load as the endpoint's `$SRV.STATS` data, if it has one.
+fn engine_stats<E: Engine>(engine: &Arc<E>) -> Option<service::StatsFn> {
+    engine.stats()?;
+    let engine = Arc::clone(engine);
+    Some(Arc::new(move || {
+        engine.stats().unwrap_or(serde_json::Value::Null)
+    }))
 }
 
 /// The local pool worker as a process body for [`optiroute_common::cli::main`] (boxed here,
