@@ -1,36 +1,32 @@
 //! Submitting, watching, collecting and cancelling batches: used by the
 //! ingress (`/v1/batches`), the `optiroute batch` command and the workers.
 
-use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{Client, HeaderMap};
-use futures::StreamExt;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use optiroute_common::config::{BatchConfig, Config};
 use optiroute_common::error::ErrorBody;
 use optiroute_common::nats::epoch_ms;
-use optiroute_common::wire::{self, Format, GenerateRequest};
+use optiroute_common::wire::{self, Format};
 use optiroute_common::{Error, ErrorKind};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::model::{BatchMeta, BatchResult, BatchStatus, Job, ResultStatus};
-
-/// One input line as written in the file.
-#[derive(Deserialize)]
-struct InputLine {
-    #[serde(default)]
-    custom_id: Option<String>,
-    #[serde(flatten)]
-    request: GenerateRequest,
-}
+use crate::counters::{self, Counts};
+use crate::model::{BatchMeta, BatchResult, BatchStatus, ResultStatus};
+use crate::upload::{self, Record, Spool, UploadError};
 
 pub struct BatchClient {
     js: jetstream::Context,
     pub cfg: BatchConfig,
     prefix: String,
-    max_prompt_bytes: usize,
+    pub max_prompt_bytes: usize,
+    /// Uploads being read now (see [`Self::upload_permit`]).
+    uploads: Arc<Semaphore>,
     jobs: stream::Stream,
     meta: kv::Store,
     results: kv::Store,
@@ -61,18 +57,61 @@ pub fn content_id(input: &[u8]) -> String {
     format!("b{}", &hex::encode(Sha256::digest(input))[..20])
 }
 
+/// Lines between two checkpoints of a submission's progress.
+const CHECKPOINT_LINES: u64 = 1_000;
+/// Publishes awaiting their acknowledgement at once.
+const PUBLISH_WINDOW: usize = 256;
+/// Result reads in flight at once while streaming results.
+const RESULT_READS: usize = 64;
+/// Counters unchanged this long while nothing is queued mean a worker died
+/// before writing its count: the status recounts.
+const RECOUNT_AFTER: Duration = Duration::from_secs(5);
+
+/// A submission refused or cut off.
+#[derive(Debug)]
+pub struct SubmitError {
+    pub error: Error,
+    /// A line, the line count or the upload is over its limit (HTTP 413).
+    pub too_large: bool,
+}
+
+impl From<Error> for SubmitError {
+    fn from(error: Error) -> Self {
+        SubmitError {
+            error,
+            too_large: false,
+        }
+    }
+}
+
+impl From<UploadError> for SubmitError {
+    fn from(e: UploadError) -> Self {
+        let too_large = matches!(e, UploadError::TooLarge(_));
+        SubmitError {
+            error: e.into_error(),
+            too_large,
+        }
+    }
+}
+
 impl BatchClient {
-    /// Opens (creating when absent) the jobs stream and both buckets.
+    /// Opens (creating when absent) the jobs stream and both buckets, with
+    /// their limits and `batch.retention_hours`.
     pub async fn open(client: Client, cfg: &Config) -> Result<Self, Error> {
         let b = &cfg.batch;
         let js = jetstream::new(client);
         let prefix = cfg.nats.prefix.clone();
+        let retention = Duration::from_secs(b.retention_hours.saturating_mul(3600));
         let jobs = js
             .get_or_create_stream(stream::Config {
                 name: b.stream.clone(),
                 subjects: vec![format!("{prefix}.batch.*")],
                 retention: stream::RetentionPolicy::WorkQueue,
-                duplicate_window: Duration::from_secs(3600),
+                duplicate_window: Duration::from_secs(3600).min(retention),
+                max_age: retention,
+                max_messages: b.max_queued_jobs,
+                max_bytes: b.max_queue_bytes,
+                discard: stream::DiscardPolicy::New,
                 num_replicas: b.replicas,
                 ..Default::default()
             })
@@ -82,7 +121,8 @@ impl BatchClient {
             &js,
             &b.meta_bucket,
             "OptiRoute batches",
-            Duration::ZERO,
+            retention,
+            b.max_meta_bytes,
             b.replicas,
         )
         .await?;
@@ -90,7 +130,8 @@ impl BatchClient {
             &js,
             &b.results_bucket,
             "OptiRoute batch results",
-            Duration::from_secs(b.results_ttl_secs),
+            retention,
+            b.max_results_bytes,
             b.replicas,
         )
         .await?;
@@ -99,6 +140,7 @@ impl BatchClient {
             cfg: b.clone(),
             prefix,
             max_prompt_bytes: cfg.router.max_prompt_bytes,
+            uploads: Arc::new(Semaphore::new(b.max_concurrent_uploads)),
             jobs,
             meta,
             results,
@@ -118,112 +160,196 @@ impl BatchClient {
         &self.jobs
     }
 
-    /// Submits a JSONL input. Each non-blank line is one job; an invalid
-    /// line becomes an error result at once. Resubmitting the same content
-    /// (or the same `id`) publishes nothing twice.
+    pub fn meta_store(&self) -> &kv::Store {
+        &self.meta
+    }
+
+    /// A place among the uploads read at once (`batch.max_concurrent_uploads`),
+    /// or an `overloaded` error at once when all are taken.
+    pub fn upload_permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.uploads.clone().try_acquire_owned().map_err(|_| {
+            Error::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "too many batch uploads at once (limit {}); try again shortly",
+                    self.cfg.max_concurrent_uploads
+                ),
+            )
+        })
+    }
+
+    /// Submits a JSONL input held in memory (tests, small inputs); see
+    /// [`Self::submit_stream`].
     pub async fn submit(&self, input: &[u8], id: Option<&str>) -> Result<BatchStatus, Error> {
-        let id = match id {
-            Some(i) => {
-                validate_id(i)?;
-                i.to_string()
-            }
-            None => content_id(input),
-        };
-        let text = std::str::from_utf8(input)
-            .map_err(|e| Error::bad_request(format!("the input is not UTF-8: {e}")))?;
-        let mut jobs = Vec::new();
-        let mut invalid = Vec::new();
-        for (n, raw) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-            let line = n as u64 + 1;
-            if line as usize > self.cfg.max_lines {
-                return Err(Error::bad_request(format!(
-                    "the input has more than {} lines",
-                    self.cfg.max_lines
-                )));
-            }
-            let parsed = wire::decode::<InputLine>(Format::Json, raw.as_bytes())
-                .and_then(|l| l.request.validate(self.max_prompt_bytes).map(|_| l));
-            match parsed {
-                Ok(l) => jobs.push(Job {
-                    line,
-                    custom_id: l.custom_id,
-                    request: l.request,
-                }),
-                Err(e) => invalid.push((line, e)),
-            }
+        let chunk = Bytes::copy_from_slice(input);
+        let body = futures::stream::iter([Ok::<_, std::convert::Infallible>(chunk)]);
+        self.submit_stream(body, id).await.map_err(|e| e.error)
+    }
+
+    /// Submits a JSONL input read as a stream. Each non-blank line is one
+    /// job; an invalid line becomes an error result at once. The input is
+    /// read whole first (to a spool file, see [`crate::upload`]), so one
+    /// over a limit publishes nothing. Submitting the same content (or the
+    /// same `id`) again publishes nothing twice and completes a submission
+    /// that was cut off: it resumes after the last line checkpointed, and
+    /// the lines between are dropped as duplicates by the stream (message
+    /// id `<id>:<line>`) or, later, by the worker (the result exists).
+    pub async fn submit_stream<S, E>(
+        &self,
+        body: S,
+        id: Option<&str>,
+    ) -> Result<BatchStatus, SubmitError>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if let Some(i) = id {
+            validate_id(i)?;
         }
-        let total = (jobs.len() + invalid.len()) as u64;
-        if total == 0 {
-            return Err(Error::bad_request("the input has no lines"));
-        }
+        let mut spool = upload::spool(body, &self.cfg, self.max_prompt_bytes).await?;
+        let id = id.map_or_else(|| spool.content_id.clone(), str::to_string);
         let meta = BatchMeta {
             id: id.clone(),
-            total,
-            invalid: invalid.len() as u64,
+            total: spool.total,
+            invalid: spool.invalid,
             created_ms: epoch_ms(SystemTime::now()),
             cancelled: false,
+            submitted: 0,
         };
-        let body = wire::encode(Format::Json, &meta)?;
-        let existing: HashSet<u64> = match self.meta.create(&id, body).await {
-            Ok(_) => HashSet::new(),
+        let resume_after = match self
+            .meta
+            .create(&id, wire::encode(Format::Json, &meta)?)
+            .await
+        {
+            Ok(_) => 0,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 let known = self.meta(&id).await?;
-                if known.total != total {
+                if known.total != spool.total {
                     return Err(Error::bad_request(format!(
-                        "batch `{id}` already exists with {} lines; this input has {total}",
-                        known.total
-                    )));
+                        "batch `{id}` already exists with {} lines; this input has {}",
+                        known.total, spool.total
+                    ))
+                    .into());
                 }
-                self.read_results(&id).await?.into_keys().collect()
+                known.submitted()
             }
-            Err(e) => return Err(js_error("batch meta", e)),
+            Err(e) => return Err(js_error("batch meta", e).into()),
         };
-        for (line, e) in invalid {
-            if !existing.contains(&line) {
-                let r = BatchResult {
-                    line,
-                    custom_id: None,
-                    status: ResultStatus::Error,
-                    response: None,
-                    error: Some(ErrorBody::from(&e)),
-                    attempts: 0,
-                };
-                self.put_result(&id, &r).await?;
+        if resume_after < spool.total {
+            if let Err(e) = self.publish(&id, &mut spool, resume_after).await {
+                let done = self.meta(&id).await.map_or(0, |m| m.submitted());
+                tracing::warn!(batch = %id, submitted = done, total = spool.total, error = %e, "batch submission cut off");
+                return Err(Error::new(
+                    e.kind,
+                    format!(
+                        "the submission of batch `{id}` stopped after {done} of {} lines ({}); \
+                         submit the same input again to complete it",
+                        spool.total, e.message
+                    ),
+                )
+                .into());
             }
         }
-        // Publish pipelined, then wait for every acknowledgement.
-        let subject = self.job_subject(&id);
-        let mut acks = Vec::with_capacity(256);
-        for job in jobs.iter().filter(|j| !existing.contains(&j.line)) {
-            let mut h = HeaderMap::new();
-            h.insert("Nats-Msg-Id", format!("{id}:{}", job.line).as_str());
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), h, wire::encode(Format::MsgPack, job)?)
-                .await
-                .map_err(|e| js_error("batch publish", e))?;
-            acks.push(ack);
-            if acks.len() == 256 {
-                for a in acks.drain(..) {
-                    a.await.map_err(|e| js_error("batch publish ack", e))?;
+        Ok(self.status(&id).await?)
+    }
+
+    /// Publishes the spooled jobs after line `resume_after`, stores the
+    /// invalid lines' results, and checkpoints `submitted` every
+    /// [`CHECKPOINT_LINES`] lines once everything before is acknowledged.
+    async fn publish(&self, id: &str, spool: &mut Spool, resume_after: u64) -> Result<(), Error> {
+        let subject = self.job_subject(id);
+        let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
+        let mut invalid = Counts::default();
+        while let Some(record) = spool.next().await? {
+            let line = match record {
+                Record::Job { line, .. } | Record::Invalid { line, .. } => line,
+            };
+            if line <= resume_after {
+                continue;
+            }
+            match record {
+                Record::Job { line, body } => {
+                    let mut h = HeaderMap::new();
+                    h.insert("Nats-Msg-Id", format!("{id}:{line}").as_str());
+                    let ack = self
+                        .js
+                        .publish_with_headers(subject.clone(), h, body)
+                        .await
+                        .map_err(|e| js_error("batch publish", e))?;
+                    acks.push(ack);
+                    if acks.len() >= PUBLISH_WINDOW {
+                        for a in acks.drain(..) {
+                            a.await.map_err(|e| js_error("batch publish", e))?;
+                        }
+                    }
+                }
+                Record::Invalid { line, error } => {
+                    let r = BatchResult {
+                        line,
+                        custom_id: None,
+                        status: ResultStatus::Error,
+                        response: None,
+                        error: Some(ErrorBody::from(&error)),
+                        attempts: 0,
+                    };
+                    if self.create_result(id, &r).await? {
+                        invalid.add(&Counts::of(&r));
+                    }
                 }
             }
+            if line % CHECKPOINT_LINES == 0 || line == spool.total {
+                for a in acks.drain(..) {
+                    a.await.map_err(|e| js_error("batch publish", e))?;
+                }
+                if invalid.finished() > 0 {
+                    counters::add(&self.meta, id, std::mem::take(&mut invalid)).await?;
+                }
+                self.update_meta(id, |m| m.submitted = m.submitted.max(line).min(m.total))
+                    .await?;
+            }
         }
-        for a in acks {
-            a.await.map_err(|e| js_error("batch publish ack", e))?;
+        Ok(())
+    }
+
+    /// Changes a batch's description with compare-and-set (bounded retries
+    /// with backoff); the new description.
+    async fn update_meta(&self, id: &str, f: impl Fn(&mut BatchMeta)) -> Result<BatchMeta, Error> {
+        let mut delay = Duration::from_millis(10);
+        let mut last = String::new();
+        for _ in 0..20 {
+            let entry = self
+                .meta
+                .entry(id)
+                .await
+                .map_err(|e| js_error("batch meta", e))?;
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                return Err(Error::new(ErrorKind::NotFound, format!("no batch `{id}`")));
+            };
+            let mut meta: BatchMeta = wire::decode(Format::Json, &entry.value)?;
+            f(&mut meta);
+            match self
+                .meta
+                .update(id, wire::encode(Format::Json, &meta)?, entry.revision)
+                .await
+            {
+                Ok(_) => return Ok(meta),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
-        self.status(&id).await
+        Err(js_error("batch meta", last))
     }
 
     /// One line's result, whether or not the batch has a description
     /// (jobs published straight to the stream by other systems).
     pub async fn result(&self, id: &str, line: u64) -> Result<Option<BatchResult>, Error> {
         validate_id(id)?;
-        match self.results.get(format!("{id}.{line}")).await {
-            Ok(Some(b)) => Ok(Some(wire::decode(Format::MsgPack, &b)?)),
-            Ok(None) => Ok(None),
-            Err(e) => Err(js_error("batch result", e)),
-        }
+        self.result_at(&format!("{id}.{line}")).await
+    }
+
+    async fn result_at(&self, key: &str) -> Result<Option<BatchResult>, Error> {
+        read_result(&self.results, key).await
     }
 
     pub async fn meta(&self, id: &str) -> Result<BatchMeta, Error> {
@@ -236,24 +362,49 @@ impl BatchClient {
         }
     }
 
-    /// Stores a result under `<id>.<line>`; a job without a usable line
+    /// The key of a result: `<id>.<line>`; a job without a usable line
     /// (line 0) goes under `<id>.<custom_id>` (`invalid-<stream sequence>`).
-    pub async fn put_result(&self, id: &str, r: &BatchResult) -> Result<(), Error> {
-        let key = match (r.line, &r.custom_id) {
+    pub fn result_key(id: &str, r: &BatchResult) -> String {
+        match (r.line, &r.custom_id) {
             (0, Some(tag)) => format!("{id}.{tag}"),
             (line, _) => format!("{id}.{line}"),
-        };
-        self.results
-            .put(key, wire::encode(Format::MsgPack, r)?)
-            .await
-            .map(|_| ())
-            .map_err(|e| js_error("batch result", e))
+        }
     }
 
-    /// Messages per subject matching `filter` in `stream`, summed.
-    async fn count(stream: &stream::Stream, filter: String) -> Result<u64, Error> {
-        let mut subjects = stream
-            .info_with_subjects(filter)
+    /// Stores a result if the line has none yet: `Ok(true)` when this call
+    /// stored it, `Ok(false)` when one was already there (kept as it is).
+    pub async fn create_result(&self, id: &str, r: &BatchResult) -> Result<bool, Error> {
+        let body = wire::encode(Format::MsgPack, r)?;
+        match self.results.create(Self::result_key(id, r), body).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(js_error("batch result", e)),
+        }
+    }
+
+    /// Whether a result is stored under `key` (see [`Self::result_key`]).
+    pub async fn has_result(&self, key: &str) -> Result<bool, Error> {
+        match self.results.entry(key).await {
+            Ok(e) => Ok(e.is_some_and(|e| e.operation == kv::Operation::Put)),
+            Err(e) => Err(js_error("batch result", e)),
+        }
+    }
+
+    /// The batch id a job subject names (`<prefix>.batch.<id>`), checked.
+    pub fn batch_id_of<'a>(&self, subject: &'a str) -> Result<&'a str, Error> {
+        let id = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix(".batch."))
+            .ok_or_else(|| Error::bad_request("not a batch job subject"))?;
+        validate_id(id)?;
+        Ok(id)
+    }
+
+    /// Jobs of a batch still in the queue (one subject: one count).
+    async fn queued(&self, id: &str) -> Result<u64, Error> {
+        let mut subjects = self
+            .jobs
+            .info_with_subjects(self.job_subject(id))
             .await
             .map_err(|e| js_error("stream info", e))?;
         let mut n = 0u64;
@@ -263,120 +414,144 @@ impl BatchClient {
         Ok(n)
     }
 
-    /// Every stored result of a batch, by line.
-    async fn read_results(&self, id: &str) -> Result<BTreeMap<u64, BatchResult>, Error> {
-        let kv_stream = self
-            .js
-            .get_stream(format!("KV_{}", self.cfg.results_bucket))
-            .await
-            .map_err(|e| js_error("results stream", e))?;
-        let expected = Self::count(
-            &kv_stream,
-            format!("$KV.{}.{id}.*", self.cfg.results_bucket),
-        )
-        .await?;
-        let mut out = BTreeMap::new();
-        if expected == 0 {
-            return Ok(out);
-        }
-        let mut watch = self
-            .results
-            .watch_with_history(format!("{id}.*"))
-            .await
-            .map_err(|e| js_error("results watch", e))?;
-        let read = async {
-            while let Some(entry) = watch.next().await {
-                let entry = entry.map_err(|e| js_error("results watch", e))?;
-                if entry.operation == kv::Operation::Put {
-                    if let Ok(r) = wire::decode::<BatchResult>(Format::MsgPack, &entry.value) {
-                        out.insert(r.line, r);
-                    }
-                }
-                if entry.delta == 0 || out.len() as u64 >= expected {
-                    break;
-                }
-            }
-            Ok::<_, Error>(())
-        };
-        tokio::time::timeout(Duration::from_secs(30), read)
-            .await
-            .map_err(|_| Error::new(ErrorKind::Timeout, "reading batch results timed out"))??;
-        Ok(out)
-    }
-
+    /// Progress of a batch from its description, its counters and its
+    /// queue: three reads, whatever the batch's size.
     pub async fn status(&self, id: &str) -> Result<BatchStatus, Error> {
         let meta = self.meta(id).await?;
-        let results = self.read_results(id).await?;
-        let pending = Self::count(&self.jobs, self.job_subject(id)).await?;
-        Ok(summarize(&meta, results.values(), pending))
+        let (mut counts, _) = counters::read(&self.meta, id).await?;
+        let pending = self.queued(id).await?;
+        let stale = epoch_ms(SystemTime::now())
+            .saturating_sub(counts.updated_ms.max(meta.created_ms))
+            > RECOUNT_AFTER.as_millis() as u64;
+        if !meta.cancelled
+            && meta.submitted() >= meta.total
+            && pending == 0
+            && counts.finished() < meta.total
+            && !counts.verified
+            && stale
+        {
+            counts = self.recount(id, &meta).await?;
+        }
+        Ok(summarize(&meta, &counts, pending))
     }
 
-    /// One result per input line, in input order; lines not finished yet
-    /// are listed as `pending`.
-    pub async fn results(&self, id: &str) -> Result<Vec<BatchResult>, Error> {
-        let meta = self.meta(id).await?;
-        let mut results = self.read_results(id).await?;
-        Ok((1..=meta.total)
-            .map(|line| {
-                results.remove(&line).unwrap_or(BatchResult {
-                    line,
-                    custom_id: None,
-                    status: ResultStatus::Pending,
-                    response: None,
-                    error: None,
-                    attempts: 0,
-                })
-            })
-            .collect())
-    }
-
-    /// Marks the batch cancelled, drops its queued jobs and records them as
-    /// `cancelled` results (jobs already running still finish).
-    pub async fn cancel(&self, id: &str) -> Result<BatchStatus, Error> {
-        loop {
-            let entry = self
-                .meta
-                .entry(id)
-                .await
-                .map_err(|e| js_error("batch meta", e))?;
-            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-                return Err(Error::new(ErrorKind::NotFound, format!("no batch `{id}`")));
-            };
-            let mut meta: BatchMeta = wire::decode(Format::Json, &entry.value)?;
-            meta.cancelled = true;
-            if self
-                .meta
-                .update(id, wire::encode(Format::Json, &meta)?, entry.revision)
-                .await
-                .is_ok()
-            {
-                break;
+    /// Counts the stored results again and writes the counters (marked
+    /// verified): for a worker that died between a result and its count.
+    async fn recount(&self, id: &str, meta: &BatchMeta) -> Result<Counts, Error> {
+        tracing::info!(batch = %id, "batch counters short while nothing is queued; recounting");
+        let mut fresh = Counts::default();
+        let mut results = std::pin::pin!(self.stored_results(id, meta.total));
+        while let Some(r) = results.next().await {
+            if let Some(r) = r? {
+                fresh.add(&Counts::of(&r));
             }
         }
-        self.jobs
-            .purge()
-            .filter(self.job_subject(id))
-            .await
-            .map_err(|e| js_error("batch purge", e))?;
-        let meta = self.meta(id).await?;
-        let done = self.read_results(id).await?;
-        for line in (1..=meta.total).filter(|l| !done.contains_key(l)) {
-            let r = BatchResult {
-                line,
-                custom_id: None,
-                status: ResultStatus::Cancelled,
-                response: None,
-                error: Some(ErrorBody {
-                    code: ErrorKind::Cancelled,
-                    message: "the batch was cancelled".into(),
-                }),
-                attempts: 0,
+        counters::change(&self.meta, id, |c| {
+            *c = Counts {
+                verified: true,
+                ..fresh
             };
-            let body = wire::encode(Format::MsgPack, &r)?;
-            // A job finishing right now may have written its result first: keep it.
-            let _ = self.results.create(format!("{id}.{line}"), body).await;
-        }
-        self.status(id).await
+        })
+        .await
+    }
+
+    /// The stored result of each line 1..=total, in order (`None`: none yet),
+    /// read a bounded number at a time.
+    fn stored_results(
+        &self,
+        id: &str,
+        total: u64,
+    ) -> impl futures::Stream<Item = Result<Option<BatchResult>, Error>> + Send + 'static {
+        let id = id.to_string();
+        let store = self.results.clone();
+        futures::stream::iter(1..=total)
+            .map(move |line| {
+                let key = format!("{id}.{line}");
+                let store = store.clone();
+                async move { read_result(&store, &key).await }
+            })
+            .buffered(RESULT_READS)
+    }
+
+    /// One result per input line, in input order, as a stream; lines not
+    /// finished yet are listed as `pending` (`cancelled` in a cancelled batch).
+    pub async fn results_stream(
+        &self,
+        id: &str,
+    ) -> Result<impl futures::Stream<Item = Result<BatchResult, Error>> + Send + 'static, Error>
+    {
+        let meta = self.meta(id).await?;
+        let (cancelled, total) = (meta.cancelled, meta.total);
+        let mut line = 0u64;
+        Ok(self.stored_results(id, total).map(move |r| {
+            line += 1;
+            Ok(r?.unwrap_or_else(|| unfinished(line, cancelled)))
+        }))
+    }
+
+    /// [`Self::results_stream`], collected.
+    pub async fn results(&self, id: &str) -> Result<Vec<BatchResult>, Error> {
+        self.results_stream(id).await?.try_collect().await
+    }
+
+    /// Marks the batch cancelled and drops its queued jobs (jobs already
+    /// running still finish; lines never run count as `cancelled`). Each
+    /// step is retried with backoff, all within `batch.cancel_timeout_ms`.
+    pub async fn cancel(&self, id: &str) -> Result<BatchStatus, Error> {
+        validate_id(id)?;
+        let limit = Duration::from_millis(self.cfg.cancel_timeout_ms);
+        let steps = async {
+            self.update_meta(id, |m| m.cancelled = true).await?;
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match self.jobs.purge().filter(self.job_subject(id)).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(batch = %id, error = %e, ?delay, "batch purge failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            self.status(id).await
+        };
+        tokio::time::timeout(limit, steps).await.map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "cancelling batch `{id}` did not finish within {} ms; try again",
+                    limit.as_millis()
+                ),
+            )
+        })?
+    }
+}
+
+async fn read_result(store: &kv::Store, key: &str) -> Result<Option<BatchResult>, Error> {
+    match store.get(key).await {
+        Ok(Some(b)) => Ok(Some(wire::decode(Format::MsgPack, &b)?)),
+        Ok(None) => Ok(None),
+        Err(e) => Err(js_error("batch result", e)),
+    }
+}
+
+fn unfinished(line: u64, cancelled: bool) -> BatchResult {
+    let (status, error) = if cancelled {
+        let error = ErrorBody {
+            code: ErrorKind::Cancelled,
+            message: "the batch was cancelled".into(),
+        };
+        (ResultStatus::Cancelled, Some(error))
+    } else {
+        (ResultStatus::Pending, None)
+    };
+    BatchResult {
+        line,
+        custom_id: None,
+        status,
+        response: None,
+        error,
+        attempts: 0,
     }
 }
 
@@ -385,6 +560,7 @@ async fn open_bucket(
     name: &str,
     description: &str,
     max_age: Duration,
+    max_bytes: i64,
     replicas: usize,
 ) -> Result<kv::Store, Error> {
     if let Ok(store) = js.get_key_value(name).await {
@@ -395,6 +571,7 @@ async fn open_bucket(
         description: description.to_string(),
         history: 1,
         max_age,
+        max_bytes,
         num_replicas: replicas,
         ..Default::default()
     })
@@ -402,22 +579,23 @@ async fn open_bucket(
     .map_err(|e| js_error(&format!("bucket {name}"), e))
 }
 
-/// Status from a batch's description, its results and its queued jobs.
-pub fn summarize<'a>(
-    meta: &BatchMeta,
-    results: impl Iterator<Item = &'a BatchResult>,
-    pending: u64,
-) -> BatchStatus {
-    let (mut done, mut failed, mut cancelled, mut cost) = (0u64, 0u64, 0u64, 0.0);
-    for r in results {
-        match r.status {
-            ResultStatus::Ok => done += 1,
-            ResultStatus::Error => failed += 1,
-            ResultStatus::Cancelled => cancelled += 1,
-            ResultStatus::Pending => {}
-        }
-        cost += r.cost();
-    }
+/// Status from a batch's description, its counters and its queued jobs.
+/// Lines of a cancelled batch that never ran count as cancelled.
+pub fn summarize(meta: &BatchMeta, counts: &Counts, pending: u64) -> BatchStatus {
+    let done = counts.done;
+    // After a recount with nothing queued, a line without a result never
+    // gets one (its job was ended unstored, which was logged): failed.
+    let lost = if counts.verified && pending == 0 && meta.submitted() >= meta.total {
+        meta.total.saturating_sub(counts.finished())
+    } else {
+        0
+    };
+    let failed = counts.failed + lost;
+    let cancelled = if meta.cancelled {
+        meta.total.saturating_sub(done + failed)
+    } else {
+        counts.cancelled
+    };
     let finished = done + failed + cancelled;
     let elapsed = SystemTime::now()
         .duration_since(optiroute_common::nats::from_epoch_ms(meta.created_ms))
@@ -429,6 +607,8 @@ pub fn summarize<'a>(
         .then(|| elapsed / processed as f64 * left as f64);
     let status = if meta.cancelled {
         "cancelled"
+    } else if meta.submitted() < meta.total {
+        "incomplete"
     } else if finished >= meta.total {
         "completed"
     } else {
@@ -439,11 +619,12 @@ pub fn summarize<'a>(
         object: "batch".into(),
         status: status.into(),
         total: meta.total,
+        submitted: meta.submitted(),
         done,
         failed,
         cancelled,
         pending,
-        cost_usd: cost,
+        cost_usd: counts.cost_usd,
         created_ms: meta.created_ms,
         eta_seconds,
     }
@@ -465,36 +646,37 @@ mod tests {
 
     #[test]
     fn summary_counts_and_estimates() {
-        let meta = BatchMeta {
+        let mut meta = BatchMeta {
             id: "b".into(),
             total: 4,
             invalid: 0,
             created_ms: epoch_ms(SystemTime::now()) - 10_000,
             cancelled: false,
+            submitted: 4,
         };
-        let r = |line, status| BatchResult {
-            line,
-            custom_id: None,
-            status,
-            response: None,
-            error: None,
-            attempts: 1,
+        let mut c = Counts {
+            done: 1,
+            failed: 1,
+            cost_usd: 0.5,
+            ..Counts::default()
         };
-        let rs = [r(1, ResultStatus::Ok), r(2, ResultStatus::Error)];
-        let s = summarize(&meta, rs.iter(), 2);
-        assert_eq!((s.done, s.failed, s.pending), (1, 1, 2));
+        let s = summarize(&meta, &c, 2);
+        assert_eq!((s.done, s.failed, s.pending, s.cost_usd), (1, 1, 2, 0.5));
         assert_eq!(s.status, "running");
         let eta = s.eta_seconds.unwrap();
         assert!((9.0..12.0).contains(&eta), "{eta}");
-        let all = [
-            r(1, ResultStatus::Ok),
-            r(2, ResultStatus::Ok),
-            r(3, ResultStatus::Ok),
-            r(4, ResultStatus::Error),
-        ];
-        let s = summarize(&meta, all.iter(), 0);
+        meta.submitted = 3;
+        assert_eq!(summarize(&meta, &c, 2).status, "incomplete");
+        meta.submitted = 4;
+        c.done = 3;
+        let s = summarize(&meta, &c, 0);
         assert_eq!(s.status, "completed");
         assert!(s.finished());
         assert_eq!(s.eta_seconds, None);
+        meta.cancelled = true;
+        c.done = 1;
+        let s = summarize(&meta, &c, 0);
+        assert_eq!((s.status.as_str(), s.cancelled), ("cancelled", 2));
+        assert!(s.finished());
     }
 }

@@ -1,21 +1,69 @@
 //! What a batch is made of: input lines, jobs, results, status.
 
 use optiroute_common::error::ErrorBody;
-use optiroute_common::wire::{GenerateRequest, GenerateResponse};
+use optiroute_common::wire::{self, Format, GenerateRequest, GenerateResponse};
+use optiroute_common::Error;
 use serde::{Deserialize, Serialize};
+
+/// Longest `custom_id` accepted, in bytes: it is stored in the result, so a
+/// bigger one could make the result too big to store (and the job run again).
+pub const MAX_CUSTOM_ID_BYTES: usize = 256;
 
 /// One job: an input line (the `/generate` body or a chat `messages` body,
 /// with an optional `custom_id`) and its 1-based position among the
 /// non-blank lines of the input. Also what other systems publish directly
 /// on `optiroute.batch.<id>` (JSON with `Content-Type: application/json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Read with [`Job::decode`]: the request and the ids are decoded from the
+/// same bytes separately, so no line goes through `#[serde(flatten)]`'s
+/// buffered dynamic tree.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Job {
-    #[serde(default)]
     pub line: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub custom_id: Option<String>,
     #[serde(flatten)]
     pub request: GenerateRequest,
+}
+
+/// The job fields beside the request (the rest of the object is skipped).
+#[derive(Deserialize)]
+struct JobIds {
+    #[serde(default)]
+    line: u64,
+    #[serde(default)]
+    custom_id: Option<String>,
+}
+
+impl Job {
+    /// Decodes a job (or an input line, whose `line` is 0) from `bytes`.
+    pub fn decode(format: Format, bytes: &[u8]) -> Result<Job, Error> {
+        let ids: JobIds = wire::decode(format, bytes)?;
+        let request: GenerateRequest = wire::decode(format, bytes)?;
+        Ok(Job {
+            line: ids.line,
+            custom_id: ids.custom_id,
+            request,
+        })
+    }
+
+    /// Checks the job's own fields (not the request's).
+    pub fn validate_ids(&self) -> Result<(), Error> {
+        if self.line == 0 {
+            return Err(Error::bad_request("job field `line` must be at least 1"));
+        }
+        validate_custom_id(self.custom_id.as_deref())
+    }
+}
+
+pub fn validate_custom_id(custom_id: Option<&str>) -> Result<(), Error> {
+    match custom_id {
+        Some(c) if c.len() > MAX_CUSTOM_ID_BYTES => Err(Error::bad_request(format!(
+            "custom_id is {} bytes, over the limit of {MAX_CUSTOM_ID_BYTES} bytes",
+            c.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// A batch's description, kept in the meta bucket under its id.
@@ -29,6 +77,21 @@ pub struct BatchMeta {
     pub created_ms: u64,
     #[serde(default)]
     pub cancelled: bool,
+    /// Lines handed over so far (queued, or stored as an error result): less
+    /// than `total` while a submission runs or after one was cut off.
+    /// Absent in descriptions written before it existed: all were.
+    #[serde(default = "all_submitted")]
+    pub submitted: u64,
+}
+
+fn all_submitted() -> u64 {
+    u64::MAX
+}
+
+impl BatchMeta {
+    pub fn submitted(&self) -> u64 {
+        self.submitted.min(self.total)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,9 +131,13 @@ impl BatchResult {
 pub struct BatchStatus {
     pub id: String,
     pub object: String,
-    /// `running`, `completed` or `cancelled`.
+    /// `incomplete` (not every line submitted yet: submit the same file
+    /// again to complete it), `running`, `completed` or `cancelled`.
     pub status: String,
     pub total: u64,
+    /// Lines handed over so far (equal to `total` once submitted).
+    #[serde(default)]
+    pub submitted: u64,
     pub done: u64,
     pub failed: u64,
     pub cancelled: u64,
@@ -86,5 +153,32 @@ pub struct BatchStatus {
 impl BatchStatus {
     pub fn finished(&self) -> bool {
         self.done + self.failed + self.cancelled >= self.total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_decode_without_flatten_and_round_trip() {
+        let j = Job::decode(
+            Format::Json,
+            br#"{"line": 3, "custom_id": "x", "prompt": "hi", "max_tokens": 7, "other": {"a": [1]}}"#,
+        )
+        .unwrap();
+        assert_eq!((j.line, j.custom_id.as_deref()), (3, Some("x")));
+        assert_eq!((j.request.prompt.as_str(), j.request.max_tokens), ("hi", 7));
+        for f in [Format::Json, Format::MsgPack] {
+            let back = Job::decode(f, &wire::encode(f, &j).unwrap()).unwrap();
+            assert_eq!(back, j);
+        }
+    }
+
+    #[test]
+    fn custom_ids_are_capped() {
+        assert!(validate_custom_id(Some(&"a".repeat(256))).is_ok());
+        let e = validate_custom_id(Some(&"a".repeat(257))).unwrap_err();
+        assert!(e.message.contains("257 bytes"), "{}", e.message);
     }
 }

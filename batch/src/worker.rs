@@ -1,9 +1,10 @@
 //! The batch worker: pulls jobs from the shared durable consumer, runs each
 //! through the router path, stores its result, and only then acknowledges.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, Consumer};
 use async_nats::jetstream::{AckKind, Message};
@@ -14,7 +15,7 @@ use optiroute_common::error::ErrorBody;
 use optiroute_common::metrics::{counter_vec, gauge, new_registry};
 use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::subjects::Subjects;
-use optiroute_common::wire::{self, Format, GenerateResponse};
+use optiroute_common::wire::{Format, GenerateResponse};
 use optiroute_common::{admin, Error, ErrorKind};
 use prometheus::{IntCounterVec, IntGauge, Registry};
 use tokio::sync::Semaphore;
@@ -23,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::BatchClient;
-use crate::model::{BatchResult, Job, ResultStatus};
+use crate::counters::{Counts, Tally};
+use crate::model::{BatchResult, Job, ResultStatus, MAX_CUSTOM_ID_BYTES};
 
 #[derive(Clone)]
 pub struct BatchMetrics {
@@ -40,7 +42,7 @@ impl BatchMetrics {
             jobs: counter_vec(
                 &r,
                 "optiroute_batch_jobs_total",
-                "Batch jobs handled, by outcome (ok, error, cancelled, retried).",
+                "Batch jobs handled, by outcome (ok, error, cancelled, retried; duplicate: its result existed, not run again; rejected: malformed subject, ended; store_failed: result not storable, ended).",
                 &["outcome"],
             ),
             in_flight: gauge(
@@ -60,10 +62,38 @@ struct Ctx {
     request_timeout: Duration,
     route_bias: f32,
     max_deliver: i64,
+    store_attempts: u32,
     backoff: Vec<Duration>,
     metrics: BatchMetrics,
     /// Cancelled by [`Running::abort`]: jobs stop where they are, unacknowledged.
     kill: CancellationToken,
+    /// Counts finished here, written to the batch counters in the background.
+    tally: Tally,
+    /// Whether a batch is cancelled, by id, as read at most
+    /// [`CANCELLED_FRESH`] ago: one read per batch instead of one per job.
+    cancelled: Mutex<HashMap<String, (Instant, bool)>>,
+}
+
+const CANCELLED_FRESH: Duration = Duration::from_millis(500);
+
+impl Ctx {
+    async fn cancelled(&self, id: &str) -> bool {
+        if let Ok(c) = self.cancelled.lock() {
+            if let Some((at, v)) = c.get(id) {
+                if at.elapsed() < CANCELLED_FRESH {
+                    return *v;
+                }
+            }
+        }
+        let v = self.batches.meta(id).await.is_ok_and(|m| m.cancelled);
+        if let Ok(mut c) = self.cancelled.lock() {
+            if c.len() > 10_000 {
+                c.clear();
+            }
+            c.insert(id.to_string(), (Instant::now(), v));
+        }
+        v
+    }
 }
 
 pub struct Running {
@@ -131,29 +161,54 @@ pub async fn run(
             }
         };
         let b = &cfg.batch;
+        let tally = Tally::new();
         let ctx = Arc::new(Ctx {
             client,
             generate_subject: Subjects::new(&cfg.nats.prefix).generate,
             request_timeout: Duration::from_millis(b.request_timeout_ms),
             route_bias: b.route_bias,
             max_deliver: b.max_deliver.max(1),
+            store_attempts: b.store_attempts.max(1),
             backoff: b
                 .backoff_ms
                 .iter()
                 .map(|ms| Duration::from_millis(*ms))
                 .collect(),
             metrics: m,
+            tally: tally.clone(),
+            cancelled: Mutex::new(HashMap::new()),
             batches,
             kill: job_kill,
         });
-        consume(
+        let stop_tally = CancellationToken::new();
+        let written = tally.run(
+            ctx.batches.meta_store().clone(),
+            Duration::from_millis(10),
+            stop_tally.clone(),
+        );
+        let crashed = ctx.kill.clone();
+        // An abort loses what was not written yet, as a crash would (the
+        // status recounts; see `counters`).
+        let writer = tokio::spawn(async move {
+            tokio::select! {
+                _ = written => {}
+                _ = crashed.cancelled() => {}
+            }
+        });
+        let result = consume(
             ctx,
             b.consumer.clone(),
             b.max_in_flight.max(1),
             Duration::from_millis(b.ack_wait_ms),
             shutdown,
         )
-        .await
+        .await;
+        // The counts of every job acknowledged are written before the worker stops.
+        stop_tally.cancel();
+        if let Err(e) = writer.await {
+            tracing::warn!(error = %e, "batch counter writer failed");
+        }
+        result
     });
     Ok(Running {
         admin_addr,
@@ -238,8 +293,10 @@ async fn consume(
     Ok(())
 }
 
-/// Runs one job. Every path ends in a stored result plus an ack, or a nak
-/// (the job comes back later); a job is never acknowledged without a result.
+/// Runs one job. Every path ends in a stored result plus an ack, a nak
+/// (a retryable failure: the job comes back later), or a termination (a job
+/// that can never succeed, reported by a metric and a log); a job is never
+/// acknowledged without a result, and never run when its result exists.
 async fn handle(ctx: &Ctx, msg: Message) {
     let (delivered, seq) = msg
         .info()
@@ -247,37 +304,48 @@ async fn handle(ctx: &Ctx, msg: Message) {
         .unwrap_or((1, 0));
     // Restart the ack timer: the job may have waited in the prefetch buffer.
     let _ = msg.ack_with(AckKind::Progress).await;
-    let batch_id = msg
-        .subject
-        .as_str()
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let format = Format::from_headers(msg.headers.as_ref());
-    let job: Job = match wire::decode(format, &msg.payload).and_then(|j: Job| {
-        if j.line == 0 {
-            Err(Error::bad_request("job field `line` must be at least 1"))
-        } else {
-            Ok(j)
+    // A subject that names no valid batch id: no result can be stored under
+    // it, so the job is ended here, before any work.
+    let batch_id = match ctx.batches.batch_id_of(msg.subject.as_str()) {
+        Ok(id) => id.to_string(),
+        Err(e) => {
+            let subject: String = msg.subject.as_str().chars().take(200).collect();
+            tracing::warn!(%subject, error = %e, "batch job on a malformed subject; terminated");
+            terminate(ctx, &msg, "rejected").await;
+            return;
         }
-    }) {
+    };
+    let format = Format::from_headers(msg.headers.as_ref());
+    let job = Job::decode(format, &msg.payload);
+    let base = BatchResult {
+        line: job.as_ref().map_or(0, |j| j.line),
+        custom_id: None,
+        status: ResultStatus::Error,
+        response: None,
+        error: None,
+        attempts: delivered as u64,
+    };
+    let checked = job.and_then(|j| {
+        j.validate_ids()?;
+        j.request.validate(ctx.batches.max_prompt_bytes)?;
+        Ok(j)
+    });
+    let job = match checked {
         Ok(j) => j,
         Err(e) => {
-            // A direct publisher's mistake: kept as an error result under
-            // `<id>.invalid-<stream sequence>`, counted as failed, never run.
+            // A direct publisher's mistake: one error result, never run. Kept
+            // under its line when that is usable, else under
+            // `<id>.invalid-<stream sequence>`.
             tracing::warn!(batch = %batch_id, error = %e, "invalid batch job");
+            let custom_id = (base.line == 0).then(|| format!("invalid-{seq}"));
             finish(
                 ctx,
                 &msg,
                 &batch_id,
                 BatchResult {
-                    line: 0,
-                    custom_id: Some(format!("invalid-{seq}")),
-                    status: ResultStatus::Error,
-                    response: None,
+                    custom_id,
                     error: Some(ErrorBody::from(&e)),
-                    attempts: delivered as u64,
+                    ..base
                 },
             )
             .await;
@@ -285,14 +353,34 @@ async fn handle(ctx: &Ctx, msg: Message) {
         }
     };
     let base = BatchResult {
-        line: job.line,
         custom_id: job.custom_id.clone(),
         status: ResultStatus::Ok,
-        response: None,
-        error: None,
-        attempts: delivered as u64,
+        ..base
     };
-    if ctx.batches.meta(&batch_id).await.is_ok_and(|m| m.cancelled) {
+    // A job whose result exists already ran (its ack was lost, or the job
+    // was published twice): acknowledge it, do not pay for it again.
+    match ctx
+        .batches
+        .has_result(&BatchClient::result_key(&batch_id, &base))
+        .await
+    {
+        Ok(true) => {
+            ctx.metrics.jobs.with_label_values(&["duplicate"]).inc();
+            if let Err(e) = msg.double_ack().await {
+                tracing::warn!(error = %e, "batch ack failed");
+            }
+            return;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up a batch result; the job will be retried");
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    }
+    if ctx.cancelled(&batch_id).await {
         let error = ErrorBody {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
@@ -364,22 +452,70 @@ fn retryable(kind: ErrorKind) -> bool {
     )
 }
 
-/// Stores the result, then acknowledges; if storing fails the job is nak'd.
+/// Ends a job for good (`outcome` counted): the server neither redelivers
+/// nor keeps it.
+async fn terminate(ctx: &Ctx, msg: &Message, outcome: &str) {
+    ctx.metrics.jobs.with_label_values(&[outcome]).inc();
+    if let Err(e) = msg.ack_with(AckKind::Term).await {
+        tracing::warn!(error = %e, "batch term failed; the job comes back after ack_wait");
+    }
+}
+
+/// Stores the result if the line has none, then acknowledges. A store that
+/// keeps failing is tried `store_attempts` times, with backoff, in place (the
+/// job is not run again); then the job ends with a short failed result if
+/// that can be stored, else a log, and `store_failed` is counted.
 async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
     let outcome = match result.status {
         ResultStatus::Ok => "ok",
         ResultStatus::Cancelled => "cancelled",
         _ => "error",
     };
-    if let Err(e) = ctx.batches.put_result(batch_id, &result).await {
-        tracing::warn!(error = %e, "cannot store a batch result; the job will be retried");
-        let _ = msg
-            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-            .await;
-        return;
+    let mut delay = Duration::from_millis(100);
+    let mut last = None;
+    for attempt in 1..=ctx.store_attempts {
+        match ctx.batches.create_result(batch_id, &result).await {
+            Ok(created) => {
+                if created {
+                    ctx.tally.record(batch_id, Counts::of(&result));
+                }
+                let outcome = if created { outcome } else { "duplicate" };
+                ctx.metrics.jobs.with_label_values(&[outcome]).inc();
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(error = %e, "batch ack failed; a redelivery finds the result and is not run again");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(batch = %batch_id, line = result.line, attempt, error = %e, "cannot store a batch result");
+                last = Some(e);
+            }
+        }
+        if attempt < ctx.store_attempts {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
     }
-    ctx.metrics.jobs.with_label_values(&[outcome]).inc();
-    if let Err(e) = msg.double_ack().await {
-        tracing::warn!(error = %e, "batch ack failed; the job may run again (its result is overwritten, not duplicated)");
+    let reason = last.map_or_else(String::new, |e| e.message);
+    let failed = BatchResult {
+        status: ResultStatus::Error,
+        response: None,
+        error: Some(ErrorBody {
+            code: ErrorKind::Internal,
+            message: format!(
+                "the result could not be stored after {} attempts",
+                ctx.store_attempts
+            ),
+        }),
+        custom_id: result.custom_id.filter(|c| c.len() <= MAX_CUSTOM_ID_BYTES),
+        ..result
+    };
+    match ctx.batches.create_result(batch_id, &failed).await {
+        Ok(true) => ctx.tally.record(batch_id, Counts::of(&failed)),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(batch = %batch_id, line = failed.line, error = %e, %reason, "batch job ended without a stored result")
+        }
     }
+    terminate(ctx, msg, "store_failed").await;
 }

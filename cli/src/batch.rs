@@ -49,7 +49,11 @@ async fn run(argv: Vec<String>) -> Result<ExitCode, String> {
     positional.clear();
     match action.as_str() {
         "submit" => {
-            let body = std::fs::read(&target).map_err(|e| format!("{target}: {e}"))?;
+            // Streamed from the file, never read whole into memory.
+            let file = tokio::fs::File::open(&target)
+                .await
+                .map_err(|e| format!("{target}: {e}"))?;
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
             let mut req = http.post(&base).body(body);
             if let Some(id) = &id_flag {
                 req = req.query(&[("id", id)]);
@@ -117,6 +121,15 @@ async fn wait_for(http: &reqwest::Client, base: &str, id: &str) -> Result<ExitCo
     loop {
         let s = call(http.get(format!("{base}/{id}"))).await?;
         eprint!("\r{}", progress_line(&s));
+        if s["status"] == "incomplete" {
+            eprintln!();
+            println!("{s}");
+            return Err(format!(
+                "batch {id}: only {} of {} lines were submitted; submit the same file again to complete it",
+                s["submitted"].as_u64().unwrap_or(0),
+                s["total"].as_u64().unwrap_or(0)
+            ));
+        }
         if s["status"] != "running" {
             eprintln!();
             println!("{s}");

@@ -631,6 +631,9 @@ impl Config {
         if self.cache.replicas == 0 || self.cache.replicas > 5 {
             return bad("cache.replicas", "must be between 1 and 5");
         }
+        if let Err((key, why)) = self.batch.check() {
+            return bad(&format!("batch.{key}"), why);
+        }
         if self.cloud.breaker.failure_threshold == 0 {
             return bad("cloud.breaker.failure_threshold", "must be at least 1");
         }
@@ -803,6 +806,23 @@ mod tests {
         assert_eq!(c.cache.ttl_secs, 7);
         assert_eq!(c.cloud.breaker.open_ms, 10);
         assert_eq!(c.cloud.upstream.api_key.as_deref(), Some("hf_x"));
+    }
+
+    #[test]
+    fn batch_limits_are_checked_and_named() {
+        for (key, value) in [
+            ("batch.retention_hours", "0"),
+            ("batch.max_line_bytes", "0"),
+            ("batch.max_queue_bytes", "-1"),
+            ("batch.store_attempts", "0"),
+        ] {
+            let e = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
+            assert!(e.message.contains(key), "{}", e.message);
+        }
+        let e = Config::from_parts(None, &[], &[("batch.results_ttl_secs".into(), "5".into())])
+            .unwrap_err();
+        assert!(e.message.contains("results_ttl_secs"), "{}", e.message);
+        assert_eq!(Config::default().batch.retention_hours, 168);
     }
 
     #[test]

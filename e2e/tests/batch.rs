@@ -331,3 +331,201 @@ async fn other_systems_can_publish_jobs_directly() {
     assert_eq!(r.custom_id.as_deref(), Some("ext"));
     assert_eq!(r.status, ResultStatus::Ok);
 }
+
+/// Generations the local pool has run so far.
+fn provider_calls(stack: &Stack) -> u64 {
+    stack
+        .local
+        .as_ref()
+        .unwrap()
+        .metrics
+        .provider_latency
+        .with_label_values(&["local"])
+        .get_sample_count()
+}
+
+/// Jobs still in the work queue (a job leaves it when acked or terminated).
+async fn queued(b: &BatchClient) -> u64 {
+    b.jobs_stream().get_info().await.unwrap().state.messages
+}
+
+async fn publish_json(cfg: &Config, subject: &str, body: String) {
+    let js = async_nats::jetstream::new(client(cfg, "producer").await);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Content-Type", "application/json");
+    js.publish_with_headers(subject.to_string(), h, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn worker_jobs(w: &optiroute_batch::Running, outcome: &str) -> u64 {
+    w.metrics.jobs.with_label_values(&[outcome]).get()
+}
+
+#[tokio::test]
+async fn a_job_on_a_malformed_subject_ends_without_running() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    publish_json(
+        &cfg,
+        "optiroute.batch.a:b",
+        json!({"line": 1, "prompt": "to a bad subject", "provider": "local", "cache": "off"})
+            .to_string(),
+    )
+    .await;
+    wait_until(
+        "the job to leave the queue",
+        Duration::from_secs(10),
+        || async { queued(&b).await == 0 },
+    )
+    .await;
+    assert_eq!(worker_jobs(&w, "rejected"), 1);
+    assert_eq!(provider_calls(&stack), 0, "validated before any work");
+}
+
+#[tokio::test]
+async fn an_oversize_custom_id_ends_with_one_error_result() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let _w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    // The job fits in max_payload (1 MiB); its result, with the answer, does not.
+    let custom_id = "x".repeat((1 << 20) - 200);
+    publish_json(
+        &cfg,
+        "optiroute.batch.big",
+        json!({"line": 1, "custom_id": custom_id, "prompt": "hello", "provider": "local", "cache": "off"})
+            .to_string(),
+    )
+    .await;
+    wait_until(
+        "the job to leave the queue",
+        Duration::from_secs(15),
+        || async { queued(&b).await == 0 },
+    )
+    .await;
+    assert!(provider_calls(&stack) <= 1, "paid at most once");
+    let r = b.result("big", 1).await.unwrap().expect("an error result");
+    assert_eq!(r.status, ResultStatus::Error);
+    let e = r.error.unwrap();
+    assert_eq!(e.code, optiroute_common::ErrorKind::BadRequest);
+    assert!(e.message.contains("custom_id"), "{}", e.message);
+}
+
+#[tokio::test]
+async fn a_redelivered_job_whose_result_exists_is_not_run_again() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    let job = json!({"line": 1, "custom_id": "once", "prompt": "pay once", "provider": "local", "cache": "off"})
+        .to_string();
+    publish_json(&cfg, "optiroute.batch.once", job.clone()).await;
+    wait_until("the first result", Duration::from_secs(10), || async {
+        b.result("once", 1).await.unwrap().is_some()
+    })
+    .await;
+    let first = b.result("once", 1).await.unwrap().unwrap();
+    assert_eq!(provider_calls(&stack), 1);
+    // The same job again, as after an ack lost on the way to the server.
+    publish_json(&cfg, "optiroute.batch.once", job).await;
+    wait_until(
+        "the copy to leave the queue",
+        Duration::from_secs(10),
+        || async { queued(&b).await == 0 },
+    )
+    .await;
+    assert_eq!(
+        provider_calls(&stack),
+        1,
+        "the copy was not generated again"
+    );
+    assert_eq!(worker_jobs(&w, "duplicate"), 1);
+    assert_eq!(b.result("once", 1).await.unwrap().unwrap(), first);
+}
+
+#[tokio::test]
+async fn a_custom_id_over_256_bytes_is_refused_at_submission() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    let stack = Stack::start(cfg.clone()).await;
+    let file = format!(
+        "{}\n{}\n",
+        json!({"custom_id": "ok", "prompt": "a"}),
+        json!({"custom_id": "y".repeat(257), "prompt": "b"})
+    );
+    let (status, body) = stack.post_raw("/v1/batches?id=long-ids", file).await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("line 2") && message.contains("custom_id"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_result_that_cannot_be_stored_ends_the_job_after_bounded_tries() {
+    let nats = NatsServer::start();
+    let cfg = test_config(&nats.url());
+    // A results bucket that holds only a few results: the rest cannot be stored.
+    let js = async_nats::jetstream::new(client(&cfg, "admin").await);
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: cfg.batch.results_bucket.clone(),
+        history: 1,
+        max_bytes: 2048,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    let stack = Stack::start_parts(cfg.clone(), parts).await;
+    let w = worker(&cfg, &stack).await;
+    let b = BatchClient::open(client(&cfg, "c").await, &cfg)
+        .await
+        .unwrap();
+    for line in 1..=8 {
+        publish_json(
+            &cfg,
+            "optiroute.batch.full",
+            json!({"line": line, "prompt": format!("fill {line}"), "provider": "local", "cache": "off"})
+                .to_string(),
+        )
+        .await;
+    }
+    wait_until("every job to end", Duration::from_secs(30), || async {
+        queued(&b).await == 0
+    })
+    .await;
+    assert_eq!(provider_calls(&stack), 8, "each job generated once");
+    let failed = worker_jobs(&w, "store_failed");
+    assert!(failed >= 1, "some results did not fit");
+    assert_eq!(worker_jobs(&w, "ok") + failed, 8);
+}

@@ -146,6 +146,10 @@ per_token_ms = 0
 admin_listen = "127.0.0.1:{cloud}"
 [batch]
 admin_listen = "127.0.0.1:{batch}"
+# The stream and buckets have byte limits; these fit the test server's store.
+max_queue_bytes = 33554432
+max_results_bytes = 33554432
+max_meta_bytes = 4194304
 "#,
             url = nats.url()
         ),

@@ -1,19 +1,21 @@
 //! `/v1/batches`: submit a JSONL file, watch it, collect its results in
 //! input order, cancel it. The work itself runs on the batch workers.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use optiroute_batch::BatchClient;
+use futures::StreamExt;
+use optiroute_batch::{BatchClient, SubmitError};
 use optiroute_common::{Error, ErrorKind};
 use serde::Deserialize;
 
 use crate::{ApiError, AppState};
 
-/// Largest batch file accepted over HTTP.
+/// The route's body limit for extractors. The upload is read as a stream
+/// and limited by `batch.max_upload_bytes`, `max_line_bytes` and
+/// `max_lines` instead (the stream does not go through this limit).
 pub const MAX_BATCH_BYTES: usize = 64 << 20;
 
 #[derive(Deserialize)]
@@ -41,21 +43,24 @@ fn fail(e: Error) -> ApiError {
     ApiError::new(e, None)
 }
 
+/// Reads the upload as a stream (see `optiroute_batch::upload`): at most
+/// `batch.max_concurrent_uploads` at once, 503 beyond; a line or an upload
+/// over its limit is answered 413, an unusable one 400.
 pub(crate) async fn submit(
     State(state): State<AppState>,
     Query(q): Query<SubmitQuery>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|rej| ApiError {
-        error: Error::bad_request(format!("cannot read the body: {}", rej.body_text())),
-        request_id: None,
-        status: Some(rej.status()),
-    })?;
-    let status = client(&state)
-        .await?
-        .submit(&body, q.id.as_deref())
+    let batches = client(&state).await?;
+    let _upload = batches.upload_permit().map_err(fail)?;
+    let status = batches
+        .submit_stream(body.into_data_stream(), q.id.as_deref())
         .await
-        .map_err(fail)?;
+        .map_err(|SubmitError { error, too_large }| ApiError {
+            error,
+            request_id: None,
+            status: too_large.then_some(StatusCode::PAYLOAD_TOO_LARGE),
+        })?;
     Ok(Json(status).into_response())
 }
 
@@ -75,18 +80,25 @@ pub(crate) async fn cancel(
     Ok(Json(status).into_response())
 }
 
-/// One JSON line per input line, in input order.
+/// One JSON line per input line, in input order, streamed as results are
+/// read (a bounded number at a time). A read failing midway ends the body
+/// with an error: the client sees fewer lines than the batch's total.
 pub(crate) async fn results(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let results = client(&state).await?.results(&id).await.map_err(fail)?;
-    let mut out = Vec::with_capacity(results.len() * 128);
-    for r in &results {
-        serde_json::to_writer(&mut out, r).map_err(|e| fail(Error::internal(e.to_string())))?;
-        out.push(b'\n');
-    }
-    let mut resp = out.into_response();
+    let results = client(&state)
+        .await?
+        .results_stream(&id)
+        .await
+        .map_err(fail)?;
+    let lines = results.map(|r| {
+        let r = r.map_err(|e| std::io::Error::other(e.message))?;
+        let mut line = serde_json::to_vec(&r).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        Ok::<_, std::io::Error>(line)
+    });
+    let mut resp = Body::from_stream(lines).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),

@@ -32,6 +32,10 @@ pub fn test_config(nats_url: &str) -> Config {
     c.batch.ack_wait_ms = 2_000;
     c.batch.backoff_ms = vec![100, 200, 400];
     c.batch.request_timeout_ms = 5_000;
+    // Within the test server's 256 MB of file store, twice over.
+    c.batch.max_queue_bytes = 32 << 20;
+    c.batch.max_results_bytes = 32 << 20;
+    c.batch.max_meta_bytes = 4 << 20;
     c
 }
 

@@ -9,12 +9,22 @@ pub struct BatchConfig {
     pub admin_listen: String,
     /// Work-queue stream holding one message per job, subject `<prefix>.batch.<id>`.
     pub stream: String,
-    /// KV bucket of batch descriptions (total, created, cancelled).
+    /// KV bucket of batch descriptions (total, created, cancelled) and their counters.
     pub meta_bucket: String,
     /// KV bucket of results, key `<id>.<line>`.
     pub results_bucket: String,
-    /// How long results are kept.
-    pub results_ttl_secs: u64,
+    /// How long queued jobs, results and batch descriptions are kept (the
+    /// `max_age` of the stream and both buckets), in hours.
+    pub retention_hours: u64,
+    /// Most jobs queued at once, all batches together (the stream's
+    /// `max_msgs`); a submission beyond it stops and shows `incomplete`.
+    pub max_queued_jobs: i64,
+    /// Most bytes of queued jobs (the stream's `max_bytes`).
+    pub max_queue_bytes: i64,
+    /// Most bytes of stored results (the results bucket's `max_bytes`).
+    pub max_results_bytes: i64,
+    /// Most bytes of batch descriptions and counters (the meta bucket's `max_bytes`).
+    pub max_meta_bytes: i64,
     /// Durable pull consumer shared by every batch worker.
     pub consumer: String,
     /// Jobs one worker runs at once, so interactive traffic keeps priority.
@@ -29,8 +39,21 @@ pub struct BatchConfig {
     pub ack_wait_ms: u64,
     /// Deadline of each job's request through the router.
     pub request_timeout_ms: u64,
+    /// Tries to store a job's result before the job is ended (terminated,
+    /// reported by a metric and a log) instead of being run again.
+    pub store_attempts: u32,
     pub replicas: usize,
+    /// Most non-blank lines in one upload.
     pub max_lines: usize,
+    /// Longest line of an upload, in bytes.
+    pub max_line_bytes: usize,
+    /// Largest upload, in bytes (it is read as a stream, never held whole in memory).
+    pub max_upload_bytes: u64,
+    /// Uploads one ingress reads at once; more are refused with 503.
+    pub max_concurrent_uploads: usize,
+    /// Time a cancel may take (marking the batch, dropping its queued jobs,
+    /// each retried with backoff) before it answers 504.
+    pub cancel_timeout_ms: u64,
 }
 
 impl Default for BatchConfig {
@@ -40,7 +63,11 @@ impl Default for BatchConfig {
             stream: "OPTIROUTE_BATCH".into(),
             meta_bucket: "optiroute-batches".into(),
             results_bucket: "optiroute-batch-results".into(),
-            results_ttl_secs: 7 * 24 * 3600,
+            retention_hours: 168,
+            max_queued_jobs: 1_000_000,
+            max_queue_bytes: 1 << 30,
+            max_results_bytes: 1 << 30,
+            max_meta_bytes: 64 << 20,
             consumer: "optiroute-batch-workers".into(),
             max_in_flight: 8,
             route_bias: 0.0,
@@ -48,8 +75,43 @@ impl Default for BatchConfig {
             backoff_ms: vec![1_000, 5_000, 15_000, 30_000],
             ack_wait_ms: 60_000,
             request_timeout_ms: 45_000,
+            store_attempts: 5,
             replicas: 1,
             max_lines: 100_000,
+            max_line_bytes: 1 << 20,
+            max_upload_bytes: 64 << 20,
+            max_concurrent_uploads: 4,
+            cancel_timeout_ms: 10_000,
         }
+    }
+}
+
+impl BatchConfig {
+    /// The first bad key (without its `batch.` section) and why.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        for (key, n) in [
+            ("retention_hours", self.retention_hours),
+            ("max_lines", self.max_lines as u64),
+            ("max_line_bytes", self.max_line_bytes as u64),
+            ("max_upload_bytes", self.max_upload_bytes),
+            ("max_concurrent_uploads", self.max_concurrent_uploads as u64),
+            ("store_attempts", u64::from(self.store_attempts)),
+            ("cancel_timeout_ms", self.cancel_timeout_ms),
+        ] {
+            if n == 0 {
+                return Err((key, "must be at least 1"));
+            }
+        }
+        for (key, n) in [
+            ("max_queued_jobs", self.max_queued_jobs),
+            ("max_queue_bytes", self.max_queue_bytes),
+            ("max_results_bytes", self.max_results_bytes),
+            ("max_meta_bytes", self.max_meta_bytes),
+        ] {
+            if n < 1 {
+                return Err((key, "must be at least 1 (a limit is required)"));
+            }
+        }
+        Ok(())
     }
 }
