@@ -20,13 +20,17 @@ use crate::{Completion, EmbeddedModel, GenerateError, GenerateParams};
 /// Hears how a sequence ended.
 pub type OnDone = Box<dyn FnOnce(Result<Completion, GenerateError>) + Send>;
 
+/// Receives each new piece of a sequence's text, from the engine's thread;
+/// `Break` cancels the sequence.
+pub type OnTextSend = Box<dyn FnMut(&str) -> ControlFlow<()> + Send>;
+
 /// The window tokens/s is measured over.
 const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 struct Submit {
     prompt: Vec<u32>,
     params: GenerateParams,
-    on_text: Box<dyn FnMut(&str) -> ControlFlow<()> + Send>,
+    on_text: OnTextSend,
     done: OnDone,
 }
 
@@ -96,7 +100,7 @@ impl BatchEngine {
         &self,
         prompt: Vec<u32>,
         params: GenerateParams,
-        on_text: Box<dyn FnMut(&str) -> ControlFlow<()> + Send>,
+        on_text: OnTextSend,
         done: OnDone,
     ) {
         self.shared.in_channel.fetch_add(1, Ordering::SeqCst);

@@ -40,10 +40,10 @@ mod team;
 mod text;
 pub mod tokenizer;
 
-pub use engine::{BatchEngine, EngineLoad};
+pub use engine::{BatchEngine, EngineLoad, OnDone, OnTextSend};
 use model::Weights;
-pub use sched::{Progress, Scheduler, SchedulerConfig, SeqId};
 pub use quant::simd_kernels;
+pub use sched::{OnText, Progress, Scheduler, SchedulerConfig, SeqId};
 pub use tokenizer::{ChatTokenizer, Role, Turn, DEFAULT_SYSTEM};
 
 /// The model name replies carry.
@@ -328,4 +328,3 @@ impl EmbeddedModel {
         }
     }
 }
-

@@ -357,9 +357,7 @@ fn products(
         .map(|m| w.mat(*m).rows * w.mat(*m).cols / BLOCK)
         .sum::<usize>()
         * n;
-    let any_f32 = mats
-        .iter()
-        .any(|m| matches!(w.mat(*m).data, QData::F32(_)));
+    let any_f32 = mats.iter().any(|m| matches!(w.mat(*m).data, QData::F32(_)));
     let parts = team.size();
     if parts == 1 || work < SPLIT_MIN || any_f32 {
         for ((m, o), r) in mats.iter().zip(outs.iter_mut()).zip(&rows) {
@@ -452,8 +450,12 @@ impl Forward {
         }
         self.rot.clear();
         for &p in &self.pos {
-            self.rot
-                .extend(w.inv_freq.iter().map(|f| (p as f32 * f).sin_cos()).map(|(s, c)| (c, s)));
+            self.rot.extend(
+                w.inv_freq
+                    .iter()
+                    .map(|f| (p as f32 * f).sin_cos())
+                    .map(|(s, c)| (c, s)),
+            );
         }
         self.x.resize(n * dim, 0.0);
         self.xn.resize(n * dim, 0.0);
@@ -568,7 +570,12 @@ impl Forward {
         let mut m = 0;
         for (r, x) in rows.iter().zip(self.x.chunks_exact(dim)) {
             if r.logits {
-                rms_norm(x, &w.out_norm, c.rms_eps, &mut self.xn[m * dim..(m + 1) * dim]);
+                rms_norm(
+                    x,
+                    &w.out_norm,
+                    c.rms_eps,
+                    &mut self.xn[m * dim..(m + 1) * dim],
+                );
                 m += 1;
             }
         }

@@ -330,9 +330,9 @@ mod simd {
         BlockQ4_1, BlockQ8_0,
     };
     use pulp::bytemuck::cast;
-    use std::ops::Range;
     use pulp::x86::V3;
     use std::arch::x86_64::{__m128i, __m256, __m256i};
+    use std::ops::Range;
 
     #[inline(always)]
     fn hsum(simd: V3, v: __m256) -> f32 {
@@ -459,7 +459,11 @@ mod simd {
                         c += 4;
                     }
                     while c < n {
-                        let t = $tile::<4, 1>(simd, [row(r), row(r + 1), row(r + 2), row(r + 3)], [col(c)]);
+                        let t = $tile::<4, 1>(
+                            simd,
+                            [row(r), row(r + 1), row(r + 2), row(r + 3)],
+                            [col(c)],
+                        );
                         for (dr, tr) in t.iter().enumerate() {
                             out[c * ld + r + dr - r0] = tr[0];
                         }

@@ -145,7 +145,10 @@ fn cancelled(p: &GenerateParams) -> bool {
 pub enum Progress {
     Queued,
     /// Prompt tokens fed, tokens generated.
-    Active { fed: usize, generated: u32 },
+    Active {
+        fed: usize,
+        generated: u32,
+    },
     /// Finished (or never known).
     Gone,
 }
@@ -229,11 +232,6 @@ impl<'a> Scheduler<'a> {
                 cap: self.cfg.max_kv_bytes,
             });
         }
-        if self.waiting.len() >= self.cfg.max_queue {
-            return Err(GenerateError::QueueFull {
-                queued: self.waiting.len(),
-            });
-        }
         let id = self.next_id;
         self.next_id += 1;
         self.waiting.push_back(Waiting {
@@ -245,6 +243,15 @@ impl<'a> Scheduler<'a> {
             budget,
             kv_tokens,
         });
+        // It joins the batch at once if the caps allow; only what cannot
+        // join counts against the queue (`max_queue: 0`: no waiting).
+        self.admit();
+        if self.waiting.len() > self.cfg.max_queue {
+            self.waiting.pop_back();
+            return Err(GenerateError::QueueFull {
+                queued: self.waiting.len(),
+            });
+        }
         Ok(id)
     }
 
@@ -284,7 +291,9 @@ impl<'a> Scheduler<'a> {
             if self.kv_bytes + bytes > self.cfg.max_kv_bytes {
                 break;
             }
-            let Some(w) = self.waiting.pop_front() else { break };
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
             self.kv_bytes += bytes;
             let now = Instant::now();
             self.active.push(Active {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use optiroute_local_model::{
-    BatchEngine, Completion, EmbeddedModel, GenerateError, GenerateParams, Progress,
+    BatchEngine, Completion, EmbeddedModel, GenerateError, GenerateParams, OnText, Progress,
     SchedulerConfig, Turn, DEFAULT_MODEL_PATH,
 };
 
@@ -38,7 +38,10 @@ fn model() -> &'static EmbeddedModel {
 }
 
 fn ids(question: &str) -> Vec<u32> {
-    model().tokenizer().chat_prompt(&[Turn::user(question)]).unwrap()
+    model()
+        .tokenizer()
+        .chat_prompt(&[Turn::user(question)])
+        .unwrap()
 }
 
 fn greedy(max_tokens: u32) -> GenerateParams {
@@ -123,7 +126,11 @@ fn batched_and_alone_give_the_same_greedy_tokens() {
     }
     seqs.push(
         sched
-            .submit(ids(QUESTIONS[3]), greedy(40), Box::new(|_| ControlFlow::Continue(())))
+            .submit(
+                ids(QUESTIONS[3]),
+                greedy(40),
+                Box::new(|_| ControlFlow::Continue(())),
+            )
             .unwrap(),
     );
     let got: Vec<String> = run_all(&mut sched, &seqs, early)
@@ -138,9 +145,19 @@ fn batched_and_alone_give_the_same_greedy_tokens() {
         ..cfg()
     });
     let id = one
-        .submit(ids(QUESTIONS[1]), greedy(40), Box::new(|_| ControlFlow::Continue(())))
+        .submit(
+            ids(QUESTIONS[1]),
+            greedy(40),
+            Box::new(|_| ControlFlow::Continue(())),
+        )
         .unwrap();
-    assert_eq!(run_all(&mut one, &[id], Ended::new())[0].as_ref().unwrap().text, want[1]);
+    assert_eq!(
+        run_all(&mut one, &[id], Ended::new())[0]
+            .as_ref()
+            .unwrap()
+            .text,
+        want[1]
+    );
 }
 
 #[test]
@@ -148,7 +165,7 @@ fn a_sequence_cancelled_or_expired_mid_batch_leaves_the_others_untouched() {
     let want_a = alone(QUESTIONS[1], 48);
     let want_d = alone(QUESTIONS[2], 48);
     let mut sched = model().scheduler(cfg());
-    let on = || -> Box<dyn FnMut(&str) -> ControlFlow<()>> { Box::new(|_| ControlFlow::Continue(())) };
+    let on = || -> OnText<'static> { Box::new(|_| ControlFlow::Continue(())) };
     let a = sched.submit(ids(QUESTIONS[1]), greedy(48), on()).unwrap();
     let cancel = Arc::new(AtomicBool::new(false));
     let b = sched
@@ -216,7 +233,11 @@ fn a_long_prompt_joins_in_chunks_without_stalling_the_others() {
     let chunk = 32;
     let mut sched = model().scheduler(cfg());
     let a = sched
-        .submit(ids(QUESTIONS[1]), greedy(200), Box::new(|_| ControlFlow::Continue(())))
+        .submit(
+            ids(QUESTIONS[1]),
+            greedy(200),
+            Box::new(|_| ControlFlow::Continue(())),
+        )
         .unwrap();
     while !matches!(sched.progress(a), Progress::Active { generated, .. } if generated >= 2) {
         assert!(sched.step().is_empty());
@@ -225,7 +246,11 @@ fn a_long_prompt_joins_in_chunks_without_stalling_the_others() {
     let long = ids(&format!("Summarise this: {long_text}"));
     assert!(long.len() > 8 * chunk, "{}", long.len());
     let b = sched
-        .submit(long.clone(), greedy(8), Box::new(|_| ControlFlow::Continue(())))
+        .submit(
+            long.clone(),
+            greedy(8),
+            Box::new(|_| ControlFlow::Continue(())),
+        )
         .unwrap();
     let mut prefill_steps = 0;
     loop {
@@ -247,7 +272,11 @@ fn a_long_prompt_joins_in_chunks_without_stalling_the_others() {
         let Progress::Active { fed, generated } = sched.progress(b) else {
             panic!("B left");
         };
-        assert!(fed - fed0 <= chunk, "B read {} prompt tokens in one step", fed - fed0);
+        assert!(
+            fed - fed0 <= chunk,
+            "B read {} prompt tokens in one step",
+            fed - fed0
+        );
         prefill_steps += 1;
         if generated > 0 {
             break;
@@ -278,16 +307,14 @@ fn the_caps_queue_or_refuse() {
         max_kv_bytes: 2 * one,
         ..cfg()
     });
-    let on = || -> Box<dyn FnMut(&str) -> ControlFlow<()>> { Box::new(|_| ControlFlow::Continue(())) };
+    let on = || -> OnText<'static> { Box::new(|_| ControlFlow::Continue(())) };
     let s1 = sched.submit(p.clone(), greedy(10), on()).unwrap();
     let s2 = sched.submit(p.clone(), greedy(10), on()).unwrap();
     sched.step();
     let s3 = sched.submit(p.clone(), greedy(10), on()).unwrap();
     let e = sched.submit(p.clone(), greedy(10), on()).unwrap_err();
     assert!(matches!(e, GenerateError::QueueFull { queued: 1 }), "{e}");
-    let e = sched
-        .submit(p.clone(), greedy(4000), on())
-        .unwrap_err();
+    let e = sched.submit(p.clone(), greedy(4000), on()).unwrap_err();
     assert!(matches!(e, GenerateError::TooBigForCache { .. }), "{e}");
     sched.step();
     assert_eq!(sched.progress(s3), Progress::Queued, "the KV cap holds it");
@@ -312,7 +339,11 @@ fn the_caps_queue_or_refuse() {
         .unwrap();
     let r = run_all(&mut sched, &[s1, s2], Ended::new());
     assert!(r[0].is_ok());
-    assert!(matches!(r[1], Err(GenerateError::QueueTimeout { .. })), "{:?}", r[1]);
+    assert!(
+        matches!(r[1], Err(GenerateError::QueueTimeout { .. })),
+        "{:?}",
+        r[1]
+    );
 }
 
 #[test]
