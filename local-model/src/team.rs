@@ -7,21 +7,29 @@
 //! the helpers' parts into place. Buffers go back and forth, so steady
 //! state allocates nothing but the job's `Arc`.
 //!
-//! Between jobs a helper spins briefly before it blocks: the products of
-//! one forward pass come every few tens of microseconds, much faster than
-//! a thread wakes from sleep; an idle engine blocks and costs nothing.
+//! Between jobs a helper spins briefly, then yields its core for up to a
+//! millisecond, before it blocks: the products of one forward pass come
+//! every few tens of microseconds, much faster than a thread wakes from
+//! sleep, and yielding keeps a busy (oversubscribed) machine moving; an
+//! idle engine blocks and costs nothing.
 
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Computes part `part` of a job into the buffer (cleared by the job).
 pub type Job = Arc<dyn Fn(usize, &mut Vec<f32>) + Send + Sync>;
 
-/// Polls before blocking: a helper waiting for the next job (~1 ms).
-const HELPER_SPINS: u32 = 20_000;
-/// The caller waiting for a helper's part (it is usually nearly done).
-const CALLER_SPINS: u32 = 200_000;
+/// Pure spins (no system call) before a waiting thread starts yielding:
+/// a few microseconds, the usual gap between two products of a step.
+const SPINS: u32 = 2_000;
+/// Then it yields its core (so an oversubscribed machine, or a helper that
+/// was descheduled, is not held up by the spinning) for at most this long
+/// before it blocks: a helper waiting for the next job, ...
+const HELPER_YIELD: Duration = Duration::from_millis(1);
+/// ... and the caller waiting for a helper's part (usually nearly done).
+const CALLER_YIELD: Duration = Duration::from_millis(5);
 
 struct Helper {
     jobs: Option<Sender<(Job, usize, Vec<f32>)>>,
@@ -35,12 +43,20 @@ pub struct Team {
     local: Vec<f32>,
 }
 
-fn recv_spin<T>(rx: &Receiver<T>, spins: u32) -> Option<T> {
-    for _ in 0..spins {
+fn recv_spin<T>(rx: &Receiver<T>, yield_for: Duration) -> Option<T> {
+    for _ in 0..SPINS {
         match rx.try_recv() {
             Ok(v) => return Some(v),
             Err(TryRecvError::Disconnected) => return None,
             Err(TryRecvError::Empty) => std::hint::spin_loop(),
+        }
+    }
+    let started = Instant::now();
+    while started.elapsed() < yield_for {
+        match rx.try_recv() {
+            Ok(v) => return Some(v),
+            Err(TryRecvError::Disconnected) => return None,
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
         }
     }
     rx.recv().ok()
@@ -56,7 +72,7 @@ impl Team {
                 let handle = std::thread::Builder::new()
                     .name(format!("smollm-helper-{i}"))
                     .spawn(move || {
-                        while let Some((job, part, mut buf)) = recv_spin(&job_rx, HELPER_SPINS) {
+                        while let Some((job, part, mut buf)) = recv_spin(&job_rx, HELPER_YIELD) {
                             job(part, &mut buf);
                             // The job's data (activations) is released before
                             // the caller hears back, so it can reuse it.
@@ -101,7 +117,7 @@ impl Team {
         merge(0, &self.local);
         for (i, h) in self.helpers.iter_mut().enumerate() {
             let got = if sent[i] {
-                recv_spin(&h.done, CALLER_SPINS)
+                recv_spin(&h.done, CALLER_YIELD)
             } else {
                 None
             };
