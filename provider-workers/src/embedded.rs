@@ -360,7 +360,14 @@ mod tests {
                     .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Until the first holds the only slot (bounded).
+        for _ in 0..2000 {
+            if engine.free_slots() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(engine.free_slots(), 0, "the first generation never started");
         let e = engine
             .generate(&meta(Duration::from_millis(100)), &req, None)
             .await
