@@ -299,8 +299,9 @@ pub struct EmbeddedConfig {
     /// Sequences decoded together in one batch (continuous batching);
     /// more wait in line until their deadline. 0 = 16.
     pub max_concurrent: usize,
-    /// Sequences waiting to join the batch; past it requests are refused
-    /// as overloaded.
+    /// Sequences waiting to join the batch (a sequence that can join at
+    /// once never waits); past it requests are refused as overloaded.
+    /// 0: no waiting line.
     pub max_queue: usize,
     /// KV cache memory the active sequences may reserve, in MiB (each
     /// reserves its prompt plus `max_tokens` when it joins).
@@ -668,7 +669,13 @@ impl Config {
         }
         let e = &self.local.embedded;
         if e.max_concurrent > 1024 {
-            return bad("local.embedded.max_concurrent", "must be at most 1024 (0 = 16)");
+            return bad(
+                "local.embedded.max_concurrent",
+                "must be at most 1024 (0 = 16)",
+            );
+        }
+        if e.max_queue > 100_000 {
+            return bad("local.embedded.max_queue", "must be at most 100000");
         }
         if e.max_kv_cache_mib == 0 {
             return bad("local.embedded.max_kv_cache_mib", "must be at least 1");

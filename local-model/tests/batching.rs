@@ -383,3 +383,21 @@ fn the_engine_thread_serves_concurrent_sequences_and_reports_its_load() {
     let l = engine.load();
     assert_eq!((l.active, l.queued, l.kv_bytes), (0, 0, 0));
 }
+
+#[test]
+fn a_queue_of_none_still_serves_what_fits_at_once() {
+    let p = ids(QUESTIONS[0]);
+    let on = || -> OnText<'static> { Box::new(|_| ControlFlow::Continue(())) };
+    let mut sched = model().scheduler(SchedulerConfig {
+        max_active: 2,
+        max_queue: 0,
+        ..cfg()
+    });
+    let a = sched.submit(p.clone(), greedy(10), on()).unwrap();
+    let b = sched.submit(p.clone(), greedy(10), on()).unwrap();
+    assert!(matches!(sched.progress(b), Progress::Active { .. }));
+    let e = sched.submit(p.clone(), greedy(10), on()).unwrap_err();
+    assert!(matches!(e, GenerateError::QueueFull { queued: 0 }), "{e}");
+    let r = run_all(&mut sched, &[a, b], Ended::new());
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+}
