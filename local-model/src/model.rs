@@ -358,7 +358,7 @@ fn products(
         .sum::<usize>()
         * n;
     let any_f32 = mats.iter().any(|m| matches!(w.mat(*m).data, QData::F32(_)));
-    let parts = team.size();
+    let parts = team.parts();
     if parts == 1 || work < SPLIT_MIN || any_f32 {
         for ((m, o), r) in mats.iter().zip(outs.iter_mut()).zip(&rows) {
             w.mat(*m).matmul_rows(x, acts, n, 0..*r, o, *r);

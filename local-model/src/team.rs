@@ -1,18 +1,24 @@
 //! A small persistent team of helper threads that split each matrix
 //! product by rows, so one generation (or one batch) uses every core.
 //!
+//! A product is cut into [`Team::parts`] parts (a few per thread). Whoever
+//! is running claims the next part from a shared counter, the caller
+//! included, so a helper that the OS has not scheduled (a busy or
+//! oversubscribed machine) costs at most the part it already claimed: the
+//! caller takes the rest itself instead of waiting for it.
+//!
 //! The weights are shared through an `Arc` and a job is a `'static`
-//! closure, so no `unsafe` is needed: each helper computes its rows into
-//! its own buffer, the caller computes the first part itself, then copies
-//! the helpers' parts into place. Buffers go back and forth, so steady
-//! state allocates nothing but the job's `Arc`.
+//! closure, so no `unsafe` is needed: a helper computes a part into its own
+//! buffer and sends it back; the caller copies it into place.
 //!
 //! Between jobs a helper spins briefly, then yields its core for up to a
 //! millisecond, before it blocks: the products of one forward pass come
 //! every few tens of microseconds, much faster than a thread wakes from
-//! sleep, and yielding keeps a busy (oversubscribed) machine moving; an
-//! idle engine blocks and costs nothing.
+//! sleep, and yielding keeps a busy machine moving; an idle engine blocks
+//! and costs nothing.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -24,23 +30,37 @@ pub type Job = Arc<dyn Fn(usize, &mut Vec<f32>) + Send + Sync>;
 /// Pure spins (no system call) before a waiting thread starts yielding:
 /// a few microseconds, the usual gap between two products of a step.
 const SPINS: u32 = 2_000;
-/// Then it yields its core (so an oversubscribed machine, or a helper that
-/// was descheduled, is not held up by the spinning) for at most this long
-/// before it blocks: a helper waiting for the next job, ...
+/// Then it yields its core for at most this long before it blocks: a
+/// helper waiting for the next job, ...
 const HELPER_YIELD: Duration = Duration::from_millis(1);
-/// ... and the caller waiting for a helper's part (usually nearly done).
+/// ... and the caller waiting for a part a helper claimed.
 const CALLER_YIELD: Duration = Duration::from_millis(5);
+/// Parts per thread: enough that a descheduled helper holds up little.
+const PARTS_PER_THREAD: usize = 2;
 
-struct Helper {
-    jobs: Option<Sender<(Job, usize, Vec<f32>)>>,
-    done: Receiver<Vec<f32>>,
-    handle: Option<JoinHandle<()>>,
-    spare: Vec<f32>,
+/// One product handed to the helpers.
+struct Task {
+    id: u64,
+    job: Job,
+    next: Arc<AtomicUsize>,
+    parts: usize,
+}
+
+/// A part a helper computed (`None`: the job panicked on it).
+struct Done {
+    task: u64,
+    part: usize,
+    buf: Option<Vec<f32>>,
 }
 
 pub struct Team {
-    helpers: Vec<Helper>,
+    jobs: Vec<Sender<Arc<Task>>>,
+    done: Receiver<Done>,
+    handles: Vec<JoinHandle<()>>,
     local: Vec<f32>,
+    next_task: u64,
+    /// Whether each part of the current task has been merged.
+    merged: Vec<bool>,
 }
 
 fn recv_spin<T>(rx: &Receiver<T>, yield_for: Duration) -> Option<T> {
@@ -62,89 +82,128 @@ fn recv_spin<T>(rx: &Receiver<T>, yield_for: Duration) -> Option<T> {
     rx.recv().ok()
 }
 
+/// A helper: claims parts of each task until none are left.
+fn helper(tasks: &Receiver<Arc<Task>>, done: &Sender<Done>) {
+    while let Some(task) = recv_spin(tasks, HELPER_YIELD) {
+        loop {
+            let part = task.next.fetch_add(1, Ordering::AcqRel);
+            if part >= task.parts {
+                break;
+            }
+            let mut buf = Vec::new();
+            let ok = catch_unwind(AssertUnwindSafe(|| (task.job)(part, &mut buf))).is_ok();
+            let msg = Done {
+                task: task.id,
+                part,
+                buf: ok.then_some(buf),
+            };
+            if done.send(msg).is_err() || !ok {
+                return;
+            }
+        }
+        // The job's data (activations) is released before the next task.
+        drop(task);
+    }
+}
+
 impl Team {
     /// `threads` in all, the caller's included (at least 1).
     pub fn new(threads: usize) -> Team {
-        let helpers = (1..threads.max(1))
-            .filter_map(|i| {
-                let (jobs, job_rx) = mpsc::channel::<(Job, usize, Vec<f32>)>();
-                let (done_tx, done) = mpsc::channel();
-                let handle = std::thread::Builder::new()
-                    .name(format!("smollm-helper-{i}"))
-                    .spawn(move || {
-                        while let Some((job, part, mut buf)) = recv_spin(&job_rx, HELPER_YIELD) {
-                            job(part, &mut buf);
-                            // The job's data (activations) is released before
-                            // the caller hears back, so it can reuse it.
-                            drop(job);
-                            if done_tx.send(buf).is_err() {
-                                break;
-                            }
-                        }
-                    })
-                    .ok()?;
-                Some(Helper {
-                    jobs: Some(jobs),
-                    done,
-                    handle: Some(handle),
-                    spare: Vec::new(),
-                })
-            })
-            .collect();
-        Team {
-            helpers,
-            local: Vec::new(),
-        }
-    }
-
-    /// Threads working on each job, the caller's included.
-    pub fn size(&self) -> usize {
-        self.helpers.len() + 1
-    }
-
-    /// Runs `job(part)` for every part, part 0 on the calling thread, and
-    /// hands each part's buffer to `merge` on the calling thread. A helper
-    /// that is gone (it panicked) has its part run by the caller.
-    pub fn run(&mut self, job: &Job, mut merge: impl FnMut(usize, &[f32])) {
-        let mut sent = vec![false; self.helpers.len()];
-        for (i, h) in self.helpers.iter_mut().enumerate() {
-            let buf = std::mem::take(&mut h.spare);
-            if let Some(tx) = &h.jobs {
-                sent[i] = tx.send((Arc::clone(job), i + 1, buf)).is_ok();
+        let (done_tx, done) = mpsc::channel();
+        let mut jobs = Vec::new();
+        let mut handles = Vec::new();
+        for i in 1..threads.max(1) {
+            let (tx, rx) = mpsc::channel::<Arc<Task>>();
+            let done_tx = done_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("smollm-helper-{i}"))
+                .spawn(move || helper(&rx, &done_tx));
+            if let Ok(h) = spawned {
+                jobs.push(tx);
+                handles.push(h);
             }
         }
-        job(0, &mut self.local);
-        merge(0, &self.local);
-        for (i, h) in self.helpers.iter_mut().enumerate() {
-            let got = if sent[i] {
-                recv_spin(&h.done, CALLER_YIELD)
-            } else {
-                None
+        Team {
+            jobs,
+            done,
+            handles,
+            local: Vec::new(),
+            next_task: 0,
+            merged: Vec::new(),
+        }
+    }
+
+    /// Parts each job is cut into.
+    pub fn parts(&self) -> usize {
+        if self.jobs.is_empty() {
+            1
+        } else {
+            (self.jobs.len() + 1) * PARTS_PER_THREAD
+        }
+    }
+
+    /// Runs `job(part)` for every part in `0..self.parts()`, each exactly
+    /// once, by whichever thread claims it (the caller too), and hands each
+    /// part's buffer to `merge` on the calling thread. Parts a helper
+    /// claimed but never delivered (it panicked) are run by the caller.
+    pub fn run(&mut self, job: &Job, mut merge: impl FnMut(usize, &[f32])) {
+        let parts = self.parts();
+        if parts == 1 {
+            job(0, &mut self.local);
+            merge(0, &self.local);
+            return;
+        }
+        self.next_task += 1;
+        let task = Arc::new(Task {
+            id: self.next_task,
+            job: Arc::clone(job),
+            next: Arc::new(AtomicUsize::new(0)),
+            parts,
+        });
+        self.jobs.retain(|tx| tx.send(Arc::clone(&task)).is_ok());
+        self.merged.clear();
+        self.merged.resize(parts, false);
+        let mut left = parts;
+        loop {
+            let part = task.next.fetch_add(1, Ordering::AcqRel);
+            if part >= parts {
+                break;
+            }
+            job(part, &mut self.local);
+            merge(part, &self.local);
+            self.merged[part] = true;
+            left -= 1;
+        }
+        while left > 0 {
+            let Some(d) = recv_spin(&self.done, CALLER_YIELD) else {
+                break;
             };
-            let buf = match got {
-                Some(buf) => buf,
-                None => {
-                    h.jobs = None;
-                    let mut buf = Vec::new();
-                    job(i + 1, &mut buf);
-                    buf
-                }
+            if d.task != task.id || self.merged[d.part] {
+                continue;
+            }
+            let Some(buf) = d.buf else {
+                // That helper is gone; its part is ours.
+                break;
             };
-            merge(i + 1, &buf);
-            h.spare = buf;
+            merge(d.part, &buf);
+            self.merged[d.part] = true;
+            left -= 1;
+        }
+        for part in 0..parts {
+            if !self.merged[part] {
+                job(part, &mut self.local);
+                merge(part, &self.local);
+                self.merged[part] = true;
+            }
         }
     }
 }
 
 impl Drop for Team {
     fn drop(&mut self) {
-        for h in &mut self.helpers {
-            h.jobs = None;
-        }
-        for h in &mut self.helpers {
-            if let Some(handle) = h.handle.take() {
-                let _ = handle.join();
-            }
+        self.jobs.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
         }
     }
 }
@@ -154,22 +213,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_part_runs_once_and_merges_in_order() {
+    fn every_part_runs_once_and_merges_once() {
         for threads in [1, 2, 3] {
             let mut team = Team::new(threads);
-            assert_eq!(team.size(), threads);
-            for round in 0..50 {
+            let parts = team.parts();
+            assert_eq!(parts, if threads == 1 { 1 } else { threads * 2 });
+            for round in 0..200 {
                 let job: Job = Arc::new(move |part, buf: &mut Vec<f32>| {
                     buf.clear();
                     buf.extend([part as f32, round as f32]);
                 });
                 let mut seen = Vec::new();
                 team.run(&job, |part, buf| seen.push((part, buf.to_vec())));
-                let want: Vec<_> = (0..threads)
+                seen.sort_by_key(|s| s.0);
+                let want: Vec<_> = (0..parts)
                     .map(|p| (p, vec![p as f32, round as f32]))
                     .collect();
                 assert_eq!(seen, want);
             }
         }
+    }
+
+    #[test]
+    fn a_part_that_panics_on_a_helper_is_run_by_the_caller() {
+        let mut team = Team::new(2);
+        let caller = std::thread::current().id();
+        let job: Job = Arc::new(move |part, buf: &mut Vec<f32>| {
+            assert!(std::thread::current().id() == caller, "helper fails");
+            buf.clear();
+            buf.push(part as f32);
+        });
+        let mut seen = Vec::new();
+        team.run(&job, |part, buf| seen.push((part, buf.to_vec())));
+        seen.sort_by_key(|s| s.0);
+        let want: Vec<_> = (0..team.parts()).map(|p| (p, vec![p as f32])).collect();
+        assert_eq!(seen, want);
     }
 }
