@@ -84,5 +84,8 @@ async fn the_local_pool_reports_active_sequences_queue_and_tokens_per_second() {
     let after = load(&c).await;
     assert_eq!(after["active_sequences"], 0, "{after}");
     assert_eq!(after["queued_sequences"], 0, "{after}");
-    assert!(after["generated_tokens_total"].as_u64().unwrap() > 2, "{after}");
+    assert!(
+        after["generated_tokens_total"].as_u64().unwrap() > 2,
+        "{after}"
+    );
 }
