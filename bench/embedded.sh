@@ -19,6 +19,9 @@ scripts/fetch-model.sh
 cargo build --release --quiet -p optiroute-local-model --bin embedded-bench
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
+# Other work on the machine skews every figure: say how busy it was.
+load() { echo "load average ($1): $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"; }
+load "before ours"
 "$root/target/release/embedded-bench" --json "$out/ours.json" "$@"
 if [[ -n "${NO_LLAMA:-}" ]]; then
   python3 bench/embedded_compare.py "$out/ours.json"
@@ -28,14 +31,19 @@ venv="$root/.tools/llama-venv"
 if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
   echo "installing llama-cpp-python 0.3.36 into $venv (builds llama.cpp from source)..." >&2
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet llama-cpp-python==0.3.36
+  # The default (-march=native) build crashed here in every batched
+  # llama_decode (the CPU reports AMX); without AMX it runs. Set
+  # LLAMA_CMAKE_ARGS for a CPU without AVX-512 (e.g. "-DGGML_NATIVE=ON").
+  CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" \
+    "$venv/bin/pip" install --quiet --no-cache-dir llama-cpp-python==0.3.36
 fi
 # The same prompts, token limit and concurrency list as above.
-conc="1,2,4,8"
+conc="1,2,4,8,16"
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   [[ "${args[i]}" == "--concurrency" ]] && conc="${args[i + 1]}"
 done
+load "before llama.cpp"
 "$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
   --ours "$out/ours.json" --concurrency "$conc" --json "$out/llama.json"
 python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json"

@@ -1,16 +1,16 @@
 //! The embedded local model: SmolLM2-135M-Instruct from a GGUF file, run
 //! in-process on CPU.
 //!
-//! - [`EmbeddedModel::load`] reads the GGUF file once (candle's GGUF
-//!   reader). Its weights are shared by every generation through an `Arc`;
+//! - [`EmbeddedModel::load`] reads the GGUF file once (our own reader,
+//!   [`gguf`]). Its weights are shared by every generation through an `Arc`;
 //!   each generation gets its own KV cache.
 //! - The forward pass ([`model`]) runs on the file's own quantized weights
 //!   (Q4_1, Q8_0) with integer dot-product kernels ([`quant`]) picked at run
 //!   time: AVX2+FMA where the CPU has them, portable loops elsewhere. So one
 //!   binary, built without `-C target-cpu`, is fast on modern CPUs and
 //!   still runs on old ones.
-//! - The tokenizer is built from the file's own vocabulary and merges with
-//!   the `tokenizers` crate ([`tokenizer::ChatTokenizer`]); prompts use
+//! - The tokenizer is built from the file's own vocabulary and merges by
+//!   our own byte-level BPE ([`tokenizer::ChatTokenizer`]); prompts use
 //!   SmolLM2's ChatML template.
 //! - Sequences run in batches ([`sched::Scheduler`]): prompts in chunks
 //!   (matrix-matrix products), and every decoding sequence's next token in
