@@ -44,6 +44,10 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   [[ "${args[i]}" == "--concurrency" ]] && conc="${args[i + 1]}"
 done
 load "before llama.cpp"
-"$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+# ggml's OpenMP threads spin at every barrier; on a busy machine (another
+# build running) its two-thread decode fell to ~1.4 tokens/s that way,
+# ~10 with passive waiting. Set OMP_WAIT_POLICY=active on an idle machine.
+OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}" \
+  "$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
   --ours "$out/ours.json" --concurrency "$conc" --json "$out/llama.json"
 python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json"
