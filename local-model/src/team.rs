@@ -4,8 +4,9 @@
 //! A product is cut into [`Team::parts`] parts (a few per thread). Whoever
 //! is running claims the next part from a shared counter, the caller
 //! included, so a helper that the OS has not scheduled (a busy or
-//! oversubscribed machine) costs at most the part it already claimed: the
-//! caller takes the rest itself instead of waiting for it.
+//! oversubscribed machine) holds nothing up: the caller takes the parts
+//! nobody claimed, and runs a part a helper claimed but has not delivered
+//! within about twice a part's time itself (the late copy is dropped).
 //!
 //! The weights are shared through an `Arc` and a job is a `'static`
 //! closure, so no `unsafe` is needed: a helper computes a part into its own
@@ -33,8 +34,10 @@ const SPINS: u32 = 2_000;
 /// Then it yields its core for at most this long before it blocks: a
 /// helper waiting for the next job, ...
 const HELPER_YIELD: Duration = Duration::from_millis(1);
-/// ... and the caller waiting for a part a helper claimed.
-const CALLER_YIELD: Duration = Duration::from_millis(5);
+/// How long the caller waits for a part a helper claimed before it runs
+/// the part itself: twice its own time per part, within these bounds.
+const MIN_PATIENCE: Duration = Duration::from_micros(20);
+const MAX_PATIENCE: Duration = Duration::from_millis(2);
 /// Parts per thread: enough that a descheduled helper holds up little.
 const PARTS_PER_THREAD: usize = 2;
 
@@ -142,10 +145,11 @@ impl Team {
         }
     }
 
-    /// Runs `job(part)` for every part in `0..self.parts()`, each exactly
-    /// once, by whichever thread claims it (the caller too), and hands each
-    /// part's buffer to `merge` on the calling thread. Parts a helper
-    /// claimed but never delivered (it panicked) are run by the caller.
+    /// Runs `job(part)` for every part in `0..self.parts()` on whichever
+    /// thread claims it (the caller too), and hands each part's buffer to
+    /// `merge` on the calling thread, exactly once per part. Parts a helper
+    /// claimed but did not deliver in time (descheduled, or it panicked)
+    /// are run by the caller too.
     pub fn run(&mut self, job: &Job, mut merge: impl FnMut(usize, &[f32])) {
         let parts = self.parts();
         if parts == 1 {
@@ -164,6 +168,8 @@ impl Team {
         self.merged.clear();
         self.merged.resize(parts, false);
         let mut left = parts;
+        let started = Instant::now();
+        let mut own = 0u32;
         loop {
             let part = task.next.fetch_add(1, Ordering::AcqRel);
             if part >= parts {
@@ -173,10 +179,25 @@ impl Team {
             merge(part, &self.local);
             self.merged[part] = true;
             left -= 1;
+            own += 1;
         }
+        // A helper's part normally arrives within about the time a part
+        // takes; one that does not (its thread was descheduled) is run here
+        // instead of waited for, and its late copy is dropped.
+        let patience = match own {
+            0 => MAX_PATIENCE,
+            n => (started.elapsed() / n * 2).clamp(MIN_PATIENCE, MAX_PATIENCE),
+        };
+        let deadline = Instant::now() + patience;
         while left > 0 {
-            let Some(d) = recv_spin(&self.done, CALLER_YIELD) else {
-                break;
+            let d = match self.done.try_recv() {
+                Ok(d) => d,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Err(TryRecvError::Empty) => break,
             };
             if d.task != task.id || self.merged[d.part] {
                 continue;
@@ -213,7 +234,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_part_runs_once_and_merges_once() {
+    fn every_part_is_merged_once() {
         for threads in [1, 2, 3] {
             let mut team = Team::new(threads);
             let parts = team.parts();
@@ -248,5 +269,52 @@ mod tests {
         seen.sort_by_key(|s| s.0);
         let want: Vec<_> = (0..team.parts()).map(|p| (p, vec![p as f32])).collect();
         assert_eq!(seen, want);
+    }
+
+    #[test]
+    fn a_stalled_helper_holds_nothing_up() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Mutex;
+        let mut team = Team::new(2);
+        let caller = std::thread::current().id();
+        let (release, stalled) = mpsc::channel::<()>();
+        let stalled = Arc::new(Mutex::new(stalled));
+        let claimed = Arc::new(AtomicBool::new(false));
+        let job: Job = {
+            let claimed = Arc::clone(&claimed);
+            Arc::new(move |part, buf: &mut Vec<f32>| {
+                let on_caller = std::thread::current().id() == caller;
+                if on_caller {
+                    // Until the helper has claimed a part (bounded).
+                    let t = Instant::now();
+                    while !claimed.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
+                        std::thread::yield_now();
+                    }
+                } else {
+                    claimed.store(true, Ordering::Release);
+                    // Stalls until the test releases it, after `run`.
+                    if let Ok(rx) = stalled.lock() {
+                        let _ = rx.recv_timeout(Duration::from_secs(10));
+                    }
+                }
+                buf.clear();
+                buf.extend([part as f32, f32::from(u8::from(on_caller))]);
+            })
+        };
+        let mut seen = Vec::new();
+        team.run(&job, |part, buf| seen.push((part, buf.to_vec())));
+        let _ = release.send(());
+        assert!(
+            claimed.load(Ordering::Acquire),
+            "the helper never claimed a part"
+        );
+        seen.sort_by_key(|s| s.0);
+        let want: Vec<_> = (0..team.parts())
+            .map(|p| (p, vec![p as f32, 1.0]))
+            .collect();
+        assert_eq!(
+            seen, want,
+            "every part merged once, all computed by the caller"
+        );
     }
 }
