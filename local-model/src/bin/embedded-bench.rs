@@ -261,8 +261,10 @@ fn main() -> ExitCode {
             .join(",")
     );
     let mut first = true;
-    for &n in &args.concurrency {
-        for run in 0..args.runs {
+    // Runs outermost: each concurrency level is sampled across the whole
+    // run, so a burst of other work on the machine skews no level alone.
+    for run in 0..args.runs {
+        for &n in &args.concurrency {
             let batch: Vec<Vec<u32>> = (0..n).map(|i| prompts[i % prompts.len()].clone()).collect();
             let (seqs, wall) = match round(&engine, &batch, &params) {
                 Ok(r) => r,
