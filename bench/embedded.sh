@@ -1,16 +1,53 @@
 #!/usr/bin/env bash
-# The embedded local model on its own (no NATS): tokens/s, first-token
-# latency and resident memory (VmRSS / VmHWM) for 1 and 2 generations at
-# once, each on one core. Fetches the model file when missing.
+# The embedded local model on its own (no NATS), as the local pool runs it
+# (one continuous-batching engine), next to llama.cpp on the same GGUF file
+# and the same prompt token ids in the same run: tokens/s per sequence and
+# in total for 1, 2, 4, 8, 16 concurrent generations, time to first token
+# under load, RSS; then the issue's targets as ratios.
 #
-#   bench/embedded.sh                        # 128 tokens, concurrency 1 and 2, 2 runs each
-#   bench/embedded.sh --max-tokens 256 --concurrency 1,2,4 --runs 3 --show
+#   bench/embedded.sh                                   # 128 tokens, 2 runs each
+#   bench/embedded.sh --max-tokens 256 --concurrency 1,8 --runs 3
+#   NO_LLAMA=1 bench/embedded.sh                        # ours only
 #
-# The build is portable (no -C target-cpu): the AVX2+FMA kernels are picked
-# at run time when the CPU has them, the portable loops otherwise.
+# llama.cpp comes from the llama-cpp-python package (built from source,
+# several minutes on 2 cores, once) in .tools/llama-venv. The Rust build is
+# portable (no -C target-cpu): AVX2+FMA kernels are picked at run time.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/fetch-model.sh
 cargo build --release --quiet -p optiroute-local-model --bin embedded-bench
-exec "$root/target/release/embedded-bench" "$@"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+# Other work on the machine skews every figure: say how busy it was.
+load() { echo "load average ($1): $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"; }
+load "before ours"
+"$root/target/release/embedded-bench" --json "$out/ours.json" "$@"
+if [[ -n "${NO_LLAMA:-}" ]]; then
+  python3 bench/embedded_compare.py "$out/ours.json"
+  exit 0
+fi
+venv="$root/.tools/llama-venv"
+if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
+  echo "installing llama-cpp-python 0.3.36 into $venv (builds llama.cpp from source)..." >&2
+  python3 -m venv "$venv"
+  # The default (-march=native) build crashed here in every batched
+  # llama_decode (the CPU reports AMX); without AMX it runs. Set
+  # LLAMA_CMAKE_ARGS for a CPU without AVX-512 (e.g. "-DGGML_NATIVE=ON").
+  CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}" \
+    "$venv/bin/pip" install --quiet --no-cache-dir llama-cpp-python==0.3.36
+fi
+# The same prompts, token limit and concurrency list as above.
+conc="1,2,4,8,16"
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  [[ "${args[i]}" == "--concurrency" ]] && conc="${args[i + 1]}"
+done
+load "before llama.cpp"
+# ggml's OpenMP threads spin at every barrier; on a busy machine (another
+# build running) its two-thread decode fell to ~1.4 tokens/s that way,
+# ~10 with passive waiting. Set OMP_WAIT_POLICY=active on an idle machine.
+OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}" \
+  "$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
+  --ours "$out/ours.json" --concurrency "$conc" --json "$out/llama.json"
+python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json"

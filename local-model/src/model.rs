@@ -1,13 +1,17 @@
-//! The llama forward pass (SmolLM2 is a llama), one token at a time, over
-//! the quantized weights in [`crate::quant`]. Weights are read-only and
-//! shared; each generation owns a [`State`] (its KV cache and scratch).
+//! The llama forward pass (SmolLM2 is a llama) over the quantized weights
+//! in [`crate::quant`], for a batch of rows at once: prompt chunks and one
+//! new token of every decoding sequence go through each layer together, so
+//! every weight read serves the whole batch (matrix-matrix products), and
+//! the products are split by rows across a [`Team`] of threads.
+//! Weights are read-only and shared; each sequence owns a [`KvCache`].
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use crate::gguf::{Content, DType};
 
-use crate::quant::{quantize_act, BlockAct, FileType, QMatrix};
+use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK};
+use crate::team::{Job, Team};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +37,20 @@ struct Layer {
     w_gate: QMatrix,
     w_up: QMatrix,
     w_down: QMatrix,
+}
+
+/// Names a weight matrix, so a `'static` job on a helper thread can find
+/// it in the shared weights.
+#[derive(Debug, Clone, Copy)]
+enum Mat {
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+    Output,
 }
 
 pub struct Weights {
@@ -165,6 +183,24 @@ impl Weights {
         })
     }
 
+    fn mat(&self, m: Mat) -> &QMatrix {
+        match m {
+            Mat::Q(l) => &self.layers[l].wq,
+            Mat::K(l) => &self.layers[l].wk,
+            Mat::V(l) => &self.layers[l].wv,
+            Mat::O(l) => &self.layers[l].wo,
+            Mat::Gate(l) => &self.layers[l].w_gate,
+            Mat::Up(l) => &self.layers[l].w_up,
+            Mat::Down(l) => &self.layers[l].w_down,
+            Mat::Output => self.output.as_ref().unwrap_or(&self.embed),
+        }
+    }
+
+    /// Bytes one token takes in a KV cache (every layer, keys and values).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()
+    }
+
     /// Bytes the weights take in memory.
     pub fn bytes(&self) -> usize {
         let l: usize = self
@@ -181,24 +217,70 @@ impl Weights {
     }
 }
 
-/// One generation's KV cache and scratch buffers.
-pub struct State {
-    weights: Arc<Weights>,
-    /// Per layer, positions × kv_dim.
+/// One sequence's keys and values, per layer `positions × kv_dim`.
+pub struct KvCache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
-    pos: usize,
+    len: usize,
+}
+
+impl KvCache {
+    /// Room for `tokens` positions, allocated once (pages are touched only
+    /// as positions fill), so the cache never grows past what was reserved.
+    pub fn new(cfg: &Config, tokens: usize) -> Self {
+        let n = tokens * cfg.kv_heads * cfg.head_dim;
+        KvCache {
+            keys: (0..cfg.layers).map(|_| Vec::with_capacity(n)).collect(),
+            values: (0..cfg.layers).map(|_| Vec::with_capacity(n)).collect(),
+            len: 0,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One row of a batch: a token of a sequence at that sequence's next
+/// position. Rows of one sequence are consecutive and in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Row {
+    /// Index into the caches passed to [`Forward::step`].
+    pub seq: usize,
+    pub token: u32,
+    /// Compute the logits after this token.
+    pub logits: bool,
+}
+
+/// Products smaller than this many weight blocks × columns run on the
+/// calling thread alone: splitting them costs more than it saves.
+const SPLIT_MIN: usize = 4096;
+
+/// Runs batches through the model: the thread team and the scratch
+/// buffers (rows × width), reused from step to step.
+pub struct Forward {
+    weights: Arc<Weights>,
+    team: Team,
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    att_out: Vec<f32>,
+    att: Vec<f32>,
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     scores: Vec<f32>,
-    act: Vec<BlockAct>,
+    /// Per row, (cos, sin) of each rotary frequency at the row's position.
+    rot: Vec<(f32, f32)>,
+    pos: Vec<usize>,
+    acts: Arc<Vec<BlockAct>>,
+    /// Logits of the rows that asked for them, in row order, `vocab` each.
     pub logits: Vec<f32>,
 }
 
@@ -211,10 +293,9 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// llama's (interleaved) rotary embedding: pairs (2i, 2i+1) of each head.
-fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
+fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
     for head in x.chunks_exact_mut(head_dim) {
-        for (pair, f) in head.chunks_exact_mut(2).zip(inv_freq) {
-            let (sin, cos) = (pos as f32 * f).sin_cos();
+        for (pair, (cos, sin)) in head.chunks_exact_mut(2).zip(rot) {
             let (a, b) = (pair[0], pair[1]);
             pair[0] = a * cos - b * sin;
             pair[1] = a * sin + b * cos;
@@ -222,110 +303,295 @@ fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
     }
 }
 
-impl State {
-    pub fn new(weights: Arc<Weights>) -> Self {
-        let c = weights.cfg.clone();
-        let kv_dim = c.kv_heads * c.head_dim;
-        State {
-            keys: vec![Vec::new(); c.layers],
-            values: vec![Vec::new(); c.layers],
-            pos: 0,
-            x: vec![0.0; c.dim],
-            xn: vec![0.0; c.dim],
-            q: vec![0.0; c.dim],
-            k: vec![0.0; kv_dim],
-            v: vec![0.0; kv_dim],
-            att_out: vec![0.0; c.dim],
-            proj: vec![0.0; c.dim],
-            gate: vec![0.0; c.hidden],
-            up: vec![0.0; c.hidden],
-            scores: Vec::new(),
-            act: Vec::new(),
-            logits: vec![0.0; c.vocab],
+/// A dot product in eight independent lanes (vectorised by the compiler,
+/// and not bound by the latency of one long chain of additions).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *a += x * y;
+        }
+    }
+    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    s + tail
+}
+
+/// The part of `rows` that part `part` of `parts` computes: equal shares,
+/// cut at multiples of 4 (the kernels' row tile).
+fn share(rows: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
+    let cut = |p: usize| {
+        if p >= parts {
+            rows
+        } else {
+            (rows * p / parts) / 4 * 4
+        }
+    };
+    cut(part)..cut(part + 1)
+}
+
+/// `outs[i] = mats[i] · columns` for `n` columns (`x` as floats, quantized
+/// in `acts`), each product split by rows across the team.
+fn products(
+    team: &mut Team,
+    w: &Arc<Weights>,
+    acts: &Arc<Vec<BlockAct>>,
+    x: &[f32],
+    n: usize,
+    mats: &[Mat],
+    outs: &mut [&mut Vec<f32>],
+) {
+    let rows: Vec<usize> = mats.iter().map(|m| w.mat(*m).rows).collect();
+    for (o, r) in outs.iter_mut().zip(&rows) {
+        o.resize(n * r, 0.0);
+    }
+    let work: usize = mats
+        .iter()
+        .map(|m| w.mat(*m).rows * w.mat(*m).cols / BLOCK)
+        .sum::<usize>()
+        * n;
+    let any_f32 = mats.iter().any(|m| matches!(w.mat(*m).data, QData::F32(_)));
+    let parts = team.parts();
+    if parts == 1 || work < SPLIT_MIN || any_f32 {
+        for ((m, o), r) in mats.iter().zip(outs.iter_mut()).zip(&rows) {
+            w.mat(*m).matmul_rows(x, acts, n, 0..*r, o, *r);
+        }
+        return;
+    }
+    let job: Job = {
+        let (w, acts, mats) = (Arc::clone(w), Arc::clone(acts), mats.to_vec());
+        Arc::new(move |part, buf: &mut Vec<f32>| {
+            buf.clear();
+            for m in &mats {
+                let mat = w.mat(*m);
+                let range = share(mat.rows, part, parts);
+                let len = range.len();
+                let at = buf.len();
+                buf.resize(at + n * len, 0.0);
+                mat.matmul_rows(&[], &acts, n, range, &mut buf[at..], len);
+            }
+        })
+    };
+    team.run(&job, |part, buf| {
+        let mut at = 0;
+        for (o, r) in outs.iter_mut().zip(&rows) {
+            let range = share(*r, part, parts);
+            let len = range.len();
+            for c in 0..n {
+                o[c * r + range.start..c * r + range.end]
+                    .copy_from_slice(&buf[at + c * len..at + (c + 1) * len]);
+            }
+            at += n * len;
+        }
+    });
+}
+
+impl Forward {
+    /// `threads` work on each product (the caller's included).
+    pub fn new(weights: Arc<Weights>, threads: usize) -> Self {
+        Forward {
             weights,
+            team: Team::new(threads),
+            x: Vec::new(),
+            xn: Vec::new(),
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            att: Vec::new(),
+            proj: Vec::new(),
+            gate: Vec::new(),
+            up: Vec::new(),
+            scores: Vec::new(),
+            rot: Vec::new(),
+            pos: Vec::new(),
+            acts: Arc::new(Vec::new()),
+            logits: Vec::new(),
         }
     }
 
-    /// Tokens processed so far.
-    pub fn position(&self) -> usize {
-        self.pos
+    pub fn weights(&self) -> &Arc<Weights> {
+        &self.weights
     }
 
-    /// Feeds one token at the next position; computes `self.logits` when
-    /// `want_logits` (the last prompt token and every generated one).
-    pub fn forward(&mut self, token: u32, want_logits: bool) {
+    /// Quantizes `x` into the shared activation buffer (helpers have
+    /// released it by the time a product returns).
+    fn quantize(acts: &mut Arc<Vec<BlockAct>>, x: &[f32]) {
+        quantize_act(x, Arc::make_mut(acts));
+    }
+
+    /// Feeds `rows` (each at its sequence's next position) through the
+    /// model, appending to the sequences' caches; fills [`Self::logits`]
+    /// for the rows that ask for them.
+    pub fn step(&mut self, rows: &[Row], caches: &mut [&mut KvCache]) {
         let w = Arc::clone(&self.weights);
         let c = &w.cfg;
-        let (hd, kv_dim) = (c.head_dim, c.kv_heads * c.head_dim);
+        let n = rows.len();
+        let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
         let group = c.heads / c.kv_heads;
-        let pos = self.pos;
         let scale = 1.0 / (hd as f32).sqrt();
-        w.embed
-            .row((token as usize).min(w.embed.rows - 1), &mut self.x);
+        let half = hd / 2;
+        self.logits.clear();
+        if n == 0 {
+            return;
+        }
+        // Positions, and the rotary table of each row (shared by layers).
+        self.pos.clear();
+        let mut fed = vec![0usize; caches.len()];
+        for r in rows {
+            self.pos.push(caches[r.seq].len + fed[r.seq]);
+            fed[r.seq] += 1;
+        }
+        self.rot.clear();
+        for &p in &self.pos {
+            self.rot.extend(
+                w.inv_freq
+                    .iter()
+                    .map(|f| (p as f32 * f).sin_cos())
+                    .map(|(s, c)| (c, s)),
+            );
+        }
+        self.x.resize(n * dim, 0.0);
+        self.xn.resize(n * dim, 0.0);
+        self.att.resize(n * dim, 0.0);
+        for (r, x) in rows.iter().zip(self.x.chunks_exact_mut(dim)) {
+            w.embed.row((r.token as usize).min(w.embed.rows - 1), x);
+        }
         for (li, l) in w.layers.iter().enumerate() {
             // Attention.
-            rms_norm(&self.x, &l.attn_norm, c.rms_eps, &mut self.xn);
-            quantize_act(&self.xn, &mut self.act);
-            l.wq.matvec(&self.xn, &self.act, &mut self.q);
-            l.wk.matvec(&self.xn, &self.act, &mut self.k);
-            l.wv.matvec(&self.xn, &self.act, &mut self.v);
-            rope(&mut self.q, hd, pos, &w.inv_freq);
-            rope(&mut self.k, hd, pos, &w.inv_freq);
-            let keys = &mut self.keys[li];
-            let values = &mut self.values[li];
-            keys.extend_from_slice(&self.k);
-            values.extend_from_slice(&self.v);
-            let n = pos + 1;
-            self.scores.resize(n, 0.0);
-            for h in 0..c.heads {
-                let kvh = h / group;
-                let q = &self.q[h * hd..(h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (t, s) in self.scores.iter_mut().enumerate() {
-                    let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                    *s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0;
-                for s in self.scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let out = &mut self.att_out[h * hd..(h + 1) * hd];
-                out.fill(0.0);
-                for (t, s) in self.scores.iter().enumerate() {
-                    let p = s / sum;
-                    let v = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                    for (o, x) in out.iter_mut().zip(v) {
-                        *o += p * x;
+            for (x, xn) in self.x.chunks_exact(dim).zip(self.xn.chunks_exact_mut(dim)) {
+                rms_norm(x, &l.attn_norm, c.rms_eps, xn);
+            }
+            Self::quantize(&mut self.acts, &self.xn);
+            products(
+                &mut self.team,
+                &w,
+                &self.acts,
+                &self.xn,
+                n,
+                &[Mat::Q(li), Mat::K(li), Mat::V(li)],
+                &mut [&mut self.q, &mut self.k, &mut self.v],
+            );
+            for i in 0..n {
+                let rot = &self.rot[i * half..(i + 1) * half];
+                rope(&mut self.q[i * dim..(i + 1) * dim], hd, rot);
+                rope(&mut self.k[i * kv_dim..(i + 1) * kv_dim], hd, rot);
+            }
+            for (i, r) in rows.iter().enumerate() {
+                let cache = &mut *caches[r.seq];
+                debug_assert_eq!(cache.keys[li].len(), self.pos[i] * kv_dim);
+                cache.keys[li].extend_from_slice(&self.k[i * kv_dim..(i + 1) * kv_dim]);
+                cache.values[li].extend_from_slice(&self.v[i * kv_dim..(i + 1) * kv_dim]);
+            }
+            for (i, r) in rows.iter().enumerate() {
+                let cache = &*caches[r.seq];
+                let (keys, values) = (&cache.keys[li], &cache.values[li]);
+                let seen = self.pos[i] + 1;
+                self.scores.resize(seen, 0.0);
+                for h in 0..c.heads {
+                    let kvh = h / group;
+                    let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (t, s) in self.scores.iter_mut().enumerate() {
+                        let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                        *s = dot(q, k) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0;
+                    for s in self.scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
+                    out.fill(0.0);
+                    for (t, s) in self.scores.iter().enumerate() {
+                        let p = s / sum;
+                        let v = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                        for (o, x) in out.iter_mut().zip(v) {
+                            *o += p * x;
+                        }
                     }
                 }
             }
-            quantize_act(&self.att_out, &mut self.act);
-            l.wo.matvec(&self.att_out, &self.act, &mut self.proj);
+            Self::quantize(&mut self.acts, &self.att);
+            products(
+                &mut self.team,
+                &w,
+                &self.acts,
+                &self.att,
+                n,
+                &[Mat::O(li)],
+                &mut [&mut self.proj],
+            );
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
             }
             // Feed-forward (SwiGLU).
-            rms_norm(&self.x, &l.ffn_norm, c.rms_eps, &mut self.xn);
-            quantize_act(&self.xn, &mut self.act);
-            l.w_gate.matvec(&self.xn, &self.act, &mut self.gate);
-            l.w_up.matvec(&self.xn, &self.act, &mut self.up);
+            for (x, xn) in self.x.chunks_exact(dim).zip(self.xn.chunks_exact_mut(dim)) {
+                rms_norm(x, &l.ffn_norm, c.rms_eps, xn);
+            }
+            Self::quantize(&mut self.acts, &self.xn);
+            products(
+                &mut self.team,
+                &w,
+                &self.acts,
+                &self.xn,
+                n,
+                &[Mat::Gate(li), Mat::Up(li)],
+                &mut [&mut self.gate, &mut self.up],
+            );
             for (g, u) in self.gate.iter_mut().zip(&self.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            quantize_act(&self.gate, &mut self.act);
-            l.w_down.matvec(&self.gate, &self.act, &mut self.proj);
+            Self::quantize(&mut self.acts, &self.gate);
+            products(
+                &mut self.team,
+                &w,
+                &self.acts,
+                &self.gate,
+                n,
+                &[Mat::Down(li)],
+                &mut [&mut self.proj],
+            );
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
             }
         }
-        self.pos += 1;
-        if want_logits {
-            rms_norm(&self.x, &w.out_norm, c.rms_eps, &mut self.xn);
-            quantize_act(&self.xn, &mut self.act);
-            let head = w.output.as_ref().unwrap_or(&w.embed);
-            head.matvec(&self.xn, &self.act, &mut self.logits);
+        for r in rows {
+            caches[r.seq].len += 1;
         }
+        // Logits, only for the rows that want them.
+        let mut m = 0;
+        for (r, x) in rows.iter().zip(self.x.chunks_exact(dim)) {
+            if r.logits {
+                rms_norm(
+                    x,
+                    &w.out_norm,
+                    c.rms_eps,
+                    &mut self.xn[m * dim..(m + 1) * dim],
+                );
+                m += 1;
+            }
+        }
+        if m == 0 {
+            return;
+        }
+        let xl = &self.xn[..m * dim];
+        Self::quantize(&mut self.acts, xl);
+        products(
+            &mut self.team,
+            &w,
+            &self.acts,
+            xl,
+            m,
+            &[Mat::Output],
+            &mut [&mut self.logits],
+        );
     }
 }

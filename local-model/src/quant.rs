@@ -215,14 +215,60 @@ impl QMatrix {
     /// weights) and `x` the floats (for F32 weights).
     pub fn matvec(&self, x: &[f32], act: &[BlockAct], out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.rows);
+        self.matmul_rows(x, act, 1, 0..self.rows, out, self.rows);
+    }
+
+    /// The product with `n` columns at once, for the rows in `rows`:
+    /// `out[c * ld + (r - rows.start)] = row r · column c`. Column `c` is
+    /// `x[c * cols..]` as floats (F32 weights) and `act[c * cols / 32..]`
+    /// quantized. Each weight block is read once for all `n` columns.
+    ///
+    /// Every (row, column) pair is computed with the same arithmetic in the
+    /// same order whatever `n`, `rows` and the tiling, so a sequence gets
+    /// bit-identical results alone or in a batch, on any thread.
+    pub fn matmul_rows(
+        &self,
+        x: &[f32],
+        act: &[BlockAct],
+        n: usize,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        debug_assert!(rows.end <= self.rows && ld >= rows.len());
         match &self.data {
             QData::F32(w) => {
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(self.cols)) {
-                    *o = row.iter().zip(x).map(|(a, b)| a * b).sum();
+                for r in rows.clone() {
+                    let row = &w[r * self.cols..(r + 1) * self.cols];
+                    for c in 0..n {
+                        let xc = &x[c * self.cols..(c + 1) * self.cols];
+                        out[c * ld + r - rows.start] = row.iter().zip(xc).map(|(a, b)| a * b).sum();
+                    }
                 }
             }
-            QData::Q4_1(w) => simd::matvec_q4_1(w, self.cols / BLOCK, act, out),
-            QData::Q8_0(w) => simd::matvec_q8_0(w, self.cols / BLOCK, act, out),
+            QData::Q4_1(w) => simd::matmul_q4_1(w, self.cols / BLOCK, rows, act, n, out, ld),
+            QData::Q8_0(w) => simd::matmul_q8_0(w, self.cols / BLOCK, rows, act, n, out, ld),
+        }
+    }
+}
+
+/// The portable product over a range of rows (same layout as
+/// [`QMatrix::matmul_rows`]).
+#[allow(clippy::too_many_arguments)]
+fn matmul_portable<B>(
+    w: &[B],
+    kb: usize,
+    rows: std::ops::Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+    dot: impl Fn(&[B], &[BlockAct]) -> f32,
+) {
+    for r in rows.clone() {
+        let row = &w[r * kb..(r + 1) * kb];
+        for c in 0..n {
+            out[c * ld + r - rows.start] = dot(row, &act[c * kb..(c + 1) * kb]);
         }
     }
 }
@@ -280,11 +326,13 @@ fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{
-        dot_q4_1_portable, dot_q8_0_portable, quantize_portable, BlockAct, BlockQ4_1, BlockQ8_0,
+        dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct,
+        BlockQ4_1, BlockQ8_0,
     };
     use pulp::bytemuck::cast;
     use pulp::x86::V3;
-    use std::arch::x86_64::{__m128i, __m256, __m256i};
+    use std::arch::x86_64::{__m128, __m128i, __m256, __m256i};
+    use std::ops::Range;
 
     #[inline(always)]
     fn hsum(simd: V3, v: __m256) -> f32 {
@@ -294,6 +342,18 @@ mod simd {
         let s = simd.sse._mm_add_ps(s, simd.sse._mm_movehl_ps(s, s));
         let s = simd.sse._mm_add_ss(s, simd.sse3._mm_movehdup_ps(s));
         simd.sse._mm_cvtss_f32(s)
+    }
+
+    /// `a * b + c` rounded once, as one lane of `_mm_fmadd_ps` computes it
+    /// (`f32::mul_add` may become a slow library call).
+    #[inline(always)]
+    fn fma1(simd: V3, a: f32, b: f32, c: f32) -> f32 {
+        let r = simd.fma._mm_fmadd_ss(
+            simd.sse._mm_set_ss(a),
+            simd.sse._mm_set_ss(b),
+            simd.sse._mm_set_ss(c),
+        );
+        simd.sse._mm_cvtss_f32(r)
     }
 
     /// 32 unsigned nibbles of a Q4_1 block, in element order.
@@ -306,115 +366,340 @@ mod simd {
             ._mm256_and_si256(both, simd.avx._mm256_set1_epi8(0x0f))
     }
 
-    /// Four rows at once: the activation block is loaded once for all four
-    /// and the four accumulations are independent.
+    /// An R-row by C-column tile: each weight block is unpacked once for
+    /// the C columns and each activation block loaded once for the R rows;
+    /// the R*C accumulations are independent. Per (row, column) the
+    /// arithmetic is the same for every tile shape.
     #[inline(always)]
-    fn q4_1_rows4(simd: V3, w: [&[BlockQ4_1]; 4], act: &[BlockAct]) -> [f32; 4] {
+    #[allow(clippy::needless_range_loop)]
+    fn q4_1_tile<const R: usize, const C: usize>(
+        simd: V3,
+        w: [&[BlockQ4_1]; R],
+        a: [&[BlockAct]; C],
+    ) -> [[f32; C]; R] {
         let ones = simd.avx._mm256_set1_epi16(1);
-        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        let mut macc = [0f32; 4];
-        for (i, a) in act.iter().enumerate() {
-            let y: __m256i = cast(a.qs);
-            for r in 0..4 {
+        let mut acc = [[simd.avx._mm256_setzero_ps(); C]; R];
+        let mut macc = [[0f32; C]; R];
+        let kb = a[0].len();
+        for i in 0..kb {
+            let ys: [__m256i; C] = std::array::from_fn(|c| cast(a[c][i].qs));
+            for r in 0..R {
                 let b = &w[r][i];
-                let p16 = simd.avx2._mm256_maddubs_epi16(nibbles(simd, b.qs), y);
-                let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
-                let f = simd.avx._mm256_cvtepi32_ps(p32);
-                acc[r] = simd
-                    .fma
-                    ._mm256_fmadd_ps(simd.avx._mm256_set1_ps(b.d * a.d), f, acc[r]);
-                macc[r] += b.m * a.s;
+                let x = nibbles(simd, b.qs);
+                for c in 0..C {
+                    let p16 = simd.avx2._mm256_maddubs_epi16(x, ys[c]);
+                    let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
+                    let f = simd.avx._mm256_cvtepi32_ps(p32);
+                    acc[r][c] = simd.fma._mm256_fmadd_ps(
+                        simd.avx._mm256_set1_ps(b.d * a[c][i].d),
+                        f,
+                        acc[r][c],
+                    );
+                    macc[r][c] = fma1(simd, b.m, a[c][i].s, macc[r][c]);
+                }
             }
         }
-        [
-            hsum(simd, acc[0]) + macc[0],
-            hsum(simd, acc[1]) + macc[1],
-            hsum(simd, acc[2]) + macc[2],
-            hsum(simd, acc[3]) + macc[3],
-        ]
+        std::array::from_fn(|r| std::array::from_fn(|c| hsum(simd, acc[r][c]) + macc[r][c]))
     }
 
     #[inline(always)]
-    fn q8_0_rows4(simd: V3, w: [&[BlockQ8_0]; 4], act: &[BlockAct]) -> [f32; 4] {
+    #[allow(clippy::needless_range_loop)]
+    fn q8_0_tile<const R: usize, const C: usize>(
+        simd: V3,
+        w: [&[BlockQ8_0]; R],
+        a: [&[BlockAct]; C],
+    ) -> [[f32; C]; R] {
         let ones = simd.avx._mm256_set1_epi16(1);
-        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
-        for (i, a) in act.iter().enumerate() {
-            let y: __m256i = cast(a.qs);
-            for r in 0..4 {
+        let mut acc = [[simd.avx._mm256_setzero_ps(); C]; R];
+        let kb = a[0].len();
+        for i in 0..kb {
+            let ys: [__m256i; C] = std::array::from_fn(|c| cast(a[c][i].qs));
+            for r in 0..R {
                 let b = &w[r][i];
                 let x: __m256i = cast(b.qs);
                 // maddubs wants unsigned × signed: move x's sign onto y.
                 let ax = simd.avx2._mm256_sign_epi8(x, x);
-                let sy = simd.avx2._mm256_sign_epi8(y, x);
+                for c in 0..C {
+                    let sy = simd.avx2._mm256_sign_epi8(ys[c], x);
+                    let p16 = simd.avx2._mm256_maddubs_epi16(ax, sy);
+                    let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
+                    let f = simd.avx._mm256_cvtepi32_ps(p32);
+                    acc[r][c] = simd.fma._mm256_fmadd_ps(
+                        simd.avx._mm256_set1_ps(b.d * a[c][i].d),
+                        f,
+                        acc[r][c],
+                    );
+                }
+            }
+        }
+        std::array::from_fn(|r| std::array::from_fn(|c| hsum(simd, acc[r][c])))
+    }
+
+    /// Lane `c` of `v` in all eight lanes.
+    #[inline(always)]
+    fn lane(simd: V3, v: __m128, c: i32) -> __m256 {
+        simd.avx2._mm256_permutevar8x32_ps(
+            simd.avx._mm256_castps128_ps256(v),
+            simd.avx._mm256_set1_epi32(c),
+        )
+    }
+
+    /// One row by four columns, the batched workhorse: the row's block is
+    /// unpacked once for the four columns, and the four columns' scales
+    /// (`ad`, `as_`: block `i` of columns c..c+4, laid out together) are
+    /// multiplied by the row's in one vector operation, so the per-pair
+    /// work is the integer dot product, its conversion and one FMA. Per
+    /// (row, column) the arithmetic equals the other tiles'.
+    #[inline(always)]
+    fn q4_1_row4(
+        simd: V3,
+        w: &[BlockQ4_1],
+        a: [&[BlockAct]; 4],
+        ad: &[[f32; 4]],
+        as_: &[[f32; 4]],
+    ) -> [f32; 4] {
+        let ones = simd.avx._mm256_set1_epi16(1);
+        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
+        let mut macc = simd.sse._mm_setzero_ps();
+        for (i, b) in w.iter().enumerate() {
+            let x = nibbles(simd, b.qs);
+            let sc = simd.sse._mm_mul_ps(simd.sse._mm_set1_ps(b.d), cast(ad[i]));
+            macc = simd
+                .fma
+                ._mm_fmadd_ps(simd.sse._mm_set1_ps(b.m), cast(as_[i]), macc);
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let y: __m256i = cast(a[c][i].qs);
+                let p16 = simd.avx2._mm256_maddubs_epi16(x, y);
+                let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
+                let f = simd.avx._mm256_cvtepi32_ps(p32);
+                *acc = simd.fma._mm256_fmadd_ps(lane(simd, sc, c as i32), f, *acc);
+            }
+        }
+        let m: [f32; 4] = cast(macc);
+        std::array::from_fn(|c| hsum(simd, acc[c]) + m[c])
+    }
+
+    #[inline(always)]
+    fn q8_0_row4(
+        simd: V3,
+        w: &[BlockQ8_0],
+        a: [&[BlockAct]; 4],
+        ad: &[[f32; 4]],
+        _as: &[[f32; 4]],
+    ) -> [f32; 4] {
+        let ones = simd.avx._mm256_set1_epi16(1);
+        let mut acc = [simd.avx._mm256_setzero_ps(); 4];
+        for (i, b) in w.iter().enumerate() {
+            let x: __m256i = cast(b.qs);
+            let ax = simd.avx2._mm256_sign_epi8(x, x);
+            let sc = simd.sse._mm_mul_ps(simd.sse._mm_set1_ps(b.d), cast(ad[i]));
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let sy = simd.avx2._mm256_sign_epi8(cast(a[c][i].qs), x);
                 let p16 = simd.avx2._mm256_maddubs_epi16(ax, sy);
                 let p32 = simd.avx2._mm256_madd_epi16(p16, ones);
                 let f = simd.avx._mm256_cvtepi32_ps(p32);
-                acc[r] = simd
-                    .fma
-                    ._mm256_fmadd_ps(simd.avx._mm256_set1_ps(b.d * a.d), f, acc[r]);
+                *acc = simd.fma._mm256_fmadd_ps(lane(simd, sc, c as i32), f, *acc);
             }
         }
-        [
-            hsum(simd, acc[0]),
-            hsum(simd, acc[1]),
-            hsum(simd, acc[2]),
-            hsum(simd, acc[3]),
-        ]
+        std::array::from_fn(|c| hsum(simd, acc[c]))
     }
 
-    #[inline(always)]
-    fn matvec_q4_1_v3(simd: V3, w: &[BlockQ4_1], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        let mut rows = w.chunks_exact(kb);
-        let mut outs = out.chunks_exact_mut(4);
-        for o in &mut outs {
-            let (Some(r0), Some(r1), Some(r2), Some(r3)) =
-                (rows.next(), rows.next(), rows.next(), rows.next())
-            else {
-                break;
-            };
-            o.copy_from_slice(&q4_1_rows4(simd, [r0, r1, r2, r3], act));
-        }
-        for (o, r) in outs.into_remainder().iter_mut().zip(rows) {
-            *o = dot_q4_1_portable(r, act);
-        }
-    }
-
-    #[inline(always)]
-    fn matvec_q8_0_v3(simd: V3, w: &[BlockQ8_0], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        let mut rows = w.chunks_exact(kb);
-        let mut outs = out.chunks_exact_mut(4);
-        for o in &mut outs {
-            let (Some(r0), Some(r1), Some(r2), Some(r3)) =
-                (rows.next(), rows.next(), rows.next(), rows.next())
-            else {
-                break;
-            };
-            o.copy_from_slice(&q8_0_rows4(simd, [r0, r1, r2, r3], act));
-        }
-        for (o, r) in outs.into_remainder().iter_mut().zip(rows) {
-            *o = dot_q8_0_portable(r, act);
-        }
-    }
-
-    pub fn matvec_q4_1(w: &[BlockQ4_1], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        match V3::try_new() {
-            Some(simd) => simd.vectorize(move || matvec_q4_1_v3(simd, w, kb, act, out)),
-            None => {
-                for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-                    *o = dot_q4_1_portable(r, act);
+    /// Tiles a row range: columns four at a time as 1x4 tiles (their
+    /// scales gathered once per call), the remaining columns one by one as
+    /// 4x1 tiles, leftover rows as 1x1 tiles.
+    macro_rules! tiled {
+        ($name:ident, $block:ty, $tile:ident, $row4:ident) => {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn $name(
+                simd: V3,
+                w: &[$block],
+                kb: usize,
+                rows: Range<usize>,
+                act: &[BlockAct],
+                n: usize,
+                out: &mut [f32],
+                ld: usize,
+            ) {
+                let row = |r: usize| &w[r * kb..(r + 1) * kb];
+                let col = |c: usize| &act[c * kb..(c + 1) * kb];
+                let r0 = rows.start;
+                let groups = n / 4;
+                // Scales and sums of four columns' block i side by side.
+                let mut ad = vec![[0f32; 4]; groups * kb];
+                let mut as_ = vec![[0f32; 4]; groups * kb];
+                for g in 0..groups {
+                    for i in 0..kb {
+                        for j in 0..4 {
+                            let blk = &act[(4 * g + j) * kb + i];
+                            ad[g * kb + i][j] = blk.d;
+                            as_[g * kb + i][j] = blk.s;
+                        }
+                    }
+                }
+                for r in rows.clone() {
+                    for g in 0..groups {
+                        let c = 4 * g;
+                        let cols = [col(c), col(c + 1), col(c + 2), col(c + 3)];
+                        let sc = &ad[g * kb..(g + 1) * kb];
+                        let sm = &as_[g * kb..(g + 1) * kb];
+                        let t = $row4(simd, row(r), cols, sc, sm);
+                        for (dc, v) in t.iter().enumerate() {
+                            out[(c + dc) * ld + r - r0] = *v;
+                        }
+                    }
+                }
+                let mut r = rows.start;
+                while r + 4 <= rows.end {
+                    for c in 4 * groups..n {
+                        let t = $tile::<4, 1>(
+                            simd,
+                            [row(r), row(r + 1), row(r + 2), row(r + 3)],
+                            [col(c)],
+                        );
+                        for (dr, tr) in t.iter().enumerate() {
+                            out[c * ld + r + dr - r0] = tr[0];
+                        }
+                    }
+                    r += 4;
+                }
+                while r < rows.end {
+                    for c in 4 * groups..n {
+                        out[c * ld + r - r0] = $tile::<1, 1>(simd, [row(r)], [col(c)])[0][0];
+                    }
+                    r += 1;
                 }
             }
+        };
+    }
+    tiled!(matmul_q4_1_v3, BlockQ4_1, q4_1_tile, q4_1_row4);
+
+    /// A product to run with the CPU's features enabled. Unlike a closure,
+    /// its `call` is forced inline into pulp's `target_feature` function
+    /// (down to the kernel, chosen statically by `K`), so the kernels and
+    /// their intrinsics are compiled with AVX2 however large they grow.
+    struct Product<'a, B, K> {
+        simd: V3,
+        w: &'a [B],
+        kb: usize,
+        rows: Range<usize>,
+        act: &'a [BlockAct],
+        n: usize,
+        out: &'a mut [f32],
+        ld: usize,
+        kernel: K,
+    }
+
+    trait Kernel<B> {
+        #[allow(clippy::too_many_arguments)]
+        fn run(
+            simd: V3,
+            w: &[B],
+            kb: usize,
+            rows: Range<usize>,
+            act: &[BlockAct],
+            n: usize,
+            out: &mut [f32],
+            ld: usize,
+        );
+    }
+
+    struct Q41;
+    struct Q80;
+
+    impl Kernel<BlockQ4_1> for Q41 {
+        #[inline(always)]
+        fn run(
+            simd: V3,
+            w: &[BlockQ4_1],
+            kb: usize,
+            rows: Range<usize>,
+            act: &[BlockAct],
+            n: usize,
+            out: &mut [f32],
+            ld: usize,
+        ) {
+            matmul_q4_1_v3(simd, w, kb, rows, act, n, out, ld)
         }
     }
 
-    pub fn matvec_q8_0(w: &[BlockQ8_0], kb: usize, act: &[BlockAct], out: &mut [f32]) {
+    impl Kernel<BlockQ8_0> for Q80 {
+        #[inline(always)]
+        fn run(
+            simd: V3,
+            w: &[BlockQ8_0],
+            kb: usize,
+            rows: Range<usize>,
+            act: &[BlockAct],
+            n: usize,
+            out: &mut [f32],
+            ld: usize,
+        ) {
+            matmul_q8_0_v3(simd, w, kb, rows, act, n, out, ld)
+        }
+    }
+
+    impl<B, K: Kernel<B>> pulp::NullaryFnOnce for Product<'_, B, K> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let _ = self.kernel;
+            K::run(
+                self.simd, self.w, self.kb, self.rows, self.act, self.n, self.out, self.ld,
+            )
+        }
+    }
+
+    tiled!(matmul_q8_0_v3, BlockQ8_0, q8_0_tile, q8_0_row4);
+
+    pub fn matmul_q4_1(
+        w: &[BlockQ4_1],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
         match V3::try_new() {
-            Some(simd) => simd.vectorize(move || matvec_q8_0_v3(simd, w, kb, act, out)),
-            None => {
-                for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-                    *o = dot_q8_0_portable(r, act);
-                }
-            }
+            Some(simd) => simd.vectorize(Product {
+                simd,
+                w,
+                kb,
+                rows,
+                act,
+                n,
+                out,
+                ld,
+                kernel: Q41,
+            }),
+            None => matmul_portable(w, kb, rows, act, n, out, ld, dot_q4_1_portable),
+        }
+    }
+
+    pub fn matmul_q8_0(
+        w: &[BlockQ8_0],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        match V3::try_new() {
+            Some(simd) => simd.vectorize(Product {
+                simd,
+                w,
+                kb,
+                rows,
+                act,
+                n,
+                out,
+                ld,
+                kernel: Q80,
+            }),
+            None => matmul_portable(w, kb, rows, act, n, out, ld, dot_q8_0_portable),
         }
     }
 
@@ -430,19 +715,33 @@ mod simd {
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
     use super::{
-        dot_q4_1_portable, dot_q8_0_portable, quantize_portable, BlockAct, BlockQ4_1, BlockQ8_0,
+        dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct,
+        BlockQ4_1, BlockQ8_0,
     };
+    use std::ops::Range;
 
-    pub fn matvec_q4_1(w: &[BlockQ4_1], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-            *o = dot_q4_1_portable(r, act);
-        }
+    pub fn matmul_q4_1(
+        w: &[BlockQ4_1],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        matmul_portable(w, kb, rows, act, n, out, ld, dot_q4_1_portable)
     }
 
-    pub fn matvec_q8_0(w: &[BlockQ8_0], kb: usize, act: &[BlockAct], out: &mut [f32]) {
-        for (o, r) in out.iter_mut().zip(w.chunks_exact(kb)) {
-            *o = dot_q8_0_portable(r, act);
-        }
+    pub fn matmul_q8_0(
+        w: &[BlockQ8_0],
+        kb: usize,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        matmul_portable(w, kb, rows, act, n, out, ld, dot_q8_0_portable)
     }
 
     pub fn quantize(x: &[f32], out: &mut [BlockAct]) {
@@ -558,6 +857,75 @@ mod tests {
                 (fast[r] - exact[r]).abs() < 0.02 * exact[r].abs().max(1.0),
                 "{fast:?} {exact:?}"
             );
+        }
+    }
+
+    /// A batched product gives, bit for bit, what one column at a time
+    /// gives, for every tile shape and any row range (thread split).
+    #[test]
+    fn batched_products_equal_single_columns_bit_for_bit() {
+        let (rows, cols) = (22, 96);
+        let kb = cols / BLOCK;
+        let q41 = QMatrix {
+            rows,
+            cols,
+            data: QData::Q4_1(
+                (0..rows * kb)
+                    .map(|i| BlockQ4_1 {
+                        d: 0.01 + i as f32 * 0.001,
+                        m: -0.05 + i as f32 * 0.002,
+                        qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
+                    })
+                    .collect(),
+            ),
+        };
+        let q80 = QMatrix {
+            rows,
+            cols,
+            data: QData::Q8_0(
+                (0..rows * kb)
+                    .map(|i| BlockQ8_0 {
+                        d: 0.003 + i as f32 * 0.0001,
+                        qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 255) as i32 - 127) as i8),
+                    })
+                    .collect(),
+            ),
+        };
+        for m in [&q41, &q80] {
+            for n in [1, 2, 3, 4, 5, 8, 11] {
+                let x = pseudo(n * cols, 3 + n as u32);
+                let mut act = Vec::new();
+                quantize_act(&x, &mut act);
+                let mut batched = vec![0f32; n * rows];
+                m.matmul_rows(&x, &act, n, 0..rows, &mut batched, rows);
+                // Two row ranges, as two threads would split them.
+                let mut split = vec![0f32; n * rows];
+                let mut top = vec![0f32; n * 8];
+                m.matmul_rows(&x, &act, n, 0..8, &mut top, 8);
+                let mut bottom = vec![0f32; n * (rows - 8)];
+                m.matmul_rows(&x, &act, n, 8..rows, &mut bottom, rows - 8);
+                for c in 0..n {
+                    split[c * rows..c * rows + 8].copy_from_slice(&top[c * 8..(c + 1) * 8]);
+                    split[c * rows + 8..(c + 1) * rows]
+                        .copy_from_slice(&bottom[c * (rows - 8)..(c + 1) * (rows - 8)]);
+                }
+                for c in 0..n {
+                    let mut single = vec![0f32; rows];
+                    m.matvec(
+                        &x[c * cols..(c + 1) * cols],
+                        &act[c * kb..(c + 1) * kb],
+                        &mut single,
+                    );
+                    for r in 0..rows {
+                        assert_eq!(
+                            batched[c * rows + r].to_bits(),
+                            single[r].to_bits(),
+                            "{m:?} n={n} c={c} r={r}"
+                        );
+                        assert_eq!(split[c * rows + r].to_bits(), single[r].to_bits());
+                    }
+                }
+            }
         }
     }
 }

@@ -1,11 +1,15 @@
 //! The embedded engine: SmolLM2-135M-Instruct in this process, on CPU
 //! (`local.engine = "embedded"`, or `"auto"` when the model file exists).
 //!
-//! Generation runs on tokio's blocking threads, never on the async runtime.
-//! At most `local.embedded.max_concurrent` generations run at once (default:
-//! one per core, each on one core); the rest wait in line until their
-//! deadline. Weights are shared; each generation has its own KV cache.
-//! A deadline, a cancelled stream or a dropped request stops generating.
+//! One continuous-batching loop ([`BatchEngine`]) runs on its own thread:
+//! every active sequence advances in each step (one weight read serves them
+//! all, the products split across the cores), new sequences join between
+//! steps with their prompts read in chunks, finished ones leave. At most
+//! `local.embedded.max_concurrent` sequences are active and their KV caches
+//! reserve at most `max_kv_cache_mib`; the rest wait in line until their
+//! deadline (`max_queue` of them, then requests are refused as overloaded).
+//! A deadline, a cancelled stream or a dropped request stops a sequence
+//! without touching the others.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -17,8 +21,10 @@ use optiroute_common::config::EmbeddedConfig;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::wire::{ProviderRequest, Role as WireRole, Usage};
 use optiroute_common::{Error, ErrorKind};
-use optiroute_local_model::{EmbeddedModel, GenerateError, GenerateParams, Role, Turn, MODEL_NAME};
-use tokio::sync::Semaphore;
+use optiroute_local_model::{
+    BatchEngine, EmbeddedModel, GenerateError, GenerateParams, Role, SchedulerConfig, Turn,
+    MODEL_NAME,
+};
 
 use crate::engine::{ChunkSink, Engine, Generation};
 use crate::metrics::ProviderMetrics;
@@ -50,9 +56,12 @@ const fn same_str(a: &str, b: &str) -> bool {
     true
 }
 
+/// Active sequences when `max_concurrent` is 0.
+const DEFAULT_MAX_ACTIVE: usize = 16;
+
 pub struct EmbeddedEngine {
     model: Arc<EmbeddedModel>,
-    slots: Arc<Semaphore>,
+    batch: BatchEngine,
     cfg: EmbeddedConfig,
     speed: prometheus::Histogram,
     queue_wait: prometheus::Histogram,
@@ -68,29 +77,69 @@ impl Drop for CancelOnDrop {
     }
 }
 
+fn to_error(e: GenerateError) -> Error {
+    match e {
+        GenerateError::DeadlineExceeded { completion_tokens } => Error::new(
+            ErrorKind::Timeout,
+            format!("the deadline passed during generation ({completion_tokens} tokens generated)"),
+        ),
+        GenerateError::QueueTimeout { .. } => Error::new(
+            ErrorKind::Timeout,
+            "the deadline passed while waiting for a free embedded-model slot",
+        ),
+        GenerateError::QueueFull { queued } => Error::new(
+            ErrorKind::Overloaded,
+            format!("the embedded model is busy: {queued} generations are already waiting"),
+        ),
+        GenerateError::Cancelled => Error::new(ErrorKind::Cancelled, "generation was cancelled"),
+        GenerateError::PromptTooLong { tokens, limit } => Error::bad_request(format!(
+            "the prompt is {tokens} tokens; the embedded model takes at most {limit} (prompt and answer)"
+        )),
+        GenerateError::TooBigForCache { needed, cap } => Error::bad_request(format!(
+            "the prompt and max_tokens need {} MiB of KV cache; local.embedded.max_kv_cache_mib is {} (lower max_tokens)",
+            needed.div_ceil(1 << 20),
+            cap >> 20
+        )),
+        other => Error::internal(format!("embedded model: {other}")),
+    }
+}
+
 impl EmbeddedEngine {
-    /// Loads the model file (blocking: call it off the async runtime, e.g.
-    /// in `spawn_blocking`). The error names the file and how to fetch it.
+    /// Loads the model file and starts the batching loop (blocking: call
+    /// it off the async runtime, e.g. in `spawn_blocking`). The error names
+    /// the file and how to fetch it.
     pub fn load(cfg: &EmbeddedConfig, metrics: &ProviderMetrics) -> Result<Self, Error> {
         let model = EmbeddedModel::load(Path::new(&cfg.model_path))
             .map_err(|e| Error::new(ErrorKind::NotConfigured, e.to_string()))?;
-        let info = model.info();
-        let slots = if cfg.max_concurrent == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            cfg.max_concurrent
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sched = SchedulerConfig {
+            max_active: if cfg.max_concurrent == 0 {
+                DEFAULT_MAX_ACTIVE
+            } else {
+                cfg.max_concurrent
+            },
+            max_queue: cfg.max_queue,
+            max_kv_bytes: cfg.max_kv_cache_mib.saturating_mul(1 << 20),
+            prefill_chunk: cfg.prefill_chunk,
+            threads: if cfg.threads == 0 { cores } else { cfg.threads },
         };
+        let info = model.info();
         tracing::info!(
             path = %info.path.display(),
             load_ms = info.load_time.as_millis() as u64,
             weights_mib = info.weight_bytes >> 20,
             kernels = info.kernels,
-            max_concurrent = slots,
+            max_active = sched.max_active,
+            max_kv_cache_mib = cfg.max_kv_cache_mib,
+            threads = sched.threads,
             "embedded model {MODEL_NAME} loaded"
         );
+        let model = Arc::new(model);
+        let batch = BatchEngine::start(Arc::clone(&model), sched)
+            .map_err(|e| Error::internal(format!("cannot start the embedded engine: {e}")))?;
         Ok(EmbeddedEngine {
-            model: Arc::new(model),
-            slots: Arc::new(Semaphore::new(slots)),
+            model,
+            batch,
             cfg: cfg.clone(),
             speed: metrics
                 .generation_speed
@@ -105,42 +154,16 @@ impl EmbeddedEngine {
         req: &ProviderRequest,
         sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
-        let timeout = || {
-            Error::new(
-                ErrorKind::Timeout,
-                "the deadline passed while waiting for a free embedded-model slot",
-            )
-        };
         let remaining = meta.remaining();
         if remaining.is_zero() {
-            return Err(timeout());
+            return Err(to_error(GenerateError::QueueTimeout {
+                waited: Duration::ZERO,
+            }));
         }
-        let queued = Instant::now();
-        let permit = tokio::time::timeout(remaining, Arc::clone(&self.slots).acquire_owned())
-            .await
-            .map_err(|_| timeout())?
-            .map_err(|_| Error::internal("embedded-model slots closed"))?;
-        self.queue_wait.observe(queued.elapsed().as_secs_f64());
-
-        let cancel = Arc::new(AtomicBool::new(false));
-        let _stop_on_drop = CancelOnDrop(Arc::clone(&cancel));
-        let params = GenerateParams {
-            max_tokens: req.max_tokens,
-            temperature: req.temperature,
-            top_p: req.top_p,
-            stop: req.stop.clone(),
-            repeat_penalty: self.cfg.repeat_penalty,
-            repeat_last_n: self.cfg.repeat_last_n,
-            seed: self.cfg.seed,
-            deadline: Some(Instant::now() + meta.remaining()),
-            cancel: Some(Arc::clone(&cancel)),
-        };
+        // Tokenizing a long prompt takes a while: off the async runtime.
         let messages = req.conversation().into_owned();
         let model = Arc::clone(&self.model);
-        let streaming = sink.is_some();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let task = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+        let prompt = tokio::task::spawn_blocking(move || {
             let turns: Vec<Turn<'_>> = messages
                 .iter()
                 .map(|m| {
@@ -152,15 +175,44 @@ impl EmbeddedEngine {
                     Turn::new(role, &m.content)
                 })
                 .collect();
-            model.generate(&turns, &params, &mut |piece| {
+            model.tokenizer().chat_prompt(&turns)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("embedded model tokenizer task: {e}")))?
+        .map_err(|e| Error::internal(format!("embedded model tokenizer: {e}")))?;
+
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _stop_on_drop = CancelOnDrop(Arc::clone(&cancel));
+        let params = GenerateParams {
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            stop: req.stop.clone(),
+            repeat_penalty: self.cfg.repeat_penalty,
+            repeat_last_n: self.cfg.repeat_last_n,
+            seed: self.cfg.seed,
+            deadline: Some(Instant::now() + remaining),
+            cancel: Some(Arc::clone(&cancel)),
+        };
+        // Pieces are at most max_tokens (bounded by the request).
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let streaming = sink.is_some();
+        self.batch.submit(
+            prompt,
+            params,
+            Box::new(move |piece| {
                 if streaming && tx.send(piece.to_string()).is_err() {
                     return ControlFlow::Break(());
                 }
                 ControlFlow::Continue(())
-            })
-        });
+            }),
+            Box::new(move |result| {
+                let _ = done_tx.send(result);
+            }),
+        );
         if let Some(sink) = sink {
-            // Ends when the generation ends (its sender is dropped).
+            // Ends when the sequence ends (its callback, the sender, is dropped).
             while let Some(piece) = rx.recv().await {
                 if let Err(e) = sink.send(&piece).await {
                     cancel.store(true, Ordering::Relaxed);
@@ -168,24 +220,11 @@ impl EmbeddedEngine {
                 }
             }
         }
-        let completion = task
+        let completion = done_rx
             .await
-            .map_err(|e| Error::internal(format!("embedded generation task: {e}")))?
-            .map_err(|e| match e {
-                GenerateError::DeadlineExceeded { completion_tokens } => Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "the deadline passed during generation ({completion_tokens} tokens generated)"
-                    ),
-                ),
-                GenerateError::Cancelled => {
-                    Error::new(ErrorKind::Cancelled, "generation was cancelled")
-                }
-                GenerateError::PromptTooLong { tokens, limit } => Error::bad_request(format!(
-                    "the prompt is {tokens} tokens; the embedded model takes at most {limit} (prompt and answer)"
-                )),
-                other => Error::internal(format!("embedded model: {other}")),
-            })?;
+            .map_err(|_| Error::internal("the embedded engine stopped"))?
+            .map_err(to_error)?;
+        self.queue_wait.observe(completion.queued.as_secs_f64());
         let speed = completion.tokens_per_second();
         if speed > 0.0 {
             self.speed.observe(speed);
@@ -199,14 +238,33 @@ impl EmbeddedEngine {
             ),
             model: MODEL_NAME.to_string(),
             finish_reason: Some(completion.finish_reason.as_str().to_string()),
-            // Prompt processing and decoding; not the wait for a slot.
+            // Prompt processing and decoding; not the wait in line.
             compute_seconds: Some((completion.first_token + completion.decode).as_secs_f64()),
         })
     }
 
-    /// Free generation slots right now.
+    /// Free places in the batch right now (active and waiting sequences
+    /// both take one).
     pub fn free_slots(&self) -> usize {
-        self.slots.available_permits()
+        let load = self.batch.load();
+        load.max_active.saturating_sub(load.active + load.queued)
+    }
+
+    /// The load, for the NATS service stats (`$SRV.STATS`): active
+    /// sequences, queue length, tokens/s.
+    pub fn stats(&self) -> serde_json::Value {
+        let l = self.batch.load();
+        serde_json::json!({
+            "engine": "embedded",
+            "model": MODEL_NAME,
+            "active_sequences": l.active,
+            "max_active_sequences": l.max_active,
+            "queued_sequences": l.queued,
+            "tokens_per_second": (l.tokens_per_second * 10.0).round() / 10.0,
+            "generated_tokens_total": l.generated_total,
+            "kv_cache_bytes": l.kv_bytes,
+            "kv_cache_max_bytes": l.max_kv_bytes,
+        })
     }
 
     pub fn model(&self) -> &EmbeddedModel {
@@ -222,6 +280,14 @@ impl Engine for EmbeddedEngine {
         sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
         self.run(meta, req, sink).await
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.batch.is_running() {
+            Ok(())
+        } else {
+            Err("the embedded engine's loop has stopped".into())
+        }
     }
 }
 
@@ -319,7 +385,14 @@ mod tests {
                     .await
             })
         };
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Until the first holds the only slot (bounded).
+        for _ in 0..2000 {
+            if engine.free_slots() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(engine.free_slots(), 0, "the first generation never started");
         let e = engine
             .generate(&meta(Duration::from_millis(100)), &req, None)
             .await

@@ -75,4 +75,10 @@ pub trait Engine: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// The engine's load for the NATS service stats (`$SRV.STATS` data),
+    /// when it knows it.
+    fn stats(&self) -> Option<serde_json::Value> {
+        None
+    }
 }

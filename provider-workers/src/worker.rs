@@ -48,6 +48,20 @@ impl Engine for LocalEngine {
             LocalEngine::Embedded(e) => e.generate(meta, req, sink).await,
         }
     }
+
+    fn ready(&self) -> Result<(), String> {
+        match self {
+            LocalEngine::Embedded(e) => e.ready(),
+            _ => Ok(()),
+        }
+    }
+
+    fn stats(&self) -> Option<serde_json::Value> {
+        match self {
+            LocalEngine::Embedded(e) => Some(e.stats()),
+            _ => None,
+        }
+    }
 }
 
 /// The cloud pool's engine: an OpenAI-compatible client behind a circuit breaker.
@@ -308,9 +322,15 @@ async fn start<E: Engine>(
         metrics: metrics.clone(),
         max_prompt_bytes: setup.spec.settings.max_prompt_bytes,
     });
+    // The engine's load (the embedded engine's sequences, queue, tokens/s)
+    // as the endpoint's `$SRV.STATS` data, unless the pool publishes its own.
+    let mut spec = setup.spec;
+    if spec.stats_data.is_none() {
+        spec.stats_data = engine_stats(&handler.engine);
+    }
     let task = tokio::spawn(service::serve(
         client,
-        setup.spec,
+        spec,
         handler,
         metrics.service.clone(),
         shutdown,
@@ -320,6 +340,15 @@ async fn start<E: Engine>(
         metrics,
         task,
     })
+}
+
+/// The engine's load as the endpoint's `$SRV.STATS` data, if it has one.
+fn engine_stats<E: Engine>(engine: &Arc<E>) -> Option<StatsData> {
+    engine.stats()?;
+    let engine = Arc::clone(engine);
+    Some(StatsData(Arc::new(move || {
+        engine.stats().unwrap_or(serde_json::Value::Null)
+    })))
 }
 
 /// The local pool worker as a process body for [`optiroute_common::cli::main`] (boxed here,

@@ -137,8 +137,21 @@ impl LocalConfig {
 pub struct EmbeddedConfig {
     /// GGUF file, relative to the working directory; `scripts/fetch-model.sh` fetches it.
     pub model_path: String,
-    /// Generations at once, one core each; 0 = one per available core.
+    /// Sequences decoded together in one batch (continuous batching);
+    /// more wait in line until their deadline. 0 = 16.
     pub max_concurrent: usize,
+    /// Sequences waiting to join the batch (a sequence that can join at
+    /// once never waits); past it requests are refused as overloaded.
+    /// 0: no waiting line.
+    pub max_queue: usize,
+    /// KV cache memory the active sequences may reserve, in MiB (each
+    /// reserves its prompt plus `max_tokens` when it joins).
+    pub max_kv_cache_mib: usize,
+    /// Prompt tokens processed per step (a long prompt is read in chunks
+    /// so it never stalls the other sequences for long).
+    pub prefill_chunk: usize,
+    /// Threads the engine uses for each step; 0 = one per available core.
+    pub threads: usize,
     /// 1.0 turns it off.
     pub repeat_penalty: f32,
     /// How many recent tokens the repeat penalty looks at.
@@ -152,6 +165,10 @@ impl Default for EmbeddedConfig {
         EmbeddedConfig {
             model_path: "models/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
             max_concurrent: 0,
+            max_queue: 256,
+            max_kv_cache_mib: 512,
+            prefill_chunk: 64,
+            threads: 0,
             repeat_penalty: 1.1,
             repeat_last_n: 64,
             seed: 299_792_458,

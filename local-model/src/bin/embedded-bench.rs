@@ -1,25 +1,36 @@
-//! Benchmarks the embedded model: tokens/s, first-token latency and resident
-//! memory, for 1 and 2 (or `--concurrency a,b,...`) generations at once.
+//! Benchmarks the embedded model as the local pool runs it: one
+//! continuous-batching engine, 1, 2, 4, 8 and 16 (`--concurrency`)
+//! generations submitted at once. Prints tokens/s per sequence and in
+//! total, time to first token (from submission, so it includes the wait
+//! for the batch under load) and resident memory; `--json FILE` writes the
+//! figures and the prompts' token ids (for `bench/llama_cpp_bench.py`).
 //!
 //! ```sh
-//! scripts/fetch-model.sh
-//! cargo run --release -p optiroute-local-model --bin embedded-bench
-//! cargo run --release -p optiroute-local-model --bin embedded-bench -- --concurrency 1,2,4
+//! bench/embedded.sh                       # with llama.cpp side by side
+//! cargo run --release -p optiroute-local-model --bin embedded-bench -- --concurrency 1,8
 //! ```
 
+use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use optiroute_local_model::{EmbeddedModel, GenerateParams, Turn, DEFAULT_MODEL_PATH};
+use optiroute_local_model::{
+    BatchEngine, EmbeddedModel, GenerateParams, SchedulerConfig, Turn, DEFAULT_MODEL_PATH,
+};
 
 const USAGE: &str = "usage: embedded-bench [--model PATH] [--max-tokens N] \
-[--concurrency 1,2] [--runs N] [--prompt TEXT] [--show] [--repeat-penalty F]";
+[--concurrency 1,2,4,8,16] [--runs N] [--threads N] [--prompt TEXT] [--show] \
+[--repeat-penalty F] [--json FILE]";
 
-const PROMPTS: [&str; 2] = [
+/// Long-form prompts, so that every generation runs its `max_tokens`.
+const PROMPTS: [&str; 4] = [
     "Write a short story about a robot who learns to paint.",
     "Explain how a bicycle works, step by step.",
+    "Describe a day in the life of a lighthouse keeper.",
+    "Write a letter to a friend about a trip to the mountains.",
 ];
 
 struct Args {
@@ -27,30 +38,36 @@ struct Args {
     max_tokens: u32,
     concurrency: Vec<usize>,
     runs: usize,
+    threads: usize,
     prompt: Option<String>,
     show: bool,
     repeat_penalty: f32,
+    json: Option<PathBuf>,
 }
 
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         model: default_model(),
         max_tokens: 128,
-        concurrency: vec![1, 2],
+        concurrency: vec![1, 2, 4, 8, 16],
         runs: 2,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         prompt: None,
         show: false,
         repeat_penalty: GenerateParams::default().repeat_penalty,
+        json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        let num = |v: String| v.parse::<usize>().map_err(|e| format!("{e}"));
         match flag.as_str() {
             "--model" => a.model = PathBuf::from(value("--model")?),
             "--max-tokens" => {
                 a.max_tokens = value("--max-tokens")?.parse().map_err(|e| format!("{e}"))?
             }
-            "--runs" => a.runs = value("--runs")?.parse().map_err(|e| format!("{e}"))?,
+            "--runs" => a.runs = num(value("--runs")?)?,
+            "--threads" => a.threads = num(value("--threads")?)?.max(1),
             "--concurrency" => {
                 a.concurrency = value("--concurrency")?
                     .split(',')
@@ -59,6 +76,7 @@ fn parse() -> Result<Args, String> {
             }
             "--prompt" => a.prompt = Some(value("--prompt")?),
             "--show" => a.show = true,
+            "--json" => a.json = Some(PathBuf::from(value("--json")?)),
             "--repeat-penalty" => {
                 a.repeat_penalty = value("--repeat-penalty")?
                     .parse()
@@ -95,10 +113,60 @@ fn status_mib(key: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-struct Run {
+struct Seq {
     tokens: u32,
-    first_token_ms: f64,
+    ttft_ms: f64,
     tokens_per_second: f64,
+    text: String,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn list(v: &[f64]) -> String {
+    let parts: Vec<String> = v.iter().map(|x| format!("{x:.1}")).collect();
+    format!("[{}]", parts.join(","))
+}
+
+/// Submits `prompts` at once; waits for all.
+fn round(
+    engine: &BatchEngine,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+) -> Result<(Vec<Seq>, f64), String> {
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    for (i, ids) in prompts.iter().enumerate() {
+        let tx = tx.clone();
+        engine.submit(
+            ids.clone(),
+            params.clone(),
+            Box::new(|_| ControlFlow::Continue(())),
+            Box::new(move |r| {
+                let _ = tx.send((i, r));
+            }),
+        );
+    }
+    let mut out: Vec<Option<Seq>> = prompts.iter().map(|_| None).collect();
+    for _ in prompts {
+        let (i, r) = rx
+            .recv_timeout(Duration::from_secs(600))
+            .map_err(|e| format!("no answer: {e}"))?;
+        let c = r.map_err(|e| e.to_string())?;
+        out[i] = Some(Seq {
+            tokens: c.completion_tokens,
+            ttft_ms: (c.queued + c.first_token).as_secs_f64() * 1000.0,
+            tokens_per_second: c.tokens_per_second(),
+            text: c.text,
+        });
+    }
+    let wall = started.elapsed().as_secs_f64();
+    Ok((out.into_iter().flatten().collect(), wall))
 }
 
 fn main() -> ExitCode {
@@ -109,14 +177,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "embedded-bench: {} ({} cores available, one thread per generation)",
+        "embedded-bench: {} ({cores} cores, engine threads {}, {} tokens per generation, greedy)",
         args.model.display(),
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        args.threads,
+        args.max_tokens
     );
     let rss_before = status_mib("VmRSS:");
     let model = match EmbeddedModel::load(&args.model) {
-        Ok(m) => m,
+        Ok(m) => Arc::new(m),
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::FAILURE;
@@ -134,93 +204,109 @@ fn main() -> ExitCode {
         status_mib("VmRSS:"),
         rss_before
     );
-    // Warm-up: first-use costs (thread pools, page faults) out of the figures.
-    let warm = GenerateParams {
-        max_tokens: 4,
+    let texts: Vec<String> = match &args.prompt {
+        Some(p) => vec![p.clone()],
+        None => PROMPTS.iter().map(|p| p.to_string()).collect(),
+    };
+    let prompts: Vec<Vec<u32>> = match texts
+        .iter()
+        .map(|t| model.tokenizer().chat_prompt(&[Turn::user(t)]))
+        .collect::<Result<_, _>>()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tokenizer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let max_n = args.concurrency.iter().copied().max().unwrap_or(1);
+    let engine = match BatchEngine::start(
+        Arc::clone(&model),
+        SchedulerConfig {
+            max_active: max_n.max(1),
+            max_queue: max_n.max(1),
+            threads: args.threads,
+            ..SchedulerConfig::default()
+        },
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("engine: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        repeat_penalty: args.repeat_penalty,
         ..GenerateParams::default()
     };
-    let _ = model.generate(&[Turn::user("Hi")], &warm, &mut |_| {
-        ControlFlow::Continue(())
-    });
+    // Warm-up: first-use costs (threads, page faults) out of the figures.
+    let warm = GenerateParams {
+        max_tokens: 4,
+        ..params.clone()
+    };
+    let _ = round(&engine, &prompts[..1], &warm);
 
-    for &n in &args.concurrency {
-        for run in 0..args.runs {
-            let started = Instant::now();
-            let results: Vec<Result<Run, String>> = std::thread::scope(|s| {
-                let handles: Vec<_> = (0..n)
-                    .map(|i| {
-                        let model = &model;
-                        let prompt = args
-                            .prompt
-                            .clone()
-                            .unwrap_or_else(|| PROMPTS[i % PROMPTS.len()].to_string());
-                        let max_tokens = args.max_tokens;
-                        let show = args.show && i == 0 && run == 0;
-                        let repeat_penalty = args.repeat_penalty;
-                        s.spawn(move || {
-                            let params = GenerateParams {
-                                max_tokens,
-                                repeat_penalty,
-                                ..GenerateParams::default()
-                            };
-                            let c = model
-                                .generate(&[Turn::user(&prompt)], &params, &mut |_| {
-                                    ControlFlow::Continue(())
-                                })
-                                .map_err(|e| e.to_string())?;
-                            if show {
-                                let ids = model
-                                    .tokenizer()
-                                    .chat_prompt(&[Turn::user(&prompt)])
-                                    .unwrap_or_default();
-                                println!("prompt ids {ids:?}");
-                                println!(
-                                    "--- {prompt}\n{}\n--- ({}, {} tokens)",
-                                    c.text,
-                                    c.finish_reason.as_str(),
-                                    c.completion_tokens
-                                );
-                            }
-                            Ok(Run {
-                                tokens: c.completion_tokens,
-                                first_token_ms: c.first_token.as_secs_f64() * 1000.0,
-                                tokens_per_second: c.tokens_per_second(),
-                            })
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
-                    .collect()
-            });
-            let wall = started.elapsed().as_secs_f64();
-            let runs: Vec<Run> = match results.into_iter().collect() {
+    let mut json = String::new();
+    let _ = write!(
+        json,
+        "{{\"engine\":\"optiroute-embedded\",\"threads\":{},\"max_tokens\":{},\"prompt_tokens\":[{}],\"prompts\":[{}],\"results\":[",
+        args.threads,
+        args.max_tokens,
+        prompts.iter().map(|p| p.len().to_string()).collect::<Vec<_>>().join(","),
+        prompts
+            .iter()
+            .map(|p| format!("[{}]", p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut first = true;
+    // Runs outermost: each concurrency level is sampled across the whole
+    // run, so a burst of other work on the machine skews no level alone.
+    for run in 0..args.runs {
+        for &n in &args.concurrency {
+            let batch: Vec<Vec<u32>> = (0..n).map(|i| prompts[i % prompts.len()].clone()).collect();
+            let (seqs, wall) = match round(&engine, &batch, &params) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("generation failed: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            let tokens: u32 = runs.iter().map(|r| r.tokens).sum();
-            let per_stream: Vec<String> = runs
-                .iter()
-                .map(|r| format!("{:.1}", r.tokens_per_second))
-                .collect();
-            let ttft: Vec<String> = runs
-                .iter()
-                .map(|r| format!("{:.0}", r.first_token_ms))
-                .collect();
+            if args.show && run == 0 {
+                if let Some(s) = seqs.first() {
+                    println!("--- {}\n{}\n---", texts[0], s.text);
+                }
+            }
+            let tokens: u32 = seqs.iter().map(|s| s.tokens).sum();
+            let total = f64::from(tokens) / wall;
+            let per: Vec<f64> = seqs.iter().map(|s| s.tokens_per_second).collect();
+            let ttft: Vec<f64> = seqs.iter().map(|s| s.ttft_ms).collect();
+            let (rss, peak) = (status_mib("VmRSS:"), status_mib("VmHWM:"));
             println!(
-                "concurrency {n} run {}: {tokens} tokens in {wall:.2}s = {:.1} tokens/s total; \
-                 per stream {} tokens/s; first token {} ms; RSS {:.0} MiB (peak {:.0})",
+                "concurrency {n:>2} run {}: {tokens} tokens in {wall:.2}s = {total:.1} tokens/s total; \
+                 per sequence {:.1} tokens/s (mean); first token {:.0} ms mean, {:.0} ms max; RSS {rss:.0} MiB (peak {peak:.0})",
                 run + 1,
-                f64::from(tokens) / wall,
-                per_stream.join(" / "),
-                ttft.join(" / "),
-                status_mib("VmRSS:"),
-                status_mib("VmHWM:")
+                mean(&per),
+                mean(&ttft),
+                ttft.iter().copied().fold(0.0, f64::max),
             );
+            let _ = write!(
+                json,
+                "{}{{\"concurrency\":{n},\"run\":{},\"tokens\":{tokens},\"wall_s\":{wall:.4},\"total_tps\":{total:.2},\"per_seq_tps\":{},\"ttft_ms\":{},\"rss_mib\":{rss:.1},\"peak_rss_mib\":{peak:.1}}}",
+                if first { "" } else { "," },
+                run + 1,
+                list(&per),
+                list(&ttft),
+            );
+            first = false;
+        }
+    }
+    json.push_str("]}\n");
+    if let Some(path) = &args.json {
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
         }
     }
     ExitCode::SUCCESS

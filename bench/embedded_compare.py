@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Prints embedded-bench and llama.cpp figures side by side, with the
+issue's targets as ratios. Usage: embedded_compare.py OURS.json [LLAMA.json]"""
+import json
+import statistics as st
+import sys
+
+
+def best(rows, key):
+    return max(r[key] for r in rows) if rows else float("nan")
+
+
+def main():
+    ours = json.load(open(sys.argv[1]))
+    llama = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
+    res = ours["results"]
+    by_n = {}
+    for r in res:
+        by_n.setdefault(r["concurrency"], []).append(r)
+    print()
+    print(f"== embedded engine ({ours['threads']} threads, continuous batching), "
+          f"{ours['max_tokens']} tokens per generation, prompts of {ours['prompt_tokens']} tokens ==")
+    print(f"{'concurrent':>10} {'total tok/s':>12} {'per seq tok/s':>14} {'TTFT mean ms':>13} "
+          f"{'TTFT max ms':>12} {'RSS MiB':>8}" + (f" | {'llama.cpp total':>15} {'TTFT mean':>10} {'TTFT max':>9}" if llama else ""))
+    seq = {r["concurrency"]: r for r in (llama or {}).get("sequential", [])}
+    for n in sorted(by_n):
+        rows = by_n[n]
+        total = st.median(r["total_tps"] for r in rows)
+        per = st.median(st.mean(r["per_seq_tps"]) for r in rows)
+        tm = st.median(st.mean(r["ttft_ms"]) for r in rows)
+        tx = st.median(max(r["ttft_ms"]) for r in rows)
+        rss = max(r["peak_rss_mib"] for r in rows)
+        line = f"{n:>10} {total:>12.1f} {per:>14.1f} {tm:>13.0f} {tx:>12.0f} {rss:>8.0f}"
+        if n in seq:
+            s = seq[n]
+            line += f" | {s['total_tps']:>15.1f} {st.mean(s['ttft_ms']):>10.0f} {max(s['ttft_ms']):>9.0f}"
+        print(line)
+    single = by_n.get(1, [])
+    ours_tps = st.median(r["per_seq_tps"][0] for r in single) if single else float("nan")
+    ours_ttft = st.median(r["ttft_ms"][0] for r in single) if single else float("nan")
+    if llama:
+        print()
+        print("== one generation alone, same prompt ids, greedy ==")
+        print(f"{'':24} {'decode tok/s':>12} {'first token ms':>15}")
+        print(f"{'ours':24} {ours_tps:>12.1f} {ours_ttft:>15.0f}")
+        for t in sorted({r["threads"] for r in llama["single"]}):
+            rows = [r for r in llama["single"] if r["threads"] == t]
+            print(f"{f'llama.cpp {t} thread(s)':24} {st.median(r['tps'] for r in rows):>12.1f} "
+                  f"{st.median(r['ttft_ms'] for r in rows):>15.0f}")
+        print(f"llama.cpp peak RSS {llama['peak_rss_mib']:.0f} MiB")
+    print()
+    print("== targets ==")
+    if llama:
+        t2 = max(r["threads"] for r in llama["single"])
+        rows = [r for r in llama["single"] if r["threads"] == t2]
+        l_tps = st.median(r["tps"] for r in rows)
+        l_ttft = st.median(r["ttft_ms"] for r in rows)
+        print(f"single-stream decode / llama.cpp {t2}-thread decode: {ours_tps / l_tps:.2f} (target >= 1)")
+        print(f"llama.cpp {t2}-thread first token / ours: {l_ttft / ours_ttft:.2f} (target >= 1)")
+    if 8 in by_n and single:
+        t8 = st.median(r["total_tps"] for r in by_n[8])
+        t1 = st.median(r["total_tps"] for r in single)
+        print(f"8 concurrent total / single-stream total: {t8 / t1:.2f} (target >= 4)")
+
+
+if __name__ == "__main__":
+    main()
