@@ -1,6 +1,8 @@
 //! The real model against Hugging Face's implementations: token ids equal to
-//! the `tokenizers` library's and vectors within 1e-4 per component of
-//! transformers' BERT + mean pooling + normalisation, for the texts in
+//! the `tokenizers` library's and vectors within 1e-5 per component of
+//! transformers' BERT + mean pooling + normalisation (both our kernels stay
+//! under 2.5e-7; the tanh approximation of GELU alone is off by 1.3e-4 to
+//! 2.9e-4, so the bound catches a wrong activation), for the texts in
 //! `tests/data/reference.json` (made by `tests/data/make_reference.py`:
 //! short and long past 256 tokens, punctuation, accents, CJK, Cyrillic,
 //! Greek, Arabic, Hangul, Devanagari, code, special tokens in the text,
@@ -95,7 +97,7 @@ fn token_ids_match_the_hf_tokenizer() {
 }
 
 #[test]
-fn vectors_match_sentence_transformers_to_1e_4() {
+fn vectors_match_sentence_transformers_to_1e_5() {
     let e = embedder();
     let cases = cases();
     let mut report = Vec::new();
@@ -111,7 +113,7 @@ fn vectors_match_sentence_transformers_to_1e_4() {
         let cos: f32 = v.iter().zip(&c.embedding).map(|(a, b)| a * b).sum();
         let norm: f32 = v.iter().map(|a| a * a).sum::<f32>().sqrt();
         eprintln!("{:>22}: max |diff| {max_diff:.2e}, cosine {cos:.7}", c.name);
-        if max_diff >= 1e-4 || cos <= 0.9999 || (norm - 1.0).abs() > 1e-5 {
+        if max_diff >= 1e-5 || cos <= 0.9999 || (norm - 1.0).abs() > 1e-5 {
             report.push(format!(
                 "{}: max |diff| {max_diff:e}, cosine {cos}, norm {norm}",
                 c.name
