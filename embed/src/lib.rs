@@ -107,6 +107,16 @@ impl Embedder {
         })?;
         let tokenizer = tokenizer::WordPiece::from_json(&text)
             .map_err(|source| Error::Tokenizer { path, source })?;
+        if tokenizer.max_id() as usize >= config.vocab_size {
+            return Err(Error::Tokenizer {
+                path: dir.join("tokenizer.json"),
+                source: TokenizerError(format!(
+                    "id {} is past the model's vocab_size {}",
+                    tokenizer.max_id(),
+                    config.vocab_size
+                )),
+            });
+        }
 
         let (path, bytes) = read(dir.join("model.safetensors"))?;
         let weights = safetensors::SafeTensors::parse(&bytes)

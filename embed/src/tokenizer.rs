@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use regex::Regex;
 use serde_json::Value;
 
@@ -37,8 +38,9 @@ fn err(msg: impl Into<String>) -> TokenizerError {
 
 pub struct WordPiece {
     vocab: HashMap<String, u32>,
-    /// Added tokens, longest first, matched in the raw text.
-    added: Vec<(String, u32)>,
+    /// Added tokens, matched in the raw text, and their ids.
+    added: AhoCorasick,
+    added_ids: Vec<u32>,
     unk: u32,
     cls: u32,
     sep: u32,
@@ -191,7 +193,11 @@ impl WordPiece {
                 _ => return Err(err(format!("bad added token {t}"))),
             }
         }
-        added.sort_by_key(|a| std::cmp::Reverse(a.0.len()));
+        let (patterns, added_ids): (Vec<String>, Vec<u32>) = added.into_iter().unzip();
+        let added = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&patterns)
+            .map_err(|e| err(format!("added tokens: {e}")))?;
 
         // ASCII punctuation counts as punctuation for BERT even where
         // Unicode calls it a symbol ($, +, <, =, >, ^, `, |, ~).
@@ -203,6 +209,7 @@ impl WordPiece {
         Ok(WordPiece {
             vocab,
             added,
+            added_ids,
             unk,
             cls,
             sep,
@@ -222,42 +229,36 @@ impl WordPiece {
         self.vocab.len()
     }
 
+    /// The largest id this tokenizer can give.
+    pub fn max_id(&self) -> u32 {
+        let vocab = self.vocab.values().copied().max().unwrap_or(0);
+        let added = self.added_ids.iter().copied().max().unwrap_or(0);
+        vocab.max(added)
+    }
+
     /// The ids of `text`, framed by `[CLS]` and `[SEP]`, at most
     /// `max_tokens` in all (at least the two frame tokens).
     pub fn encode(&self, text: &str, max_tokens: usize) -> Vec<u32> {
         let budget = max_tokens.saturating_sub(2);
         let mut ids = vec![self.cls];
-        let mut rest = text;
-        while ids.len() - 1 < budget && !rest.is_empty() {
-            match self.next_added(rest) {
-                Some((at, tok, id)) => {
-                    self.encode_plain(&rest[..at], budget, &mut ids);
-                    if ids.len() - 1 < budget {
-                        ids.push(id);
-                    }
-                    rest = &rest[at + tok.len()..];
-                }
-                None => {
-                    self.encode_plain(rest, budget, &mut ids);
-                    rest = "";
-                }
+        let mut at = 0;
+        // One pass over the text for the added tokens (leftmost, longest
+        // first, as the library matches them).
+        for m in self.added.find_iter(text) {
+            if ids.len() > budget {
+                break;
             }
+            self.encode_plain(&text[at..m.start()], budget, &mut ids);
+            if ids.len() <= budget {
+                ids.push(self.added_ids[m.pattern().as_usize()]);
+            }
+            at = m.end();
+        }
+        if ids.len() <= budget {
+            self.encode_plain(&text[at..], budget, &mut ids);
         }
         ids.push(self.sep);
         ids
-    }
-
-    /// The leftmost added token in `text` (the longest at that place).
-    fn next_added(&self, text: &str) -> Option<(usize, &str, u32)> {
-        let mut best: Option<(usize, &str, u32)> = None;
-        for (tok, id) in &self.added {
-            if let Some(at) = text.find(tok.as_str()) {
-                if best.is_none_or(|(b, _, _)| at < b) {
-                    best = Some((at, tok, *id));
-                }
-            }
-        }
-        best
     }
 
     fn encode_plain(&self, text: &str, budget: usize, ids: &mut Vec<u32>) {
@@ -289,24 +290,28 @@ impl WordPiece {
             s = &cleaned;
         }
         let mut out = String::with_capacity(s.len() + 8);
-        for c in s.chars() {
-            let mut one = String::new();
-            if self.strip_accents && push_hangul(c, &mut one) {
-            } else if let Some(to) = self.accents.get(&c).filter(|_| self.strip_accents) {
-                one.push_str(to);
+        let push = |out: &mut String, c: char| {
+            if self.lowercase {
+                out.extend(c.to_lowercase());
             } else {
-                one.push(c);
+                out.push(c);
             }
+        };
+        let mut jamo = String::new();
+        for c in s.chars() {
             let pad = self.chinese_chars && is_chinese_char(c);
             if pad {
                 out.push(' ');
             }
-            for d in one.chars() {
-                if self.lowercase {
-                    out.extend(d.to_lowercase());
-                } else {
-                    out.push(d);
-                }
+            jamo.clear();
+            if !self.strip_accents {
+                push(&mut out, c);
+            } else if push_hangul(c, &mut jamo) {
+                jamo.chars().for_each(|j| push(&mut out, j));
+            } else if let Some(to) = self.accents.get(&c) {
+                to.chars().for_each(|d| push(&mut out, d));
+            } else {
+                push(&mut out, c);
             }
             if pad {
                 out.push(' ');
@@ -391,6 +396,12 @@ mod tests {
         // Past max_input_chars_per_word (9).
         assert_eq!(t.encode("abbbbbbbbb ab", 256), [2, 1, 11, 12, 3]);
         assert_eq!(t.encode("a[MASK]a", 256), [2, 11, 4, 11, 3]);
+        // Added tokens side by side, and inside punctuation ("[", "]" are
+        // not in this vocabulary).
+        assert_eq!(
+            t.encode("[MASK][CLS]x [[MASK]]", 256),
+            [2, 4, 2, 1, 1, 4, 1, 3]
+        );
         assert_eq!(t.encode("", 256), [2, 3]);
     }
 

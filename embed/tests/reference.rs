@@ -193,6 +193,16 @@ fn missing_or_corrupt_model_files_are_clear_errors() {
     let err = Embedder::load(&dir).unwrap_err();
     assert!(matches!(err, Error::Config { .. }), "{err}");
 
+    // A tokenizer whose ids the model has no embeddings for.
+    std::fs::write(
+        dir.join("config.json"),
+        config.replace("\"vocab_size\": 30522", "\"vocab_size\": 1000"),
+    )
+    .unwrap();
+    let err = Embedder::load(&dir).unwrap_err();
+    assert!(matches!(err, Error::Tokenizer { .. }), "{err}");
+    assert!(err.to_string().contains("vocab_size 1000"), "{err}");
+
     // A tokenizer.json that is not WordPiece.
     std::fs::write(dir.join("config.json"), &config).unwrap();
     std::fs::write(dir.join("tokenizer.json"), "{\"model\":{\"type\":\"BPE\"}}").unwrap();
