@@ -269,7 +269,7 @@ impl WordPiece {
         let mut piece = String::new();
         for word in self.words.find_iter(&normalized) {
             if ids.len() > budget {
-                return;
+                break;
             }
             self.word_pieces(word.as_str(), &mut piece, ids);
         }
@@ -423,6 +423,11 @@ mod tests {
         let ids = t.encode("a [MASK] a [MASK]", 4);
         assert_eq!(ids, [2, 11, 4, 3]);
         assert_eq!(t.encode("a a", 0), [2, 3]);
+        // The limit falls inside a word, and more words follow.
+        assert_eq!(
+            t.encode("unaffable unaffable unaffable", 6),
+            [2, 5, 6, 7, 5, 3]
+        );
     }
 
     #[test]

@@ -96,6 +96,38 @@ fn token_ids_match_the_hf_tokenizer() {
     assert!(cases.iter().any(|c| c.ids.len() == MAX_TOKENS));
 }
 
+/// 403 random mixes of scripts, marks, whitespace, controls, punctuation,
+/// emoji and special tokens (`tests/data/make_tokenizer_ids.py`).
+#[test]
+fn token_ids_match_the_hf_tokenizer_on_mixed_texts() {
+    let e = embedder();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer_ids.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    assert!(cases.len() >= 400);
+    let mut bad = Vec::new();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = e.tokenize(text);
+        if ids != want {
+            bad.push(format!("{text:?}:\n  ours {ids:?}\n  hf   {want:?}"));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} differ:\n{}",
+        bad.len(),
+        cases.len(),
+        bad.join("\n")
+    );
+}
+
 #[test]
 fn vectors_match_sentence_transformers_to_1e_5() {
     let e = embedder();
