@@ -6,44 +6,18 @@
 //! `tests/data/reference.json` (made by `tests/data/make_reference.py`:
 //! short and long past 256 tokens, punctuation, accents, CJK, Cyrillic,
 //! Greek, Arabic, Hangul, Devanagari, code, special tokens in the text,
-//! control characters, emoji, the empty text). The model is fetched by
-//! `scripts/fetch-embed-model.sh` on first use (idempotent, quiet when
-//! present).
+//! control characters, emoji, the empty text), and token ids on 403 random
+//! mixes (`tests/data/make_tokenizer_ids.py`). The model is fetched by
+//! `scripts/fetch-embed-model.sh` on first use (see `common/mod.rs`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+mod common;
 
-use optiroute_embed::{Embedder, Error, DEFAULT_MODEL_DIR, MAX_TOKENS};
+use std::path::Path;
+
+use common::{embedder, model_dir};
+use optiroute_embed::{Embedder, Error, MAX_TOKENS};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_dir() -> PathBuf {
-    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
-    FETCHED
-        .get_or_init(|| {
-            let out = std::process::Command::new("bash")
-                .arg(root().join("scripts/fetch-embed-model.sh"))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "scripts/fetch-embed-model.sh failed:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            root().join(DEFAULT_MODEL_DIR)
-        })
-        .clone()
-}
-
-fn embedder() -> &'static Embedder {
-    static MODEL: OnceLock<Embedder> = OnceLock::new();
-    MODEL.get_or_init(|| Embedder::load(&model_dir()).unwrap())
-}
 
 struct Case {
     name: String,
