@@ -8,7 +8,7 @@
 //! [`DEFAULT_MODEL_DIR`] from a PyPI wheel.
 //!
 //! ```no_run
-//! let e = optiroute_embed::Embedder::load("models/all-MiniLM-L6-v2".as_ref())?;
+//! let e = optiroute_embed::Embedder::load("models/all-MiniLM-L6-v2")?;
 //! let v = e.embed("What is the capital of France?");
 //! assert_eq!(v.len(), 384);
 //! # Ok::<(), optiroute_embed::Error>(())
@@ -81,7 +81,8 @@ fn read(path: PathBuf) -> Result<(PathBuf, Vec<u8>), Error> {
 impl Embedder {
     /// Loads `model.safetensors`, `config.json` and `tokenizer.json` from
     /// `dir`, checking every tensor's shape against the config.
-    pub fn load(dir: &Path) -> Result<Embedder, Error> {
+    pub fn load(dir: impl AsRef<Path>) -> Result<Embedder, Error> {
+        let dir = dir.as_ref();
         let (path, bytes) = read(dir.join("config.json"))?;
         let config: bert::Config = serde_json::from_slice(&bytes).map_err(|e| Error::Config {
             path: path.clone(),

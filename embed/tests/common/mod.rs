@@ -34,5 +34,5 @@ pub fn model_dir() -> PathBuf {
 
 pub fn embedder() -> &'static Embedder {
     static MODEL: OnceLock<Embedder> = OnceLock::new();
-    MODEL.get_or_init(|| Embedder::load(&model_dir()).unwrap())
+    MODEL.get_or_init(|| Embedder::load(model_dir()).unwrap())
 }
