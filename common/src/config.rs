@@ -475,22 +475,6 @@ impl Config {
         if e.prefill_chunk == 0 || e.prefill_chunk > 4096 {
             return bad("local.embedded.prefill_chunk", "must be between 1 and 4096");
         }
-        let e = &self.local.embedded;
-        if e.max_concurrent > 1024 {
-            return bad(
-                "local.embedded.max_concurrent",
-                "must be at most 1024 (0 = 16)",
-            );
-        }
-        if e.max_queue > 100_000 {
-            return bad("local.embedded.max_queue", "must be at most 100000");
-        }
-        if e.max_kv_cache_mib == 0 {
-            return bad("local.embedded.max_kv_cache_mib", "must be at least 1");
-        }
-        if e.prefill_chunk == 0 || e.prefill_chunk > 4096 {
-            return bad("local.embedded.prefill_chunk", "must be between 1 and 4096");
-        }
         let mut prices = vec![
             (
                 "cloud.input_price_per_1k".to_string(),

@@ -98,16 +98,37 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 /// The body of `POST /generate` and of a request on the generate subject:
 /// the [`GenParams`] (either `prompt` or `messages`) and how to route and
 /// cache them. Unknown fields are ignored, as the original Python service did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
-    #[serde(flatten)]
     pub params: GenParams,
     pub provider: ProviderChoice,
-    #[serde(skip_serializing_if = "is_default")]
     pub cache: CacheMode,
     /// Shifts the routing threshold: -1 prefers cheaper, +1 prefers better.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub route_bias: Option<f32>,
+}
+
+/// The flat layout, written with a known length: every request the ingress
+/// sends goes through this (a `#[serde(flatten)]` field would make
+/// MessagePack buffer the whole map and copy it).
+impl Serialize for GenerateRequest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let cache = !is_default(&self.cache);
+        let len = self.params.field_count()
+            + 1
+            + usize::from(cache)
+            + usize::from(self.route_bias.is_some());
+        let mut s = serializer.serialize_struct("GenerateRequest", len)?;
+        self.params.serialize_fields(&mut s)?;
+        s.serialize_field("provider", &self.provider)?;
+        if cache {
+            s.serialize_field("cache", &self.cache)?;
+        }
+        if let Some(v) = &self.route_bias {
+            s.serialize_field("route_bias", v)?;
+        }
+        s.end()
+    }
 }
 
 impl<'de> Deserialize<'de> for GenerateRequest {

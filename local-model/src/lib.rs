@@ -174,6 +174,11 @@ pub struct Completion {
     pub decode: Duration,
     /// Waiting in line before joining the batch.
     pub queued: Duration,
+    /// This sequence's share of the engine's time: of each batched step,
+    /// the part its rows were of all rows. What the sequence is charged
+    /// for: sequences decoded together share each step's time instead of
+    /// each paying all of it.
+    pub compute: Duration,
 }
 
 impl Completion {

@@ -95,6 +95,8 @@ struct Active<'a> {
     queued: Duration,
     admitted: Instant,
     first_token: Option<Duration>,
+    /// Its share of the steps' time so far (see `Completion::compute`).
+    compute: Duration,
 }
 
 impl Active<'_> {
@@ -132,6 +134,7 @@ impl Active<'_> {
             first_token,
             decode: elapsed.saturating_sub(first_token),
             queued: self.queued,
+            compute: self.compute,
         })
     }
 }
@@ -313,6 +316,7 @@ impl<'a> Scheduler<'a> {
                 queued: now.duration_since(w.submitted),
                 admitted: now,
                 first_token: None,
+                compute: Duration::ZERO,
             });
         }
     }
@@ -381,8 +385,15 @@ impl<'a> Scheduler<'a> {
             return done;
         }
         let mut caches: Vec<&mut KvCache> = self.active.iter_mut().map(|a| &mut a.cache).collect();
+        let started = Instant::now();
         self.forward.step(&self.rows, &mut caches);
+        let took = started.elapsed();
         drop(caches);
+        // Each sequence pays the part of the step its rows were.
+        let share = took.div_f64(self.rows.len() as f64);
+        for row in &self.rows {
+            self.active[row.seq].compute += share;
+        }
         self.steps += 1;
         for (i, k) in feeds {
             self.active[i].fed += k;

@@ -401,3 +401,35 @@ fn a_queue_of_none_still_serves_what_fits_at_once() {
     let r = run_all(&mut sched, &[a, b], Ended::new());
     assert!(r.iter().all(Result::is_ok), "{r:?}");
 }
+
+/// Sequences decoded together share each step's time: what they are
+/// charged for (`compute`) adds up to at most the time the batch took, not
+/// to that time once per sequence.
+#[test]
+fn sequences_decoded_together_share_the_compute() {
+    let mut sched = model().scheduler(cfg());
+    let started = Instant::now();
+    let seqs: Vec<u64> = QUESTIONS
+        .iter()
+        .map(|q| {
+            sched
+                .submit(ids(q), greedy(24), Box::new(|_| ControlFlow::Continue(())))
+                .unwrap()
+        })
+        .collect();
+    let done: Vec<Completion> = run_all(&mut sched, &seqs, Ended::new())
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let wall = started.elapsed();
+    let charged: Duration = done.iter().map(|c| c.compute).sum();
+    assert!(done.iter().all(|c| c.compute > Duration::ZERO), "{done:?}");
+    assert!(
+        charged <= wall,
+        "charged {charged:?} for a batch that took {wall:?}"
+    );
+    // Each was in the batch for most of that time: charging each its time
+    // in the batch would have charged several times the wall time.
+    let in_batch: Duration = done.iter().map(|c| c.first_token + c.decode).sum();
+    assert!(in_batch > wall * 2, "in batch {in_batch:?}, wall {wall:?}");
+}

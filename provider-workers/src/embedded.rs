@@ -239,7 +239,7 @@ impl EmbeddedEngine {
             model: MODEL_NAME.to_string(),
             finish_reason: Some(completion.finish_reason.as_str().to_string()),
             // Prompt processing and decoding; not the wait in line.
-            compute_seconds: Some((completion.first_token + completion.decode).as_secs_f64()),
+            compute_seconds: Some(completion.compute.as_secs_f64()),
         })
     }
 

@@ -84,10 +84,13 @@ impl CloudEngine {
         match &req.model_id {
             None => Ok(self.cfg.upstream.model.clone()),
             Some(m) if self.cfg.allows_model(m) => Ok(m.clone()),
-            Some(m) => Err(Error::bad_request(format!(
-                "model_id `{m}` is not configured for the cloud pool (configured: {})",
-                self.cfg.models().collect::<Vec<_>>().join(", ")
-            ))),
+            Some(m) => Err(Error::bad_param(
+                "model_id",
+                format!(
+                    "model_id `{m}` is not configured for the cloud pool (configured: {})",
+                    self.cfg.models().collect::<Vec<_>>().join(", ")
+                ),
+            )),
         }
     }
 }

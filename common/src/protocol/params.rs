@@ -66,6 +66,45 @@ pub struct GenParams {
     pub top_p: Option<f32>,
 }
 
+impl GenParams {
+    /// How many fields [`GenParams::serialize_fields`] writes (the derived
+    /// `Serialize` skips the same ones).
+    pub(crate) fn field_count(&self) -> usize {
+        2 + usize::from(!self.messages.is_empty())
+            + usize::from(!self.stop.is_empty())
+            + usize::from(self.model_id.is_some())
+            + usize::from(self.temperature.is_some())
+            + usize::from(self.top_p.is_some())
+    }
+
+    /// Writes the fields into a struct another type is serializing, so that
+    /// type has a known length (a flattened struct makes MessagePack buffer
+    /// the whole map and copy it).
+    pub(crate) fn serialize_fields<S: serde::ser::SerializeStruct>(
+        &self,
+        s: &mut S,
+    ) -> Result<(), S::Error> {
+        s.serialize_field("prompt", &self.prompt)?;
+        if !self.messages.is_empty() {
+            s.serialize_field("messages", &self.messages)?;
+        }
+        if !self.stop.is_empty() {
+            s.serialize_field("stop", &self.stop)?;
+        }
+        s.serialize_field("max_tokens", &self.max_tokens)?;
+        if let Some(v) = &self.model_id {
+            s.serialize_field("model_id", v)?;
+        }
+        if let Some(v) = &self.temperature {
+            s.serialize_field("temperature", v)?;
+        }
+        if let Some(v) = &self.top_p {
+            s.serialize_field("top_p", v)?;
+        }
+        Ok(())
+    }
+}
+
 impl Default for GenParams {
     fn default() -> Self {
         GenParams {
