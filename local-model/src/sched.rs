@@ -325,9 +325,9 @@ impl<'a> Scheduler<'a> {
     /// sequences that ended, with their answers or errors.
     pub fn step(&mut self) -> Vec<(SeqId, Result<Completion, GenerateError>)> {
         let mut done = Vec::new();
-        self.admit();
         let now = Instant::now();
-        // Waiting sequences whose requester left or whose deadline passed.
+        // Waiting sequences whose requester left or whose deadline passed
+        // end before admission, so none takes a place it cannot use.
         self.waiting.retain(|w| {
             let err = if cancelled(&w.params) {
                 GenerateError::Cancelled
@@ -341,6 +341,7 @@ impl<'a> Scheduler<'a> {
             done.push((w.id, Err(err)));
             false
         });
+        self.admit();
         let mut ended: Vec<(usize, Result<Completion, GenerateError>)> = Vec::new();
         for (i, a) in self.active.iter().enumerate() {
             if let Err(e) = a.check(now) {

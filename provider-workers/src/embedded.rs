@@ -95,11 +95,16 @@ fn to_error(e: GenerateError) -> Error {
         GenerateError::PromptTooLong { tokens, limit } => Error::bad_request(format!(
             "the prompt is {tokens} tokens; the embedded model takes at most {limit} (prompt and answer)"
         )),
-        GenerateError::TooBigForCache { needed, cap } => Error::bad_request(format!(
-            "the prompt and max_tokens need {} MiB of KV cache; local.embedded.max_kv_cache_mib is {} (lower max_tokens)",
-            needed.div_ceil(1 << 20),
-            cap >> 20
-        )),
+        // Not the caller's fault: this pool's memory cap. Overloaded lets
+        // the router take it to the other pool.
+        GenerateError::TooBigForCache { needed, cap } => Error::new(
+            ErrorKind::Overloaded,
+            format!(
+                "the prompt and max_tokens need {} MiB of KV cache; local.embedded.max_kv_cache_mib is {} (lower max_tokens)",
+                needed.div_ceil(1 << 20),
+                cap >> 20
+            ),
+        ),
         other => Error::internal(format!("embedded model: {other}")),
     }
 }
@@ -155,6 +160,8 @@ impl EmbeddedEngine {
         sink: Option<&mut ChunkSink>,
     ) -> Result<Generation, Error> {
         let remaining = meta.remaining();
+        // The requester's deadline, fixed now: tokenizing takes from it.
+        let deadline = Instant::now() + remaining;
         if remaining.is_zero() {
             return Err(to_error(GenerateError::QueueTimeout {
                 waited: Duration::ZERO,
@@ -191,7 +198,7 @@ impl EmbeddedEngine {
             repeat_penalty: self.cfg.repeat_penalty,
             repeat_last_n: self.cfg.repeat_last_n,
             seed: self.cfg.seed,
-            deadline: Some(Instant::now() + remaining),
+            deadline: Some(deadline),
             cancel: Some(Arc::clone(&cancel)),
         };
         // Pieces are at most max_tokens (bounded by the request).
