@@ -520,9 +520,11 @@ async fn terminate(ctx: &Ctx, msg: &Message, outcome: &str) {
 }
 
 /// Stores the result if the line has none, then acknowledges. A store that
-/// keeps failing is tried `store_attempts` times, with backoff, in place (the
-/// job is not run again); then the job ends with a short failed result if
-/// that can be stored, else a log, and `store_failed` is counted.
+/// keeps failing is tried `store_attempts` times, with backoff from 200 ms
+/// doubling to 4 s (8 tries span about 15 s: a JetStream leader election
+/// fits; progress acks keep the job meanwhile), in place (the job is not run
+/// again); then the job ends with a short failed result if that can be
+/// stored, else a log, and `store_failed` is counted.
 async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
     // Capped once here (create_result would on each try).
     let result = result.with_capped_error();
@@ -531,7 +533,7 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
         ResultStatus::Cancelled => "cancelled",
         _ => "error",
     };
-    let mut delay = Duration::from_millis(100);
+    let mut delay = Duration::from_millis(200);
     let mut last = None;
     for attempt in 1..=ctx.store_attempts {
         match ctx.batches.create_result(batch_id, &result).await {
@@ -557,7 +559,7 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
         }
         if attempt < ctx.store_attempts {
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            delay = (delay * 2).min(Duration::from_secs(4));
         }
     }
     let reason = last.map_or_else(String::new, |e| e.message);

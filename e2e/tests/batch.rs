@@ -491,7 +491,8 @@ async fn a_custom_id_over_256_bytes_is_refused_at_submission() {
 #[tokio::test]
 async fn a_result_that_cannot_be_stored_ends_the_job_after_bounded_tries() {
     let nats = NatsServer::start();
-    let cfg = test_config(&nats.url());
+    let mut cfg = test_config(&nats.url());
+    cfg.batch.store_attempts = 3;
     // A results bucket that holds only a few results: the rest cannot be stored.
     let js = async_nats::jetstream::new(client(&cfg, "admin").await);
     js.create_key_value(async_nats::jetstream::kv::Config {

@@ -79,7 +79,7 @@ impl Default for BatchConfig {
             backoff_ms: vec![1_000, 5_000, 15_000, 30_000],
             ack_wait_ms: 60_000,
             request_timeout_ms: 45_000,
-            store_attempts: 5,
+            store_attempts: 8,
             max_lines: 100_000,
             max_line_bytes: 1 << 20,
             max_upload_bytes: 64 << 20,
