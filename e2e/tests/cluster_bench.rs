@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
+use optiroute_testkit::nats_cluster::wait_for_jetstream;
 use optiroute_testkit::stack::client;
 use optiroute_testkit::{test_config, wait_until, NatsCluster, Stack};
 use serde_json::{json, Value};
@@ -32,16 +33,7 @@ async fn measure(sync: &str, lines: usize, updates: usize) -> (f64, Duration, Du
     cfg.batch.max_in_flight = 64;
     let probe = client(&cfg, "probe").await;
     let js = jetstream::new(probe.clone());
-    wait_until("JetStream on the cluster", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move {
-            matches!(
-                tokio::time::timeout(Duration::from_millis(500), js.query_account()).await,
-                Ok(Ok(_))
-            )
-        }
-    })
-    .await;
+    wait_for_jetstream(&js).await;
     let stack = Stack::start(cfg.clone()).await;
     let _worker = optiroute_batch::run(client(&cfg, "batch").await, &cfg, stack.shutdown.clone())
         .await

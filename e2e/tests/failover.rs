@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use optiroute_providers::simulated::SimulatedEngine;
 use optiroute_testkit::load::{self, Load, Workload};
+use optiroute_testkit::nats_cluster::wait_for_jetstream;
 use optiroute_testkit::stack::{client, Parts};
 use optiroute_testkit::{
     instances, test_config, wait_until, FakeUpstream, Mode, NatsCluster, Stack,
@@ -98,17 +99,7 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     let deadline = Duration::from_millis(cfg.ingress.request_timeout_ms);
     let probe = client(&cfg, "probe").await;
     let js = jetstream::new(probe.clone());
-    wait_until("JetStream on the cluster", Duration::from_secs(30), || {
-        let js = js.clone();
-        // A request sent before the meta leader is elected gets no answer.
-        async move {
-            matches!(
-                tokio::time::timeout(Duration::from_millis(500), js.query_account()).await,
-                Ok(Ok(_))
-            )
-        }
-    })
-    .await;
+    wait_for_jetstream(&js).await;
 
     // Two ingresses and two routers; one local and one cloud pool; a batch worker.
     let a = Stack::start(cfg.clone()).await;

@@ -151,6 +151,22 @@ impl NatsCluster {
     }
 }
 
+/// Waits until the cluster's JetStream answers (its meta leader is
+/// elected) through `js`. A request sent before that gets no answer at all,
+/// so each probe is bounded.
+pub async fn wait_for_jetstream(js: &async_nats::jetstream::Context) {
+    crate::wait_until("JetStream on the cluster", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            matches!(
+                tokio::time::timeout(Duration::from_millis(500), js.query_account()).await,
+                Ok(Ok(_))
+            )
+        }
+    })
+    .await;
+}
+
 impl Drop for NatsCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
