@@ -202,7 +202,14 @@ async fn page_assets_and_stats() {
         }
         assert!(Instant::now() < deadline, "the breaker never opened");
     }
-    let s = stats(&http, &stack).await;
+    // After a fallback the panel refreshes the NATS part within 250 ms
+    // (not on every poll: while the breaker is open every call falls back).
+    let mut s = stats(&http, &stack).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while s["cloud_pool"]["breaker"] != "open" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s = stats(&http, &stack).await;
+    }
     assert_eq!(s["cloud_pool"]["breaker"], "open", "{s}");
     assert!(
         s["requests"]["fallbacks"]["by_reason"]["circuit_open"]

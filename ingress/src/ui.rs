@@ -45,6 +45,11 @@ const DISCOVERY_WINDOW: Duration = Duration::from_millis(150);
 /// `/stats` reuses the NATS part for this long, so many open pages polling
 /// every few seconds cost NATS one round per second at most.
 const NATS_PART_TTL: Duration = Duration::from_secs(1);
+/// After a fallback (the breaker may have changed) the NATS part is
+/// refreshed sooner, but never more than once per this: while the breaker
+/// is open every cloud request falls back, and polls must not turn into a
+/// NATS round each.
+const NATS_PART_STALE_TTL: Duration = Duration::from_millis(250);
 
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; \
@@ -369,12 +374,18 @@ async fn service_stats(client: &async_nats::Client, service: &str, subject: &str
 async fn nats_part(state: &AppState) -> Value {
     let s = &state.inner;
     let mut cached = s.ui.nats_part.lock().await;
-    let stale = s.ui.nats_part_stale.swap(false, Ordering::Relaxed);
+    let stale = s.ui.nats_part_stale.load(Ordering::Relaxed);
     if let Some((at, v)) = cached.as_ref() {
-        if at.elapsed() < NATS_PART_TTL && !stale {
+        let ttl = if stale {
+            NATS_PART_STALE_TTL
+        } else {
+            NATS_PART_TTL
+        };
+        if at.elapsed() < ttl {
             return v.clone();
         }
     }
+    s.ui.nats_part_stale.store(false, Ordering::Relaxed);
     let connected = is_connected(&s.client);
     let (routers, local, cloud) = if connected {
         tokio::join!(
