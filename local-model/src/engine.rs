@@ -154,7 +154,7 @@ fn run(
     shared: &Shared,
     epoch: Instant,
 ) {
-    let mut sched = model.scheduler(cfg);
+    let mut sched = model.scheduler(cfg.clone());
     let mut dones: HashMap<SeqId, OnDone> = HashMap::new();
     let mut window: VecDeque<(Instant, u64)> = VecDeque::new();
     let take = |msg: Submit, sched: &mut Scheduler<'static>, dones: &mut HashMap<SeqId, OnDone>| {
@@ -179,7 +179,24 @@ fn run(
         while let Ok(msg) = rx.try_recv() {
             take(msg, &mut sched, &mut dones);
         }
-        let finished = sched.step();
+        // A panic in a step (a bug: inputs are checked at submit) ends the
+        // sequences that step held with an error and leaves the engine
+        // serving with a fresh scheduler, rather than stopping the pool
+        // while its endpoint keeps answering with errors.
+        let finished = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sched.step()))
+        {
+            Ok(finished) => finished,
+            Err(_) => {
+                sched = model.scheduler(cfg.clone());
+                for (_, done) in dones.drain() {
+                    done(Err(GenerateError::Model(
+                        "the embedded engine failed while generating (see the log)".into(),
+                    )));
+                }
+                publish(&sched, shared);
+                continue;
+            }
+        };
         let load = sched.load();
         let now = Instant::now();
         window.push_back((now, load.generated_total));

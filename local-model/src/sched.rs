@@ -220,6 +220,12 @@ impl<'a> Scheduler<'a> {
         if prompt.is_empty() {
             return Err(GenerateError::Tokenizer("empty prompt".into()));
         }
+        let vocab = self.forward.weights().cfg.vocab;
+        if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(GenerateError::Tokenizer(format!(
+                "token id {bad} is outside the vocabulary ({vocab} tokens)"
+            )));
+        }
         if prompt.len() >= self.context {
             return Err(GenerateError::PromptTooLong {
                 tokens: prompt.len(),

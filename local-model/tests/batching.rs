@@ -433,3 +433,26 @@ fn sequences_decoded_together_share_the_compute() {
     let in_batch: Duration = done.iter().map(|c| c.first_token + c.decode).sum();
     assert!(in_batch > wall * 2, "in batch {in_batch:?}, wall {wall:?}");
 }
+
+/// A token id outside the vocabulary is refused when submitted (it would
+/// index past the embedding table in a step), and the scheduler goes on.
+#[test]
+fn an_id_outside_the_vocabulary_is_refused_at_submit() {
+    let mut sched = model().scheduler(cfg());
+    let vocab = model().info().vocab_size as u32;
+    let mut bad = ids(QUESTIONS[0]);
+    bad.push(vocab);
+    let e = sched
+        .submit(bad, greedy(8), Box::new(|_| ControlFlow::Continue(())))
+        .unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let ok = sched
+        .submit(
+            ids(QUESTIONS[0]),
+            greedy(8),
+            Box::new(|_| ControlFlow::Continue(())),
+        )
+        .unwrap();
+    let done = run_all(&mut sched, &[ok], Ended::new());
+    assert_eq!(done[0].as_ref().unwrap().completion_tokens, 8, "{done:?}");
+}
