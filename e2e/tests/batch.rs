@@ -295,14 +295,7 @@ async fn a_cancelled_batch_stops_and_accounts_for_every_line() {
 async fn other_systems_can_publish_jobs_directly() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let stack = Stack::start_parts(
-        cfg.clone(),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(cfg.clone(), Parts::WORKERS).await;
     let _w = worker(&cfg, &stack).await;
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
         .await
@@ -368,10 +361,7 @@ fn worker_jobs(w: &optiroute_batch::Running, outcome: &str) -> u64 {
 async fn a_job_on_a_malformed_subject_ends_without_running() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let parts = Parts {
-        ingress: false,
-        ..Parts::ALL
-    };
+    let parts = Parts::WORKERS;
     let stack = Stack::start_parts(cfg.clone(), parts).await;
     let w = worker(&cfg, &stack).await;
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
@@ -398,10 +388,7 @@ async fn a_job_on_a_malformed_subject_ends_without_running() {
 async fn an_oversize_custom_id_ends_with_one_error_result() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let parts = Parts {
-        ingress: false,
-        ..Parts::ALL
-    };
+    let parts = Parts::WORKERS;
     let stack = Stack::start_parts(cfg.clone(), parts).await;
     let _w = worker(&cfg, &stack).await;
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
@@ -434,10 +421,7 @@ async fn an_oversize_custom_id_ends_with_one_error_result() {
 async fn a_redelivered_job_whose_result_exists_is_not_run_again() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let parts = Parts {
-        ingress: false,
-        ..Parts::ALL
-    };
+    let parts = Parts::WORKERS;
     let stack = Stack::start_parts(cfg.clone(), parts).await;
     let w = worker(&cfg, &stack).await;
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
@@ -503,10 +487,7 @@ async fn a_result_that_cannot_be_stored_ends_the_job_after_bounded_tries() {
     })
     .await
     .unwrap();
-    let parts = Parts {
-        ingress: false,
-        ..Parts::ALL
-    };
+    let parts = Parts::WORKERS;
     let stack = Stack::start_parts(cfg.clone(), parts).await;
     let w = worker(&cfg, &stack).await;
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
@@ -539,10 +520,7 @@ async fn a_result_that_cannot_be_stored_ends_the_job_after_bounded_tries() {
 async fn direct_jobs_outside_a_submitted_batchs_lines_are_ended_uncounted() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let parts = Parts {
-        ingress: false,
-        ..Parts::ALL
-    };
+    let parts = Parts::WORKERS;
     let stack = Stack::start_parts(cfg.clone(), parts).await;
     let b = BatchClient::open(client(&cfg, "c").await, &cfg)
         .await
@@ -602,10 +580,7 @@ async fn a_job_slower_than_ack_wait_runs_once() {
     let mut cfg = test_config(&nats.url());
     cfg.local.simulated.base_ms = 1_500;
     cfg.batch.ack_wait_ms = 500;
-    let parts = Parts {
-        ingress: false,
-        ..Parts::ALL
-    };
+    let parts = Parts::WORKERS;
     let stack = Stack::start_parts(cfg.clone(), parts).await;
     let w1 = worker(&cfg, &stack).await;
     let w2 = worker(&cfg, &stack).await;

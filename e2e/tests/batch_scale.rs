@@ -298,14 +298,7 @@ async fn an_invalid_line_with_a_huge_error_message_is_stored_with_the_message_ca
 async fn a_direct_job_with_a_huge_error_message_gets_its_capped_error_stored() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let stack = Stack::start_parts(
-        cfg.clone(),
-        optiroute_testkit::stack::Parts {
-            ingress: false,
-            ..optiroute_testkit::stack::Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(cfg.clone(), optiroute_testkit::stack::Parts::WORKERS).await;
     let w = worker(&cfg, &stack).await;
     // Creates the stream and buckets (the worker does too, in the background).
     BatchClient::open(client(&cfg, "c").await, &cfg)

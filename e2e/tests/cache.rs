@@ -118,14 +118,7 @@ async fn identical_requests_across_two_router_replicas_make_one_provider_call() 
     let up = FakeUpstream::start(Mode::Slow(Duration::from_millis(300))).await;
     let mut cfg = test_config(&nats.url());
     cfg.cloud.upstream.base_url = up.base_url();
-    let stack = Stack::start_parts(
-        cfg.clone(),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(cfg.clone(), Parts::WORKERS).await;
     let second =
         optiroute_router::run(client(&cfg, "router-2").await, &cfg, stack.shutdown.clone())
             .await

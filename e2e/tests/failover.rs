@@ -103,16 +103,7 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
 
     // Two ingresses and two routers; one local and one cloud pool; a batch worker.
     let a = Stack::start(cfg.clone()).await;
-    let b = Stack::start_parts(
-        cfg.clone(),
-        Parts {
-            ingress: true,
-            router: true,
-            local: false,
-            cloud: false,
-        },
-    )
-    .await;
+    let b = Stack::start_parts(cfg.clone(), Parts::FRONT).await;
     let batch = optiroute_batch::run(client(&cfg, "batch").await, &cfg, a.shutdown.clone())
         .await
         .unwrap();
@@ -334,16 +325,7 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     // started now (no memory of them) serves them as hits.
     a.shutdown.cancel();
     b.shutdown.cancel();
-    let c = Stack::start_parts(
-        cfg.clone(),
-        Parts {
-            ingress: true,
-            router: true,
-            local: false,
-            cloud: false,
-        },
-    )
-    .await;
+    let c = Stack::start_parts(cfg.clone(), Parts::FRONT).await;
     let cache = c.router.as_ref().unwrap().cache.clone();
     wait_until("the cache bucket", Duration::from_secs(30), move || {
         let cache = cache.clone();

@@ -66,14 +66,7 @@ async fn bad_http_input_is_a_400_naming_the_field() {
 #[tokio::test]
 async fn garbage_on_nats_gets_an_error_reply_and_workers_keep_serving() {
     let nats = NatsServer::start();
-    let stack = Stack::start_parts(
-        test_config(&nats.url()),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(test_config(&nats.url()), Parts::WORKERS).await;
     let c = client(&stack.cfg, "vandal").await;
     for subject in [
         "optiroute.generate",
@@ -262,14 +255,7 @@ async fn a_reply_that_does_not_come_in_time_is_a_504() {
 #[tokio::test]
 async fn expired_deadline_is_refused_without_work() {
     let nats = NatsServer::start();
-    let stack = Stack::start_parts(
-        test_config(&nats.url()),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(test_config(&nats.url()), Parts::WORKERS).await;
     let c = client(&stack.cfg, "late").await;
     let late = [("Optiroute-Deadline", "1000")];
     let v = json_body(

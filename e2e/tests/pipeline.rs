@@ -95,14 +95,7 @@ async fn caller_request_id_is_carried_and_returned() {
 #[tokio::test]
 async fn direct_nats_publishers_speak_json_and_msgpack() {
     let nats = NatsServer::start();
-    let stack = Stack::start_parts(
-        test_config(&nats.url()),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(test_config(&nats.url()), Parts::WORKERS).await;
     let c = client(&stack.cfg, "publisher").await;
 
     // JSON, as the `nats` CLI or nats-py would send it.
@@ -140,14 +133,7 @@ async fn direct_nats_publishers_speak_json_and_msgpack() {
 async fn two_router_replicas_share_the_work() {
     let nats = NatsServer::start();
     let cfg = test_config(&nats.url());
-    let stack = Stack::start_parts(
-        cfg.clone(),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(cfg.clone(), Parts::WORKERS).await;
     let second =
         optiroute_router::run(client(&cfg, "router-2").await, &cfg, stack.shutdown.clone())
             .await

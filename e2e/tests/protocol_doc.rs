@@ -28,14 +28,7 @@ async fn a_python_client_written_from_the_protocol_document_works() {
     let mut cfg = test_config(&nats.url());
     // Streamed tokens 50 ms apart, so the client can cancel mid-answer.
     cfg.local.simulated.per_token_ms = 50;
-    let stack = Stack::start_parts(
-        cfg.clone(),
-        Parts {
-            ingress: false,
-            ..Parts::ALL
-        },
-    )
-    .await;
+    let stack = Stack::start_parts(cfg.clone(), Parts::WORKERS).await;
     let _worker = optiroute_batch::run(client(&cfg, "batch").await, &cfg, stack.shutdown.clone())
         .await
         .unwrap();

@@ -62,6 +62,18 @@ impl Parts {
         local: true,
         cloud: true,
     };
+    /// Everything but the ingress: for tests that talk NATS directly.
+    pub const WORKERS: Parts = Parts {
+        ingress: false,
+        ..Parts::ALL
+    };
+    /// An ingress and a router only: another replica beside a full stack.
+    pub const FRONT: Parts = Parts {
+        ingress: true,
+        router: true,
+        local: false,
+        cloud: false,
+    };
 }
 
 pub struct Stack {
