@@ -221,6 +221,55 @@ async fn page_assets_and_stats() {
 }
 
 /// Installs Chromium and playwright-core when they are missing.
+/// While the cloud breaker is open every cloud call falls back, and a
+/// fallback makes the panel's NATS part stale. Polls must not each turn into
+/// a `$SRV.STATS` round: at most one per 250 ms.
+#[tokio::test]
+async fn polls_during_an_outage_do_not_each_ask_nats() {
+    use futures::StreamExt;
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Status(500)).await;
+    let mut cfg = test_config(&nats.url());
+    cfg.cloud.upstream.base_url = up.base_url();
+    let stack = Stack::start(cfg).await;
+    let http = reqwest::Client::new();
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    // Each refresh of the NATS part asks the routers' stats once.
+    let mut rounds = nc.subscribe("$SRV.STATS.optiroute-router").await.unwrap();
+    nc.flush().await.unwrap();
+    let fail =
+        |i: usize| json!({"prompt": format!("outage {i}"), "provider": "cloud", "cache": "off"});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for i in 0.. {
+        if ask(&http, &stack, fail(i)).await["fallback_reason"] == "circuit_open" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the breaker never opened");
+    }
+    let _ = stats(&http, &stack).await;
+    let started = Instant::now();
+    let polls = 20;
+    for i in 0..polls {
+        let a = ask(&http, &stack, fail(1000 + i)).await;
+        assert_eq!(a["fallback_reason"], "circuit_open", "{a}");
+        let _ = stats(&http, &stack).await;
+    }
+    let elapsed = started.elapsed();
+    // Everything the ingress published before its last answer has reached
+    // this connection once a round trip of its own comes back.
+    nc.request("$SRV.PING", "".into()).await.unwrap();
+    let mut n = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), rounds.next()).await {
+        n += 1;
+    }
+    // The first refresh before the loop, then at most one per 250 ms.
+    let most = 2 + (elapsed.as_millis() / 250) as usize;
+    assert!(
+        n <= most && n < polls,
+        "{n} NATS rounds for {polls} polls in {elapsed:?} (at most {most})"
+    );
+}
+
 async fn ensure_browser_deps() {
     let root = root();
     let have = Path::new("/usr/bin/chromium").exists()
