@@ -585,6 +585,7 @@ fn unfinished(line: u64, cancelled: bool) -> BatchResult {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
             param: None,
+            retry_after_secs: None,
         };
         (ResultStatus::Cancelled, Some(error))
     } else {

@@ -442,6 +442,7 @@ async fn handle(ctx: &Ctx, msg: &Message) {
             code: ErrorKind::Cancelled,
             message: "the batch was cancelled".into(),
             param: None,
+            retry_after_secs: None,
         };
         finish(
             ctx,
@@ -573,6 +574,7 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
                 ctx.store_attempts
             ),
             param: None,
+            retry_after_secs: None,
         }),
         custom_id: result.custom_id.filter(|c| c.len() <= MAX_CUSTOM_ID_BYTES),
         ..result

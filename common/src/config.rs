@@ -9,10 +9,12 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+mod auth;
 mod batch;
 mod roles;
 mod routing;
 
+pub use auth::{is_loopback_listen, AuthConfig, AuthMode};
 pub use batch::BatchConfig;
 pub use roles::{
     BreakerConfig, CloudConfig, EmbeddedConfig, LocalConfig, LocalEngineKind, ModelPrice,
@@ -31,6 +33,7 @@ pub struct Config {
     pub local: LocalConfig,
     pub cloud: CloudConfig,
     pub batch: BatchConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -201,6 +204,20 @@ pub struct CacheConfig {
     pub local_ttl_ms: u64,
     /// Most answers a router keeps in memory.
     pub local_max_entries: usize,
+    /// Whose cached answers a request may be served: its team's (the
+    /// default), only its own key's, or everyone's (`global`). Anonymous
+    /// requests (auth off) share one scope.
+    pub scope: CacheScope,
+}
+
+/// `cache.scope`: the tenant boundary of the answer cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheScope {
+    Global,
+    #[default]
+    Team,
+    Key,
 }
 
 impl Default for CacheConfig {
@@ -215,6 +232,7 @@ impl Default for CacheConfig {
             max_waiters_per_key: 256,
             local_ttl_ms: 5_000,
             local_max_entries: 10_000,
+            scope: CacheScope::Team,
         }
     }
 }
@@ -357,6 +375,12 @@ impl Config {
                 *slot = name;
             }
         }
+        if cfg.auth.admin_key.is_none() {
+            cfg.auth.admin_key = env
+                .iter()
+                .find(|(k, v)| k == "OPTIROUTE_ADMIN_KEY" && !v.is_empty())
+                .map(|(_, v)| v.clone());
+        }
         // Credentials the original OptiRoute users already have.
         if cfg.cloud.upstream.api_key.is_none() {
             cfg.cloud.upstream.api_key = env
@@ -373,6 +397,26 @@ impl Config {
     fn validate(&self) -> Result<(), Error> {
         let bad =
             |key: &str, why: &str| Err(Error::bad_request(format!("config key `{key}`: {why}")));
+        if self.auth.mode == AuthMode::Off
+            && !self.auth.allow_anonymous_public
+            && !is_loopback_listen(&self.ingress.listen)
+        {
+            return Err(Error::bad_request(format!(
+                "config key `auth.mode`: \"off\" lets anyone who reaches {} spend money; \
+                 set auth.mode = \"required\" (and create keys), listen on 127.0.0.1, \
+                 or set auth.allow_anonymous_public = true to accept that",
+                self.ingress.listen
+            )));
+        }
+        if self.auth.admin_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return bad("auth.admin_key", "must be at least 16 characters");
+        }
+        if self.auth.lease_ttl_ms < 1_000 || self.auth.lease_ttl_ms > 300_000 {
+            return bad("auth.lease_ttl_ms", "must be 1000 to 300000");
+        }
+        if self.auth.budget_wait_ms > 60_000 {
+            return bad("auth.budget_wait_ms", "must be at most 60000");
+        }
         if self.nats.prefix.is_empty()
             || self
                 .nats

@@ -37,10 +37,16 @@ pub enum ErrorKind {
     Cancelled,
     /// A bug or an unexpected state; details are logged, not returned.
     Internal,
+    /// No API key, or one that is unknown or revoked.
+    InvalidApiKey,
+    /// The key may not use what the request asks for (a pool, a model).
+    PermissionDenied,
+    /// A budget (of the key, its team or the end user) has no room for the request.
+    BudgetExceeded,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 18] = [
         ErrorKind::BadRequest,
         ErrorKind::NotFound,
         ErrorKind::NoResponders,
@@ -56,6 +62,9 @@ impl ErrorKind {
         ErrorKind::StreamInterrupted,
         ErrorKind::Cancelled,
         ErrorKind::Internal,
+        ErrorKind::InvalidApiKey,
+        ErrorKind::PermissionDenied,
+        ErrorKind::BudgetExceeded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +84,9 @@ impl ErrorKind {
             ErrorKind::StreamInterrupted => "stream_interrupted",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Internal => "internal",
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
         }
     }
 
@@ -87,7 +99,9 @@ impl ErrorKind {
         match self {
             ErrorKind::BadRequest | ErrorKind::UpstreamClientError => 400,
             ErrorKind::NotFound => 404,
-            ErrorKind::RateLimited => 429,
+            ErrorKind::InvalidApiKey => 401,
+            ErrorKind::PermissionDenied => 403,
+            ErrorKind::RateLimited | ErrorKind::BudgetExceeded => 429,
             ErrorKind::Internal => 500,
             ErrorKind::UpstreamError
             | ErrorKind::AllProvidersFailed
@@ -114,6 +128,9 @@ impl ErrorKind {
                 | ErrorKind::UpstreamClientError
                 | ErrorKind::StreamInterrupted
                 | ErrorKind::Cancelled
+                | ErrorKind::InvalidApiKey
+                | ErrorKind::PermissionDenied
+                | ErrorKind::BudgetExceeded
         )
     }
 }
@@ -133,6 +150,9 @@ pub struct Error {
     /// The request field at fault, when there is one (OpenAI's `param`):
     /// `max_tokens`, `messages[0].role`...
     pub param: Option<String>,
+    /// When to come back, in seconds (a rate limit or a budget period
+    /// that resets): HTTP `Retry-After`.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl Error {
@@ -141,6 +161,7 @@ impl Error {
             kind,
             message: message.into(),
             param: None,
+            retry_after_secs: None,
         }
     }
 
@@ -158,6 +179,11 @@ impl Error {
         self
     }
 
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Internal, message)
     }
@@ -171,6 +197,8 @@ pub struct ErrorBody {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 impl From<&Error> for ErrorBody {
@@ -179,6 +207,7 @@ impl From<&Error> for ErrorBody {
             code: e.kind,
             message: e.message.clone(),
             param: e.param.clone(),
+            retry_after_secs: e.retry_after_secs,
         }
     }
 }
@@ -189,6 +218,7 @@ impl From<ErrorBody> for Error {
             kind: b.code,
             message: b.message,
             param: b.param,
+            retry_after_secs: b.retry_after_secs,
         }
     }
 }

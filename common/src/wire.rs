@@ -105,6 +105,30 @@ pub struct GenerateRequest {
     pub cache: CacheMode,
     /// Shifts the routing threshold: -1 prefers cheaper, +1 prefers better.
     pub route_bias: Option<f32>,
+    /// The end user the caller serves (OpenAI's `user`): spend is counted
+    /// per end user under the key, and capped by the key's
+    /// `end_user_budget_usd`.
+    pub user: Option<String>,
+    /// Narrows the cache scope: answers are shared only between requests
+    /// of the same scope that give the same namespace.
+    pub cache_namespace: Option<String>,
+}
+
+/// The longest `user` accepted, in bytes.
+pub const MAX_USER_BYTES: usize = 256;
+/// The longest `cache_namespace` accepted, in bytes.
+pub const MAX_NAMESPACE_BYTES: usize = 128;
+
+/// Checks a caller-chosen label (`user`, `cache_namespace`): 1 to `max`
+/// bytes of printable text.
+pub fn validate_label(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.is_empty() || value.len() > max || value.chars().any(char::is_control) {
+        return Err(Error::bad_param(
+            field,
+            format!("{field} must be 1 to {max} bytes of printable text"),
+        ));
+    }
+    Ok(())
 }
 
 /// The flat layout, written with a known length: every request the ingress
@@ -117,7 +141,9 @@ impl Serialize for GenerateRequest {
         let len = self.params.field_count()
             + 1
             + usize::from(cache)
-            + usize::from(self.route_bias.is_some());
+            + usize::from(self.route_bias.is_some())
+            + usize::from(self.user.is_some())
+            + usize::from(self.cache_namespace.is_some());
         let mut s = serializer.serialize_struct("GenerateRequest", len)?;
         self.params.serialize_fields(&mut s)?;
         s.serialize_field("provider", &self.provider)?;
@@ -126,6 +152,12 @@ impl Serialize for GenerateRequest {
         }
         if let Some(v) = &self.route_bias {
             s.serialize_field("route_bias", v)?;
+        }
+        if let Some(v) = &self.user {
+            s.serialize_field("user", v)?;
+        }
+        if let Some(v) = &self.cache_namespace {
+            s.serialize_field("cache_namespace", v)?;
         }
         s.end()
     }
@@ -162,6 +194,14 @@ impl<'de> Deserialize<'de> for GenerateRequest {
                             seen.mark(FIRST_HOLDER_FIELD + 2, "route_bias")?;
                             r.route_bias = map.next_value()?;
                         }
+                        "user" => {
+                            seen.mark(FIRST_HOLDER_FIELD + 3, "user")?;
+                            r.user = map.next_value()?;
+                        }
+                        "cache_namespace" => {
+                            seen.mark(FIRST_HOLDER_FIELD + 4, "cache_namespace")?;
+                            r.cache_namespace = map.next_value()?;
+                        }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
@@ -181,6 +221,8 @@ impl GenerateRequest {
             provider: ProviderChoice::Auto,
             cache: CacheMode::On,
             route_bias: None,
+            user: None,
+            cache_namespace: None,
         }
     }
 
@@ -199,6 +241,12 @@ impl GenerateRequest {
                     format!("route_bias must be between -1 and 1, got {b}"),
                 ));
             }
+        }
+        if let Some(u) = &self.user {
+            validate_label("user", u, MAX_USER_BYTES)?;
+        }
+        if let Some(n) = &self.cache_namespace {
+            validate_label("cache_namespace", n, MAX_NAMESPACE_BYTES)?;
         }
         Ok(())
     }

@@ -86,6 +86,8 @@ prop_compose! {
             provider,
             cache,
             route_bias,
+            user: None,
+            cache_namespace: None,
         }
     }
 }
@@ -206,7 +208,7 @@ proptest! {
         message in text(),
     ) {
         round_trips(&StreamChunk { index, delta })?;
-        round_trips(&ErrorBody { code, message, param: None })?;
+        round_trips(&ErrorBody { code, message, param: None, retry_after_secs: None })?;
     }
 
     #[test]

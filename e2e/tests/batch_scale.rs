@@ -352,6 +352,7 @@ fn failed_result(line: u64) -> optiroute_batch::BatchResult {
             code: optiroute_common::ErrorKind::Internal,
             message: "failed".into(),
             param: None,
+            retry_after_secs: None,
         }),
         attempts: 1,
     }

@@ -26,7 +26,12 @@ impl ApiError {
 
 fn error_type(kind: ErrorKind) -> &'static str {
     match kind {
-        ErrorKind::BadRequest | ErrorKind::UpstreamClientError => "invalid_request_error",
+        ErrorKind::BadRequest | ErrorKind::UpstreamClientError | ErrorKind::InvalidApiKey => {
+            "invalid_request_error"
+        }
+        ErrorKind::PermissionDenied => "permission_error",
+        // OpenAI's type for a spent quota, which its clients know.
+        ErrorKind::BudgetExceeded => "insufficient_quota",
         ErrorKind::RateLimited => "rate_limit_error",
         ErrorKind::Timeout => "timeout_error",
         ErrorKind::Internal => "server_error",
@@ -57,9 +62,18 @@ impl IntoResponse for ApiError {
         });
         let mut resp = (status, Json(body)).into_response();
         // At capacity now, likely not in a moment: say when to come back.
-        if kind == ErrorKind::Overloaded {
+        let retry_after = match (self.error.retry_after_secs, kind) {
+            (Some(secs), _) => Some(secs),
+            (None, ErrorKind::Overloaded | ErrorKind::RateLimited) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             resp.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("1"));
+                .insert("retry-after", HeaderValue::from(secs.max(1)));
+        }
+        if kind == ErrorKind::InvalidApiKey {
+            resp.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         }
         if let Some(id) = self
             .request_id

@@ -9,6 +9,9 @@ pub const DEADLINE: &str = "Optiroute-Deadline";
 /// requester publishes anything on [`super::Subjects::cancel`]`(inbox)` to
 /// stop generation.
 pub const STREAM_INBOX: &str = "Optiroute-Stream-Inbox";
+/// The caller's API key on a generate request or batch job (the HTTP
+/// ingress copies `Authorization: Bearer <key>` here). Routers check it.
+pub const API_KEY: &str = "Optiroute-Api-Key";
 /// `application/json` selects JSON bodies; anything else is MessagePack.
 pub const CONTENT_TYPE: &str = "Content-Type";
 pub const JSON_CONTENT_TYPE: &str = "application/json";

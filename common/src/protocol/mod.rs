@@ -37,6 +37,13 @@ pub struct JetStreamNames {
     /// `batch.consumer`: the durable consumer every batch worker shares
     /// (`<prefix>-batch-workers`).
     pub batch_consumer: String,
+    /// API keys and teams, a KV bucket (`<prefix>-accounts`).
+    pub accounts_bucket: String,
+    /// Budget and rate-limit counters with their leases (`<prefix>-ledger`).
+    pub ledger_bucket: String,
+    /// One record per served request (`<PREFIX>_SPEND`), on subjects
+    /// `<prefix>.spend.<key id>`.
+    pub spend_stream: String,
 }
 
 impl JetStreamNames {
@@ -48,6 +55,9 @@ impl JetStreamNames {
             batch_meta_bucket: format!("{token}-batches"),
             batch_results_bucket: format!("{token}-batch-results"),
             batch_consumer: format!("{token}-batch-workers"),
+            accounts_bucket: format!("{token}-accounts"),
+            ledger_bucket: format!("{token}-ledger"),
+            spend_stream: format!("{}_SPEND", token.to_ascii_uppercase()),
         }
     }
 }

@@ -100,6 +100,17 @@ impl Subjects {
         self.batch_job("*")
     }
 
+    /// The subject of a key's spend records (`id` is one token;
+    /// `anonymous` when auth is off).
+    pub fn spend(&self, key_id: &str) -> String {
+        format!("{}.spend.{key_id}", self.prefix)
+    }
+
+    /// Every spend record: the spend stream's subject.
+    pub fn spend_all(&self) -> String {
+        self.spend("*")
+    }
+
     /// Where a streaming requester publishes (anything) to stop the
     /// generation that streams to `inbox`.
     pub fn cancel(inbox: &str) -> String {

@@ -1,0 +1,252 @@
+//! One record per served request on the spend stream (`<PREFIX>_SPEND`,
+//! subjects `<prefix>.spend.<key id>`), and the totals read back from it:
+//! `/v1/usage`, `/admin/spend` and `optiroute spend export` all derive
+//! from these records, so every view adds up to the same spend.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use optiroute_common::protocol::headers::NATS_MSG_ID;
+use optiroute_common::wire::Pool;
+use optiroute_common::{Error, ErrorKind};
+
+use crate::model::{rfc3339, Nanos};
+
+/// The key id of anonymous requests (auth off).
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Most records being published (waiting for their acks) at once; one
+/// more waits for a slot, so a slow stream slows replies instead of
+/// growing a queue.
+const MAX_IN_FLIGHT: usize = 1024;
+
+/// One served request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpendRecord {
+    /// Unix ms when the reply was made.
+    pub ts_ms: u64,
+    pub request_id: String,
+    pub key_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The pool that answered.
+    pub pool: Pool,
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    /// What this request was charged, exactly as in its reply's `cost`.
+    pub cost_usd: f64,
+    /// The same in nano-dollars: the unit budgets are counted in.
+    pub cost_nanos: Nanos,
+    pub cached: bool,
+}
+
+/// Publishes records. Each is published once with a fresh message id
+/// (retries reuse it, so JetStream's deduplication counts it once).
+#[derive(Clone)]
+pub struct SpendLog {
+    js: jetstream::Context,
+    subjects: optiroute_common::protocol::Subjects,
+    slots: Arc<Semaphore>,
+}
+
+/// Creates the spend stream if it is missing.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+    replicas: usize,
+    retention_days: u64,
+) -> Result<stream::Stream, Error> {
+    let config = stream::Config {
+        name: name.to_string(),
+        description: Some("OptiRoute spend: one record per served request".into()),
+        subjects: vec![subject.to_string()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_age: Duration::from_secs(retention_days.max(1) * 86_400),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let s = tokio::time::timeout(Duration::from_secs(10), js.get_or_create_stream(config))
+        .await
+        .map_err(|_| Error::new(ErrorKind::Timeout, "spend stream: no answer within 10 s"))?
+        .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("spend stream: {e}")))?;
+    Ok(s)
+}
+
+impl SpendLog {
+    pub fn new(js: jetstream::Context, prefix: &str) -> Self {
+        SpendLog {
+            js,
+            subjects: optiroute_common::protocol::Subjects::new(prefix),
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+
+    /// Publishes `rec` in the background (its ack awaited there, retried
+    /// a few times over ~10 s); waits only when `MAX_IN_FLIGHT` records
+    /// are already on their way.
+    pub async fn record(&self, rec: SpendRecord) {
+        let Ok(slot) = self.slots.clone().acquire_owned().await else {
+            return;
+        };
+        let body = match serde_json::to_vec(&rec) {
+            Ok(b) => bytes::Bytes::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "spend record not encodable");
+                return;
+            }
+        };
+        let subject = self.subjects.spend(&rec.key_id);
+        let js = self.js.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut headers = HeaderMap::new();
+            headers.insert(NATS_MSG_ID, nuid::next().as_str());
+            let mut delay = Duration::from_millis(50);
+            for attempt in 1..=8 {
+                let sent = js
+                    .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+                    .await;
+                let acked = match sent {
+                    Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
+                        .await
+                        .map_err(|_| "no ack within 5 s".to_string())
+                        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+                    Err(e) => Err(e.to_string()),
+                };
+                match acked {
+                    Ok(()) => return,
+                    Err(e) if attempt == 8 => {
+                        tracing::error!(request_id = %rec.request_id, key_id = %rec.key_id, cost_usd = rec.cost_usd, error = %e, "spend record lost after 8 attempts");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, attempt, "spend record not stored yet; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Totals of a group of records.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Totals {
+    pub requests: u64,
+    pub cached: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nanos: Nanos,
+    pub cost_usd: f64,
+    /// Requests, tokens and cost by the pool that answered.
+    pub by_pool: BTreeMap<String, PoolTotals>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PoolTotals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_nanos: Nanos,
+    pub cost_usd: f64,
+}
+
+impl Totals {
+    pub fn add(&mut self, r: &SpendRecord) {
+        self.requests += 1;
+        self.cached += u64::from(r.cached);
+        self.prompt_tokens += u64::from(r.prompt_tokens);
+        self.completion_tokens += u64::from(r.completion_tokens);
+        self.cost_nanos += r.cost_nanos;
+        self.cost_usd = crate::model::to_usd(self.cost_nanos);
+        let p = self.by_pool.entry(r.pool.as_str().to_string()).or_default();
+        p.requests += 1;
+        p.prompt_tokens += u64::from(r.prompt_tokens);
+        p.completion_tokens += u64::from(r.completion_tokens);
+        p.cost_nanos += r.cost_nanos;
+        p.cost_usd = crate::model::to_usd(p.cost_nanos);
+    }
+}
+
+/// Reads the records on `filter` (a key's subject, or every key's)
+/// stored at or after `since_ms`, up to the stream's end when the read
+/// began, calling `each` for every one. Gives up after `limit`.
+pub async fn scan(
+    js: &jetstream::Context,
+    stream_name: &str,
+    filter: &str,
+    since_ms: u64,
+    limit: Duration,
+    mut each: impl FnMut(SpendRecord),
+) -> Result<(), Error> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        Error::new(ErrorKind::NatsUnavailable, format!("spend stream: {e}"))
+    };
+    let work = async {
+        let mut stream = js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| unavailable(&e))?
+            .state
+            .last_sequence;
+        if last == 0 {
+            return Ok(());
+        }
+        let deliver_policy = if since_ms == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            let start_time = async_nats::datetime::parse_rfc3339(&rfc3339(since_ms))
+                .map_err(|e| Error::internal(format!("start time: {e}")))?;
+            consumer::DeliverPolicy::ByStartTime { start_time }
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(());
+        }
+        let mut messages = consumer.messages().await.map_err(|e| unavailable(&e))?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| unavailable(&e))?;
+            let info = m.info().map_err(|e| unavailable(&e))?;
+            match serde_json::from_slice::<SpendRecord>(&m.payload) {
+                Ok(r) => each(r),
+                Err(e) => {
+                    tracing::warn!(seq = info.stream_sequence, error = %e, "unreadable spend record skipped")
+                }
+            }
+            if info.stream_sequence >= last || info.pending == 0 {
+                break;
+            }
+        }
+        Ok::<(), Error>(())
+    };
+    tokio::time::timeout(limit, work).await.map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("reading spend records took longer than {limit:?}"),
+        )
+    })?
+}
