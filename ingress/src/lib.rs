@@ -25,7 +25,8 @@ use axum::{Json, Router};
 use optiroute_common::config::Config;
 use optiroute_common::http::ServeLimits;
 use optiroute_common::nats::{self, is_connected, new_request_id, RequestMeta};
-use optiroute_common::protocol::{headers, models, Discovery, Subjects};
+use optiroute_common::config::AuthMode;
+use optiroute_common::protocol::{headers, models, Discovery, JetStreamNames, Subjects};
 use optiroute_common::wire::{self, CacheMode, Format, GenerateRequest, GenerateResponse};
 use optiroute_common::{admin, Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -55,12 +56,30 @@ struct Inner {
     batches: tokio::sync::OnceCell<optiroute_batch::BatchClient>,
     config: Config,
     limits: limits::Limits,
+    /// The keys, when `auth.mode = "required"`: a request without a live
+    /// key is refused here (401) before it reaches NATS; the router checks
+    /// again, as it does for every other entry point.
+    directory: Option<Arc<optiroute_accounts::Directory>>,
 }
 
 impl AppState {
-    pub fn new(client: Client, cfg: &Config, metrics: IngressMetrics) -> Self {
+    pub fn new(
+        client: Client,
+        cfg: &Config,
+        metrics: IngressMetrics,
+        shutdown: &CancellationToken,
+    ) -> Self {
+        let directory = (cfg.auth.mode == AuthMode::Required).then(|| {
+            optiroute_accounts::Directory::spawn(
+                async_nats::jetstream::new(client.clone()),
+                JetStreamNames::for_prefix(&cfg.nats.prefix).accounts_bucket,
+                cfg.nats.replicas,
+                shutdown.clone(),
+            )
+        });
         AppState {
             inner: Arc::new(Inner {
+                directory,
                 client,
                 subjects: Subjects::new(&cfg.nats.prefix),
                 metrics,
@@ -152,6 +171,42 @@ fn request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(new_request_id)
 }
 
+/// The bearer token of `Authorization: Bearer <token>`, if any.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The caller's key to send on with the request: with auth required, a
+/// live key or 401 here; with auth off, none (anonymous).
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(dir) = &state.inner.directory else {
+        return Ok(None);
+    };
+    let key = bearer(headers);
+    dir.authenticate(key)?;
+    Ok(key.map(str::to_string))
+}
+
+/// `x-optiroute-cache-namespace`, checked.
+pub(crate) fn namespace_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(v) = headers.get(headers::HTTP_CACHE_NAMESPACE) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        Error::bad_param(
+            headers::HTTP_CACHE_NAMESPACE,
+            "x-optiroute-cache-namespace must be printable ASCII",
+        )
+    })?;
+    wire::validate_label("cache_namespace", v, wire::MAX_NAMESPACE_BYTES)?;
+    Ok(Some(v.to_string()))
+}
+
 /// `Cache-Control: no-cache` skips the read (and refreshes the entry);
 /// `no-store` skips the write; both skip the cache.
 fn cache_mode_from_headers(headers: &HeaderMap, mode: CacheMode) -> CacheMode {
@@ -177,6 +232,7 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = request_id(&headers);
+    let api_key = authorize(&state, &headers).map_err(|e| ApiError::new(e, Some(&id)))?;
     let body = body.map_err(|rej| ApiError {
         error: Error::bad_request(format!("cannot read the body: {}", rej.body_text())),
         request_id: Some(id.clone()),
@@ -185,10 +241,14 @@ async fn generate(
     let s = &state.inner;
     let mut req: GenerateRequest =
         wire::decode(Format::Json, &body).map_err(|e| ApiError::new(e, Some(&id)))?;
+    if let Some(ns) = namespace_from_headers(&headers).map_err(|e| ApiError::new(e, Some(&id)))? {
+        req.cache_namespace = Some(ns);
+    }
     req.validate(s.max_prompt_bytes)
         .map_err(|e| ApiError::new(e, Some(&id)))?;
     req.cache = cache_mode_from_headers(&headers, req.cache);
-    let meta = RequestMeta::new(id.clone(), s.request_timeout);
+    let mut meta = RequestMeta::new(id.clone(), s.request_timeout);
+    meta.api_key = api_key;
     let answer = relay(&state, &meta, &req)
         .await
         .map_err(|e| ApiError::new(e, Some(&id)))?;
@@ -312,7 +372,7 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal(format!("ingress address: {e}")))?;
-    let state = AppState::new(client, cfg, metrics.clone());
+    let state = AppState::new(client, cfg, metrics.clone(), &shutdown);
     let admin = admin::bind(&cfg.ingress.admin_listen, "ingress admin (metrics, health)").await?;
     let admin_addr = admin
         .local_addr()

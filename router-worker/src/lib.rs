@@ -3,6 +3,7 @@
 //! prompt to the local or cloud pool and falls back to the other pool when
 //! the chosen one fails.
 
+pub mod access;
 pub mod cache;
 pub mod coalesce;
 pub mod eval;
