@@ -171,7 +171,10 @@ pub struct Ledger {
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorKind::NatsUnavailable, format!("budget ledger: {what}: {e}"))
+    Error::new(
+        ErrorKind::NatsUnavailable,
+        format!("budget ledger: {what}: {e}"),
+    )
 }
 
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
@@ -240,7 +243,10 @@ impl Ledger {
             let changed = slot.changed.notified();
             match inner.take(&slot, need).await? {
                 Take::Taken => continue,
-                Take::Short { exhausted, retry_after_ms } => {
+                Take::Short {
+                    exhausted,
+                    retry_after_ms,
+                } => {
                     let now = Instant::now();
                     if exhausted || now >= give_up {
                         let retry_after_secs = match (limit, window_end_ms) {
@@ -305,7 +311,10 @@ impl Drop for Hold {
 
 enum Take {
     Taken,
-    Short { exhausted: bool, retry_after_ms: u64 },
+    Short {
+        exhausted: bool,
+        retry_after_ms: u64,
+    },
 }
 
 impl LedgerInner {
@@ -386,7 +395,9 @@ impl LedgerInner {
         };
         match r {
             Ok(()) => Ok(true),
-            Err(e) if e.contains("wrong last sequence") || e.contains("already exists") => Ok(false),
+            Err(e) if e.contains("wrong last sequence") || e.contains("already exists") => {
+                Ok(false)
+            }
             Err(e) => Err(unavailable("write", e)),
         }
     }
@@ -410,13 +421,13 @@ impl LedgerInner {
             match limit {
                 Limit::Budget { .. } => {
                     let mut e: BudgetEntry = match &value {
-                        Some(v) => serde_json::from_slice(v)
-                            .map_err(|err| Error::internal(format!("ledger entry {}: {err}", slot.key)))?,
+                        Some(v) => serde_json::from_slice(v).map_err(|err| {
+                            Error::internal(format!("ledger entry {}: {err}", slot.key))
+                        })?,
                         None => BudgetEntry::default(),
                     };
                     // Leases of holders that stopped renewing come back.
-                    e.leases
-                        .retain(|h, l| h == &self.holder || l.exp_ms > now);
+                    e.leases.retain(|h, l| h == &self.holder || l.exp_ms > now);
                     let mine = e.leases.get(&self.holder).map_or(0, |l| l.amount);
                     let others: u64 = e
                         .leases
@@ -456,7 +467,10 @@ impl LedgerInner {
                     if !ok && settled == 0 && mine == lease {
                         // Nothing to write: the answer is no.
                         let exhausted = e.used + need > cap;
-                        return Ok(Take::Short { exhausted, retry_after_ms: 0 });
+                        return Ok(Take::Short {
+                            exhausted,
+                            retry_after_ms: 0,
+                        });
                     }
                     let body = serde_json::to_vec(&e)
                         .map_err(|err| Error::internal(format!("ledger entry: {err}")))?;
@@ -473,13 +487,17 @@ impl LedgerInner {
                         return Ok(Take::Taken);
                     }
                     let exhausted = e.used + need > cap;
-                    return Ok(Take::Short { exhausted, retry_after_ms: 0 });
+                    return Ok(Take::Short {
+                        exhausted,
+                        retry_after_ms: 0,
+                    });
                 }
                 Limit::Rate { .. } => {
                     let fresh = value.is_none();
                     let e: RateEntry = match &value {
-                        Some(v) => serde_json::from_slice(v)
-                            .map_err(|err| Error::internal(format!("ledger entry {}: {err}", slot.key)))?,
+                        Some(v) => serde_json::from_slice(v).map_err(|err| {
+                            Error::internal(format!("ledger entry {}: {err}", slot.key))
+                        })?,
                         None => RateEntry::default(),
                     };
                     let avail = e.available(cap, now, fresh);
@@ -487,7 +505,8 @@ impl LedgerInner {
                     if want > avail {
                         let missing = want - avail;
                         let per_ms = (u128::from(cap) * MICRO).div_ceil(MINUTE_MS).max(1);
-                        let retry_after_ms = u64::try_from(missing.div_ceil(per_ms)).unwrap_or(u64::MAX);
+                        let retry_after_ms =
+                            u64::try_from(missing.div_ceil(per_ms)).unwrap_or(u64::MAX);
                         return Ok(Take::Short {
                             exhausted: true,
                             retry_after_ms,
@@ -552,8 +571,9 @@ impl LedgerInner {
             let body = match limit {
                 Limit::Budget { .. } => {
                     let mut e: BudgetEntry = match &value {
-                        Some(v) => serde_json::from_slice(v)
-                            .map_err(|err| Error::internal(format!("ledger entry {}: {err}", slot.key)))?,
+                        Some(v) => serde_json::from_slice(v).map_err(|err| {
+                            Error::internal(format!("ledger entry {}: {err}", slot.key))
+                        })?,
                         None => BudgetEntry::default(),
                     };
                     e.leases.retain(|h, l| h != &self.holder && l.exp_ms > now);
@@ -563,8 +583,9 @@ impl LedgerInner {
                 Limit::Rate { capacity } => {
                     let fresh = value.is_none();
                     let e: RateEntry = match &value {
-                        Some(v) => serde_json::from_slice(v)
-                            .map_err(|err| Error::internal(format!("ledger entry {}: {err}", slot.key)))?,
+                        Some(v) => serde_json::from_slice(v).map_err(|err| {
+                            Error::internal(format!("ledger entry {}: {err}", slot.key))
+                        })?,
                         None => RateEntry::default(),
                     };
                     let avail = e.available(capacity, now, fresh) + u128::from(lease) * MICRO;

@@ -245,8 +245,7 @@ impl RequestMeta {
             None => None,
         };
         let api_key = get(crate::protocol::headers::API_KEY);
-        let team = get(crate::protocol::headers::TEAM)
-            .filter(|t| !t.is_empty() && t.len() <= 64);
+        let team = get(crate::protocol::headers::TEAM).filter(|t| !t.is_empty() && t.len() <= 64);
         Ok(RequestMeta {
             request_id,
             deadline,

@@ -58,7 +58,11 @@ async fn a_shared_budget_is_never_overspent_and_is_nearly_all_used() {
         let spent = spent.clone();
         tasks.push(tokio::spawn(async move {
             let give_up = Instant::now() + Duration::from_secs(10);
-            match l.reserve("budget.k.total", limit, 30, None, give_up).await.unwrap() {
+            match l
+                .reserve("budget.k.total", limit, 30, None, give_up)
+                .await
+                .unwrap()
+            {
                 Ok(hold) => {
                     // The provider call.
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -101,13 +105,27 @@ async fn a_dead_holders_lease_comes_back_after_its_ttl_and_nothing_is_counted_tw
     let limit = Limit::Budget { capacity: 100 };
     let far = || Instant::now() + Duration::from_secs(30);
     // A settles 40 (flushed), then reserves 60 and "dies" holding it.
-    let h = a.reserve("budget.d.total", limit, 40, None, far()).await.unwrap().unwrap();
+    let h = a
+        .reserve("budget.d.total", limit, 40, None, far())
+        .await
+        .unwrap()
+        .unwrap();
     a.settle(h, 40);
-    let held = a.reserve("budget.d.total", limit, 60, None, far()).await.unwrap().unwrap();
+    let held = a
+        .reserve("budget.d.total", limit, 60, None, far())
+        .await
+        .unwrap()
+        .unwrap();
     std::mem::forget(held);
     // B cannot have it while the lease lives...
     let refused = b
-        .reserve("budget.d.total", limit, 60, None, Instant::now() + Duration::from_millis(500))
+        .reserve(
+            "budget.d.total",
+            limit,
+            60,
+            None,
+            Instant::now() + Duration::from_millis(500),
+        )
         .await
         .unwrap();
     assert!(refused.is_err(), "the lease is still held");
@@ -115,7 +133,11 @@ async fn a_dead_holders_lease_comes_back_after_its_ttl_and_nothing_is_counted_tw
     // stopped without giving back, like a killed process).
     dying.cancel();
     let started = Instant::now();
-    let h = b.reserve("budget.d.total", limit, 60, None, far()).await.unwrap().unwrap();
+    let h = b
+        .reserve("budget.d.total", limit, 60, None, far())
+        .await
+        .unwrap()
+        .unwrap();
     b.settle(h, 60);
     assert!(started.elapsed() < Duration::from_secs(10));
     optiroute_testkit::wait_until("flushed", Duration::from_secs(5), || {
@@ -124,7 +146,10 @@ async fn a_dead_holders_lease_comes_back_after_its_ttl_and_nothing_is_counted_tw
     })
     .await;
     // Spent in full: refused at once, as exhausted.
-    let r = b.reserve("budget.d.total", limit, 1, None, far()).await.unwrap();
+    let r = b
+        .reserve("budget.d.total", limit, 1, None, far())
+        .await
+        .unwrap();
     assert!(r.as_ref().is_err_and(|r| r.exhausted), "{:?}", r.err());
     shutdown.cancel();
 }
@@ -139,7 +164,11 @@ async fn a_rate_limit_admits_its_capacity_across_holders_then_refills() {
     for i in 0..100 {
         let l = ls[i % 2].clone();
         tasks.push(tokio::spawn(async move {
-            match l.reserve("rpm.k", limit, 1, None, Instant::now()).await.unwrap() {
+            match l
+                .reserve("rpm.k", limit, 1, None, Instant::now())
+                .await
+                .unwrap()
+            {
                 Ok(h) => {
                     l.settle(h, 1);
                     None
@@ -161,7 +190,11 @@ async fn a_rate_limit_admits_its_capacity_across_holders_then_refills() {
     optiroute_testkit::wait_until("refilled", Duration::from_secs(6), || {
         let l = ls[0].clone();
         async move {
-            match l.reserve("rpm.k", limit, 1, None, Instant::now()).await.unwrap() {
+            match l
+                .reserve("rpm.k", limit, 1, None, Instant::now())
+                .await
+                .unwrap()
+            {
                 Ok(h) => {
                     l.settle(h, 1);
                     true

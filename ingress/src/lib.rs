@@ -22,10 +22,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use optiroute_common::config::AuthMode;
 use optiroute_common::config::Config;
 use optiroute_common::http::ServeLimits;
 use optiroute_common::nats::{self, is_connected, new_request_id, RequestMeta};
-use optiroute_common::config::AuthMode;
 use optiroute_common::protocol::{headers, models, Discovery, JetStreamNames, Subjects};
 use optiroute_common::wire::{self, CacheMode, Format, GenerateRequest, GenerateResponse};
 use optiroute_common::{admin, Error, ErrorKind};
@@ -173,7 +173,10 @@ fn request_id(headers: &HeaderMap) -> String {
 
 /// The bearer token of `Authorization: Bearer <token>`, if any.
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = v.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

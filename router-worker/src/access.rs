@@ -97,7 +97,11 @@ impl Access {
                 // Created once here; records published before it exists
                 // are retried by the log.
                 loop {
-                    match optiroute_accounts::spend::ensure_stream(&js2, &stream, &subject, replicas, days).await {
+                    match optiroute_accounts::spend::ensure_stream(
+                        &js2, &stream, &subject, replicas, days,
+                    )
+                    .await
+                    {
                         Ok(_) => return,
                         Err(e) => tracing::warn!(error = %e, "spend stream unavailable; retrying"),
                     }
@@ -207,13 +211,24 @@ impl Access {
     /// Takes the request's rate-limit capacity (a cache hit counts too).
     pub async fn admit(&self, caller: &Caller, req: &GenerateRequest) -> Result<Admission, Error> {
         let (Some(ledger), Some(k)) = (&self.ledger, &caller.key) else {
-            return Ok(Admission { rpm: None, tpm: None });
+            return Ok(Admission {
+                rpm: None,
+                tpm: None,
+            });
         };
         let now = Instant::now();
         let rpm = match k.rpm {
             Some(limit) => Some(
                 ledger
-                    .reserve(&format!("rpm.{}", k.id), Limit::Rate { capacity: u64::from(limit) }, 1, None, now)
+                    .reserve(
+                        &format!("rpm.{}", k.id),
+                        Limit::Rate {
+                            capacity: u64::from(limit),
+                        },
+                        1,
+                        None,
+                        now,
+                    )
                     .await?
                     .map_err(|r| rate_error("requests", limit, &r))?,
             ),
@@ -224,7 +239,15 @@ impl Access {
                 let need = token_bound(req).min(u64::from(limit));
                 Some(
                     ledger
-                        .reserve(&format!("tpm.{}", k.id), Limit::Rate { capacity: u64::from(limit) }, need, None, now)
+                        .reserve(
+                            &format!("tpm.{}", k.id),
+                            Limit::Rate {
+                                capacity: u64::from(limit),
+                            },
+                            need,
+                            None,
+                            now,
+                        )
                         .await?
                         .map_err(|r| rate_error("tokens", limit, &r))?,
                 )
@@ -273,7 +296,15 @@ impl Access {
         let mut holds = BudgetHolds::default();
         for b in budgets {
             match ledger
-                .reserve(&b.entry, Limit::Budget { capacity: b.capacity }, need, b.window_end, give_up)
+                .reserve(
+                    &b.entry,
+                    Limit::Budget {
+                        capacity: b.capacity,
+                    },
+                    need,
+                    b.window_end,
+                    give_up,
+                )
                 .await?
             {
                 Ok(h) => holds.0.push(h),
@@ -337,7 +368,13 @@ impl Access {
     /// highest configured price for a prompt of at most one token per byte
     /// (plus chat framing) and `max_tokens` out; local by compute time up
     /// to the attempt's deadline.
-    fn cost_bound(&self, pool: Pool, req: &GenerateRequest, meta: &RequestMeta, provider_timeout: Duration) -> u64 {
+    fn cost_bound(
+        &self,
+        pool: Pool,
+        req: &GenerateRequest,
+        meta: &RequestMeta,
+        provider_timeout: Duration,
+    ) -> u64 {
         match pool {
             Pool::Cloud => {
                 let c = &self.cfg.cloud;
@@ -397,7 +434,11 @@ struct Budget {
 /// Prompt tokens at most: one per byte of text, plus framing per message.
 fn prompt_token_bound(req: &GenerateRequest) -> u32 {
     let p = &req.params;
-    let bytes = p.prompt.len() + p.messages.iter().map(|m| m.content.len() + 8).sum::<usize>();
+    let bytes = p.prompt.len()
+        + p.messages
+            .iter()
+            .map(|m| m.content.len() + 8)
+            .sum::<usize>();
     u32::try_from(bytes + 16).unwrap_or(u32::MAX)
 }
 

@@ -510,7 +510,11 @@ mod tests {
         assert_ne!(cache_key(&r, Pool::Local), k);
         assert_ne!(cache_key(&base, Pool::Cloud), k, "the pool routing chose");
         assert_eq!(scoped_cache_key(&base, Pool::Local, ""), k);
-        assert_ne!(scoped_cache_key(&base, Pool::Local, "t:a"), k, "a tenant's own");
+        assert_ne!(
+            scoped_cache_key(&base, Pool::Local, "t:a"),
+            k,
+            "a tenant's own"
+        );
         assert_ne!(
             scoped_cache_key(&base, Pool::Local, "t:a"),
             scoped_cache_key(&base, Pool::Local, "t:b")

@@ -78,7 +78,11 @@ impl Handler for GenerateHandler {
             decision.reason_label = "key_restricted";
             decision.reason = format!("{}; the key allows only this pool", decision.reason);
         }
-        let key = scoped_cache_key(&req, decision.target, &self.access.cache_scope(&caller, &req));
+        let key = scoped_cache_key(
+            &req,
+            decision.target,
+            &self.access.cache_scope(&caller, &req),
+        );
         let call = Call {
             meta: &meta,
             req: &req,
@@ -314,8 +318,7 @@ impl GenerateHandler {
         store: bool,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
-        let (result, answer) = match self.generate(call).await
-        {
+        let (result, answer) = match self.generate(call).await {
             Ok((response, answer)) => (Ok(response), answer.filter(|_| store)),
             Err(e) => (Err(e), None),
         };
