@@ -58,9 +58,13 @@ async fn replicas(cfg: &Config) -> Vec<Stack> {
 async fn store(cfg: &Config) -> AccountStore {
     let nc = async_nats::connect(&cfg.nats.url).await.unwrap();
     let js = async_nats::jetstream::new(nc);
-    AccountStore::open(&js, &JetStreamNames::for_prefix(&cfg.nats.prefix).accounts_bucket, 1)
-        .await
-        .unwrap()
+    AccountStore::open(
+        &js,
+        &JetStreamNames::for_prefix(&cfg.nats.prefix).accounts_bucket,
+        1,
+    )
+    .await
+    .unwrap()
 }
 
 async fn post(url: &str, key: Option<&str>, body: &Value) -> (u16, Option<String>, Value) {
@@ -119,7 +123,9 @@ async fn ledger_used(cfg: &Config, entry: &str) -> u64 {
         .await
         .unwrap();
     match kv.get(entry).await.unwrap() {
-        Some(v) => serde_json::from_slice::<Value>(&v).unwrap()["used"].as_u64().unwrap(),
+        Some(v) => serde_json::from_slice::<Value>(&v).unwrap()["used"]
+            .as_u64()
+            .unwrap(),
         None => 0,
     }
 }
@@ -153,7 +159,13 @@ async fn burst(stacks: &[Stack], keys: &[String]) -> (Vec<f64>, usize) {
             429 => {
                 assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
                 assert_eq!(body["error"]["type"], "insufficient_quota");
-                assert!(body["error"]["message"].as_str().unwrap().contains("resets at"), "{body}");
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("resets at"),
+                    "{body}"
+                );
                 assert!(retry.is_some(), "429 without Retry-After");
                 refused += 1;
             }
@@ -187,7 +199,10 @@ async fn a_key_budget_is_never_overspent_across_two_ingresses_and_three_routers(
     let (costs, refused) = burst(&stacks, std::slice::from_ref(&created.key)).await;
     let spent: u64 = costs.iter().map(|c| to_nanos(*c)).sum();
     let budget = to_nanos(100.0 * COST);
-    println!("served {} refused {refused} spent {spent} of {budget} nano-USD", costs.len());
+    println!(
+        "served {} refused {refused} spent {spent} of {budget} nano-USD",
+        costs.len()
+    );
     assert!(spent <= budget, "overspent: {spent} > {budget}");
     // The stated bound: unused budget is less than one request's
     // reservation once nothing is in flight, so 99 of the 100 fit.
@@ -214,8 +229,15 @@ async fn a_key_budget_is_never_overspent_across_two_ingresses_and_three_routers(
     assert_eq!(ids.len(), records.len(), "a record counted twice");
     let cloud = scrape(stacks[0].cloud.as_ref().unwrap().admin_addr).await;
     let metered = metric(&cloud, "llm_total_cost_usd_total", &[("provider", "cloud")]).unwrap();
-    assert!((metered - costs.iter().sum::<f64>()).abs() < 1e-9, "{metered}");
-    assert_eq!(up.hits(), costs.len(), "an upstream call that was not served");
+    assert!(
+        (metered - costs.iter().sum::<f64>()).abs() < 1e-9,
+        "{metered}"
+    );
+    assert_eq!(
+        up.hits(),
+        costs.len(),
+        "an upstream call that was not served"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -263,7 +285,11 @@ async fn a_team_budget_is_shared_by_its_keys_and_never_overspent() {
     assert!((metered - costs.iter().sum::<f64>()).abs() < 1e-9);
     let mut recorded = 0;
     for id in &ids {
-        recorded += spend_records(&cfg, id).await.iter().map(|r| r.cost_nanos).sum::<u64>();
+        recorded += spend_records(&cfg, id)
+            .await
+            .iter()
+            .map(|r| r.cost_nanos)
+            .sum::<u64>();
     }
     assert_eq!(recorded, spent);
 }
@@ -291,7 +317,12 @@ async fn rpm_is_shared_by_two_ingresses_and_answers_429_with_retry_after() {
         let url = urls[i % 2].clone();
         let key = k.key.clone();
         tasks.push(tokio::spawn(async move {
-            post(&url, Some(&key), &json!({"prompt": format!("rate {i}"), "provider": "local"})).await
+            post(
+                &url,
+                Some(&key),
+                &json!({"prompt": format!("rate {i}"), "provider": "local"}),
+            )
+            .await
         }));
     }
     let mut ok = 0;
@@ -313,7 +344,15 @@ async fn rpm_is_shared_by_two_ingresses_and_answers_429_with_retry_after() {
     // The bucket refills at 30 a minute: one more within a few seconds.
     optiroute_testkit::wait_until("refilled", Duration::from_secs(8), || {
         let (url, key) = (urls[0].clone(), k.key.clone());
-        async move { post(&url, Some(&key), &json!({"prompt": "again", "provider": "local"})).await.0 == 200 }
+        async move {
+            post(
+                &url,
+                Some(&key),
+                &json!({"prompt": "again", "provider": "local"}),
+            )
+            .await
+            .0 == 200
+        }
     })
     .await;
 }
@@ -342,7 +381,12 @@ async fn keys_are_checked_on_every_entry_point_and_a_revoke_lands_within_a_secon
         assert_eq!(body["error"]["code"], "invalid_api_key");
     }
     // A pool the key may not use: 403.
-    let (status, _, body) = post(&url, Some(&k.key), &json!({"prompt": "hi", "provider": "cloud"})).await;
+    let (status, _, body) = post(
+        &url,
+        Some(&k.key),
+        &json!({"prompt": "hi", "provider": "cloud"}),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "permission_denied");
     // Auto routing stays on the allowed pool, even for a cloud-worthy prompt.
@@ -367,7 +411,11 @@ async fn keys_are_checked_on_every_entry_point_and_a_revoke_lands_within_a_secon
             .request_with_headers(subject.clone(), h, r#"{"prompt":"hi"}"#.into())
             .await
             .unwrap();
-        let code = m.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")).unwrap();
+        let code = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+            .unwrap();
         assert_eq!(code.as_str(), "401");
         let body: Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(body["code"], "invalid_api_key");
@@ -387,7 +435,10 @@ async fn keys_are_checked_on_every_entry_point_and_a_revoke_lands_within_a_secon
     let mut h = async_nats::HeaderMap::new();
     h.insert("Content-Type", "application/json");
     h.insert("Optiroute-Api-Key", k.key.as_str());
-    let m = nc.request_with_headers(subject, h, r#"{"prompt":"hi"}"#.into()).await.unwrap();
+    let m = nc
+        .request_with_headers(subject, h, r#"{"prompt":"hi"}"#.into())
+        .await
+        .unwrap();
     let body: Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(body["code"], "invalid_api_key", "{body}");
 }
@@ -401,9 +452,18 @@ async fn cache_answers(scope: CacheScope) -> (Value, Value) {
     let s = store(&cfg).await;
     let mut keys = Vec::new();
     for team in ["red", "blue"] {
-        s.create_team(NewTeam { name: team.into(), ..NewTeam::default() }).await.unwrap();
+        s.create_team(NewTeam {
+            name: team.into(),
+            ..NewTeam::default()
+        })
+        .await
+        .unwrap();
         let k = s
-            .create_key(NewKey { name: team.into(), team: Some(team.into()), ..NewKey::default() })
+            .create_key(NewKey {
+                name: team.into(),
+                team: Some(team.into()),
+                ..NewKey::default()
+            })
             .await
             .unwrap();
         until_known(std::slice::from_ref(&stack), &k.key).await;
@@ -436,4 +496,102 @@ async fn one_teams_cached_answers_are_not_served_to_another_unless_global() {
     assert!(other["cost"].as_f64().unwrap() > 0.0);
     let (_, other) = cache_answers(CacheScope::Global).await;
     assert_eq!(other["cached"], true, "global scope: {other}");
+}
+
+async fn get_json(url: &str, key: &str) -> (u16, String) {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exceeded() {
+    let nats = NatsServer::start();
+    let up = fixed_usage_upstream().await;
+    let cfg = config(&nats, &up);
+    let stack = Stack::start(cfg.clone()).await;
+    let _worker = optiroute_batch::run(
+        optiroute_testkit::stack::client(&cfg, "batch").await,
+        &cfg,
+        stack.shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let s = store(&cfg).await;
+    let owner = s
+        .create_key(NewKey {
+            name: "batcher".into(),
+            budget_usd: Some(5.0 * COST),
+            budget_period: Some(Period::Total),
+            ..NewKey::default()
+        })
+        .await
+        .unwrap();
+    let other = s
+        .create_key(NewKey {
+            name: "other".into(),
+            ..NewKey::default()
+        })
+        .await
+        .unwrap();
+    until_known(std::slice::from_ref(&stack), &owner.key).await;
+    until_known(std::slice::from_ref(&stack), &other.key).await;
+    let input: String = (0..10)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"prompt": format!("batch line {i}"), "provider": "cloud", "max_tokens": 20})
+            )
+        })
+        .collect();
+    let resp = reqwest::Client::new()
+        .post(stack.url("/v1/batches?id=owned"))
+        .bearer_auth(&owner.key)
+        .body(input)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let status_url = stack.url("/v1/batches/owned");
+    optiroute_testkit::wait_until("batch finished", Duration::from_secs(20), || {
+        let (url, key) = (status_url.clone(), owner.key.clone());
+        async move {
+            let (_, body) = get_json(&url, &key).await;
+            let v: Value = serde_json::from_str(&body).unwrap();
+            v["pending"] == 0
+                && v["done"].as_u64().unwrap_or(0) + v["failed"].as_u64().unwrap_or(0) == 10
+        }
+    })
+    .await;
+    // Another key does not see it; the admin does.
+    assert_eq!(get_json(&status_url, &other.key).await.0, 404);
+    assert_eq!(
+        get_json(&status_url, "admin-key-for-tests-0123").await.0,
+        200
+    );
+    let (code, text) = get_json(&stack.url("/v1/batches/owned/results"), &owner.key).await;
+    assert_eq!(code, 200);
+    let results: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 10, "one result per line");
+    let ok = results.iter().filter(|r| r["status"] == "ok").count();
+    let refused = results
+        .iter()
+        .filter(|r| r["status"] == "error" && r["error"]["code"] == "budget_exceeded")
+        .count();
+    println!("batch: {ok} served, {refused} budget_exceeded");
+    assert_eq!(ok + refused, 10, "{text}");
+    assert!((4..=5).contains(&ok), "{ok} served of a budget for 5");
 }

@@ -187,12 +187,39 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// The caller's key to send on with the request: with auth required, a
 /// live key or 401 here; with auth off, none (anonymous).
 pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, Error> {
+    Ok(authorize_key(state, headers)?.map(|(secret, _)| secret))
+}
+
+/// [`authorize`] with the key's record.
+pub(crate) fn authorize_key(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(String, Arc<optiroute_accounts::KeyRecord>)>, Error> {
     let Some(dir) = &state.inner.directory else {
         return Ok(None);
     };
     let key = bearer(headers);
-    dir.authenticate(key)?;
-    Ok(key.map(str::to_string))
+    let record = dir.authenticate(key)?;
+    Ok(key.map(|k| (k.to_string(), record)))
+}
+
+/// Whether the request carries the admin key (compared in constant time).
+pub(crate) fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    match (&state.inner.config.auth.admin_key, bearer(headers)) {
+        (Some(admin), Some(given)) => constant_time_eq(admin.as_bytes(), given.as_bytes()),
+        _ => false,
+    }
+}
+
+/// Equal bytes, in a time that does not depend on where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    // Hashing first makes the comparison independent of the lengths too.
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
 }
 
 /// `x-optiroute-cache-namespace`, checked.
