@@ -188,9 +188,11 @@ impl Options {
                 .unwrap_or_else(|| "http://127.0.0.1:8000".into()),
             default_path,
         )?;
-        let api_key = args
-            .value("api-key")?
-            .or_else(|| std::env::var("OPTIROUTE_API_KEY").ok().filter(|k| !k.is_empty()));
+        let api_key = args.value("api-key")?.or_else(|| {
+            std::env::var("OPTIROUTE_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        });
         Ok(Options {
             url,
             api_key,

@@ -6,6 +6,7 @@
 pub mod access;
 pub mod cache;
 pub mod coalesce;
+pub mod embedding;
 pub mod eval;
 pub mod handler;
 pub mod metrics;

@@ -85,11 +85,7 @@ impl Client {
                 if let Some(a) = authorization {
                     req = req.header("authorization", a.as_str());
                 }
-                let sent = req
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| reqwest_error(&e))?;
+                let sent = req.body(body).send().await.map_err(|e| reqwest_error(&e))?;
                 let status = sent.status().as_u16();
                 let b = sent.bytes().await.map_err(|e| reqwest_error(&e))?;
                 Ok((status, b))
