@@ -552,7 +552,7 @@ async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exce
     let resp = reqwest::Client::new()
         .post(stack.url("/v1/batches?id=owned"))
         .bearer_auth(&owner.key)
-        .body(input)
+        .body(input.clone())
         .send()
         .await
         .unwrap();
@@ -594,4 +594,49 @@ async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exce
     println!("batch: {ok} served, {refused} budget_exceeded");
     assert_eq!(ok + refused, 10, "{text}");
     assert!((4..=5).contains(&ok), "{ok} served of a budget for 5");
+    // The budget raised, the same input submitted again runs just those lines.
+    s.update_key(
+        &owner.record.id,
+        optiroute_accounts::KeyChanges {
+            budget_usd: Some(Some(20.0 * COST)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let hits_before = up.hits();
+    let resp = reqwest::Client::new()
+        .post(stack.url("/v1/batches?id=owned"))
+        .bearer_auth(&owner.key)
+        .body(input.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    optiroute_testkit::wait_until("batch finished again", Duration::from_secs(20), || {
+        let (url, key) = (status_url.clone(), owner.key.clone());
+        async move {
+            let (_, body) = get_json(&url, &key).await;
+            let v: Value = serde_json::from_str(&body).unwrap();
+            v["pending"] == 0 && v["done"] == 10 && v["failed"] == 0
+        }
+    })
+    .await;
+    let (_, text) = get_json(&stack.url("/v1/batches/owned/results"), &owner.key).await;
+    let results: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(|r| r["status"] == "ok"), "{text}");
+    assert_eq!(
+        up.hits() - hits_before,
+        refused,
+        "only the refused lines ran again"
+    );
 }
