@@ -640,3 +640,49 @@ async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exce
         "only the refused lines ran again"
     );
 }
+
+/// The official `openai` Python package with keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_official_openai_python_client_uses_keys() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let status = std::process::Command::new("bash")
+        .arg(format!("{root}/scripts/py-deps.sh"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/py-deps.sh failed");
+    let nats = NatsServer::start();
+    let up = fixed_usage_upstream().await;
+    let cfg = config(&nats, &up);
+    let stack = Stack::start(cfg.clone()).await;
+    let s = store(&cfg).await;
+    let key = s.create_key(NewKey { name: "py".into(), ..NewKey::default() }).await.unwrap();
+    let spent = s
+        .create_key(NewKey { name: "spent".into(), budget_usd: Some(0.0), ..NewKey::default() })
+        .await
+        .unwrap();
+    until_known(std::slice::from_ref(&stack), &key.key).await;
+    until_known(std::slice::from_ref(&stack), &spent.key).await;
+    let out = tokio::process::Command::new(format!("{root}/.tools/venv/bin/python"))
+        .arg(format!("{root}/e2e/py/openai_keys.py"))
+        .arg(stack.url("/v1"))
+        .arg(&key.key)
+        .arg(&spent.key)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["key ok", "stream ok", "wrong key ok", "budget ok"] {
+        assert!(stdout.contains(line), "{stdout}");
+    }
+    // The end user is recorded with the spend.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records = spend_records(&cfg, &key.record.id).await;
+        if records.iter().any(|r| r.user.as_deref() == Some("end-user-42")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no record for the end user: {records:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
