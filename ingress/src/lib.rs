@@ -2,6 +2,7 @@
 //! deadline, sends it to the router over NATS and maps the answer (or the
 //! error) to HTTP.
 
+mod admin_api;
 mod batches;
 mod error;
 mod limits;
@@ -55,10 +56,19 @@ struct Inner {
     batches: tokio::sync::OnceCell<optiroute_batch::BatchClient>,
     config: Config,
     limits: limits::Limits,
+    /// Keys and teams, followed in memory (`auth.mode = "required"`).
+    directory: Option<Arc<optiroute_accounts::Directory>>,
+    /// The accounts bucket and spend stream, opened on first use.
+    accounts: tokio::sync::OnceCell<admin_api::Accounts>,
 }
 
 impl AppState {
-    pub fn new(client: Client, cfg: &Config, metrics: IngressMetrics) -> Self {
+    pub fn new(
+        client: Client,
+        cfg: &Config,
+        metrics: IngressMetrics,
+        directory: Option<Arc<optiroute_accounts::Directory>>,
+    ) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 client,
@@ -73,6 +83,8 @@ impl AppState {
                 config: cfg.clone(),
                 limits: limits::Limits::new(&cfg.ingress),
                 cloud_models: cfg.cloud.models().map(str::to_string).collect(),
+                directory,
+                accounts: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -104,6 +116,7 @@ pub fn app(state: AppState, with_metrics: bool) -> Router {
     };
     router
         .merge(ui::routes())
+        .merge(admin_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -140,6 +153,17 @@ async fn not_found() -> ApiError {
         request_id: None,
         status: Some(StatusCode::NOT_FOUND),
     }
+}
+
+/// The token of `Authorization: Bearer <token>`, when there is one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// A caller's `x-request-id` when it is usable, else a fresh one.
@@ -312,7 +336,16 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal(format!("ingress address: {e}")))?;
-    let state = AppState::new(client, cfg, metrics.clone());
+    let directory = (cfg.auth.mode == optiroute_common::config::AuthMode::Required).then(|| {
+        optiroute_accounts::Directory::spawn(
+            async_nats::jetstream::new(client.clone()),
+            optiroute_common::protocol::JetStreamNames::for_prefix(&cfg.nats.prefix)
+                .accounts_bucket,
+            cfg.nats.replicas,
+            shutdown.clone(),
+        )
+    });
+    let state = AppState::new(client, cfg, metrics.clone(), directory);
     let admin = admin::bind(&cfg.ingress.admin_listen, "ingress admin (metrics, health)").await?;
     let admin_addr = admin
         .local_addr()
