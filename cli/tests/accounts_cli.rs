@@ -203,7 +203,7 @@ fn record(key_id: &str, pool: Pool, cost: f64, ts_ms: u64, n: u32) -> SpendRecor
         request_id: format!("req-{key_id}-{n}"),
         key_id: key_id.to_string(),
         team: Some("red".into()),
-        user: (n % 2 == 0).then(|| format!("user-{n}")),
+        user: n.is_multiple_of(2).then(|| format!("user-{n}")),
         pool,
         model: "m".into(),
         prompt_tokens: n,
