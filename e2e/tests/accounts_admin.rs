@@ -279,6 +279,29 @@ async fn admin_keys_and_teams_end_to_end() {
         .raw(Method::POST, "/admin/keys", Some(ADMIN), None)
         .await;
     assert_eq!(s, 400);
+    // A team that does not exist: 404, naming the field.
+    let (s, b) = api
+        .admin(
+            Method::POST,
+            "/admin/keys",
+            Some(json!({"name": "x", "team": "green"})),
+        )
+        .await;
+    assert_eq!(s, 404, "{b}");
+    assert_eq!(b["error"]["param"], "team");
+    // curl -d sends no JSON content type: the body is JSON all the same.
+    let resp = api
+        .http
+        .post(format!("{}/admin/teams", api.base))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"name": "plain"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let (s, _) = api.admin(Method::DELETE, "/admin/teams/plain", None).await;
+    assert_eq!(s, 200);
     let (s, b) = api.admin(Method::GET, "/admin/keys/bad.id", None).await;
     assert_bad(s, &b, "id");
 
@@ -364,6 +387,23 @@ async fn admin_api_without_an_admin_key_says_how_to_set_one() {
             "{message}"
         );
     }
+}
+
+#[tokio::test]
+async fn admin_api_without_jetstream_answers_503() {
+    let nats = NatsServer::start_without_jetstream();
+    let api = ingress(admin_config(&nats)).await;
+    let started = std::time::Instant::now();
+    for (method, path, body) in [
+        (Method::POST, "/admin/keys", Some(json!({"name": "x"}))),
+        (Method::GET, "/admin/teams", None),
+        (Method::GET, "/admin/spend", None),
+    ] {
+        let (s, b) = api.admin(method, path, body).await;
+        assert_eq!(s, 503, "{path}: {b}");
+        assert_eq!(b["error"]["code"], "nats_unavailable", "{b}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
 }
 
 fn record(
