@@ -357,6 +357,11 @@ async fn admin_keys_and_teams_end_to_end() {
     assert_eq!(s, 200);
     let (s, _) = api.admin(Method::GET, "/admin/teams/red", None).await;
     assert_eq!(s, 404);
+    // A deleted name can be used again.
+    let (s, b) = api
+        .admin(Method::POST, "/admin/teams", Some(json!({"name": "red"})))
+        .await;
+    assert_eq!(s, 201, "{b}");
 
     // With auth off there is no key to count usage for.
     let (s, b) = api
@@ -386,6 +391,42 @@ async fn admin_api_without_an_admin_key_says_how_to_set_one() {
             message.contains("OPTIROUTE_ADMIN_KEY") && message.contains("auth.admin_key"),
             "{message}"
         );
+    }
+}
+
+/// PATCHes of one key at once, each changing another field: every one
+/// lands (compare-and-set, retried), none is lost to another's write.
+#[tokio::test]
+async fn concurrent_patches_all_land() {
+    let nats = NatsServer::start();
+    let api = ingress(admin_config(&nats)).await;
+    let (s, k) = api
+        .admin(Method::POST, "/admin/keys", Some(json!({"name": "shared"})))
+        .await;
+    assert_eq!(s, 201);
+    let path = format!("/admin/keys/{}", k["id"].as_str().unwrap());
+    let changes = [
+        json!({"rpm": 11}),
+        json!({"tpm": 22}),
+        json!({"budget_usd": 3.5}),
+        json!({"end_user_budget_usd": 0.25}),
+        json!({"models": ["m1"]}),
+        json!({"budget_period": "day"}),
+    ];
+    let answers = futures::future::join_all(
+        changes
+            .iter()
+            .map(|c| api.admin(Method::PATCH, &path, Some(c.clone()))),
+    )
+    .await;
+    for (s, b) in &answers {
+        assert_eq!(*s, 200, "{b}");
+    }
+    let (_, k) = api.admin(Method::GET, &path, None).await;
+    for c in changes {
+        for (field, v) in c.as_object().unwrap() {
+            assert_eq!(&k[field], v, "{field} lost: {k}");
+        }
     }
 }
 

@@ -487,7 +487,8 @@
     if (byTeam.status === 200) {
       userKey = false;
       const s = byTeam.body;
-      status.textContent = usd(s.total.cost_usd) + " in " + s.total.requests + " requests since " +
+      const n = s.total.requests;
+      status.textContent = usd(s.total.cost_usd) + " in " + n + (n === 1 ? " request" : " requests") + " since " +
         s.start + " (resets " + s.resets_at + ")";
       out.appendChild(spendTable("By team", s.groups, (g) => g.team || "(no team)"));
       const byKey = await getJson("/admin/spend?group_by=key&period=month");
