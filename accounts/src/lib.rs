@@ -4,6 +4,7 @@
 //! served request.
 
 pub mod directory;
+pub mod ledger;
 pub mod model;
 pub mod spend;
 pub mod store;

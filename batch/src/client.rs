@@ -37,6 +37,14 @@ fn js_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::NatsUnavailable, format!("{what}: {e}"))
 }
 
+/// Who submits a batch: the key's id (kept in the batch's description)
+/// and its secret (carried by every job, for the routers to check).
+#[derive(Clone)]
+pub struct BatchOwner {
+    pub key_id: String,
+    pub secret: String,
+}
+
 /// A batch id: 1 to 64 letters, digits, `-` or `_` (it becomes a subject token and a KV key).
 pub fn validate_id(id: &str) -> Result<(), Error> {
     if id.is_empty()
@@ -210,6 +218,22 @@ impl BatchClient {
         S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        self.submit_stream_as(body, id, None).await
+    }
+
+    /// [`Self::submit_stream`] on behalf of an API key: the batch belongs
+    /// to it, and every job carries the key (header `Optiroute-Api-Key`),
+    /// so the routers check and charge it line by line.
+    pub async fn submit_stream_as<S, E>(
+        &self,
+        body: S,
+        id: Option<&str>,
+        owner: Option<&BatchOwner>,
+    ) -> Result<BatchStatus, SubmitError>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
         if let Some(i) = id {
             validate_id(i)?;
         }
@@ -222,6 +246,7 @@ impl BatchClient {
             created_ms: epoch_ms(SystemTime::now()),
             cancelled: false,
             submitted: 0,
+            owner: owner.map(|o| o.key_id.clone()),
         };
         let resume_after = match self
             .meta
@@ -231,6 +256,10 @@ impl BatchClient {
             Ok(_) => 0,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 let known = self.meta(&id).await?;
+                if known.owner != meta.owner {
+                    // Another key's batch: as if it did not exist.
+                    return Err(Error::new(ErrorKind::NotFound, format!("no batch `{id}`")).into());
+                }
                 if known.total != spool.total {
                     return Err(Error::bad_request(format!(
                         "batch `{id}` already exists with {} lines; this input has {}",
@@ -243,7 +272,7 @@ impl BatchClient {
             Err(e) => return Err(js_error("batch meta", e).into()),
         };
         if resume_after < spool.total {
-            if let Err(e) = self.publish(&id, &mut spool, resume_after).await {
+            if let Err(e) = self.publish(&id, &mut spool, resume_after, owner).await {
                 let done = self.meta(&id).await.map_or(0, |m| m.submitted());
                 tracing::warn!(batch = %id, submitted = done, total = spool.total, error = %e, "batch submission cut off");
                 return Err(Error::new(
@@ -263,7 +292,13 @@ impl BatchClient {
     /// Publishes the spooled jobs after line `resume_after`, stores the
     /// invalid lines' results, and checkpoints `submitted` every
     /// [`CHECKPOINT_LINES`] lines once everything before is acknowledged.
-    async fn publish(&self, id: &str, spool: &mut Spool, resume_after: u64) -> Result<(), Error> {
+    async fn publish(
+        &self,
+        id: &str,
+        spool: &mut Spool,
+        resume_after: u64,
+        owner: Option<&BatchOwner>,
+    ) -> Result<(), Error> {
         let subject = self.job_subject(id);
         let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
         let mut invalid: Vec<counters::Delta> = Vec::new();
@@ -278,6 +313,9 @@ impl BatchClient {
                 Record::Job { line, body } => {
                     let mut h = HeaderMap::new();
                     h.insert(headers::NATS_MSG_ID, format!("{id}:{line}").as_str());
+                    if let Some(o) = owner {
+                        h.insert(headers::API_KEY, o.secret.as_str());
+                    }
                     let ack = self
                         .js
                         .publish_with_headers(subject.clone(), h, body)
@@ -707,6 +745,7 @@ mod tests {
             created_ms: epoch_ms(SystemTime::now()) - 10_000,
             cancelled: false,
             submitted: 4,
+            owner: None,
         };
         let mut c = Counts {
             done: 1,

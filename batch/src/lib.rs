@@ -17,6 +17,6 @@ pub mod model;
 pub mod upload;
 pub mod worker;
 
-pub use client::{BatchClient, SubmitError};
+pub use client::{BatchClient, BatchOwner, SubmitError};
 pub use model::{BatchMeta, BatchResult, BatchStatus, Job, ResultStatus};
 pub use worker::{process, run, Running};

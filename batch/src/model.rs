@@ -102,6 +102,10 @@ pub struct BatchMeta {
     /// Absent in descriptions written before it existed: all were.
     #[serde(default = "all_submitted")]
     pub submitted: u64,
+    /// The id of the API key that submitted it (auth on): only that key
+    /// (or the admin) may read or cancel it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 fn all_submitted() -> u64 {

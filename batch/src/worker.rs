@@ -459,7 +459,13 @@ async fn handle(ctx: &Ctx, msg: &Message) {
     }
     let mut req = job.request;
     req.route_bias = Some((req.route_bias.unwrap_or(0.0) + ctx.route_bias).clamp(-1.0, 1.0));
-    let meta = RequestMeta::new(format!("{batch_id}-{}", job.line), ctx.request_timeout);
+    let mut meta = RequestMeta::new(format!("{batch_id}-{}", job.line), ctx.request_timeout);
+    // The submitter's key: the router checks and charges it.
+    meta.api_key = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(optiroute_common::protocol::headers::API_KEY))
+        .map(|v| v.as_str().to_string());
     let answer: Result<GenerateResponse, Error> =
         nats::request(&ctx.client, &ctx.generate_subject, &meta, None, &req).await;
     match answer {
@@ -505,9 +511,16 @@ async fn handle(ctx: &Ctx, msg: &Message) {
 }
 
 fn retryable(kind: ErrorKind) -> bool {
+    // A spent budget or a refused key is the line's result, not a fault
+    // to retry: the line ends with it.
     !matches!(
         kind,
-        ErrorKind::BadRequest | ErrorKind::UpstreamClientError | ErrorKind::NotFound
+        ErrorKind::BadRequest
+            | ErrorKind::UpstreamClientError
+            | ErrorKind::NotFound
+            | ErrorKind::BudgetExceeded
+            | ErrorKind::InvalidApiKey
+            | ErrorKind::PermissionDenied
     )
 }
 

@@ -56,6 +56,7 @@ pub const USAGE: &str = "optiroute loadtest [options]
   --api API             generate (OptiRoute /generate, default) | openai (chat completions)
   --model M             model for --api openai (default fake)
   --timeout S           per-request timeout (default 35)
+  --api-key KEY         send `Authorization: Bearer KEY` (default: $OPTIROUTE_API_KEY)
   --seed N              random seed (default 42)
   --cloud-price-per-1k USD
                         price of 1k tokens for the all-cloud estimate (default 0.0002)
@@ -86,6 +87,7 @@ pub enum WorkloadSpec {
 #[derive(Debug, Clone)]
 pub struct Options {
     pub url: String,
+    pub api_key: Option<String>,
     pub mode: Mode,
     pub users: usize,
     pub spawn_rate: f64,
@@ -186,8 +188,14 @@ impl Options {
                 .unwrap_or_else(|| "http://127.0.0.1:8000".into()),
             default_path,
         )?;
+        let api_key = args.value("api-key")?.or_else(|| {
+            std::env::var("OPTIROUTE_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty())
+        });
         Ok(Options {
             url,
+            api_key,
             mode,
             users,
             spawn_rate,
@@ -530,7 +538,7 @@ pub async fn run(opts: Options) -> Result<Report, String> {
         },
         WorkloadSpec::File(p) => Workload::catalogue(workload::read_jsonl(p)?, opts.zipf),
     };
-    let client = http::Client::new(&opts.url, opts.timeout)?;
+    let client = http::Client::new(&opts.url, opts.timeout, opts.api_key.as_deref())?;
     let description = opts.describe();
     eprintln!("optiroute loadtest: {description}");
     let start = Instant::now();

@@ -17,8 +17,8 @@ mod routing;
 pub use auth::{is_loopback_listen, AuthConfig, AuthMode};
 pub use batch::BatchConfig;
 pub use roles::{
-    BreakerConfig, CloudConfig, EmbeddedConfig, LocalConfig, LocalEngineKind, ModelPrice,
-    RouterConfig, ServiceSettings, SimulatedConfig, UpstreamConfig,
+    BreakerConfig, CloudConfig, EmbeddedConfig, EmbeddingConfig, LocalConfig, LocalEngineKind,
+    ModelPrice, RouterConfig, ServiceSettings, SimulatedConfig, UpstreamConfig,
 };
 pub use routing::{RoutingConfig, RoutingWeights};
 

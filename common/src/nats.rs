@@ -178,6 +178,12 @@ pub struct RequestMeta {
     pub deadline: SystemTime,
     /// Where to publish streamed tokens, when the caller streams.
     pub stream_inbox: Option<String>,
+    /// The caller's API key (header `Optiroute-Api-Key`), checked by the
+    /// router and never sent on to a provider.
+    pub api_key: Option<String>,
+    /// The caller's team, set by the router on provider requests (a
+    /// bounded label of the cost metric).
+    pub team: Option<String>,
 }
 
 impl RequestMeta {
@@ -186,6 +192,8 @@ impl RequestMeta {
             request_id,
             deadline: SystemTime::now() + timeout,
             stream_inbox: None,
+            api_key: None,
+            team: None,
         }
     }
 
@@ -236,10 +244,14 @@ impl RequestMeta {
             }
             None => None,
         };
+        let api_key = get(crate::protocol::headers::API_KEY);
+        let team = get(crate::protocol::headers::TEAM).filter(|t| !t.is_empty() && t.len() <= 64);
         Ok(RequestMeta {
             request_id,
             deadline,
             stream_inbox,
+            api_key,
+            team,
         })
     }
 
@@ -252,6 +264,12 @@ impl RequestMeta {
         );
         if let Some(inbox) = &self.stream_inbox {
             h.insert(wire::STREAM_INBOX_HEADER, inbox.as_str());
+        }
+        if let Some(key) = &self.api_key {
+            h.insert(crate::protocol::headers::API_KEY, key.as_str());
+        }
+        if let Some(team) = &self.team {
+            h.insert(crate::protocol::headers::TEAM, team.as_str());
         }
         if format == Format::Json {
             h.insert(wire::CONTENT_TYPE_HEADER, wire::JSON_CONTENT_TYPE);

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use optiroute_accounts::model::{rfc3339, Window};
 use optiroute_accounts::spend::{self, SpendRecord, Totals};
-use optiroute_accounts::store::{hash_secret, now_ms};
+use optiroute_accounts::store::now_ms;
 use optiroute_accounts::{
     to_nanos, to_usd, AccountStore, KeyChanges, NewKey, NewTeam, Period, TeamChanges,
 };
@@ -29,7 +29,7 @@ use optiroute_common::protocol::{JetStreamNames, Subjects};
 use optiroute_common::wire::{self, Format};
 use optiroute_common::{Error, ErrorKind};
 
-use crate::{bearer, ApiError, AppState};
+use crate::{bearer, constant_time_eq, ApiError, AppState};
 
 /// Longest a spend total may take to read from the stream (then 504).
 const SCAN_LIMIT: Duration = Duration::from_secs(10);
@@ -96,16 +96,6 @@ fn unauthorized(message: &str) -> ApiError {
     fail(Error::new(ErrorKind::InvalidApiKey, message))
 }
 
-/// Equal secrets, compared in constant time (over their hashes, so the
-/// length of the admin key does not show either).
-fn same_secret(given: &str, expected: &str) -> bool {
-    let (a, b) = (hash_secret(given), hash_secret(expected));
-    a.bytes()
-        .zip(b.bytes())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
 /// Proof that the request carries the admin key; every `/admin` handler
 /// takes one.
 pub(crate) struct Admin;
@@ -131,7 +121,7 @@ impl FromRequestParts<AppState> for Admin {
             None => Err(unauthorized(
                 "no admin key: send `Authorization: Bearer <admin key>`",
             )),
-            Some(given) if same_secret(given, expected) => Ok(Admin),
+            Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(Admin),
             Some(_) => Err(unauthorized("wrong admin key")),
         }
     }

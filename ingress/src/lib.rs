@@ -23,10 +23,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use optiroute_common::config::AuthMode;
 use optiroute_common::config::Config;
 use optiroute_common::http::ServeLimits;
 use optiroute_common::nats::{self, is_connected, new_request_id, RequestMeta};
-use optiroute_common::protocol::{headers, models, Discovery, Subjects};
+use optiroute_common::protocol::{headers, models, Discovery, JetStreamNames, Subjects};
 use optiroute_common::wire::{self, CacheMode, Format, GenerateRequest, GenerateResponse};
 use optiroute_common::{admin, Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -56,9 +57,12 @@ struct Inner {
     batches: tokio::sync::OnceCell<optiroute_batch::BatchClient>,
     config: Config,
     limits: limits::Limits,
-    /// Keys and teams, followed in memory (`auth.mode = "required"`).
+    /// The keys, when `auth.mode = "required"`: a request without a live
+    /// key is refused here (401) before it reaches NATS; the router checks
+    /// again, as it does for every other entry point.
     directory: Option<Arc<optiroute_accounts::Directory>>,
-    /// The accounts bucket and spend stream, opened on first use.
+    /// The accounts bucket and spend stream for the admin API and
+    /// `/v1/usage`, opened on first use.
     accounts: tokio::sync::OnceCell<admin_api::Accounts>,
 }
 
@@ -67,10 +71,19 @@ impl AppState {
         client: Client,
         cfg: &Config,
         metrics: IngressMetrics,
-        directory: Option<Arc<optiroute_accounts::Directory>>,
+        shutdown: &CancellationToken,
     ) -> Self {
+        let directory = (cfg.auth.mode == AuthMode::Required).then(|| {
+            optiroute_accounts::Directory::spawn(
+                async_nats::jetstream::new(client.clone()),
+                JetStreamNames::for_prefix(&cfg.nats.prefix).accounts_bucket,
+                cfg.nats.replicas,
+                shutdown.clone(),
+            )
+        });
         AppState {
             inner: Arc::new(Inner {
+                directory,
                 client,
                 subjects: Subjects::new(&cfg.nats.prefix),
                 metrics,
@@ -83,7 +96,6 @@ impl AppState {
                 config: cfg.clone(),
                 limits: limits::Limits::new(&cfg.ingress),
                 cloud_models: cfg.cloud.models().map(str::to_string).collect(),
-                directory,
                 accounts: tokio::sync::OnceCell::new(),
             }),
         }
@@ -155,17 +167,6 @@ async fn not_found() -> ApiError {
     }
 }
 
-/// The token of `Authorization: Bearer <token>`, when there is one.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 /// A caller's `x-request-id` when it is usable, else a fresh one.
 fn request_id(headers: &HeaderMap) -> String {
     headers
@@ -174,6 +175,72 @@ fn request_id(headers: &HeaderMap) -> String {
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
         .map(str::to_string)
         .unwrap_or_else(new_request_id)
+}
+
+/// The bearer token of `Authorization: Bearer <token>`, if any.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The caller's key to send on with the request: with auth required, a
+/// live key or 401 here; with auth off, none (anonymous).
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Option<String>, Error> {
+    Ok(authorize_key(state, headers)?.map(|(secret, _)| secret))
+}
+
+/// [`authorize`] with the key's record.
+pub(crate) fn authorize_key(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<Option<(String, Arc<optiroute_accounts::KeyRecord>)>, Error> {
+    let Some(dir) = &state.inner.directory else {
+        return Ok(None);
+    };
+    let key = bearer(headers);
+    let record = dir.authenticate(key)?;
+    Ok(key.map(|k| (k.to_string(), record)))
+}
+
+/// Whether the request carries the admin key (compared in constant time).
+pub(crate) fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    match (&state.inner.config.auth.admin_key, bearer(headers)) {
+        (Some(admin), Some(given)) => constant_time_eq(admin.as_bytes(), given.as_bytes()),
+        _ => false,
+    }
+}
+
+/// Equal bytes, in a time that does not depend on where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    // Hashing first makes the comparison independent of the lengths too.
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+/// `x-optiroute-cache-namespace`, checked.
+pub(crate) fn namespace_from_headers(headers: &HeaderMap) -> Result<Option<String>, Error> {
+    let Some(v) = headers.get(headers::HTTP_CACHE_NAMESPACE) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        Error::bad_param(
+            headers::HTTP_CACHE_NAMESPACE,
+            "x-optiroute-cache-namespace must be printable ASCII",
+        )
+    })?;
+    wire::validate_label("cache_namespace", v, wire::MAX_NAMESPACE_BYTES)?;
+    Ok(Some(v.to_string()))
 }
 
 /// `Cache-Control: no-cache` skips the read (and refreshes the entry);
@@ -201,6 +268,7 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let id = request_id(&headers);
+    let api_key = authorize(&state, &headers).map_err(|e| ApiError::new(e, Some(&id)))?;
     let body = body.map_err(|rej| ApiError {
         error: Error::bad_request(format!("cannot read the body: {}", rej.body_text())),
         request_id: Some(id.clone()),
@@ -209,10 +277,14 @@ async fn generate(
     let s = &state.inner;
     let mut req: GenerateRequest =
         wire::decode(Format::Json, &body).map_err(|e| ApiError::new(e, Some(&id)))?;
+    if let Some(ns) = namespace_from_headers(&headers).map_err(|e| ApiError::new(e, Some(&id)))? {
+        req.cache_namespace = Some(ns);
+    }
     req.validate(s.max_prompt_bytes)
         .map_err(|e| ApiError::new(e, Some(&id)))?;
     req.cache = cache_mode_from_headers(&headers, req.cache);
-    let meta = RequestMeta::new(id.clone(), s.request_timeout);
+    let mut meta = RequestMeta::new(id.clone(), s.request_timeout);
+    meta.api_key = api_key;
     let answer = relay(&state, &meta, &req)
         .await
         .map_err(|e| ApiError::new(e, Some(&id)))?;
@@ -336,16 +408,7 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal(format!("ingress address: {e}")))?;
-    let directory = (cfg.auth.mode == optiroute_common::config::AuthMode::Required).then(|| {
-        optiroute_accounts::Directory::spawn(
-            async_nats::jetstream::new(client.clone()),
-            optiroute_common::protocol::JetStreamNames::for_prefix(&cfg.nats.prefix)
-                .accounts_bucket,
-            cfg.nats.replicas,
-            shutdown.clone(),
-        )
-    });
-    let state = AppState::new(client, cfg, metrics.clone(), directory);
+    let state = AppState::new(client, cfg, metrics.clone(), &shutdown);
     let admin = admin::bind(&cfg.ingress.admin_listen, "ingress admin (metrics, health)").await?;
     let admin_addr = admin
         .local_addr()

@@ -52,8 +52,8 @@ struct ChatCompletionRequest {
     #[serde(default)]
     stream_options: Option<StreamOptions>,
     /// Accepted for compatibility; never logged or used as a label.
-    #[serde(default, rename = "user")]
-    _user: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -169,6 +169,7 @@ impl ChatCompletionRequest {
             .unwrap_or(wire::DEFAULT_MAX_TOKENS);
         req.params.temperature = self.temperature;
         req.params.top_p = self.top_p;
+        req.user = self.user;
         req.params.stop = match self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
@@ -219,6 +220,7 @@ pub(crate) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let id = crate::request_id(&headers);
     let fail = |e: Error| ApiError::new(e, Some(&id));
+    let api_key = crate::authorize(&state, &headers).map_err(fail)?;
     let body = body.map_err(|rej| ApiError {
         error: Error::bad_request(format!("cannot read the body: {}", rej.body_text())),
         request_id: Some(id.clone()),
@@ -229,11 +231,21 @@ pub(crate) async fn chat_completions(
     let (mut req, stream, include_usage) = parsed.into_generate(&state).map_err(fail)?;
     req.validate(state.inner.max_prompt_bytes).map_err(fail)?;
     req.cache = crate::cache_mode_from_headers(&headers, req.cache);
+    req.cache_namespace = crate::namespace_from_headers(&headers).map_err(fail)?;
+    req.validate(state.inner.max_prompt_bytes).map_err(fail)?;
     if stream {
         let closer = closer.map(|Extension(c)| c);
-        return stream_completion(state, id, req, include_usage, model, closer).await;
+        let s = Streaming {
+            id,
+            include_usage,
+            model,
+            closer,
+            api_key,
+        };
+        return stream_completion(state, req, s).await;
     }
-    let meta = RequestMeta::new(id.clone(), state.inner.request_timeout);
+    let mut meta = RequestMeta::new(id.clone(), state.inner.request_timeout);
+    meta.api_key = api_key;
     let answer = crate::relay(&state, &meta, &req).await.map_err(fail)?;
     let body = json!({
         "id": format!("chatcmpl-{id}"),
@@ -266,14 +278,27 @@ enum Event {
 /// A client that stops reading is given `ingress.stream_send_timeout_ms`
 /// per event; then the provider is told to stop and the connection closed
 /// (`closer`), since the response can neither finish nor be abandoned.
-async fn stream_completion(
-    state: AppState,
+/// How one streamed completion is answered.
+struct Streaming {
     id: String,
-    req: GenerateRequest,
     include_usage: bool,
     model: String,
     closer: Option<CloseConnection>,
+    api_key: Option<String>,
+}
+
+async fn stream_completion(
+    state: AppState,
+    req: GenerateRequest,
+    st: Streaming,
 ) -> Result<Response, ApiError> {
+    let Streaming {
+        id,
+        include_usage,
+        model,
+        closer,
+        api_key,
+    } = st;
     let s = state.inner.clone();
     let slot = s.limits.stream_slot().map_err(|e| {
         s.metrics.limited.with_label_values(&["streams"]).inc();
@@ -291,6 +316,7 @@ async fn stream_completion(
     })?;
     let mut meta = RequestMeta::new(id.clone(), s.request_timeout);
     meta.stream_inbox = Some(inbox.clone());
+    meta.api_key = api_key;
     let started = Instant::now();
     let (events_tx, mut events_rx) = mpsc::channel::<Event>(64);
     let relay_state = state.clone();

@@ -5,6 +5,8 @@ use optiroute_common::metrics::{
     ServiceMetrics,
 };
 use prometheus::{CounterVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Registry};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 /// Generation speed buckets, tokens per second.
 const SPEED_BUCKETS: &[f64] = &[
@@ -30,8 +32,12 @@ fn speed_histogram(r: &Registry) -> HistogramVec {
 pub struct ProviderMetrics {
     pub registry: Registry,
     pub service: ServiceMetrics,
-    /// `llm_total_cost_usd_total{provider,model}`: spend, counted once per served request.
+    /// `llm_total_cost_usd_total{provider,model,team}`: spend, counted
+    /// once per served request (`team` empty when the key has none or
+    /// auth is off).
     pub cost: CounterVec,
+    /// Team labels seen: at most [`MAX_TEAM_LABELS`], then `other`.
+    teams: Arc<Mutex<HashSet<String>>>,
     /// `llm_tokens_total{provider,direction}`: direction is `input` or `output`.
     pub tokens: IntCounterVec,
     pub provider_latency: HistogramVec,
@@ -45,7 +51,28 @@ pub struct ProviderMetrics {
     pub queue_wait: HistogramVec,
 }
 
+/// Most distinct `team` labels one process reports (teams are few; a
+/// publisher that could reach a provider subject directly cannot grow the
+/// metric without bound).
+pub const MAX_TEAM_LABELS: usize = 256;
+
 impl ProviderMetrics {
+    /// The `team` label for a request's team.
+    pub fn team_label(&self, team: Option<&str>) -> String {
+        let Some(t) = team else {
+            return String::new();
+        };
+        let mut seen = self.teams.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(t) {
+            return t.to_string();
+        }
+        if seen.len() < MAX_TEAM_LABELS {
+            seen.insert(t.to_string());
+            return t.to_string();
+        }
+        "other".to_string()
+    }
+
     pub fn new(process: &str) -> Self {
         let r = new_registry(process);
         ProviderMetrics {
@@ -53,9 +80,10 @@ impl ProviderMetrics {
             cost: float_counter_vec(
                 &r,
                 "llm_total_cost_usd_total",
-                "Cumulative spend in USD, by provider pool and model.",
-                &["provider", "model"],
+                "Cumulative spend in USD, by provider pool, model and team.",
+                &["provider", "model", "team"],
             ),
+            teams: Arc::new(Mutex::new(HashSet::new())),
             tokens: counter_vec(
                 &r,
                 "llm_tokens_total",

@@ -201,7 +201,10 @@ impl<E: Engine> Handler for ProviderHandler<E> {
         };
         let pool = self.pool.as_str();
         let m = &self.metrics;
-        m.cost.with_label_values(&[pool, &g.model]).inc_by(cost);
+        let team = m.team_label(meta.team.as_deref());
+        m.cost
+            .with_label_values(&[pool, &g.model, &team])
+            .inc_by(cost);
         m.tokens
             .with_label_values(&[pool, "input"])
             .inc_by(u64::from(g.usage.prompt_tokens));

@@ -52,6 +52,10 @@ struct KeyMaterial<'a> {
     /// The pool routing chose, not the provider requested.
     pool: &'a str,
     model_id: Option<&'a str>,
+    /// The tenant (and namespace) the answer belongs to; empty, and left
+    /// out so keys stay as they were, when answers are shared by everyone.
+    #[serde(skip_serializing_if = "str::is_empty")]
+    scope: &'a str,
 }
 
 /// SHA-256 hex of the canonical encoding of the request: the prompt with
@@ -67,6 +71,12 @@ struct KeyMaterial<'a> {
 /// pool never gets this one's. Cache mode does not change the answer and is
 /// left out.
 pub fn cache_key(req: &GenerateRequest, pool: Pool) -> String {
+    scoped_cache_key(req, pool, "")
+}
+
+/// [`cache_key`] within a tenant scope ([`crate::access::Access::cache_scope`]):
+/// two scopes never share an entry.
+pub fn scoped_cache_key(req: &GenerateRequest, pool: Pool, scope: &str) -> String {
     let req = &req.params;
     let material = KeyMaterial {
         v: 2,
@@ -89,6 +99,7 @@ pub fn cache_key(req: &GenerateRequest, pool: Pool) -> String {
         top_p: req.top_p,
         pool: pool.as_str(),
         model_id: req.model_id.as_deref(),
+        scope,
     };
     // rmp-serde cannot fail on this plain struct; fall back to the prompt alone.
     let bytes = rmp_serde::to_vec(&material)
@@ -498,6 +509,16 @@ mod tests {
         let r = GenerateRequest::new("hello!");
         assert_ne!(cache_key(&r, Pool::Local), k);
         assert_ne!(cache_key(&base, Pool::Cloud), k, "the pool routing chose");
+        assert_eq!(scoped_cache_key(&base, Pool::Local, ""), k);
+        assert_ne!(
+            scoped_cache_key(&base, Pool::Local, "t:a"),
+            k,
+            "a tenant's own"
+        );
+        assert_ne!(
+            scoped_cache_key(&base, Pool::Local, "t:a"),
+            scoped_cache_key(&base, Pool::Local, "t:b")
+        );
     }
 
     /// What routing read (provider, route_bias) reaches the key only as the

@@ -19,7 +19,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::cache::{cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
+use crate::access::{Access, Caller};
+use crate::cache::{scoped_cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
 use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
 use crate::metrics::{CacheEvent, RouterMetrics};
 use crate::routing::{Decision, Router};
@@ -43,6 +44,7 @@ pub struct GenerateHandler {
     provider_timeout: Duration,
     max_deadline: Duration,
     log_payloads: bool,
+    access: Access,
 }
 
 impl Handler for GenerateHandler {
@@ -63,17 +65,46 @@ impl Handler for GenerateHandler {
         if self.log_payloads {
             tracing::debug!(prompt = %req.params.prompt, "prompt");
         }
+        // Who asks: 401/403 before any work, and the rate limits (a
+        // cache hit counts too).
+        let caller = self.access.identify(&meta, &req)?;
+        meta.team = caller.team_name().map(str::to_string);
+        let admission = self.access.admit(&caller, &req).await?;
         // Routing comes first: the pool it chooses is part of the cache key.
-        let decision = self.router.decide(&req);
-        let key = cache_key(&req, decision.target);
+        let mut decision = self.router.decide(&req);
+        if !self.access.allows(&caller, decision.target) {
+            // The key may use only the other pool (identify checked one is left).
+            decision.target = decision.target.other();
+            decision.reason_label = "key_restricted";
+            decision.reason = format!("{}; the key allows only this pool", decision.reason);
+        }
+        let key = scoped_cache_key(
+            &req,
+            decision.target,
+            &self.access.cache_scope(&caller, &req),
+        );
         let call = Call {
             meta: &meta,
             req: &req,
             decision: &decision,
             started,
             key: &key,
+            caller: &caller,
         };
-        match self.cache_outcome(&call).await {
+        let result = self.serve(&call).await;
+        let usage = result.as_ref().ok().map(|r| &r.completion.usage);
+        self.access.finish_admission(admission, usage);
+        if let Ok(resp) = &result {
+            self.access.record(&caller, &meta, resp).await;
+        }
+        result
+    }
+}
+
+impl GenerateHandler {
+    /// The cache, then the pools.
+    async fn serve(&self, call: &Call<'_>) -> Result<GenerateResponse, Error> {
+        match self.cache_outcome(call).await {
             Outcome::Reused {
                 answer,
                 event,
@@ -82,7 +113,7 @@ impl Handler for GenerateHandler {
                 if let Some(event) = event {
                     self.metrics.cache_event(event);
                 }
-                let result = Ok(self.reply_reused(answer, &call));
+                let result = Ok(self.reply_reused(answer, call));
                 // Identical requests here wait for this one: they get it too.
                 if let Some(guard) = leader {
                     guard.finish(&result);
@@ -94,7 +125,7 @@ impl Handler for GenerateHandler {
                 marker,
                 leader,
             } => {
-                let result = self.generate_and_store(&call, store, marker).await;
+                let result = self.generate_and_store(call, store, marker).await;
                 if let Some(guard) = leader {
                     guard.finish(&result);
                 }
@@ -170,6 +201,7 @@ struct Call<'a> {
     decision: &'a Decision,
     started: Instant,
     key: &'a str,
+    caller: &'a Caller,
 }
 
 impl GenerateHandler {
@@ -286,10 +318,7 @@ impl GenerateHandler {
         store: bool,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
-        let (result, answer) = match self
-            .generate(call.meta, call.req, call.decision, call.started)
-            .await
-        {
+        let (result, answer) = match self.generate(call).await {
             Ok((response, answer)) => (Ok(response), answer.filter(|_| store)),
             Err(e) => (Err(e), None),
         };
@@ -321,11 +350,15 @@ impl GenerateHandler {
     /// stand for that pool's answer either.
     async fn generate(
         &self,
-        meta: &RequestMeta,
-        req: &GenerateRequest,
-        decision: &Decision,
-        started: Instant,
+        call: &Call<'_>,
     ) -> Result<(GenerateResponse, Option<CachedAnswer>), Error> {
+        let (meta, req, decision, started) = (call.meta, call.req, call.decision, call.started);
+        // The most this can cost is reserved from every budget over the
+        // caller before any pool is asked, and settled to what it cost.
+        let holds = self
+            .access
+            .reserve(call.caller, req, meta, self.provider_timeout)
+            .await?;
         self.metrics
             .route_decisions
             .with_label_values(&[decision.target.as_str(), decision.reason_label])
@@ -336,6 +369,7 @@ impl GenerateHandler {
         let (reply, provider, fallback_reason) = match first {
             Ok(reply) => (reply, decision.target, None),
             Err(e) if !e.kind.allows_fallback() => return Err(e),
+            Err(e) if !self.access.allows(call.caller, decision.target.other()) => return Err(e),
             Err(first_err) => {
                 let other = decision.target.other();
                 self.metrics
@@ -377,6 +411,7 @@ impl GenerateHandler {
                 }
             }
         };
+        self.access.settle(holds, reply.cost_usd);
         let answer = fallback_reason.is_none().then(|| CachedAnswer {
             completion: reply.completion.clone(),
             provider,
@@ -429,6 +464,8 @@ impl GenerateHandler {
             request_id: meta.request_id.clone(),
             deadline: wait_until - grace,
             stream_inbox: meta.stream_inbox.clone(),
+            api_key: None,
+            team: meta.team.clone(),
         };
         let result = nats::request(
             &self.client,
@@ -514,6 +551,7 @@ pub async fn run(
         provider_timeout: Duration::from_millis(r.provider_timeout_ms),
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
+        access: Access::start(&client, cfg, &shutdown),
     });
     let spec = EndpointSpec {
         service: subjects.router_service.clone(),

@@ -3,8 +3,10 @@
 //! prompt to the local or cloud pool and falls back to the other pool when
 //! the chosen one fails.
 
+pub mod access;
 pub mod cache;
 pub mod coalesce;
+pub mod embedding;
 pub mod eval;
 pub mod handler;
 pub mod metrics;

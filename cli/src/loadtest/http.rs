@@ -20,6 +20,7 @@ pub enum Client {
     Tls {
         client: reqwest::Client,
         url: String,
+        authorization: Option<String>,
     },
 }
 
@@ -29,10 +30,13 @@ pub struct Plain {
     path: String,
     timeout: Duration,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
+    /// `Bearer <key>`, when requests carry an API key.
+    authorization: Option<String>,
 }
 
 impl Client {
-    pub fn new(url: &str, timeout: Duration) -> Result<Client, String> {
+    pub fn new(url: &str, timeout: Duration, api_key: Option<&str>) -> Result<Client, String> {
+        let authorization = api_key.map(|k| format!("Bearer {k}"));
         let parsed = reqwest::Url::parse(url).map_err(|e| format!("--url `{url}`: {e}"))?;
         if parsed.scheme() == "https" {
             let client = reqwest::Client::builder()
@@ -45,6 +49,7 @@ impl Client {
             return Ok(Client::Tls {
                 client,
                 url: url.to_string(),
+                authorization,
             });
         }
         let host = parsed
@@ -60,6 +65,7 @@ impl Client {
             path,
             timeout,
             idle: Mutex::new(Vec::new()),
+            authorization,
         }))
     }
 
@@ -70,14 +76,16 @@ impl Client {
                 Ok(r) => r,
                 Err(_) => Err("timeout".into()),
             },
-            Client::Tls { client, url } => {
-                let sent = client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| reqwest_error(&e))?;
+            Client::Tls {
+                client,
+                url,
+                authorization,
+            } => {
+                let mut req = client.post(url).header("content-type", "application/json");
+                if let Some(a) = authorization {
+                    req = req.header("authorization", a.as_str());
+                }
+                let sent = req.body(body).send().await.map_err(|e| reqwest_error(&e))?;
                 let status = sent.status().as_u16();
                 let b = sent.bytes().await.map_err(|e| reqwest_error(&e))?;
                 Ok((status, b))
@@ -88,9 +96,13 @@ impl Client {
 
 impl Plain {
     async fn post(&self, body: String) -> Exchange {
-        let req = hyper::Request::post(self.path.as_str())
+        let mut req = hyper::Request::post(self.path.as_str())
             .header(hyper::header::HOST, self.authority.as_str())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(a) = &self.authorization {
+            req = req.header(hyper::header::AUTHORIZATION, a.as_str());
+        }
+        let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|_| "request error".to_string())?;
         let (mut conn, pooled) = match self.idle_conn().await {

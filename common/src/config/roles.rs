@@ -72,6 +72,28 @@ service_role! {
         /// needs longer).
         pub max_deadline_ms: u64,
         pub routing: RoutingConfig,
+        pub embedding: EmbeddingConfig,
+    }
+}
+
+/// `[router.embedding]`: the sentence-embedding model the router loads
+/// when a feature needs it (the semantic cache, the learned router); one
+/// embedding per request serves both.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingConfig {
+    /// all-MiniLM-L6-v2's directory (`scripts/fetch-embed-model.sh`).
+    pub model_dir: String,
+    /// Embeddings computed at once (each uses one core).
+    pub max_concurrent: usize,
+}
+
+impl Default for EmbeddingConfig {
+    fn default() -> Self {
+        EmbeddingConfig {
+            model_dir: "models/all-MiniLM-L6-v2".into(),
+            max_concurrent: 2,
+        }
     }
 }
 
@@ -86,6 +108,7 @@ impl Default for RouterConfig {
             max_deadline_ms: 120_000,
             drain_timeout_ms: 10_000,
             routing: RoutingConfig::default(),
+            embedding: EmbeddingConfig::default(),
         }
     }
 }

@@ -12,6 +12,9 @@ pub const STREAM_INBOX: &str = "Optiroute-Stream-Inbox";
 /// The caller's API key on a generate request or batch job (the HTTP
 /// ingress copies `Authorization: Bearer <key>` here). Routers check it.
 pub const API_KEY: &str = "Optiroute-Api-Key";
+/// The caller's team, on the router's requests to a provider pool (the
+/// `team` label of `llm_total_cost_usd_total`).
+pub const TEAM: &str = "Optiroute-Team";
 /// `application/json` selects JSON bodies; anything else is MessagePack.
 pub const CONTENT_TYPE: &str = "Content-Type";
 pub const JSON_CONTENT_TYPE: &str = "application/json";
@@ -29,5 +32,7 @@ pub const HTTP_PROVIDER: &str = "x-optiroute-provider";
 pub const HTTP_ROUTED_TO: &str = "x-optiroute-routed-to";
 /// HTTP: `hit` or `miss`.
 pub const HTTP_CACHE: &str = "x-optiroute-cache";
+/// HTTP: narrows the cache scope (`cache_namespace`).
+pub const HTTP_CACHE_NAMESPACE: &str = "x-optiroute-cache-namespace";
 /// HTTP: what the request cost, in USD.
 pub const HTTP_COST_USD: &str = "x-optiroute-cost-usd";
