@@ -720,3 +720,75 @@ async fn spend_and_usage_equal_the_records() {
     })
     .await;
 }
+
+/// Through the whole pipeline (routers writing the records): `/v1/usage`
+/// and `/admin/spend` equal the sum of the costs the replies carried.
+#[tokio::test]
+async fn usage_and_admin_spend_equal_the_reply_costs() {
+    use optiroute_testkit::{FakeUpstream, Mode, Stack};
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Usage(
+        json!({"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}),
+    ))
+    .await;
+    let mut cfg = admin_config(&nats);
+    cfg.auth.mode = AuthMode::Required;
+    cfg.cloud.upstream.base_url = up.base_url();
+    let stack = Stack::start(cfg.clone()).await;
+    let api = Ingress {
+        base: stack.url(""),
+        http: reqwest::Client::new(),
+        cfg,
+        _shutdown: CancellationToken::new().drop_guard(),
+    };
+    let (s, _) = api
+        .admin(Method::POST, "/admin/teams", Some(json!({"name": "ops"})))
+        .await;
+    assert_eq!(s, 201);
+    let (_, k) = api
+        .admin(
+            Method::POST,
+            "/admin/keys",
+            Some(json!({"name": "svc", "team": "ops", "budget_usd": 1.0})),
+        )
+        .await;
+    let secret = k["key"].as_str().unwrap();
+    wait_until(
+        "the key known to the ingress",
+        Duration::from_secs(10),
+        || {
+            let call = api.call(Method::GET, "/v1/usage", Some(secret), None);
+            async { call.await.0 == 200 }
+        },
+    )
+    .await;
+    let mut costs = Vec::new();
+    for (i, provider) in ["cloud", "cloud", "local", "cloud"].iter().enumerate() {
+        let body = json!({"prompt": format!("question {i}"), "provider": provider, "max_tokens": 5, "user": "u7"});
+        let (s, b) = api
+            .call(Method::POST, "/generate", Some(secret), Some(body))
+            .await;
+        assert_eq!(s, 200, "{b}");
+        costs.push(b["cost"].as_f64().unwrap());
+    }
+    let want: u64 = costs.iter().map(|c| to_nanos(*c)).sum();
+    assert!(want > 0);
+    wait_until("4 spend records", Duration::from_secs(10), || {
+        let call = api.call(Method::GET, "/v1/usage", Some(secret), None);
+        async { call.await.1["requests"] == 4 }
+    })
+    .await;
+    let (_, usage) = api.call(Method::GET, "/v1/usage", Some(secret), None).await;
+    assert_eq!(usage["cost_nanos"], want, "{usage}");
+    assert_eq!(usage["by_pool"]["cloud"]["requests"], 3);
+    assert_eq!(usage["by_pool"]["local"]["requests"], 1);
+    assert_eq!(usage["by_pool"]["cloud"]["prompt_tokens"], 30);
+    assert_eq!(usage["team"]["cost_nanos"], want);
+    assert_eq!(usage["remaining_usd"], (1_000_000_000 - want) as f64 / 1e9);
+    let (_, by_user) = api
+        .admin(Method::GET, "/admin/spend?group_by=user", None)
+        .await;
+    assert_eq!(by_user["groups"][0]["user"], "u7", "{by_user}");
+    assert_eq!(by_user["groups"][0]["cost_nanos"], want);
+    assert_eq!(by_user["total"]["cost_nanos"], want);
+}
