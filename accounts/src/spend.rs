@@ -250,3 +250,33 @@ pub async fn scan(
         )
     })?
 }
+
+/// How far a record's own time (`ts_ms`, the replying router's clock) may
+/// trail the time the stream stored it (the NATS server's clock): reads
+/// start this much earlier and then keep records by `ts_ms`.
+pub const CLOCK_SKEW_MS: u64 = 5 * 60_000;
+
+/// Like [`scan`], keeping the records whose `ts_ms` falls in
+/// `[start_ms, end_ms)` (no end: up to now). A record belongs to the
+/// window its reply was made in, whenever the stream stored it.
+pub async fn scan_window(
+    js: &jetstream::Context,
+    stream_name: &str,
+    filter: &str,
+    start_ms: u64,
+    end_ms: Option<u64>,
+    limit: Duration,
+    mut each: impl FnMut(SpendRecord),
+) -> Result<(), Error> {
+    let since = if start_ms == 0 {
+        0
+    } else {
+        start_ms.saturating_sub(CLOCK_SKEW_MS).max(1)
+    };
+    scan(js, stream_name, filter, since, limit, |r| {
+        if r.ts_ms >= start_ms && end_ms.is_none_or(|end| r.ts_ms < end) {
+            each(r);
+        }
+    })
+    .await
+}

@@ -2,6 +2,7 @@
 //! deadline, sends it to the router over NATS and maps the answer (or the
 //! error) to HTTP.
 
+mod admin_api;
 mod batches;
 mod error;
 mod limits;
@@ -60,6 +61,9 @@ struct Inner {
     /// key is refused here (401) before it reaches NATS; the router checks
     /// again, as it does for every other entry point.
     directory: Option<Arc<optiroute_accounts::Directory>>,
+    /// The accounts bucket and spend stream for the admin API and
+    /// `/v1/usage`, opened on first use.
+    accounts: tokio::sync::OnceCell<admin_api::Accounts>,
 }
 
 impl AppState {
@@ -92,6 +96,7 @@ impl AppState {
                 config: cfg.clone(),
                 limits: limits::Limits::new(&cfg.ingress),
                 cloud_models: cfg.cloud.models().map(str::to_string).collect(),
+                accounts: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -123,6 +128,7 @@ pub fn app(state: AppState, with_metrics: bool) -> Router {
     };
     router
         .merge(ui::routes())
+        .merge(admin_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
