@@ -30,7 +30,8 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// One served request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpendRecord {
-    /// Unix ms when the reply was made.
+    /// Unix ms when the request was admitted (the time that chose its
+    /// budget windows, so the ledger and the records agree on its period).
     pub ts_ms: u64,
     pub request_id: String,
     pub key_id: String,

@@ -26,6 +26,10 @@ pub struct Caller {
     pub key: Option<Arc<KeyRecord>>,
     pub team: Option<Arc<TeamRecord>>,
     pub user: Option<String>,
+    /// When the request was admitted (Unix ms): it picks the budget
+    /// windows and stamps the spend record, so both put the request in
+    /// the same period even at a boundary.
+    pub at_ms: u64,
 }
 
 impl Caller {
@@ -131,6 +135,7 @@ impl Access {
         let Some(dir) = &self.directory else {
             return Ok(Caller {
                 user: req.user.clone(),
+                at_ms: optiroute_accounts::store::now_ms(),
                 ..Caller::default()
             });
         };
@@ -140,6 +145,7 @@ impl Access {
             key: Some(key),
             team,
             user: req.user.clone(),
+            at_ms: optiroute_accounts::store::now_ms(),
         };
         let asked = match req.provider {
             ProviderChoice::Auto => None,
@@ -326,7 +332,7 @@ impl Access {
     }
 
     fn budgets(&self, caller: &Caller, k: &KeyRecord) -> Vec<Budget> {
-        let now = optiroute_accounts::store::now_ms();
+        let now = caller.at_ms;
         let mut out = Vec::new();
         if let Some(usd) = k.budget_usd {
             let w = k.budget_period.window(now);
@@ -402,7 +408,7 @@ impl Access {
         }
         let u = &resp.completion.usage;
         log.record(SpendRecord {
-            ts_ms: optiroute_accounts::store::now_ms(),
+            ts_ms: caller.at_ms,
             request_id: meta.request_id.clone(),
             key_id: caller.key_id().to_string(),
             team: caller.team_name().map(str::to_string),
