@@ -655,9 +655,19 @@ async fn the_official_openai_python_client_uses_keys() {
     let cfg = config(&nats, &up);
     let stack = Stack::start(cfg.clone()).await;
     let s = store(&cfg).await;
-    let key = s.create_key(NewKey { name: "py".into(), ..NewKey::default() }).await.unwrap();
+    let key = s
+        .create_key(NewKey {
+            name: "py".into(),
+            ..NewKey::default()
+        })
+        .await
+        .unwrap();
     let spent = s
-        .create_key(NewKey { name: "spent".into(), budget_usd: Some(0.0), ..NewKey::default() })
+        .create_key(NewKey {
+            name: "spent".into(),
+            budget_usd: Some(0.0),
+            ..NewKey::default()
+        })
         .await
         .unwrap();
     until_known(std::slice::from_ref(&stack), &key.key).await;
@@ -671,7 +681,11 @@ async fn the_official_openai_python_client_uses_keys() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for line in ["key ok", "stream ok", "wrong key ok", "budget ok"] {
         assert!(stdout.contains(line), "{stdout}");
     }
@@ -679,10 +693,89 @@ async fn the_official_openai_python_client_uses_keys() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let records = spend_records(&cfg, &key.record.id).await;
-        if records.iter().any(|r| r.user.as_deref() == Some("end-user-42")) {
+        if records
+            .iter()
+            .any(|r| r.user.as_deref() == Some("end-user-42"))
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "no record for the end user: {records:?}");
+        assert!(
+            Instant::now() < deadline,
+            "no record for the end user: {records:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_spend_and_budgets_survive_a_restart_of_every_process_and_nats() {
+    let mut nats = NatsServer::start();
+    let up = fixed_usage_upstream().await;
+    let cfg = config(&nats, &up);
+    let stack = Stack::start(cfg.clone()).await;
+    let k = store(&cfg)
+        .await
+        .create_key(NewKey {
+            name: "durable".into(),
+            budget_usd: Some(6.0 * COST),
+            budget_period: Some(Period::Total),
+            ..NewKey::default()
+        })
+        .await
+        .unwrap();
+    until_known(std::slice::from_ref(&stack), &k.key).await;
+    let url = stack.url("/generate");
+    for i in 0..3 {
+        let (status, _, body) = post(
+            &url,
+            Some(&k.key),
+            &json!({"prompt": format!("before {i}"), "provider": "cloud", "max_tokens": 20}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let entry = format!("b.k.{}.total", k.record.id);
+    optiroute_testkit::wait_until("flushed", Duration::from_secs(5), || {
+        let (cfg, entry) = (&cfg, &entry);
+        async move { ledger_used(cfg, entry).await == 3 * to_nanos(COST) }
+    })
+    .await;
+    // Everything stops (the stack gives its leases back), then NATS too.
+    stack.shutdown.cancel();
+    drop(stack);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.restart();
+    let stack = Stack::start(cfg.clone()).await;
+    until_known(std::slice::from_ref(&stack), &k.key).await;
+    assert_eq!(
+        ledger_used(&cfg, &entry).await,
+        3 * to_nanos(COST),
+        "spend survived"
+    );
+    assert_eq!(
+        spend_records(&cfg, &k.record.id).await.len(),
+        3,
+        "records survived"
+    );
+    // The budget goes on from there: 6 in total, 3 spent, so 2 more fit
+    // (a reservation is 1.5 requests at most) and the next is refused.
+    let url = stack.url("/generate");
+    let mut served = 0;
+    for i in 0..5 {
+        let (status, _, body) = post(
+            &url,
+            Some(&k.key),
+            &json!({"prompt": format!("after {i}"), "provider": "cloud", "max_tokens": 20}),
+        )
+        .await;
+        match status {
+            200 => served += 1,
+            429 => assert_eq!(body["error"]["code"], "budget_exceeded"),
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(
+        (2..=3).contains(&served),
+        "{served} served after the restart"
+    );
 }
