@@ -12,7 +12,8 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    Completion, GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
+    Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice, ProviderReply,
+    ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -23,6 +24,7 @@ use crate::access::{Access, Caller};
 use crate::cache::{scoped_cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
 use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
 use crate::metrics::{CacheEvent, RouterMetrics};
+use crate::overflow::LocalLoad;
 use crate::routing::{Decision, Router};
 
 /// How much earlier than the router a provider gives up on an attempt.
@@ -45,6 +47,7 @@ pub struct GenerateHandler {
     max_deadline: Duration,
     log_payloads: bool,
     access: Access,
+    local_load: Arc<LocalLoad>,
 }
 
 impl Handler for GenerateHandler {
@@ -78,6 +81,27 @@ impl Handler for GenerateHandler {
             decision.reason_label = "key_restricted";
             decision.reason = format!("{}; the key allows only this pool", decision.reason);
         }
+        let mut local_slot = None;
+        if decision.target == Pool::Local {
+            let may_overflow =
+                req.provider == ProviderChoice::Auto && self.access.allows(&caller, Pool::Cloud);
+            match self.local_load.claim(may_overflow) {
+                Ok(slot) => local_slot = Some(slot),
+                Err(wait) => {
+                    let wait = wait.map_or_else(
+                        || "the local pool is full".to_string(),
+                        |w| format!("the local pool's expected wait is {} ms", w.as_millis()),
+                    );
+                    decision.target = Pool::Cloud;
+                    decision.reason_label = "overflow";
+                    decision.reason = format!(
+                        "overflow: {wait}, past router.routing.local_max_wait_ms = {}; {}",
+                        self.local_load.max_wait().as_millis(),
+                        decision.reason
+                    );
+                }
+            }
+        }
         let key = scoped_cache_key(
             &req,
             decision.target,
@@ -92,6 +116,10 @@ impl Handler for GenerateHandler {
             caller: &caller,
         };
         let result = self.serve(&call).await;
+        if let (Some(slot), Ok(r)) = (local_slot.as_mut(), &result) {
+            slot.served = !r.cached && r.provider == Pool::Local;
+        }
+        drop(local_slot);
         let usage = result.as_ref().ok().map(|r| &r.completion.usage);
         self.access.finish_admission(admission, usage);
         if let Ok(resp) = &result {
@@ -552,6 +580,12 @@ pub async fn run(
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
         access: Access::start(&client, cfg, &shutdown),
+        local_load: LocalLoad::start(
+            &client,
+            &subjects.local_service,
+            r.routing.local_max_wait_ms,
+            &shutdown,
+        ),
     });
     let spec = EndpointSpec {
         service: subjects.router_service.clone(),

@@ -10,6 +10,7 @@ pub mod embedding;
 pub mod eval;
 pub mod handler;
 pub mod metrics;
+pub mod overflow;
 pub mod routing;
 
 pub use handler::{process, run, Running};
