@@ -179,6 +179,10 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long settled spend waits to be written back with the settles that
+/// follow it: one KV write per entry and router at most this often.
+pub const FLUSH_BATCH: Duration = Duration::from_millis(20);
+
 impl Ledger {
     pub fn new(
         js: jetstream::Context,
@@ -298,7 +302,10 @@ impl Hold {
             }
         }
         self.slot.changed.notify_waiters();
-        self.slot.dirty.notify_one();
+        if budget {
+            // Settled spend to write back; a rate limit has nothing to write.
+            self.slot.dirty.notify_one();
+        }
     }
 }
 
@@ -633,7 +640,11 @@ impl LedgerInner {
                     let _ = self.give_back(&slot).await;
                     return;
                 }
-                _ = slot.dirty.notified() => true,
+                _ = slot.dirty.notified() => {
+                    // Settles that come meanwhile go in the same write.
+                    tokio::time::sleep(FLUSH_BATCH).await;
+                    true
+                }
                 _ = tokio::time::sleep(s.lease_idle.min(renew)) => false,
             };
             let budget = matches!(

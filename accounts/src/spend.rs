@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use optiroute_common::protocol::headers::NATS_MSG_ID;
 use optiroute_common::wire::Pool;
@@ -51,14 +51,23 @@ pub struct SpendRecord {
     pub cached: bool,
 }
 
-/// Publishes records. Each is published once with a fresh message id
-/// (retries reuse it, so JetStream's deduplication counts it once).
+/// Publishes records. Records are packed: every [`PACK_WINDOW`] (or
+/// [`PACK_MAX`] records) one message per key holds its records, one JSON
+/// object a line, so the stream takes one write for many requests. Each
+/// message is published with a fresh message id that its retries reuse,
+/// so JetStream's deduplication stores it once.
 #[derive(Clone)]
 pub struct SpendLog {
-    js: jetstream::Context,
-    subjects: optiroute_common::protocol::Subjects,
-    slots: Arc<Semaphore>,
+    tx: mpsc::Sender<SpendRecord>,
 }
+
+/// Longest a record waits to be packed with others.
+pub const PACK_WINDOW: Duration = Duration::from_millis(20);
+/// Most records packed into one message.
+pub const PACK_MAX: usize = 512;
+/// Records waiting to be published; one more waits for room, so a slow
+/// stream slows replies instead of growing a queue.
+const QUEUE: usize = 16_384;
 
 /// Creates the spend stream if it is missing.
 pub async fn ensure_stream(
@@ -88,59 +97,112 @@ pub async fn ensure_stream(
 
 impl SpendLog {
     pub fn new(js: jetstream::Context, prefix: &str) -> Self {
-        SpendLog {
-            js,
-            subjects: optiroute_common::protocol::Subjects::new(prefix),
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let subjects = optiroute_common::protocol::Subjects::new(prefix);
+        tokio::spawn(pack(js, subjects, rx));
+        SpendLog { tx }
     }
 
-    /// Publishes `rec` in the background (its ack awaited there, retried
-    /// a few times over ~10 s); waits only when `MAX_IN_FLIGHT` records
-    /// are already on their way.
+    /// Queues `rec` for publishing (waits only when [`QUEUE`] records are
+    /// already waiting).
     pub async fn record(&self, rec: SpendRecord) {
-        let Ok(slot) = self.slots.clone().acquire_owned().await else {
-            return;
-        };
-        let body = match serde_json::to_vec(&rec) {
-            Ok(b) => bytes::Bytes::from(b),
-            Err(e) => {
-                tracing::error!(error = %e, "spend record not encodable");
-                return;
-            }
-        };
-        let subject = self.subjects.spend(&rec.key_id);
-        let js = self.js.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MSG_ID, nuid::next().as_str());
-            let mut delay = Duration::from_millis(50);
-            for attempt in 1..=8 {
-                let sent = js
-                    .publish_with_headers(subject.clone(), headers.clone(), body.clone())
-                    .await;
-                let acked = match sent {
-                    Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
-                        .await
-                        .map_err(|_| "no ack within 5 s".to_string())
-                        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-                    Err(e) => Err(e.to_string()),
-                };
-                match acked {
-                    Ok(()) => return,
-                    Err(e) if attempt == 8 => {
-                        tracing::error!(request_id = %rec.request_id, key_id = %rec.key_id, cost_usd = rec.cost_usd, error = %e, "spend record lost after 8 attempts");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "spend record not stored yet; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
+        if self.tx.send(rec).await.is_err() {
+            tracing::error!("spend log stopped; record lost");
+        }
     }
+}
+
+/// Packs queued records per key and publishes them; ends when every
+/// [`SpendLog`] is gone and the queue is drained.
+async fn pack(
+    js: jetstream::Context,
+    subjects: optiroute_common::protocol::Subjects,
+    mut rx: mpsc::Receiver<SpendRecord>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + PACK_WINDOW;
+        while batch.len() < PACK_MAX {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                _ => break,
+            }
+        }
+        let mut by_key: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut counts: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        for r in &batch {
+            let body = by_key.entry(r.key_id.clone()).or_default();
+            if serde_json::to_writer(&mut *body, r).is_err() {
+                tracing::error!(request_id = %r.request_id, "spend record not encodable");
+                continue;
+            }
+            body.push(b'\n');
+            let c = counts.entry(r.key_id.clone()).or_default();
+            c.0 += 1;
+            c.1 += r.cost_usd;
+        }
+        for (key_id, body) in by_key {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let subject = subjects.spend(&key_id);
+            let js = js.clone();
+            let (n, cost) = counts.get(&key_id).copied().unwrap_or_default();
+            tokio::spawn(async move {
+                let _slot = slot;
+                publish(&js, subject, bytes::Bytes::from(body), &key_id, n, cost).await;
+            });
+        }
+    }
+}
+
+/// Publishes one packed message, retried 8 times over ~10 s.
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    body: bytes::Bytes,
+    key_id: &str,
+    records: usize,
+    cost_usd: f64,
+) {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MSG_ID, nuid::next().as_str());
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=8 {
+        let sent = js
+            .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await;
+        let acked = match sent {
+            Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
+                .await
+                .map_err(|_| "no ack within 5 s".to_string())
+                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        match acked {
+            Ok(()) => return,
+            Err(e) if attempt == 8 => {
+                tracing::error!(%key_id, records, cost_usd, error = %e, "spend records lost after 8 attempts");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "spend records not stored yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The records of one stored message (one JSON object a line; a message
+/// written before packing holds one).
+pub fn records_of(
+    payload: &[u8],
+) -> impl Iterator<Item = Result<SpendRecord, serde_json::Error>> + '_ {
+    payload
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(serde_json::from_slice::<SpendRecord>)
 }
 
 /// Totals of a group of records.
@@ -232,10 +294,12 @@ pub async fn scan(
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| unavailable(&e))?;
             let info = m.info().map_err(|e| unavailable(&e))?;
-            match serde_json::from_slice::<SpendRecord>(&m.payload) {
-                Ok(r) => each(r),
-                Err(e) => {
-                    tracing::warn!(seq = info.stream_sequence, error = %e, "unreadable spend record skipped")
+            for r in records_of(&m.payload) {
+                match r {
+                    Ok(r) => each(r),
+                    Err(e) => {
+                        tracing::warn!(seq = info.stream_sequence, error = %e, "unreadable spend record skipped")
+                    }
                 }
             }
             if info.stream_sequence >= last || info.pending == 0 {
