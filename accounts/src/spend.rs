@@ -59,7 +59,17 @@ pub struct SpendRecord {
 #[derive(Clone)]
 pub struct SpendLog {
     tx: mpsc::Sender<SpendRecord>,
+    closing: tokio_util::sync::CancellationToken,
+    packer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Records dropped because the queue stayed full (JetStream down):
+    /// logged one by one, counted here.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Longest a reply waits for room in the queue before its record is
+/// dropped (with an error logged): a stream that is down must not hold
+/// replies that were already charged.
+const QUEUE_WAIT: Duration = Duration::from_millis(50);
 
 /// Longest a record waits to be packed with others.
 pub const PACK_WINDOW: Duration = Duration::from_millis(20);
@@ -99,15 +109,37 @@ impl SpendLog {
     pub fn new(js: jetstream::Context, prefix: &str) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let subjects = optiroute_common::protocol::Subjects::new(prefix);
-        tokio::spawn(pack(js, subjects, rx));
-        SpendLog { tx }
+        let closing = tokio_util::sync::CancellationToken::new();
+        let packer = tokio::spawn(pack(js, subjects, rx, closing.clone()));
+        SpendLog {
+            tx,
+            closing,
+            packer: Arc::new(std::sync::Mutex::new(Some(packer))),
+            dropped: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
     }
 
-    /// Queues `rec` for publishing (waits only when [`QUEUE`] records are
-    /// already waiting).
+    /// Queues `rec` for publishing; waits at most [`QUEUE_WAIT`] for room.
     pub async fn record(&self, rec: SpendRecord) {
-        if self.tx.send(rec).await.is_err() {
-            tracing::error!("spend log stopped; record lost");
+        use tokio::sync::mpsc::error::SendTimeoutError;
+        match self.tx.send_timeout(rec, QUEUE_WAIT).await {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(r) | SendTimeoutError::Closed(r)) => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(request_id = %r.request_id, key_id = %r.key_id, cost_usd = r.cost_usd, "spend record dropped: the spend stream is not keeping up");
+            }
+        }
+    }
+
+    /// Publishes what is queued and waits (up to `limit`) until it is stored.
+    pub async fn close(&self, limit: Duration) {
+        self.closing.cancel();
+        let packer = self.packer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(p) = packer {
+            if tokio::time::timeout(limit, p).await.is_err() {
+                tracing::warn!("spend records still unpublished at shutdown");
+            }
         }
     }
 }
@@ -118,9 +150,18 @@ async fn pack(
     js: jetstream::Context,
     subjects: optiroute_common::protocol::Subjects,
     mut rx: mpsc::Receiver<SpendRecord>,
+    closing: tokio_util::sync::CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    while let Some(first) = rx.recv().await {
+    let publishing = tokio_util::task::TaskTracker::new();
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = closing.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else {
+            break;
+        };
         let mut batch = vec![first];
         let until = tokio::time::Instant::now() + PACK_WINDOW;
         while batch.len() < PACK_MAX {
@@ -149,12 +190,14 @@ async fn pack(
             let subject = subjects.spend(&key_id);
             let js = js.clone();
             let (n, cost) = counts.get(&key_id).copied().unwrap_or_default();
-            tokio::spawn(async move {
+            publishing.spawn(async move {
                 let _slot = slot;
                 publish(&js, subject, bytes::Bytes::from(body), &key_id, n, cost).await;
             });
         }
     }
+    publishing.close();
+    publishing.wait().await;
 }
 
 /// Publishes one packed message, retried 8 times over ~10 s.

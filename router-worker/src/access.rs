@@ -87,7 +87,6 @@ impl Access {
                     budget_wait: Duration::from_millis(cfg.auth.budget_wait_ms),
                     replicas: cfg.nats.replicas,
                 },
-                shutdown.clone(),
             )
         });
         let record = required || cfg.auth.record_anonymous;
@@ -215,14 +214,18 @@ impl Access {
     }
 
     /// Takes the request's rate-limit capacity (a cache hit counts too).
-    pub async fn admit(&self, caller: &Caller, req: &GenerateRequest) -> Result<Admission, Error> {
+    pub async fn admit(
+        &self,
+        caller: &Caller,
+        req: &GenerateRequest,
+        deadline: Instant,
+    ) -> Result<Admission, Error> {
         let (Some(ledger), Some(k)) = (&self.ledger, &caller.key) else {
             return Ok(Admission {
                 rpm: None,
                 tpm: None,
             });
         };
-        let now = Instant::now();
         let rpm = match k.rpm {
             Some(limit) => Some(
                 ledger
@@ -233,7 +236,7 @@ impl Access {
                         },
                         1,
                         None,
-                        now,
+                        deadline,
                     )
                     .await?
                     .map_err(|r| rate_error("requests", limit, &r))?,
@@ -252,7 +255,7 @@ impl Access {
                             },
                             need,
                             None,
-                            now,
+                            deadline,
                         )
                         .await?
                         .map_err(|r| rate_error("tokens", limit, &r))?,
@@ -426,6 +429,17 @@ impl Access {
 
     pub fn required(&self) -> bool {
         self.mode == AuthMode::Required
+    }
+
+    /// After the service drained: writes back every settled spend, gives
+    /// the leases back and stores the queued spend records.
+    pub async fn close(&self) {
+        if let Some(l) = &self.ledger {
+            l.close(Duration::from_secs(5)).await;
+        }
+        if let Some(s) = &self.spend {
+            s.close(Duration::from_secs(5)).await;
+        }
     }
 }
 

@@ -72,7 +72,10 @@ impl Handler for GenerateHandler {
         // cache hit counts too).
         let caller = self.access.identify(&meta, &req)?;
         meta.team = caller.team_name().map(str::to_string);
-        let admission = self.access.admit(&caller, &req).await?;
+        let admission = self
+            .access
+            .admit(&caller, &req, Instant::now() + meta.remaining())
+            .await?;
         // Routing comes first: the pool it chooses is part of the cache key.
         let mut decision = self.router.decide(&req);
         if !self.access.allows(&caller, decision.target) {
@@ -597,13 +600,19 @@ pub async fn run(
         reply_prefixes: cfg.nats.allowed_reply_prefixes(),
         stats_data: None,
     };
-    let task = tokio::spawn(service::serve(
+    let served = service::serve(
         client,
         spec,
-        handler,
+        handler.clone(),
         metrics.service.clone(),
         shutdown,
-    ));
+    );
+    let task = tokio::spawn(async move {
+        let r = served.await;
+        // Drained: what the last requests settled is written back.
+        handler.access.close().await;
+        r
+    });
     Ok(Running {
         admin_addr,
         metrics,
