@@ -694,6 +694,7 @@ fn unfinished(line: u64, cancelled: bool) -> BatchResult {
             message: "the batch was cancelled".into(),
             param: None,
             retry_after_secs: None,
+            charged: None,
         };
         (ResultStatus::Cancelled, Some(error))
     } else {

@@ -443,6 +443,7 @@ async fn handle(ctx: &Ctx, msg: &Message) {
             message: "the batch was cancelled".into(),
             param: None,
             retry_after_secs: None,
+            charged: None,
         };
         finish(
             ctx,
@@ -588,6 +589,7 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
             ),
             param: None,
             retry_after_secs: None,
+            charged: None,
         }),
         custom_id: result.custom_id.filter(|c| c.len() <= MAX_CUSTOM_ID_BYTES),
         ..result

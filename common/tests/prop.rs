@@ -208,7 +208,7 @@ proptest! {
         message in text(),
     ) {
         round_trips(&StreamChunk { index, delta })?;
-        round_trips(&ErrorBody { code, message, param: None, retry_after_secs: None })?;
+        round_trips(&ErrorBody { code, message, param: None, retry_after_secs: None, charged: None })?;
     }
 
     #[test]

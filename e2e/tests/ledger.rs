@@ -216,7 +216,11 @@ async fn closing_waits_for_the_requests_in_flight_and_writes_their_spend_back() 
     let l = ledgers(&nats, 1).await.remove(0);
     let limit = Limit::Budget { capacity: 1_000 };
     let far = Instant::now() + Duration::from_secs(30);
-    let hold = l.reserve("budget.c.total", limit, 50, None, far).await.unwrap().unwrap();
+    let hold = l
+        .reserve("budget.c.total", limit, 50, None, far)
+        .await
+        .unwrap()
+        .unwrap();
     // The service drains: the request settles after close began.
     let closing = {
         let l = l.clone();
@@ -243,19 +247,40 @@ async fn a_lowered_budget_holds_against_capacity_leased_before() {
     let far = || Instant::now() + Duration::from_secs(30);
     // Under 1,000 the lease takes a chunk beyond the 10 reserved.
     let h = l
-        .reserve("budget.l.total", Limit::Budget { capacity: 1_000 }, 10, None, far())
+        .reserve(
+            "budget.l.total",
+            Limit::Budget { capacity: 1_000 },
+            10,
+            None,
+            far(),
+        )
         .await
         .unwrap()
         .unwrap();
     l.settle(h, 10);
     // The budget is lowered to 15: 10 spent, so 10 more do not fit.
     let r = l
-        .reserve("budget.l.total", Limit::Budget { capacity: 15 }, 10, None, far())
+        .reserve(
+            "budget.l.total",
+            Limit::Budget { capacity: 15 },
+            10,
+            None,
+            far(),
+        )
         .await
         .unwrap();
-    assert!(r.as_ref().is_err_and(|r| r.exhausted), "served past a lowered budget");
+    assert!(
+        r.as_ref().is_err_and(|r| r.exhausted),
+        "served past a lowered budget"
+    );
     let h = l
-        .reserve("budget.l.total", Limit::Budget { capacity: 15 }, 5, None, far())
+        .reserve(
+            "budget.l.total",
+            Limit::Budget { capacity: 15 },
+            5,
+            None,
+            far(),
+        )
         .await
         .unwrap()
         .unwrap();

@@ -779,3 +779,59 @@ async fn keys_spend_and_budgets_survive_a_restart_of_every_process_and_nats() {
         "{served} served after the restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_breaks_off_is_charged_for_what_it_streamed() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::StreamBreaksAfter(3)).await;
+    let cfg = config(&nats, &up);
+    let stack = Stack::start(cfg.clone()).await;
+    let k = store(&cfg)
+        .await
+        .create_key(NewKey {
+            name: "streamer".into(),
+            budget_usd: Some(1.0),
+            budget_period: Some(Period::Total),
+            ..NewKey::default()
+        })
+        .await
+        .unwrap();
+    until_known(std::slice::from_ref(&stack), &k.key).await;
+    let resp = reqwest::Client::new()
+        .post(stack.url("/v1/chat/completions"))
+        .bearer_auth(&k.key)
+        .json(&json!({"model": "cloud", "stream": true, "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "stream then break"}]}))
+        .send()
+        .await
+        .unwrap();
+    // The stream started (200) and ends with an error event.
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("stream_interrupted"), "{text}");
+    // Charged: the ledger, the record and the metric agree, and are not zero.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let r = spend_records(&cfg, &k.record.id).await;
+        if !r.is_empty() || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(records.len(), 1, "{records:?}");
+    let charged = records[0].cost_nanos;
+    assert!(charged > 0, "{records:?}");
+    assert!(records[0].completion_tokens >= 3, "{records:?}");
+    let entry = format!("b.k.{}.total", k.record.id);
+    optiroute_testkit::wait_until("ledger flushed", Duration::from_secs(5), || {
+        let (cfg, entry) = (&cfg, &entry);
+        async move { ledger_used(cfg, entry).await == charged }
+    })
+    .await;
+    let cloud = scrape(stack.cloud.as_ref().unwrap().admin_addr).await;
+    let metered = metric(&cloud, "llm_total_cost_usd_total", &[("provider", "cloud")]).unwrap();
+    assert!(
+        (to_nanos(metered) as i64 - charged as i64).abs() <= 1,
+        "{metered}"
+    );
+}

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use async_nats::Client;
 use optiroute_common::admin;
 use optiroute_common::config::{CloudConfig, Config, LocalEngineKind, ServiceSettings};
-use optiroute_common::cost::{cloud_cost, local_cost};
+use optiroute_common::cost::{cloud_cost, estimate_tokens, local_cost};
+use optiroute_common::error::Charge;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::protocol::BREAKER_STATS_FIELD;
 use optiroute_common::service::{self, EndpointSpec, Handler, StatsData};
 use optiroute_common::subjects::Subjects;
-use optiroute_common::wire::{Completion, Pool, ProviderReply, ProviderRequest};
+use optiroute_common::wire::{Completion, Pool, ProviderReply, ProviderRequest, Usage};
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -175,6 +176,7 @@ struct ProviderHandler<E> {
     pricing: Pricing,
     metrics: ProviderMetrics,
     max_prompt_bytes: usize,
+    model: String,
 }
 
 impl<E: Engine> Handler for ProviderHandler<E> {
@@ -244,6 +246,7 @@ impl<E: Engine> ProviderHandler<E> {
             )
         })?;
         let mut sink = ChunkSink::new(self.client.clone(), inbox);
+        let started = Instant::now();
         let result = tokio::select! {
             r = self.engine.generate(meta, req, Some(&mut sink)) => r,
             _ = futures::StreamExt::next(&mut cancel) => {
@@ -253,11 +256,51 @@ impl<E: Engine> ProviderHandler<E> {
         };
         let _ = cancel.unsubscribe().await;
         match result {
-            Err(e) if sink.started() && e.kind.allows_fallback() => Err(Error::new(
-                ErrorKind::StreamInterrupted,
-                format!("the stream broke after its first token: {}", e.message),
-            )),
+            // Tokens went out, so they were paid for: the error carries
+            // what was spent up to there, and the router charges it.
+            Err(e)
+                if sink.started()
+                    && (e.kind.allows_fallback() || e.kind == ErrorKind::Cancelled) =>
+            {
+                let (kind, message) = if e.kind == ErrorKind::Cancelled {
+                    (e.kind, e.message)
+                } else {
+                    (
+                        ErrorKind::StreamInterrupted,
+                        format!("the stream broke after its first token: {}", e.message),
+                    )
+                };
+                let charge = self.partial_charge(req, &sink, started.elapsed().as_secs_f64());
+                let team = self.metrics.team_label(meta.team.as_deref());
+                self.metrics
+                    .cost
+                    .with_label_values(&[self.pool.as_str(), &charge.model, &team])
+                    .inc_by(charge.cost_usd);
+                let mut err = Error::new(kind, message);
+                err.charged = Some(Box::new(charge));
+                Err(err)
+            }
             other => other,
+        }
+    }
+
+    /// What a stream that ended early cost: for the cloud, the prompt and
+    /// the text streamed, in estimated tokens (about four bytes each, at
+    /// least one per chunk); locally, the time it ran.
+    fn partial_charge(&self, req: &ProviderRequest, sink: &ChunkSink, seconds: f64) -> Charge {
+        let prompt = estimate_tokens(&req.text());
+        let completion = sink.tokens_estimate();
+        let usage = Usage::new(prompt, completion, true);
+        let model = req.model_id.clone().unwrap_or_else(|| self.model.clone());
+        let cost_usd = match &self.pricing {
+            Pricing::Local { price_per_second } => local_cost(*price_per_second, seconds),
+            Pricing::Cloud(cfg) => cloud_cost(cfg, &model, &usage),
+        };
+        Charge {
+            pool: self.pool,
+            model,
+            usage,
+            cost_usd,
         }
     }
 }
@@ -302,6 +345,8 @@ struct PoolSetup<E> {
     engine: E,
     pricing: Pricing,
     spec: EndpointSpec,
+    /// The model named in a charge for a stream that broke off.
+    model: String,
 }
 
 async fn start<E: Engine>(
@@ -327,6 +372,7 @@ async fn start<E: Engine>(
         pricing: setup.pricing,
         metrics: metrics.clone(),
         max_prompt_bytes: setup.spec.settings.max_prompt_bytes,
+        model: setup.model,
     });
     // The engine's load (the embedded engine's sequences, queue, tokens/s)
     // as the endpoint's `$SRV.STATS` data, unless the pool publishes its own.
@@ -429,6 +475,10 @@ pub async fn run_local(
             price_per_second: c.price_per_second,
         },
         spec,
+        model: optiroute_common::protocol::models::local_models(cfg)
+            .into_iter()
+            .next()
+            .unwrap_or_default(),
     };
     start(client, setup, metrics, shutdown).await
 }
@@ -493,6 +543,7 @@ pub async fn run_cloud(
         engine,
         pricing: Pricing::Cloud(c.clone()),
         spec,
+        model: c.upstream.model.clone(),
     };
     start(client, setup, metrics, shutdown).await
 }

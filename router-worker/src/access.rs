@@ -13,6 +13,7 @@ use optiroute_accounts::spend::{SpendLog, SpendRecord, ANONYMOUS};
 use optiroute_accounts::{Directory, KeyRecord, TeamRecord};
 use optiroute_common::config::{AuthMode, CacheScope, Config};
 use optiroute_common::cost;
+use optiroute_common::error::Charge;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::protocol::{models, JetStreamNames};
 use optiroute_common::wire::{GenerateRequest, GenerateResponse, Pool, ProviderChoice, Usage};
@@ -403,26 +404,41 @@ impl Access {
 
     /// Appends the request's spend record (auth on, or anonymous records asked for).
     pub async fn record(&self, caller: &Caller, meta: &RequestMeta, resp: &GenerateResponse) {
+        let charge = Charge {
+            pool: resp.provider,
+            model: resp.completion.model.clone(),
+            usage: resp.completion.usage,
+            cost_usd: resp.cost,
+        };
+        self.append(caller, meta, &charge, resp.cached).await;
+    }
+
+    /// The spend record of a request that failed after it was charged (a
+    /// stream that broke off).
+    pub async fn record_charge(&self, caller: &Caller, meta: &RequestMeta, charge: &Charge) {
+        self.append(caller, meta, charge, false).await;
+    }
+
+    async fn append(&self, caller: &Caller, meta: &RequestMeta, c: &Charge, cached: bool) {
         let Some(log) = &self.spend else {
             return;
         };
         if caller.key.is_none() && !self.record_anonymous {
             return;
         }
-        let u = &resp.completion.usage;
         log.record(SpendRecord {
             ts_ms: caller.at_ms,
             request_id: meta.request_id.clone(),
             key_id: caller.key_id().to_string(),
             team: caller.team_name().map(str::to_string),
             user: caller.user.clone(),
-            pool: resp.provider,
-            model: resp.completion.model.clone(),
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            cost_usd: resp.cost,
-            cost_nanos: to_nanos(resp.cost),
-            cached: resp.cached,
+            pool: c.pool,
+            model: c.model.clone(),
+            prompt_tokens: c.usage.prompt_tokens,
+            completion_tokens: c.usage.completion_tokens,
+            cost_usd: c.cost_usd,
+            cost_nanos: to_nanos(c.cost_usd),
+            cached,
         })
         .await;
     }

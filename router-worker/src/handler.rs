@@ -123,10 +123,18 @@ impl Handler for GenerateHandler {
             slot.served = !r.cached && r.provider == Pool::Local;
         }
         drop(local_slot);
-        let usage = result.as_ref().ok().map(|r| &r.completion.usage);
+        let usage = match &result {
+            Ok(r) => Some(&r.completion.usage),
+            Err(e) => e.charged.as_ref().map(|c| &c.usage),
+        };
         self.access.finish_admission(admission, usage);
-        if let Ok(resp) = &result {
-            self.access.record(&caller, &meta, resp).await;
+        match &result {
+            Ok(resp) => self.access.record(&caller, &meta, resp).await,
+            Err(e) => {
+                if let Some(c) = &e.charged {
+                    self.access.record_charge(&caller, &meta, c).await;
+                }
+            }
         }
         result
     }
@@ -349,7 +357,27 @@ impl GenerateHandler {
         store: bool,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
-        let (result, answer) = match self.generate(call).await {
+        // The most this can cost is reserved from every budget over the
+        // caller before any pool is asked, and settled to what it was
+        // charged (a failure: nothing, unless a stream broke off after
+        // tokens went out, which the provider charges).
+        let holds = self
+            .access
+            .reserve(call.caller, call.req, call.meta, self.provider_timeout)
+            .await;
+        let generated = match holds {
+            Ok(holds) => {
+                let r = self.generate(call).await;
+                let charged = match &r {
+                    Ok((response, _)) => response.cost,
+                    Err(e) => e.charged.as_ref().map_or(0.0, |c| c.cost_usd),
+                };
+                self.access.settle(holds, charged);
+                r
+            }
+            Err(e) => Err(e),
+        };
+        let (result, answer) = match generated {
             Ok((response, answer)) => (Ok(response), answer.filter(|_| store)),
             Err(e) => (Err(e), None),
         };
@@ -384,12 +412,6 @@ impl GenerateHandler {
         call: &Call<'_>,
     ) -> Result<(GenerateResponse, Option<CachedAnswer>), Error> {
         let (meta, req, decision, started) = (call.meta, call.req, call.decision, call.started);
-        // The most this can cost is reserved from every budget over the
-        // caller before any pool is asked, and settled to what it cost.
-        let holds = self
-            .access
-            .reserve(call.caller, req, meta, self.provider_timeout)
-            .await?;
         self.metrics
             .route_decisions
             .with_label_values(&[decision.target.as_str(), decision.reason_label])
@@ -442,7 +464,6 @@ impl GenerateHandler {
                 }
             }
         };
-        self.access.settle(holds, reply.cost_usd);
         let answer = fallback_reason.is_none().then(|| CachedAnswer {
             completion: reply.completion.clone(),
             provider,
