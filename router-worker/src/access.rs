@@ -197,6 +197,32 @@ impl Access {
         }
     }
 
+    /// With a key limited to some `models` and a request that names none,
+    /// the model `pool` will use must be one of them: it is named (the
+    /// first allowed model the pool serves), not left to the pool's default.
+    pub fn pin_model(&self, caller: &Caller, pool: Pool, req: &mut GenerateRequest) {
+        let (Some(k), None) = (&caller.key, &req.params.model_id) else {
+            return;
+        };
+        let Some(allowed) = &k.models else {
+            return;
+        };
+        let pinned = match pool {
+            Pool::Local => self
+                .local_models
+                .iter()
+                .find(|m| allowed.contains(m))
+                .cloned(),
+            Pool::Cloud => self
+                .cfg
+                .cloud
+                .models()
+                .find(|m| allowed.iter().any(|a| a == m))
+                .map(str::to_string),
+        };
+        req.params.model_id = pinned;
+    }
+
     /// The tenant part of the cache key: empty when answers are shared by
     /// everyone, else `t:<team>` or `k:<key id>`, then the namespace.
     pub fn cache_scope(&self, caller: &Caller, req: &GenerateRequest) -> String {
@@ -467,15 +493,17 @@ struct Budget {
     window_end: Option<u64>,
 }
 
-/// Prompt tokens at most: one per byte of text, plus framing per message.
+/// Prompt tokens at most: one per byte of text (a byte-level BPE token
+/// covers at least one byte), plus a chat template's framing: 16 per
+/// message and 64 for the whole (a system header with a date is ~25).
 fn prompt_token_bound(req: &GenerateRequest) -> u32 {
     let p = &req.params;
-    let bytes = p.prompt.len()
+    let text: usize = p.prompt.len()
         + p.messages
             .iter()
-            .map(|m| m.content.len() + 8)
+            .map(|m| m.content.len() + 16)
             .sum::<usize>();
-    u32::try_from(bytes + 16).unwrap_or(u32::MAX)
+    u32::try_from(text + 64).unwrap_or(u32::MAX)
 }
 
 fn token_bound(req: &GenerateRequest) -> u64 {
@@ -505,12 +533,19 @@ fn budget_error(b: &Budget, need: u64, r: &Refusal) -> Error {
             to_usd(need)
         )
     } else {
-        format!(
-            "the {} budget of {} USD ({}) is held by requests in flight",
-            b.what,
-            to_usd(b.capacity),
-            b.period.as_str()
+        // Not spent: held by requests in flight longer than this one could
+        // wait. Transient, so a rate limit (retry in a second), not a
+        // spent quota.
+        return Error::new(
+            ErrorKind::RateLimited,
+            format!(
+                "the {} budget of {} USD ({}) is held by requests in flight; retry shortly",
+                b.what,
+                to_usd(b.capacity),
+                b.period.as_str()
+            ),
         )
+        .with_retry_after(r.retry_after_secs.unwrap_or(1));
     };
     let e = Error::new(ErrorKind::BudgetExceeded, format!("{why}; {reset}"));
     match r.retry_after_secs {

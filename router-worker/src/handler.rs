@@ -57,7 +57,7 @@ impl Handler for GenerateHandler {
     async fn handle(
         &self,
         mut meta: RequestMeta,
-        req: GenerateRequest,
+        mut req: GenerateRequest,
     ) -> Result<GenerateResponse, Error> {
         req.validate(self.max_prompt_bytes)?;
         // A later deadline is clamped, not refused: it is how long the
@@ -105,6 +105,7 @@ impl Handler for GenerateHandler {
                 }
             }
         }
+        self.access.pin_model(&caller, decision.target, &mut req);
         let key = scoped_cache_key(
             &req,
             decision.target,
