@@ -47,7 +47,7 @@ struct Plan<'a> {
 }
 
 /// Who submits a batch: the key's id (kept in the batch's description)
-/// and its secret (carried by every job, for the routers to check).
+/// and its secret (from which the batch's token is derived).
 #[derive(Clone)]
 pub struct BatchOwner {
     pub key_id: String,
@@ -256,6 +256,8 @@ impl BatchClient {
             cancelled: false,
             submitted: 0,
             owner: owner.map(|o| o.key_id.clone()),
+            token_hash: owner
+                .map(|o| headers::batch_token_hash(&headers::batch_token(&o.secret, &id))),
         };
         let mut requeue = HashMap::new();
         let resume_after = match self
@@ -334,7 +336,12 @@ impl BatchClient {
                     };
                     h.insert(headers::NATS_MSG_ID, msg_id.as_str());
                     if let Some(o) = owner {
-                        h.insert(headers::API_KEY, o.secret.as_str());
+                        // The batch's token, never the key itself.
+                        let token = headers::batch_token(&o.secret, id);
+                        h.insert(
+                            headers::API_KEY,
+                            headers::batch_credential(id, &token).as_str(),
+                        );
                     }
                     let ack = self
                         .js
@@ -817,6 +824,7 @@ mod tests {
             cancelled: false,
             submitted: 4,
             owner: None,
+            token_hash: None,
         };
         let mut c = Counts {
             done: 1,

@@ -440,6 +440,29 @@ async fn users_keys_and_budgets_work_with_only_the_roles_permissions() {
     };
     let cost = answer["cost"].as_f64().unwrap();
     assert!(cost > 0.0, "{answer}");
+    // A batch with the key: its jobs carry the batch's token, which the
+    // router checks against the batch's description as its own user.
+    let bcfg = as_user(&nats, &cfg, "batch");
+    let _worker = optiroute_batch::run(client(&bcfg, "batch").await, &bcfg, stack.shutdown.clone())
+        .await
+        .unwrap();
+    let r = http
+        .post(stack.url("/v1/batches?id=perm"))
+        .bearer_auth(&key)
+        .body(json!({"prompt": "a batch line", "provider": "local"}).to_string() + "\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    wait_until("the batch done", Duration::from_secs(15), || {
+        let (http, url, key) = (http.clone(), stack.url("/v1/batches/perm"), key.clone());
+        async move {
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            v["done"] == 1
+        }
+    })
+    .await;
     // Usage, read back from the spend records as the ingress's user.
     wait_until("usage recorded", Duration::from_secs(10), || {
         let (http, url, key) = (http.clone(), stack.url("/v1/usage"), key.clone());
@@ -449,7 +472,7 @@ async fn users_keys_and_budgets_work_with_only_the_roles_permissions() {
                 return false;
             }
             let v: Value = r.json().await.unwrap();
-            v["requests"] == 1
+            v["requests"] == 2
         }
     })
     .await;

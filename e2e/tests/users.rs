@@ -516,7 +516,7 @@ async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exce
     let up = fixed_usage_upstream().await;
     let cfg = config(&nats, &up);
     let stack = Stack::start(cfg.clone()).await;
-    let _worker = optiroute_batch::run(
+    let worker = optiroute_batch::run(
         optiroute_testkit::stack::client(&cfg, "batch").await,
         &cfg,
         stack.shutdown.clone(),
@@ -574,6 +574,45 @@ async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exce
         }
     })
     .await;
+    // The queue holds the batch's token, never the key's secret.
+    let nc = async_nats::connect(&cfg.nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(nc.clone());
+    let mut jobs = js.get_stream(&cfg.batch.stream).await.unwrap();
+    let last = jobs.info().await.unwrap().state.last_sequence;
+    for seq in 1..=last {
+        if let Ok(m) = jobs.get_raw_message(seq).await {
+            let headers = format!("{:?}", m.headers);
+            assert!(
+                !headers.contains(&owner.key),
+                "a job carries the key's secret"
+            );
+            assert!(!String::from_utf8_lossy(&m.payload).contains(&owner.key));
+        }
+    }
+    // A job published into the batch by someone without its token (here,
+    // with another key) is neither run nor given a result.
+    let hits = up.hits();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Content-Type", "application/json");
+    h.insert("Optiroute-Api-Key", other.key.as_str());
+    h.insert("Nats-Msg-Id", "intruder-1");
+    js.publish_with_headers(
+        Subjects::new(&cfg.nats.prefix).batch_job("owned"),
+        h,
+        json!({"line": 1, "prompt": "intruder", "provider": "cloud"})
+            .to_string()
+            .into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    optiroute_testkit::wait_until("the intruder dropped", Duration::from_secs(5), || {
+        let n = worker.metrics.jobs.with_label_values(&["forbidden"]).get();
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(up.hits(), hits, "an intruding job ran");
     // Another key does not see it; the admin does.
     assert_eq!(get_json(&status_url, &other.key).await.0, 404);
     assert_eq!(

@@ -62,6 +62,7 @@ pub struct Access {
     scope: CacheScope,
     cfg: Config,
     local_models: Vec<String>,
+    batches: Option<crate::batch_auth::BatchAuth>,
 }
 
 impl Access {
@@ -126,12 +127,22 @@ impl Access {
             scope: cfg.cache.scope,
             cfg: cfg.clone(),
             local_models: models::local_models(cfg),
+            batches: required.then(|| {
+                crate::batch_auth::BatchAuth::new(
+                    async_nats::jetstream::new(client.clone()),
+                    cfg.batch.meta_bucket.clone(),
+                )
+            }),
         }
     }
 
     /// The caller of `req`: 401 for a missing, unknown or revoked key,
     /// 403 when the key may not use the pool or model asked for.
-    pub fn identify(&self, meta: &RequestMeta, req: &GenerateRequest) -> Result<Caller, Error> {
+    pub async fn identify(
+        &self,
+        meta: &RequestMeta,
+        req: &GenerateRequest,
+    ) -> Result<Caller, Error> {
         let Some(dir) = &self.directory else {
             return Ok(Caller {
                 user: req.user.clone(),
@@ -139,7 +150,27 @@ impl Access {
                 ..Caller::default()
             });
         };
-        let key = dir.authenticate(meta.api_key.as_deref())?;
+        let credential = meta.api_key.as_deref();
+        let key = match (
+            credential.and_then(optiroute_common::protocol::headers::parse_batch_credential),
+            &self.batches,
+        ) {
+            // A batch job: its batch's token stands for the owner's key.
+            (Some((id, token)), Some(batches)) => {
+                let owner = batches.owner(id, token).await?;
+                match dir.key_by_id(&owner) {
+                    Some(k) if !k.revoked => k,
+                    Some(k) => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidApiKey,
+                            format!("API key {} was revoked", k.id),
+                        ))
+                    }
+                    None => return Err(Error::new(ErrorKind::InvalidApiKey, "unknown API key")),
+                }
+            }
+            _ => dir.authenticate(credential)?,
+        };
         let team = key.team.as_deref().and_then(|t| dir.team(t));
         let caller = Caller {
             key: Some(key),

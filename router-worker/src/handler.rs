@@ -70,7 +70,7 @@ impl Handler for GenerateHandler {
         }
         // Who asks: 401/403 before any work, and the rate limits (a
         // cache hit counts too).
-        let caller = self.access.identify(&meta, &req)?;
+        let caller = self.access.identify(&meta, &req).await?;
         meta.team = caller.team_name().map(str::to_string);
         let admission = self
             .access

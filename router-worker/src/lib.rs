@@ -4,6 +4,7 @@
 //! the chosen one fails.
 
 pub mod access;
+pub mod batch_auth;
 pub mod cache;
 pub mod coalesce;
 pub mod embedding;
