@@ -171,7 +171,17 @@ impl Access {
             }
             _ => dir.authenticate(credential)?,
         };
-        let team = key.team.as_deref().and_then(|t| dir.team(t));
+        // A key whose team is missing is refused, not served without its
+        // team's budget.
+        let team = match key.team.as_deref() {
+            Some(t) => Some(dir.team(t).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!("the team `{t}` of this key does not exist"),
+                )
+            })?),
+            None => None,
+        };
         let caller = Caller {
             key: Some(key),
             team,
