@@ -49,6 +49,10 @@ pub struct SpendRecord {
     /// The same in nano-dollars: the unit budgets are counted in.
     pub cost_nanos: Nanos,
     pub cached: bool,
+    /// The tokens are an estimate (a stream that broke off before the
+    /// upstream reported its usage).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 /// Publishes records. Records are packed: every [`PACK_WINDOW`] (or

@@ -211,6 +211,7 @@ fn record(key_id: &str, pool: Pool, cost: f64, ts_ms: u64, n: u32) -> SpendRecor
         cost_usd: cost,
         cost_nanos: to_nanos(cost),
         cached: false,
+        estimated: false,
     }
 }
 

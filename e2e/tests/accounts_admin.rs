@@ -469,6 +469,7 @@ fn record(
         cost_usd: cost,
         cost_nanos: to_nanos(cost),
         cached: cost == 0.0,
+        estimated: false,
     }
 }
 

@@ -412,6 +412,7 @@ async fn spend_panel_in_headless_chromium() {
             cost_usd: 0.0125,
             cost_nanos: 12_500_000,
             cached: false,
+            estimated: false,
         })
         .await;
     tokio::time::timeout(Duration::from_secs(10), async {

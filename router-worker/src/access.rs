@@ -506,6 +506,7 @@ impl Access {
             cost_usd: c.cost_usd,
             cost_nanos: to_nanos(c.cost_usd),
             cached,
+            estimated: c.usage.estimated,
         })
         .await;
     }
