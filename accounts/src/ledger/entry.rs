@@ -64,6 +64,9 @@ pub(super) enum Take {
     },
 }
 
+/// Whether a stored value holds a given write (see [`LedgerInner::write`]).
+type Applied = dyn Fn(&Option<bytes::Bytes>) -> bool + Send;
+
 /// What became of a compare-and-set.
 enum Written {
     Applied,
@@ -314,51 +317,49 @@ impl LedgerInner {
                 let (value, revision) = self.read(&slot.key).await?;
                 let now = now_ms();
                 let holder = self.holder.clone();
-                let (body, applied): (Vec<u8>, Box<dyn Fn(&Option<bytes::Bytes>) -> bool + Send>) =
-                    match limit {
-                        Limit::Budget { .. } => {
-                            let mut e: BudgetEntry = decode(&slot.key, &value)?;
-                            e.leases.retain(|h, l| h == &self.holder || l.exp_ms > now);
-                            e.used += settled;
-                            // A zero lease stays (until it expires) to carry
-                            // the sequence number of this write.
-                            e.leases.insert(
-                                self.holder.clone(),
-                                Lease {
-                                    amount: 0,
-                                    exp_ms: now + self.settings.lease_ttl.as_millis() as u64,
-                                    seq: next_seq,
-                                },
-                            );
-                            let body = serde_json::to_vec(&e)
-                                .map_err(|err| Error::internal(format!("ledger entry: {err}")))?;
-                            let f = move |v: &Option<bytes::Bytes>| {
-                                decode::<BudgetEntry>("", v).is_ok_and(|e| {
-                                    e.leases.get(&holder).is_some_and(|l| l.seq == next_seq)
-                                })
-                            };
-                            (body, Box::new(f))
-                        }
-                        Limit::Rate { capacity } => {
-                            let fresh = value.is_none();
-                            let e: RateEntry = decode(&slot.key, &value)?;
-                            let cap = u128::from(capacity) * MICRO;
-                            let avail =
-                                e.available(capacity, now, fresh) + u128::from(lease) * MICRO;
-                            let body = serde_json::to_vec(&RateEntry {
-                                level: u64::try_from(avail.min(cap)).unwrap_or(u64::MAX),
-                                at_ms: now,
-                                by: self.holder.clone(),
+                let (body, applied): (Vec<u8>, Box<Applied>) = match limit {
+                    Limit::Budget { .. } => {
+                        let mut e: BudgetEntry = decode(&slot.key, &value)?;
+                        e.leases.retain(|h, l| h == &self.holder || l.exp_ms > now);
+                        e.used += settled;
+                        // A zero lease stays (until it expires) to carry
+                        // the sequence number of this write.
+                        e.leases.insert(
+                            self.holder.clone(),
+                            Lease {
+                                amount: 0,
+                                exp_ms: now + self.settings.lease_ttl.as_millis() as u64,
                                 seq: next_seq,
-                            })
+                            },
+                        );
+                        let body = serde_json::to_vec(&e)
                             .map_err(|err| Error::internal(format!("ledger entry: {err}")))?;
-                            let f = move |v: &Option<bytes::Bytes>| {
-                                decode::<RateEntry>("", v)
-                                    .is_ok_and(|e| e.by == holder && e.seq == next_seq)
-                            };
-                            (body, Box::new(f))
-                        }
-                    };
+                        let f = move |v: &Option<bytes::Bytes>| {
+                            decode::<BudgetEntry>("", v).is_ok_and(|e| {
+                                e.leases.get(&holder).is_some_and(|l| l.seq == next_seq)
+                            })
+                        };
+                        (body, Box::new(f))
+                    }
+                    Limit::Rate { capacity } => {
+                        let fresh = value.is_none();
+                        let e: RateEntry = decode(&slot.key, &value)?;
+                        let cap = u128::from(capacity) * MICRO;
+                        let avail = e.available(capacity, now, fresh) + u128::from(lease) * MICRO;
+                        let body = serde_json::to_vec(&RateEntry {
+                            level: u64::try_from(avail.min(cap)).unwrap_or(u64::MAX),
+                            at_ms: now,
+                            by: self.holder.clone(),
+                            seq: next_seq,
+                        })
+                        .map_err(|err| Error::internal(format!("ledger entry: {err}")))?;
+                        let f = move |v: &Option<bytes::Bytes>| {
+                            decode::<RateEntry>("", v)
+                                .is_ok_and(|e| e.by == holder && e.seq == next_seq)
+                        };
+                        (body, Box::new(f))
+                    }
+                };
                 self.write(&slot.key, body, revision, applied).await
             };
             match attempt.await {
