@@ -144,6 +144,18 @@ per_token_ms = 0
             "a request not in flight at a kill failed: {s:?} (kills at {router_killed:?}, {local_killed:?})"
         );
     }
+    // The router's requests failed when its heartbeat stopped (~1 s), not
+    // at their deadline (4 s): the closed loop's users were not held.
+    for s in samples
+        .iter()
+        .filter(|s| s.status != 200 && in_flight_at(s, router_killed))
+    {
+        assert!(
+            s.done() < router_killed + Duration::from_millis(2_000),
+            "a request of the killed router failed only {:?} after the kill: {s:?}",
+            s.done().saturating_sub(router_killed)
+        );
+    }
     let failed = samples.iter().filter(|s| s.status != 200).count();
     assert!(failed <= 2 * CONCURRENCY, "{failed} failed");
     let after = samples.iter().filter(|s| s.sent > local_killed).count();

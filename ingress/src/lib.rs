@@ -6,6 +6,7 @@ mod admin_api;
 mod batches;
 mod error;
 mod limits;
+mod liveness;
 pub mod metrics;
 mod openai;
 mod ui;
@@ -64,6 +65,8 @@ struct Inner {
     /// The accounts bucket and spend stream for the admin API and
     /// `/v1/usage`, opened on first use.
     accounts: tokio::sync::OnceCell<admin_api::Accounts>,
+    /// The routers' heartbeats: requests of a router that died fail fast.
+    routers: Arc<liveness::Routers>,
 }
 
 impl AppState {
@@ -81,9 +84,15 @@ impl AppState {
                 shutdown.clone(),
             )
         });
+        let routers = liveness::Routers::spawn(
+            client.clone(),
+            Subjects::new(&cfg.nats.prefix).router_alive(),
+            shutdown.clone(),
+        );
         AppState {
             inner: Arc::new(Inner {
                 directory,
+                routers,
                 client,
                 subjects: Subjects::new(&cfg.nats.prefix),
                 metrics,
@@ -304,8 +313,26 @@ async fn relay(
 ) -> Result<GenerateResponse, Error> {
     let s = &state.inner;
     let started = Instant::now();
-    let result: Result<GenerateResponse, Error> =
-        nats::request(&s.client, &s.subjects.generate, meta, None, req).await;
+    let mut tracked = s.routers.track(&meta.request_id);
+    let rx = tracked.died.take();
+    let died = async move {
+        // A dropped sender (the request finished) is no death.
+        let dead = match rx {
+            Some(rx) => rx.await.is_ok(),
+            None => false,
+        };
+        if !dead {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result: Result<GenerateResponse, Error> = tokio::select! {
+        r = nats::request(&s.client, &s.subjects.generate, meta, None, req) => r,
+        () = died => Err(Error::new(
+            ErrorKind::NoResponders,
+            "the router serving this request stopped (its heartbeat ended); it was not retried, as it may have been answered upstream",
+        )),
+    };
+    drop(tracked);
     s.metrics
         .nats_request
         .observe(started.elapsed().as_secs_f64());

@@ -48,6 +48,7 @@ pub struct GenerateHandler {
     log_payloads: bool,
     access: Access,
     local_load: Arc<LocalLoad>,
+    inflight: Arc<crate::liveness::InFlight>,
 }
 
 impl Handler for GenerateHandler {
@@ -59,6 +60,8 @@ impl Handler for GenerateHandler {
         mut meta: RequestMeta,
         mut req: GenerateRequest,
     ) -> Result<GenerateResponse, Error> {
+        // In this router's heartbeat while it is being served.
+        let _held = self.inflight.hold(&meta.request_id);
         req.validate(self.max_prompt_bytes)?;
         // A later deadline is clamped, not refused: it is how long the
         // caller is willing to wait, not work it needs, and the request
@@ -592,6 +595,13 @@ pub async fn run(
     )
     .await?;
     let r = &cfg.router;
+    let inflight = Arc::new(crate::liveness::InFlight::default());
+    crate::liveness::spawn(
+        client.clone(),
+        subjects.router_alive(),
+        inflight.clone(),
+        shutdown.clone(),
+    );
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
         subjects: subjects.clone(),
@@ -605,6 +615,7 @@ pub async fn run(
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
         access: Access::start(&client, cfg, &shutdown),
+        inflight: inflight.clone(),
         local_load: LocalLoad::start(
             &client,
             &subjects.local_service,
