@@ -64,6 +64,14 @@ impl Embeddings {
         self.model.is_some()
     }
 
+    /// Whether `text` is longer than the model reads (its end would not
+    /// count in its vector). False without a model.
+    pub fn too_long(&self, text: &str) -> bool {
+        self.model
+            .as_ref()
+            .is_some_and(|m| m.count_tokens(text) > optiroute_embed::MAX_TOKENS)
+    }
+
     /// Why embeddings are unavailable, when they are.
     pub fn missing(&self) -> Option<&str> {
         self.missing.as_deref()
@@ -116,6 +124,16 @@ impl<'a> RequestEmbedding<'a> {
 
     pub fn available(&self) -> bool {
         self.embeddings.available()
+    }
+
+    /// The text embedded.
+    pub fn text(&self) -> &'a str {
+        self.text
+    }
+
+    /// See [`Embeddings::too_long`].
+    pub fn too_long(&self) -> bool {
+        self.embeddings.too_long(self.text)
     }
 
     pub async fn get(&self) -> Result<Arc<Vec<f32>>, Error> {

@@ -11,5 +11,6 @@ pub mod eval;
 pub mod handler;
 pub mod metrics;
 pub mod routing;
+pub mod semantic;
 
 pub use handler::{process, run, Running};

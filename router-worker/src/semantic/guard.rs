@@ -1,0 +1,565 @@
+//! The lexical guard of the semantic cache: two prompts close in embedding
+//! space may still ask different things. A question and its negation score
+//! 0.83 to 0.9997 with common sentence embedders (zilliztech/GPTCache #694),
+//! and so do prompts that differ only in a number, a name, a quoted string,
+//! an opposite ("advantages" / "disadvantages") or the asked format. Above
+//! the similarity threshold the two prompts must still agree on each of
+//! these, or the candidate is refused.
+//!
+//! The check is cheap (a pass over the words of each prompt) and errs on
+//! the side of a miss: a paraphrase it refuses costs one provider call, a
+//! wrong answer it lets through costs the user's trust.
+
+use std::collections::BTreeSet;
+
+/// What a prompt says that must not change between it and a cached one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    /// Lower-cased words, for the entity cross-check.
+    words: BTreeSet<String>,
+    numbers: BTreeSet<String>,
+    negated: bool,
+    /// Named entities (lower-cased), in order of appearance.
+    entities: Vec<String>,
+    quoted: BTreeSet<String>,
+    formats: BTreeSet<&'static str>,
+    /// Words that have an opposite (see [`OPPOSITES`]), stemmed.
+    polar: BTreeSet<&'static str>,
+    /// A word that orders what it joins ("to", "from", "than", "vs"...).
+    directional: bool,
+    /// Common words of English minus those of a few other languages: the
+    /// sign says which the prompt is written in (0: cannot tell).
+    language: i32,
+}
+
+/// Why the guard refused a candidate (also a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Numbers,
+    Negation,
+    Opposite,
+    Entities,
+    Quoted,
+    Format,
+    Language,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Numbers => "numbers",
+            Refusal::Negation => "negation",
+            Refusal::Opposite => "opposite",
+            Refusal::Entities => "entities",
+            Refusal::Quoted => "quoted",
+            Refusal::Format => "format",
+            Refusal::Language => "language",
+        }
+    }
+}
+
+/// Checks that `a` and `b` agree on everything the guard looks at.
+pub fn check(a: &Features, b: &Features) -> Result<(), Refusal> {
+    if a.numbers != b.numbers {
+        return Err(Refusal::Numbers);
+    }
+    if a.negated != b.negated {
+        return Err(Refusal::Negation);
+    }
+    if a.quoted != b.quoted {
+        return Err(Refusal::Quoted);
+    }
+    if a.formats != b.formats {
+        return Err(Refusal::Format);
+    }
+    if a.language.signum() * b.language.signum() < 0 {
+        return Err(Refusal::Language);
+    }
+    for (x, y) in [(a, b), (b, a)] {
+        for w in &x.polar {
+            let opposite = opposite_of(w);
+            if opposite.is_some_and(|o| y.polar.contains(o)) && !y.polar.contains(w) {
+                return Err(Refusal::Opposite);
+            }
+        }
+        // Each side's names must appear as words on the other side (a
+        // name at the start of a sentence is not recognised as one).
+        if x.entities.iter().any(|e| !y.words.contains(e)) {
+            return Err(Refusal::Entities);
+        }
+    }
+    // "from Celsius to Fahrenheit" is not "from Fahrenheit to Celsius".
+    if (a.directional || b.directional) && a.entities.len() > 1 && a.entities != b.entities {
+        return Err(Refusal::Entities);
+    }
+    Ok(())
+}
+
+/// Pairs of words with opposite meaning, stemmed as [`stem`] does.
+const OPPOSITES: &[(&str, &str)] = &[
+    ("advantage", "disadvantage"),
+    ("pro", "con"),
+    ("benefit", "drawback"),
+    ("strength", "weakness"),
+    ("increase", "decrease"),
+    ("raise", "lower"),
+    ("rise", "fall"),
+    ("best", "worst"),
+    ("most", "least"),
+    ("more", "less"),
+    ("before", "after"),
+    ("above", "below"),
+    ("hot", "cold"),
+    ("cheap", "expensive"),
+    ("cheapest", "expensive"),
+    ("fast", "slow"),
+    ("faster", "slower"),
+    ("fastest", "slowest"),
+    ("buy", "sell"),
+    ("add", "remove"),
+    ("enable", "disable"),
+    ("start", "stop"),
+    ("open", "close"),
+    ("win", "lose"),
+    ("max", "min"),
+    ("maximum", "minimum"),
+    ("largest", "smallest"),
+    ("biggest", "smallest"),
+    ("highest", "lowest"),
+    ("longest", "shortest"),
+    ("oldest", "youngest"),
+    ("first", "last"),
+    ("north", "south"),
+    ("east", "west"),
+    ("encrypt", "decrypt"),
+    ("import", "export"),
+    ("upload", "download"),
+    ("compress", "decompress"),
+    ("encode", "decode"),
+    ("true", "false"),
+    ("positive", "negative"),
+    ("safe", "dangerous"),
+    ("healthy", "unhealthy"),
+    ("legal", "illegal"),
+    ("possible", "impossible"),
+    ("love", "hate"),
+    ("agree", "disagree"),
+    ("include", "exclude"),
+    ("accept", "reject"),
+    ("push", "pull"),
+    ("input", "output"),
+    ("left", "right"),
+    ("inside", "outside"),
+    ("early", "late"),
+    ("earliest", "latest"),
+    ("good", "bad"),
+    ("better", "worse"),
+    ("easy", "hard"),
+    ("easiest", "hardest"),
+    ("light", "dark"),
+    ("high", "low"),
+    ("big", "small"),
+    ("long", "short"),
+    ("young", "old"),
+    ("win", "loss"),
+    ("gain", "loss"),
+    ("profit", "loss"),
+    ("lighter", "heavier"),
+    ("larger", "smaller"),
+    ("higher", "lower"),
+    ("inhale", "exhale"),
+    ("synonym", "antonym"),
+    ("similarity", "difference"),
+    ("cause", "cure"),
+    ("prevent", "cause"),
+    ("optimist", "pessimist"),
+    ("minimize", "maximize"),
+    ("overestimate", "underestimate"),
+];
+
+fn opposite_of(w: &str) -> Option<&'static str> {
+    OPPOSITES.iter().find_map(|&(a, b)| {
+        if a == w {
+            Some(b)
+        } else if b == w {
+            Some(a)
+        } else {
+            None
+        }
+    })
+}
+
+fn polar_word(w: &str) -> Option<&'static str> {
+    OPPOSITES
+        .iter()
+        .find_map(|&(a, b)| [a, b].into_iter().find(|x| *x == w))
+}
+
+/// Formats and languages an answer can be asked in.
+const FORMATS: &[&str] = &[
+    "json",
+    "yaml",
+    "xml",
+    "csv",
+    "table",
+    "markdown",
+    "html",
+    "bullet",
+    "bulleted",
+    "numbered",
+    "poem",
+    "haiku",
+    "limerick",
+    "song",
+    "tweet",
+    "email",
+    "letter",
+    "essay",
+    "paragraph",
+    "sentence",
+    "word",
+    "code",
+    "python",
+    "rust",
+    "javascript",
+    "typescript",
+    "java",
+    "sql",
+    "bash",
+    "golang",
+    "regex",
+    "french",
+    "spanish",
+    "german",
+    "italian",
+    "chinese",
+    "japanese",
+    "english",
+    "portuguese",
+    "russian",
+    "korean",
+    "arabic",
+    "hindi",
+    "dutch",
+    "latin",
+];
+
+const NEGATIONS: &[&str] = &[
+    "not", "no", "never", "none", "nobody", "nothing", "neither", "nor", "nowhere", "without",
+    "cannot", "cant", "dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "wont",
+    "wouldnt", "shouldnt", "couldnt", "hasnt", "havent", "hadnt", "mustnt", "aint",
+];
+
+const DIRECTIONAL: &[&str] = &[
+    "to", "into", "from", "than", "vs", "versus", "over", "before", "after", "against",
+];
+
+/// Frequent English words that other languages do not use.
+const ENGLISH: &[&str] = &[
+    "the", "is", "of", "and", "to", "what", "how", "why", "who", "which", "where", "when", "for",
+    "with", "are", "does", "do", "you", "it", "this", "that", "can", "my", "me", "your", "from",
+    "by", "at", "whats", "should", "would", "could", "about", "explain", "tell",
+];
+
+/// Frequent words of French, Spanish, German, Italian and Portuguese
+/// that are not English words.
+const OTHER_LANGUAGES: &[&str] = &[
+    "le", "la", "les", "des", "est", "une", "du", "et", "que", "qui", "quelle", "quel", "pour",
+    "dans", "sur", "el", "los", "las", "es", "por", "para", "una", "como", "cual", "cuál", "qué",
+    "der", "das", "ist", "und", "wie", "ein", "eine", "nicht", "ich", "il", "gli", "di", "che",
+    "è", "sono", "qual", "quais", "não", "você", "de", "en", "y", "o", "über", "warum",
+];
+
+/// Number words, as the digits they stand for.
+const NUMBER_WORDS: &[(&str, &str)] = &[
+    ("zero", "0"),
+    ("one", "1"),
+    ("two", "2"),
+    ("three", "3"),
+    ("four", "4"),
+    ("five", "5"),
+    ("six", "6"),
+    ("seven", "7"),
+    ("eight", "8"),
+    ("nine", "9"),
+    ("ten", "10"),
+    ("eleven", "11"),
+    ("twelve", "12"),
+    ("thirteen", "13"),
+    ("fourteen", "14"),
+    ("fifteen", "15"),
+    ("sixteen", "16"),
+    ("seventeen", "17"),
+    ("eighteen", "18"),
+    ("nineteen", "19"),
+    ("twenty", "20"),
+    ("thirty", "30"),
+    ("forty", "40"),
+    ("fifty", "50"),
+    ("sixty", "60"),
+    ("seventy", "70"),
+    ("eighty", "80"),
+    ("ninety", "90"),
+    ("hundred", "100"),
+    ("thousand", "1000"),
+    ("million", "1000000"),
+    ("billion", "1000000000"),
+    ("dozen", "12"),
+    ("half", "0.5"),
+    ("twice", "x2"),
+    ("double", "x2"),
+    ("triple", "x3"),
+    ("second", "2nd"),
+    ("third", "3rd"),
+    ("fourth", "4th"),
+    ("fifth", "5th"),
+];
+
+/// Words that start sentences without naming anything: a capitalised
+/// word at a sentence start is a name only when it is not one of these.
+const COMMON_STARTERS: &[&str] = &[
+    "a", "about", "according", "act", "add", "all", "also", "an", "analyse", "analyze", "and",
+    "answer", "any", "are", "as", "assume", "at", "based", "be", "briefly", "build", "but", "by",
+    "calculate", "can", "check", "classify", "compare", "compose", "compute", "consider",
+    "convert", "could", "count", "create", "debug", "define", "describe", "design", "did",
+    "discuss", "do", "does", "draft", "draw", "each", "estimate", "evaluate", "every", "explain",
+    "find", "first", "fix", "for", "from", "generate", "get", "give", "given", "go", "has", "have",
+    "hello", "help", "here", "hey", "hi", "how", "hows", "i", "id", "identify", "if", "illustrate",
+    "im", "imagine", "implement", "improve", "in", "is", "it", "its", "ive", "just", "keep",
+    "let", "lets", "list", "make", "may", "might", "must", "my", "name", "next", "now", "of",
+    "ok", "okay", "on", "one", "or", "our", "outline", "paraphrase", "please", "plan", "predict",
+    "pretend", "provide", "put", "quickly", "recommend", "rephrase", "reply", "respond",
+    "review", "rewrite", "run", "say", "set", "should", "show", "simplify", "simply", "so",
+    "solve", "some", "sort", "spell", "state", "suggest", "summarise", "summarize", "suppose",
+    "take", "teach", "tell", "thanks", "that", "thats", "the", "then", "there", "theres", "these",
+    "they", "this", "those", "to", "translate", "try", "use", "using", "was", "we", "were", "what",
+    "whats", "when", "where", "wheres", "which", "who", "whom", "whos", "whose", "why", "will",
+    "with", "would", "write", "yes", "you", "your",
+];
+
+/// Lower-cases, folds the typographic apostrophe, drops apostrophes.
+fn fold(word: &str) -> String {
+    word.chars()
+        .filter(|c| *c != '\'' && *c != '’')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// A plural or third-person `s` dropped, so "advantages" is "advantage".
+fn stem(w: &str) -> &str {
+    if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") {
+        &w[..w.len() - 1]
+    } else {
+        w
+    }
+}
+
+/// Quoted strings: between double, typographic or back quotes, or single
+/// quotes that open after a space and close before one (not apostrophes).
+fn quoted(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let close = match c {
+            '"' => Some('"'),
+            '“' => Some('”'),
+            '`' => Some('`'),
+            '«' => Some('»'),
+            '\'' if i == 0 || !chars[i - 1].is_alphanumeric() => Some('\''),
+            _ => None,
+        };
+        if let Some(close) = close {
+            let rest = &chars[i + 1..];
+            let end = rest.iter().enumerate().position(|(j, &x)| {
+                x == close
+                    && (close != '\''
+                        || rest.get(j + 1).is_none_or(|n| !n.is_alphanumeric()))
+            });
+            if let Some(end) = end {
+                let s: String = rest[..end].iter().collect();
+                if !s.trim().is_empty() {
+                    out.insert(s.trim().to_string());
+                }
+                i += end + 2;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+impl Features {
+    pub fn of(text: &str) -> Features {
+        let mut f = Features {
+            words: BTreeSet::new(),
+            numbers: BTreeSet::new(),
+            negated: false,
+            entities: Vec::new(),
+            quoted: quoted(text),
+            formats: BTreeSet::new(),
+            polar: BTreeSet::new(),
+            directional: false,
+            language: 0,
+        };
+        let mut sentence_start = true;
+        // Split on anything that is not part of a word or a number.
+        let mut word = String::new();
+        let mut flush = |word: &mut String, sentence_start: &mut bool, end: Option<char>| {
+            if !word.is_empty() {
+                f.word(word, *sentence_start);
+                *sentence_start = false;
+                word.clear();
+            }
+            if let Some(c) = end {
+                if matches!(c, '.' | '!' | '?' | ':' | '\n' | ';') {
+                    *sentence_start = true;
+                }
+            }
+        };
+        let chars: Vec<char> = text.chars().collect();
+        for (i, &c) in chars.iter().enumerate() {
+            let next = chars.get(i + 1).copied();
+            let inner = |n: Option<char>| n.is_some_and(|n| n.is_alphanumeric());
+            let keep = c.is_alphanumeric()
+                || ((c == '\'' || c == '’') && !word.is_empty() && inner(next))
+                || ((c == '.' || c == ',')
+                    && word.chars().last().is_some_and(|p| p.is_ascii_digit())
+                    && next.is_some_and(|n| n.is_ascii_digit()))
+                || ((c == '-' || c == '+') && !word.is_empty() && inner(next))
+                || (c == '%' && word.chars().last().is_some_and(|p| p.is_ascii_digit()));
+            if keep {
+                word.push(c);
+            } else {
+                flush(&mut word, &mut sentence_start, Some(c));
+            }
+        }
+        flush(&mut word, &mut sentence_start, None);
+        f
+    }
+
+    fn word(&mut self, raw: &str, sentence_start: bool) {
+        let w = fold(raw);
+        if raw.chars().any(|c| c.is_ascii_digit()) {
+            // "1,000" is "1000"; a number glued to a name ("GPT-4") is both.
+            self.numbers.insert(w.replace(',', ""));
+        } else if let Some((_, n)) = NUMBER_WORDS.iter().find(|(name, _)| *name == w) {
+            self.numbers.insert((*n).to_string());
+        }
+        if NEGATIONS.contains(&w.as_str()) || w.ends_with("nt") && raw.contains(['\'', '’']) {
+            self.negated = true;
+        }
+        if ENGLISH.contains(&w.as_str()) {
+            self.language += 1;
+        } else if OTHER_LANGUAGES.contains(&w.as_str()) {
+            self.language -= 1;
+        }
+        if DIRECTIONAL.contains(&w.as_str()) {
+            self.directional = true;
+        }
+        let s = stem(&w);
+        if let Some(p) = polar_word(&w).or_else(|| polar_word(s)) {
+            self.polar.insert(p);
+        }
+        if let Some(fmt) = FORMATS.iter().find(|x| **x == w || **x == s) {
+            self.formats.insert(fmt);
+        }
+        if is_entity(raw, &w, sentence_start) {
+            self.entities.push(w.clone());
+        }
+        self.words.insert(w);
+    }
+}
+
+/// A name: capitalised (not at a sentence start, or not a common word
+/// there), an acronym, or a word with capitals or digits inside.
+fn is_entity(raw: &str, folded: &str, sentence_start: bool) -> bool {
+    let mut chars = raw.chars();
+    let Some(first) = chars.next() else {
+        return false;
+    };
+    let rest: Vec<char> = chars.collect();
+    let inner_capital = rest.iter().any(|c| c.is_uppercase());
+    let has_letter = raw.chars().any(char::is_alphabetic);
+    if !has_letter || folded == "i" {
+        return false;
+    }
+    if inner_capital || (raw.chars().any(|c| c.is_ascii_digit()) && first.is_alphabetic()) {
+        return true;
+    }
+    first.is_uppercase() && (!sentence_start || !COMMON_STARTERS.contains(&folded))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(a: &str, b: &str) -> Result<(), Refusal> {
+        check(&Features::of(a), &Features::of(b))
+    }
+
+    #[test]
+    fn paraphrases_pass() {
+        for (a, b) in [
+            (
+                "What is the capital of France?",
+                "What's the capital city of France",
+            ),
+            ("Paris is the capital of which country?", "Which country has Paris as its capital?"),
+            ("How do I reverse a list in Python?", "how to reverse a Python list"),
+            ("Explain how photosynthesis works.", "Can you explain photosynthesis?"),
+            ("Who wrote 'Pride and Prejudice'?", "Who is the author of 'Pride and Prejudice'?"),
+            ("Why isn't the sky green?", "Why is the sky not green?"),
+        ] {
+            assert_eq!(guard(a, b), Ok(()), "{a} / {b}");
+        }
+    }
+
+    #[test]
+    fn near_misses_are_refused_with_the_reason() {
+        use Refusal::*;
+        for (a, b, why) in [
+            ("What is 15% of 80?", "What is 20% of 80?", Numbers),
+            ("List three uses of copper", "List five uses of copper", Numbers),
+            ("Is coffee good for you?", "Is coffee not good for you?", Negation),
+            ("Why do cats purr?", "Why don't cats purr?", Negation),
+            ("What is the capital of France?", "What is the capital of Germany?", Entities),
+            (
+                "Convert 10 Celsius to Fahrenheit",
+                "Convert 10 Fahrenheit to Celsius",
+                Entities,
+            ),
+            (
+                "What are the advantages of nuclear power?",
+                "What are the disadvantages of nuclear power?",
+                Opposite,
+            ),
+            ("How do I encrypt a file?", "How do I decrypt a file?", Opposite),
+            (
+                "Translate \"good morning\" to French",
+                "Translate \"good night\" to French",
+                Quoted,
+            ),
+            ("Describe the water cycle as a poem", "Describe the water cycle as a table", Format),
+            (
+                "What is the capital of France?",
+                "Quelle est la capitale de la France ?",
+                Language,
+            ),
+        ] {
+            assert_eq!(guard(a, b), Err(why), "{a} / {b}");
+        }
+    }
+
+    #[test]
+    fn number_forms_and_quotes() {
+        let f = Features::of("Is 1,000 more than one thousand? Say 'it's fine' or \"no\"");
+        assert!(f.numbers.contains("1000"));
+        assert!(f.quoted.contains("it's fine"), "{:?}", f.quoted);
+        assert!(f.quoted.contains("no"));
+        assert_eq!(guard("three apples", "3 apples"), Ok(()));
+        assert_eq!(guard("What is GPT-4?", "What is GPT-3?"), Err(Refusal::Numbers));
+    }
+}
