@@ -10,9 +10,9 @@ use optiroute_common::config::Config;
 use optiroute_common::error::ErrorBody;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::wire::{
-    CacheMatch,
-    self, CacheMode, ChatMessage, Completion, Format, GenParams, GenerateRequest, GenerateResponse,
-    Pool, ProviderChoice, ProviderReply, ProviderRequest, Role, StreamChunk, Usage,
+    self, CacheMatch, CacheMode, ChatMessage, Completion, Format, GenParams, GenerateRequest,
+    GenerateResponse, Pool, ProviderChoice, ProviderReply, ProviderRequest, Role, StreamChunk,
+    Usage,
 };
 use optiroute_common::ErrorKind;
 use proptest::prelude::*;

@@ -119,7 +119,11 @@ fn key_hash(req: &GenerateRequest, pool: Pool, scope: &str, blank_question: bool
     let material = KeyMaterial {
         // Partitions have a version of their own, never equal to a key.
         v: if blank_question { 102 } else { 2 },
-        prompt: if blank_question { "" } else { req.prompt.trim() },
+        prompt: if blank_question {
+            ""
+        } else {
+            req.prompt.trim()
+        },
         messages: req
             .messages
             .iter()
@@ -130,7 +134,11 @@ fn key_hash(req: &GenerateRequest, pool: Pool, scope: &str, blank_question: bool
                     optiroute_common::wire::Role::User => "user",
                     optiroute_common::wire::Role::Assistant => "assistant",
                 };
-                let content = if Some(i) == question { "" } else { m.content.trim() };
+                let content = if Some(i) == question {
+                    ""
+                } else {
+                    m.content.trim()
+                };
                 (role, content)
             })
             .collect(),

@@ -14,8 +14,7 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderReply,
-    ProviderRequest,
+    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 /// The threshold chosen on the calibration set's tuning half
 /// (`optiroute-semantic-calibrate`, figures in the README).
-pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.85;
+pub const DEFAULT_SEMANTIC_THRESHOLD: f32 = 0.80;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

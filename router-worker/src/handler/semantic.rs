@@ -90,8 +90,9 @@ impl GenerateHandler {
         }
         let pool = call.decision.target;
         let partition = semantic_partition(call.req, pool, call.scope);
-        let same_request =
-            |question: &str, key: &str| key_with_question(call.req, pool, call.scope, question) == key;
+        let same_request = |question: &str, key: &str| {
+            key_with_question(call.req, pool, call.scope, question) == key
+        };
         let (key, similarity) = self
             .semantic
             .find(

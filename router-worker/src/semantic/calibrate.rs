@@ -15,6 +15,10 @@ use super::guard::{self, Features};
 /// The labelled set shipped with the router.
 pub const PAIRS: &str = include_str!("../../data/semantic-pairs.tsv");
 
+/// A second set, written after the guard's last change and never used to
+/// tune anything: reported whole, with the thresholds chosen on `PAIRS`.
+pub const FRESH: &str = include_str!("../../data/semantic-pairs-fresh.tsv");
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pair {
     /// Whether `b` must be served `a`'s answer.
@@ -146,22 +150,59 @@ pub fn choose<'a>(set: impl IntoIterator<Item = &'a Scored> + Clone, use_guard: 
         .unwrap_or(1.0)
 }
 
+/// The lowest threshold the shipped policy accepts: below it the guard
+/// alone would stand between a user and a wrong answer, and a tuning half
+/// with few near-misses that pass the guard can put the lowest threshold
+/// without a false hit far lower than is safe.
+pub const THRESHOLD_FLOOR: f32 = 0.80;
+
+/// The shipped threshold: the lowest without a false hit on the tuning
+/// half (with the guard), not below [`THRESHOLD_FLOOR`].
+pub fn shipped_threshold(scored: &[Scored]) -> f32 {
+    choose(scored.iter().filter(|s| s.tune), true).max(THRESHOLD_FLOOR)
+}
+
+/// The policies compared: plain thresholds, the same with the guard, and
+/// the thresholds chosen on the tuning half of `scored`.
+pub fn policies(scored: &[Scored]) -> Vec<(String, f32, bool)> {
+    let tune: Vec<&Scored> = scored.iter().filter(|s| s.tune).collect();
+    let chosen_guard = choose(tune.iter().copied(), true);
+    let chosen_plain = choose(tune.iter().copied(), false);
+    let shipped = shipped_threshold(scored);
+    vec![
+        (
+            "threshold 0.80, no guard (GPTCache, LiteLLM)".into(),
+            0.80,
+            false,
+        ),
+        ("threshold 0.90, no guard".into(), 0.90, false),
+        (
+            format!("threshold {chosen_plain:.2}, no guard (tuned)"),
+            chosen_plain,
+            false,
+        ),
+        ("threshold 0.80 + guard".into(), 0.80, true),
+        ("threshold 0.90 + guard".into(), 0.90, true),
+        (
+            format!("threshold {chosen_guard:.2} + guard (tuned)"),
+            chosen_guard,
+            true,
+        ),
+        (
+            format!("threshold {shipped:.2} + guard (tuned, floor {THRESHOLD_FLOOR:.2}: shipped)"),
+            shipped,
+            true,
+        ),
+    ]
+}
+
 /// The table the calibration command prints: each policy's hit rate and
 /// false-hit rate on both halves, then the held-out false hits of each
 /// policy by category.
 pub fn report(scored: &[Scored]) -> String {
     let tune: Vec<&Scored> = scored.iter().filter(|s| s.tune).collect();
     let test: Vec<&Scored> = scored.iter().filter(|s| !s.tune).collect();
-    let chosen_guard = choose(tune.iter().copied(), true);
-    let chosen_plain = choose(tune.iter().copied(), false);
-    let policies: Vec<(String, f32, bool)> = vec![
-        ("threshold 0.80, no guard (GPTCache, LiteLLM)".into(), 0.80, false),
-        ("threshold 0.90, no guard".into(), 0.90, false),
-        (format!("threshold {chosen_plain:.2}, no guard (tuned)"), chosen_plain, false),
-        ("threshold 0.80 + guard".into(), 0.80, true),
-        ("threshold 0.90 + guard".into(), 0.90, true),
-        (format!("threshold {chosen_guard:.2} + guard (tuned, shipped)"), chosen_guard, true),
-    ];
+    let policies = policies(scored);
     let mut out = String::new();
     let count = |set: &[&Scored], same: bool| set.iter().filter(|s| s.pair.same == same).count();
     let _ = writeln!(
@@ -239,7 +280,9 @@ mod tests {
         let pairs = parse(PAIRS).unwrap();
         assert!(pairs.len() >= 300, "{}", pairs.len());
         assert!(pairs.iter().filter(|p| p.same).count() >= 100);
-        for c in ["entity", "number", "negation", "opposite", "language", "format"] {
+        for c in [
+            "entity", "number", "negation", "opposite", "language", "format",
+        ] {
             assert!(
                 pairs.iter().any(|p| !p.same && p.category == c),
                 "no near-miss of category {c}"
@@ -254,7 +297,7 @@ mod tests {
         let pairs = parse(
             "same\tp\tWhat is NATS?\tWhat's NATS?\n\
              different\tnumber\tWhat is 2+2?\tWhat is 2+3?\n\
-             different\ttopic\tHow do I bake bread?\tHow do I bake a cake?\n\
+             different\ttopic\tHow do I bake bread?\tWhich flour suits pizza dough best?\n\
              same\tp\tHi there\tHello there\n",
         )
         .unwrap();
@@ -274,4 +317,28 @@ mod tests {
         assert_eq!((r.hits, r.false_hits), (1, 1));
         assert!(report(&scored).contains("| number | "));
     }
+}
+
+/// The policies chosen on `main` applied to the whole of `fresh`.
+pub fn report_fresh(main: &[Scored], fresh: &[Scored]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| policy (thresholds from the tuning half) | fresh-set hit rate | fresh-set false-hit rate |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- |");
+    for (name, t, g) in policies(main) {
+        let r = rates(fresh, t, g);
+        let _ = writeln!(
+            out,
+            "| {name} | {:.1} % ({}/{}) | {:.1} % ({}/{}) |",
+            100.0 * r.hit_rate(),
+            r.hits,
+            r.paraphrases,
+            100.0 * r.false_hit_rate(),
+            r.false_hits,
+            r.near_misses
+        );
+    }
+    out
 }

@@ -27,6 +27,8 @@ pub struct Features {
     polar: BTreeSet<&'static str>,
     /// A word that orders what it joins ("to", "from", "than", "vs"...).
     directional: bool,
+    /// The content words in order (stemmed, function words left out).
+    content: Vec<String>,
     /// Common words of English minus those of a few other languages: the
     /// sign says which the prompt is written in (0: cannot tell).
     language: i32,
@@ -42,6 +44,9 @@ pub enum Refusal {
     Quoted,
     Format,
     Language,
+    /// The same sentence with one content word swapped ("the chemical
+    /// symbol for gold" / "for silver"): another subject.
+    Substitution,
 }
 
 impl Refusal {
@@ -54,6 +59,7 @@ impl Refusal {
             Refusal::Quoted => "quoted",
             Refusal::Format => "format",
             Refusal::Language => "language",
+            Refusal::Substitution => "substitution",
         }
     }
 }
@@ -87,6 +93,16 @@ pub fn check(a: &Features, b: &Features) -> Result<(), Refusal> {
         if x.entities.iter().any(|e| !y.words.contains(e)) {
             return Err(Refusal::Entities);
         }
+    }
+    if a.content.len() == b.content.len()
+        && a.content
+            .iter()
+            .zip(&b.content)
+            .filter(|(x, y)| x != y)
+            .count()
+            == 1
+    {
+        return Err(Refusal::Substitution);
     }
     // "from Celsius to Fahrenheit" is not "from Fahrenheit to Celsius".
     if (a.directional || b.directional) && a.entities.len() > 1 && a.entities != b.entities {
@@ -254,6 +270,17 @@ const DIRECTIONAL: &[&str] = &[
     "to", "into", "from", "than", "vs", "versus", "over", "before", "after", "against",
 ];
 
+/// Words that carry no subject of their own: left out of the content
+/// words compared for a substitution.
+const FUNCTION_WORDS: &[&str] = &[
+    "a", "an", "the", "is", "are", "was", "were", "be", "been", "do", "does", "did", "can",
+    "could", "would", "should", "will", "shall", "may", "might", "must", "i", "you", "we", "me",
+    "my", "your", "our", "it", "its", "this", "that", "these", "those", "of", "in", "on", "for",
+    "to", "with", "at", "by", "from", "about", "as", "into", "and", "or", "what", "whats", "how",
+    "why", "who", "whos", "which", "where", "when", "please", "tell", "explain", "give", "show",
+    "some", "any", "there", "theres", "if", "so", "just", "really", "very", "also",
+];
+
 /// Frequent English words that other languages do not use.
 const ENGLISH: &[&str] = &[
     "the", "is", "of", "and", "to", "what", "how", "why", "who", "which", "where", "when", "for",
@@ -318,40 +345,257 @@ const NUMBER_WORDS: &[(&str, &str)] = &[
 /// Words that start sentences without naming anything: a capitalised
 /// word at a sentence start is a name only when it is not one of these.
 const COMMON_STARTERS: &[&str] = &[
-    "a", "about", "according", "act", "add", "all", "also", "an", "analyse", "analyze", "and",
-    "answer", "any", "are", "as", "assume", "at", "based", "be", "briefly", "build", "but", "by",
-    "calculate", "can", "check", "classify", "compare", "compose", "compute", "consider",
-    "convert", "could", "count", "create", "debug", "define", "describe", "design", "did",
-    "discuss", "do", "does", "draft", "draw", "each", "estimate", "evaluate", "every", "explain",
-    "find", "first", "fix", "for", "from", "generate", "get", "give", "given", "go", "has", "have",
-    "hello", "help", "here", "hey", "hi", "how", "hows", "i", "id", "identify", "if", "illustrate",
-    "im", "imagine", "implement", "improve", "in", "is", "it", "its", "ive", "just", "keep",
-    "let", "lets", "list", "make", "may", "might", "must", "my", "name", "next", "now", "of",
-    "ok", "okay", "on", "one", "or", "our", "outline", "paraphrase", "please", "plan", "predict",
-    "pretend", "provide", "put", "quickly", "recommend", "rephrase", "reply", "respond",
-    "review", "rewrite", "run", "say", "set", "should", "show", "simplify", "simply", "so",
-    "solve", "some", "sort", "spell", "state", "suggest", "summarise", "summarize", "suppose",
-    "take", "teach", "tell", "thanks", "that", "thats", "the", "then", "there", "theres", "these",
-    "they", "this", "those", "to", "translate", "try", "use", "using", "was", "we", "were", "what",
-    "whats", "when", "where", "wheres", "which", "who", "whom", "whos", "whose", "why", "will",
-    "with", "would", "write", "yes", "you", "your",
+    "a",
+    "about",
+    "according",
+    "act",
+    "add",
+    "all",
+    "also",
+    "an",
+    "analyse",
+    "analyze",
+    "and",
+    "answer",
+    "any",
+    "are",
+    "as",
+    "assume",
+    "at",
+    "based",
+    "be",
+    "briefly",
+    "build",
+    "but",
+    "by",
+    "calculate",
+    "can",
+    "check",
+    "classify",
+    "compare",
+    "compose",
+    "compute",
+    "consider",
+    "convert",
+    "could",
+    "count",
+    "create",
+    "debug",
+    "define",
+    "describe",
+    "design",
+    "did",
+    "discuss",
+    "do",
+    "does",
+    "draft",
+    "draw",
+    "each",
+    "estimate",
+    "evaluate",
+    "every",
+    "explain",
+    "find",
+    "first",
+    "fix",
+    "for",
+    "from",
+    "generate",
+    "get",
+    "give",
+    "given",
+    "go",
+    "has",
+    "have",
+    "hello",
+    "help",
+    "here",
+    "hey",
+    "hi",
+    "how",
+    "hows",
+    "i",
+    "id",
+    "identify",
+    "if",
+    "illustrate",
+    "im",
+    "imagine",
+    "implement",
+    "improve",
+    "in",
+    "is",
+    "it",
+    "its",
+    "ive",
+    "just",
+    "keep",
+    "let",
+    "lets",
+    "list",
+    "make",
+    "may",
+    "might",
+    "must",
+    "my",
+    "name",
+    "next",
+    "now",
+    "of",
+    "ok",
+    "okay",
+    "on",
+    "one",
+    "or",
+    "our",
+    "outline",
+    "paraphrase",
+    "please",
+    "plan",
+    "predict",
+    "pretend",
+    "provide",
+    "put",
+    "quickly",
+    "recommend",
+    "rephrase",
+    "reply",
+    "respond",
+    "review",
+    "rewrite",
+    "run",
+    "say",
+    "set",
+    "share",
+    "should",
+    "show",
+    "simplify",
+    "simply",
+    "so",
+    "offer",
+    "brainstorm",
+    "note",
+    "recall",
+    "remind",
+    "walk",
+    "guide",
+    "clarify",
+    "elaborate",
+    "detail",
+    "contrast",
+    "tips",
+    "ideas",
+    "quick",
+    "short",
+    "another",
+    "other",
+    "again",
+    "solve",
+    "some",
+    "sort",
+    "spell",
+    "state",
+    "suggest",
+    "summarise",
+    "summarize",
+    "suppose",
+    "take",
+    "teach",
+    "tell",
+    "thanks",
+    "that",
+    "thats",
+    "the",
+    "then",
+    "there",
+    "theres",
+    "these",
+    "they",
+    "this",
+    "those",
+    "to",
+    "translate",
+    "try",
+    "use",
+    "using",
+    "was",
+    "we",
+    "were",
+    "what",
+    "whats",
+    "when",
+    "where",
+    "wheres",
+    "which",
+    "who",
+    "whom",
+    "whos",
+    "whose",
+    "why",
+    "will",
+    "with",
+    "would",
+    "write",
+    "yes",
+    "you",
+    "your",
 ];
 
-/// Lower-cases, folds the typographic apostrophe, drops apostrophes.
+/// Lower-cases, drops a possessive `'s`, folds the typographic
+/// apostrophe, drops apostrophes.
 fn fold(word: &str) -> String {
+    let word = word
+        .strip_suffix("'s")
+        .or_else(|| word.strip_suffix("’s"))
+        .unwrap_or(word);
     word.chars()
         .filter(|c| *c != '\'' && *c != '’')
         .flat_map(char::to_lowercase)
         .collect()
 }
 
-/// A plural or third-person `s` dropped, so "advantages" is "advantage".
-fn stem(w: &str) -> &str {
-    if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") {
-        &w[..w.len() - 1]
-    } else {
-        w
+/// A plural or third-person ending dropped: "advantages" is "advantage",
+/// "weaknesses" is "weakness", "cities" is "city".
+fn stem(w: &str) -> String {
+    if w.len() > 4 && w.ends_with("ies") {
+        return format!("{}y", &w[..w.len() - 3]);
     }
+    if w.len() > 4
+        && ["sses", "shes", "ches", "xes", "zes"]
+            .iter()
+            .any(|e| w.ends_with(e))
+    {
+        return w[..w.len() - 2].to_string();
+    }
+    if w.len() > 3 && w.ends_with('s') && !w.ends_with("ss") {
+        return w[..w.len() - 1].to_string();
+    }
+    w.to_string()
+}
+
+/// The forms a word may take in [`OPPOSITES`]: itself, its stem, and the
+/// base of a comparative or superlative ("hottest" is "hot", "easier" is
+/// "easy", "colder" is "cold").
+fn base_forms(w: &str) -> Vec<String> {
+    let mut out = vec![w.to_string(), stem(w)];
+    for suffix in ["est", "er"] {
+        let Some(base) = w.strip_suffix(suffix) else {
+            continue;
+        };
+        if base.len() < 2 {
+            continue;
+        }
+        out.push(base.to_string());
+        out.push(format!("{base}e"));
+        if let Some(b) = base.strip_suffix('i') {
+            out.push(format!("{b}y"));
+        }
+        let bytes = base.as_bytes();
+        if bytes.len() >= 2 && bytes[bytes.len() - 1] == bytes[bytes.len() - 2] {
+            out.push(base[..base.len() - 1].to_string());
+        }
+    }
+    out
 }
 
 /// Quoted strings: between double, typographic or back quotes, or single
@@ -374,8 +618,7 @@ fn quoted(text: &str) -> BTreeSet<String> {
             let rest = &chars[i + 1..];
             let end = rest.iter().enumerate().position(|(j, &x)| {
                 x == close
-                    && (close != '\''
-                        || rest.get(j + 1).is_none_or(|n| !n.is_alphanumeric()))
+                    && (close != '\'' || rest.get(j + 1).is_none_or(|n| !n.is_alphanumeric()))
             });
             if let Some(end) = end {
                 let s: String = rest[..end].iter().collect();
@@ -402,6 +645,7 @@ impl Features {
             formats: BTreeSet::new(),
             polar: BTreeSet::new(),
             directional: false,
+            content: Vec::new(),
             language: 0,
         };
         let mut sentence_start = true;
@@ -442,11 +686,14 @@ impl Features {
 
     fn word(&mut self, raw: &str, sentence_start: bool) {
         let w = fold(raw);
+        let mut number = true;
         if raw.chars().any(|c| c.is_ascii_digit()) {
             // "1,000" is "1000"; a number glued to a name ("GPT-4") is both.
             self.numbers.insert(w.replace(',', ""));
         } else if let Some((_, n)) = NUMBER_WORDS.iter().find(|(name, _)| *name == w) {
             self.numbers.insert((*n).to_string());
+        } else {
+            number = false;
         }
         if NEGATIONS.contains(&w.as_str()) || w.ends_with("nt") && raw.contains(['\'', '’']) {
             self.negated = true;
@@ -460,11 +707,15 @@ impl Features {
             self.directional = true;
         }
         let s = stem(&w);
-        if let Some(p) = polar_word(&w).or_else(|| polar_word(s)) {
+        if let Some(p) = base_forms(&w).iter().find_map(|f| polar_word(f)) {
             self.polar.insert(p);
         }
         if let Some(fmt) = FORMATS.iter().find(|x| **x == w || **x == s) {
             self.formats.insert(fmt);
+        }
+        // Numbers are compared on their own ("three" is "3").
+        if !number && !FUNCTION_WORDS.contains(&w.as_str()) {
+            self.content.push(s.clone());
         }
         if is_entity(raw, &w, sentence_start) {
             self.entities.push(w.clone());
@@ -507,10 +758,22 @@ mod tests {
                 "What is the capital of France?",
                 "What's the capital city of France",
             ),
-            ("Paris is the capital of which country?", "Which country has Paris as its capital?"),
-            ("How do I reverse a list in Python?", "how to reverse a Python list"),
-            ("Explain how photosynthesis works.", "Can you explain photosynthesis?"),
-            ("Who wrote 'Pride and Prejudice'?", "Who is the author of 'Pride and Prejudice'?"),
+            (
+                "Paris is the capital of which country?",
+                "Which country has Paris as its capital?",
+            ),
+            (
+                "How do I reverse a list in Python?",
+                "how to reverse a Python list",
+            ),
+            (
+                "Explain how photosynthesis works.",
+                "Can you explain photosynthesis?",
+            ),
+            (
+                "Who is the author of 'Pride and Prejudice'?",
+                "Who's the author of 'Pride and Prejudice'",
+            ),
             ("Why isn't the sky green?", "Why is the sky not green?"),
         ] {
             assert_eq!(guard(a, b), Ok(()), "{a} / {b}");
@@ -522,10 +785,22 @@ mod tests {
         use Refusal::*;
         for (a, b, why) in [
             ("What is 15% of 80?", "What is 20% of 80?", Numbers),
-            ("List three uses of copper", "List five uses of copper", Numbers),
-            ("Is coffee good for you?", "Is coffee not good for you?", Negation),
+            (
+                "List three uses of copper",
+                "List five uses of copper",
+                Numbers,
+            ),
+            (
+                "Is coffee good for you?",
+                "Is coffee not good for you?",
+                Negation,
+            ),
             ("Why do cats purr?", "Why don't cats purr?", Negation),
-            ("What is the capital of France?", "What is the capital of Germany?", Entities),
+            (
+                "What is the capital of France?",
+                "What is the capital of Germany?",
+                Entities,
+            ),
             (
                 "Convert 10 Celsius to Fahrenheit",
                 "Convert 10 Fahrenheit to Celsius",
@@ -536,13 +811,26 @@ mod tests {
                 "What are the disadvantages of nuclear power?",
                 Opposite,
             ),
-            ("How do I encrypt a file?", "How do I decrypt a file?", Opposite),
+            (
+                "How do I encrypt a file?",
+                "How do I decrypt a file?",
+                Opposite,
+            ),
             (
                 "Translate \"good morning\" to French",
                 "Translate \"good night\" to French",
                 Quoted,
             ),
-            ("Describe the water cycle as a poem", "Describe the water cycle as a table", Format),
+            (
+                "Describe the water cycle as a poem",
+                "Describe the water cycle as a table",
+                Format,
+            ),
+            (
+                "What is the chemical symbol for gold?",
+                "What is the chemical symbol for silver?",
+                Substitution,
+            ),
             (
                 "What is the capital of France?",
                 "Quelle est la capitale de la France ?",
@@ -560,6 +848,9 @@ mod tests {
         assert!(f.quoted.contains("it's fine"), "{:?}", f.quoted);
         assert!(f.quoted.contains("no"));
         assert_eq!(guard("three apples", "3 apples"), Ok(()));
-        assert_eq!(guard("What is GPT-4?", "What is GPT-3?"), Err(Refusal::Numbers));
+        assert_eq!(
+            guard("What is GPT-4?", "What is GPT-3?"),
+            Err(Refusal::Numbers)
+        );
     }
 }

@@ -190,7 +190,11 @@ mod tests {
         assert_eq!(ix.len(), 1, "same key replaced");
         ix.insert("p", item("b", [1.0, 0.0], 50), 0);
         assert!(!ix.insert("p", item("c", [1.0, 0.0], 100), 10), "full");
-        assert_eq!(ix.search("p", &[1.0, 0.0], 0.9, 60).searched, 1, "b expired");
+        assert_eq!(
+            ix.search("p", &[1.0, 0.0], 0.9, 60).searched,
+            1,
+            "b expired"
+        );
         assert!(ix.insert("p", item("c", [1.0, 0.0], 100), 60), "b expired");
         assert_eq!(ix.len(), 2);
         ix.remove("a");

@@ -162,7 +162,9 @@ impl SemanticCache {
                         delay = Duration::from_millis(100);
                         me.follow(&store, &shutdown).await;
                     }
-                    Err(e) => tracing::warn!(bucket = %me.bucket, error = %e, "semantic bucket unavailable; semantic lookups miss"),
+                    Err(e) => {
+                        tracing::warn!(bucket = %me.bucket, error = %e, "semantic bucket unavailable; semantic lookups miss")
+                    }
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -175,8 +177,7 @@ impl SemanticCache {
 
     async fn open(&self, js: &jetstream::Context) -> Result<kv::Store, String> {
         let timeout = Duration::from_secs(5);
-        if let Ok(Ok(store)) = tokio::time::timeout(timeout, js.get_key_value(&self.bucket)).await
-        {
+        if let Ok(Ok(store)) = tokio::time::timeout(timeout, js.get_key_value(&self.bucket)).await {
             return Ok(store);
         }
         let config = kv::Config {
@@ -375,6 +376,7 @@ fn guard_outcome(why: guard::Refusal) -> &'static str {
         Quoted => "guard_quoted",
         Format => "guard_format",
         Language => "guard_language",
+        Substitution => "guard_substitution",
     }
 }
 
