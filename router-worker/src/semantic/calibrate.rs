@@ -74,7 +74,7 @@ pub fn score(pairs: Vec<Pair>, mut similarity: impl FnMut(&str, &str) -> f32) ->
         .into_iter()
         .map(|pair| {
             let n = seen.entry(pair.category.clone()).or_default();
-            let tune = *n % 2 == 0;
+            let tune = n.is_multiple_of(2);
             *n += 1;
             Scored {
                 similarity: similarity(&pair.a, &pair.b),
@@ -271,6 +271,30 @@ pub fn report(scored: &[Scored]) -> String {
     out
 }
 
+/// The policies chosen on `main` applied to the whole of `fresh`.
+pub fn report_fresh(main: &[Scored], fresh: &[Scored]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| policy (thresholds from the tuning half) | fresh-set hit rate | fresh-set false-hit rate |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- |");
+    for (name, t, g) in policies(main) {
+        let r = rates(fresh, t, g);
+        let _ = writeln!(
+            out,
+            "| {name} | {:.1} % ({}/{}) | {:.1} % ({}/{}) |",
+            100.0 * r.hit_rate(),
+            r.hits,
+            r.paraphrases,
+            100.0 * r.false_hit_rate(),
+            r.false_hits,
+            r.near_misses
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,28 +341,4 @@ mod tests {
         assert_eq!((r.hits, r.false_hits), (1, 1));
         assert!(report(&scored).contains("| number | "));
     }
-}
-
-/// The policies chosen on `main` applied to the whole of `fresh`.
-pub fn report_fresh(main: &[Scored], fresh: &[Scored]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "| policy (thresholds from the tuning half) | fresh-set hit rate | fresh-set false-hit rate |"
-    );
-    let _ = writeln!(out, "| --- | --- | --- |");
-    for (name, t, g) in policies(main) {
-        let r = rates(fresh, t, g);
-        let _ = writeln!(
-            out,
-            "| {name} | {:.1} % ({}/{}) | {:.1} % ({}/{}) |",
-            100.0 * r.hit_rate(),
-            r.hits,
-            r.paraphrases,
-            100.0 * r.false_hit_rate(),
-            r.false_hits,
-            r.near_misses
-        );
-    }
-    out
 }
