@@ -710,6 +710,33 @@ mod tests {
     }
 
     #[test]
+    fn semantic_is_asked_per_request_and_answers_say_how_they_matched() {
+        let r: GenerateRequest =
+            decode(Format::Json, br#"{"prompt":"hi","semantic":true}"#).unwrap();
+        assert_eq!(r.semantic, Some(true));
+        assert_eq!(GenerateRequest::new("hi").semantic, None);
+        let e = decode::<GenerateRequest>(
+            Format::Json,
+            br#"{"prompt":"hi","semantic":true,"semantic":false}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("semantic"), "{}", e.message);
+        let e = decode::<GenerateRequest>(Format::Json, br#"{"prompt":"hi","semantic":"yes"}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("semantic"));
+        let body =
+            br#"{"text":"hi","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},
+            "model":"m","cost":0.0,"latency":0.1,"routed_to":"local","provider":"cloud",
+            "cached":true,"cache_match":"semantic","similarity":0.9312}"#;
+        let a: GenerateResponse = decode(Format::Json, body).unwrap();
+        assert_eq!(a.cache_match, Some(CacheMatch::Semantic));
+        assert_eq!(a.similarity, Some(0.9312));
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["cache_match"], "semantic");
+        assert!(json.get("semantic_miss").is_none());
+    }
+
+    #[test]
     fn json_content_type_selects_json() {
         let mut h = HeaderMap::new();
         assert_eq!(Format::from_headers(Some(&h)), Format::MsgPack);

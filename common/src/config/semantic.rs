@@ -57,3 +57,35 @@ impl SemanticConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn semantic_settings_default_off_and_bad_ones_are_named() {
+        let c = Config::from_parts(None, &[], &[]).unwrap();
+        assert!(!c.cache.semantic.enabled, "off unless asked");
+        assert!(c.cache.semantic.allow_opt_in && c.cache.semantic.guard);
+        let c = Config::from_parts(
+            None,
+            &[],
+            &[("cache.semantic.enabled".into(), "true".into())],
+        )
+        .unwrap();
+        assert!(c.cache.semantic.enabled);
+        for (key, value) in [
+            ("cache.semantic.threshold", "1.5"),
+            ("cache.semantic.threshold", "0"),
+            ("cache.semantic.max_entries", "0"),
+            ("cache.semantic.treshold", "0.9"),
+        ] {
+            let e = Config::from_parts(None, &[], &[(key.into(), value.into())]).unwrap_err();
+            assert!(
+                e.message.contains(key.rsplit('.').next().unwrap()),
+                "{key}: {}",
+                e.message
+            );
+        }
+    }
+}
