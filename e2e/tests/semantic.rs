@@ -379,3 +379,30 @@ async fn without_the_model_semantic_requests_are_served_as_misses_that_say_why()
     })
     .await;
 }
+
+/// Under `nats/accounts.conf` the router's user may create, write and
+/// watch the semantic bucket, and nothing more is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_user_of_accounts_conf_runs_the_semantic_cache() {
+    let nats = NatsServer::start_with_accounts();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let cfg = config(&nats, &up);
+    let stack = Stack::start_parts_as(
+        cfg.clone(),
+        optiroute_testkit::stack::Parts::ALL,
+        |part, n| {
+            let user = match part {
+                "ingress" | "router" => part,
+                _ => "provider",
+            };
+            n.url = nats.url_as(user);
+            n.inbox_prefix = format!("_INBOX_{user}");
+        },
+    )
+    .await;
+    assert!(stack.router.as_ref().unwrap().semantic.is_connected());
+    let first = store(&stack, "How do magnets work?").await;
+    let hit = ask(&stack, q("How does a magnet work?")).await;
+    assert_eq!(hit["cache_match"], "semantic", "{hit}");
+    assert_eq!(hit["text"], first["text"]);
+}
