@@ -16,7 +16,9 @@ pub struct Embeddings {
     model: Option<Arc<Embedder>>,
     /// Why there is no model (logged once at startup, shown in errors).
     missing: Option<String>,
-    permits: Semaphore,
+    /// Held by each embedding until it has run (not just until its caller
+    /// stops waiting), so at most this many run at once.
+    permits: Arc<Semaphore>,
     /// Seconds per embedding (`llm_embedding_seconds` when registered).
     pub seconds: Option<prometheus::Histogram>,
 }
@@ -45,7 +47,7 @@ impl Embeddings {
         Embeddings {
             model,
             missing,
-            permits: Semaphore::new(cfg.max_concurrent.max(1)),
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
             seconds: None,
         }
     }
@@ -55,7 +57,7 @@ impl Embeddings {
         Embeddings {
             model: Some(model),
             missing: None,
-            permits: Semaphore::new(max_concurrent.max(1)),
+            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
             seconds: None,
         }
     }
@@ -88,16 +90,20 @@ impl Embeddings {
                 ),
             ));
         };
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| Error::internal("embedding permits closed"))?;
         let text = text.to_string();
         let started = Instant::now();
-        let v = tokio::task::spawn_blocking(move || model.embed(&text))
-            .await
-            .map_err(|e| Error::internal(format!("embedding task: {e}")))?;
+        let v = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            model.embed(&text)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("embedding task: {e}")))?;
         if let Some(h) = &self.seconds {
             h.observe(started.elapsed().as_secs_f64());
         }

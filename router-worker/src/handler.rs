@@ -255,15 +255,6 @@ impl GenerateHandler {
                 leader: None,
             };
         }
-        if call.semantic {
-            if let Some(answer) = self.semantic_lookup(call).await {
-                return Outcome::Reused {
-                    answer,
-                    event: Some(CacheEvent::SemanticHit),
-                    leader: None,
-                };
-            }
-        }
         let leader = match self.coalescer.join(call.key) {
             Join::Leader(guard) => guard,
             Join::Full => {
@@ -298,6 +289,16 @@ impl GenerateHandler {
                 }
             },
         };
+        // After the join, so identical requests in flight embed once.
+        if call.semantic {
+            if let Some(answer) = self.semantic_lookup(call).await {
+                return Outcome::Reused {
+                    answer,
+                    event: Some(CacheEvent::SemanticHit),
+                    leader: Some(leader),
+                };
+            }
+        }
         // Only a request that will write its answer may hold other replicas waiting.
         let claim = if mode.writes() {
             self.cache.claim(call.key, call.meta.deadline).await

@@ -2,6 +2,7 @@
 //! and, once an answer is in the exact cache, its question's vector.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use optiroute_common::wire::CacheMatch;
 
@@ -9,6 +10,10 @@ use super::{Call, GenerateHandler, Reused};
 use crate::cache::{key_with_question, semantic_partition, CachedAnswer};
 use crate::embedding::Embeddings;
 use crate::semantic::{Miss, SemanticCache};
+
+/// The longest a semantic lookup may take (the embedding, queued behind
+/// `router.embedding.max_concurrent` others, and the search).
+const MAX_LOOKUP: Duration = Duration::from_secs(2);
 
 /// What the background write after an answer needs to index its question.
 pub(super) struct PendingVector {
@@ -93,15 +98,21 @@ impl GenerateHandler {
         let same_request = |question: &str, key: &str| {
             key_with_question(call.req, pool, call.scope, question) == key
         };
-        let (key, similarity) = self
-            .semantic
-            .find(
-                &partition,
-                call.embedding.text(),
-                &call.embedding,
-                same_request,
+        // Half the time left at most: a long embedding queue must not cost
+        // the request its chance to be generated.
+        let budget = (call.meta.remaining() / 2).min(MAX_LOOKUP);
+        let find = self.semantic.find(
+            &partition,
+            call.embedding.text(),
+            &call.embedding,
+            same_request,
+        );
+        let (key, similarity) = tokio::time::timeout(budget, find).await.map_err(|_| {
+            Miss::new(
+                "timeout",
+                format!("no embedding within {} ms", budget.as_millis()),
             )
-            .await?;
+        })??;
         match self.cache.fetch(&key).await {
             Some(answer) => Ok(Reused::semantic(&answer, similarity)),
             None => Err(Miss::new(
