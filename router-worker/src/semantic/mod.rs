@@ -19,6 +19,7 @@
 pub mod calibrate;
 pub mod guard;
 pub mod index;
+mod lexicon;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
