@@ -110,7 +110,10 @@ async fn a_paraphrase_is_served_the_cached_answer_and_says_semantic() {
         m("optiroute_semantic_lookups_total", &[("outcome", "hit")]).await,
         1.0
     );
-    // The same prompt again is an exact hit, and says so.
+    // The same prompt again is an exact hit, and says so; an exact hit and
+    // a request that does not ask compute no embedding.
+    let embeddings = m("llm_embedding_seconds_count", &[]).await;
+    assert_eq!(embeddings, 2.0, "one per request that looked up");
     let exact = ask(&stack, q("What is the capital of France?")).await;
     assert_eq!(exact["cache_match"], "exact", "{exact}");
     assert!(exact.get("similarity").is_none());
@@ -124,6 +127,7 @@ async fn a_paraphrase_is_served_the_cached_answer_and_says_semantic() {
     assert_eq!(plain["cached"], false, "{plain}");
     assert!(plain.get("semantic_miss").is_none(), "{plain}");
     assert!(plain.get("cache_match").is_none(), "{plain}");
+    assert_eq!(m("llm_embedding_seconds_count", &[]).await, embeddings);
     // On the OpenAI API the header asks for it, and the answer says how it
     // matched (a conversation is its own partition: its question is the
     // last user turn).
