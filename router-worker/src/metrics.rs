@@ -98,7 +98,7 @@ impl RouterMetrics {
             semantic_outcomes: counter_vec(
                 &r,
                 "optiroute_semantic_lookups_total",
-                "Semantic cache lookups by outcome: hit, below_threshold, guard_<reason>, entry_gone, unavailable, too_long, not_ready, timeout.",
+                "Semantic cache lookups by outcome: hit, no_entries, below_threshold, guard_<reason>, entry_gone, unavailable, too_long, not_ready, timeout.",
                 &["outcome"],
             ),
             embedding_seconds: histogram(

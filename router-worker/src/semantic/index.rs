@@ -35,7 +35,10 @@ pub struct Candidate {
 
 /// Vectors by partition, bounded in total.
 pub struct Index {
-    partitions: HashMap<String, Vec<Item>>,
+    /// Shared with searches in progress: a search takes the partition's
+    /// `Arc` under the lock and scans it outside, and a change while one
+    /// runs copies the partition (copy on write).
+    partitions: HashMap<String, Arc<Vec<Item>>>,
     /// Where each key lives, to replace or remove it.
     partition_of: HashMap<String, String>,
     max_entries: usize,
@@ -88,10 +91,7 @@ impl Index {
         }
         self.partition_of
             .insert(item.key.clone(), partition.to_string());
-        self.partitions
-            .entry(partition.to_string())
-            .or_default()
-            .push(item);
+        Arc::make_mut(self.partitions.entry(partition.to_string()).or_default()).push(item);
         true
     }
 
@@ -100,7 +100,7 @@ impl Index {
             return;
         };
         if let Some(items) = self.partitions.get_mut(&partition) {
-            items.retain(|i| i.key != key);
+            Arc::make_mut(items).retain(|i| i.key != key);
             if items.is_empty() {
                 self.partitions.remove(&partition);
             }
@@ -112,7 +112,10 @@ impl Index {
     pub fn prune(&mut self, now_ms: u64) {
         let partition_of = &mut self.partition_of;
         self.partitions.retain(|_, items| {
-            items.retain(|i| {
+            if items.iter().all(|i| i.expires_ms > now_ms) {
+                return true;
+            }
+            Arc::make_mut(items).retain(|i| {
                 let live = i.expires_ms > now_ms;
                 if !live {
                     partition_of.remove(&i.key);
@@ -123,33 +126,45 @@ impl Index {
         });
     }
 
-    pub fn search(&self, partition: &str, vector: &[f32], threshold: f32, now_ms: u64) -> Search {
-        let mut out = Search {
-            candidates: Vec::new(),
-            best: None,
-            searched: 0,
-        };
-        let Some(items) = self.partitions.get(partition) else {
-            return out;
-        };
-        for item in items.iter().filter(|i| i.expires_ms > now_ms) {
-            out.searched += 1;
-            let s = dot(vector, &item.vector);
-            if out.best.is_none_or(|b| s > b) {
-                out.best = Some(s);
-            }
-            if s >= threshold {
-                out.candidates.push(Candidate {
-                    item: item.clone(),
-                    similarity: s,
-                });
-            }
-        }
-        out.candidates
-            .sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
-        out.candidates.truncate(MAX_CANDIDATES);
-        out
+    /// The entries of one partition, to [`search`] without the lock.
+    pub fn partition(&self, partition: &str) -> Option<Arc<Vec<Item>>> {
+        self.partitions.get(partition).cloned()
     }
+
+    pub fn search(&self, partition: &str, vector: &[f32], threshold: f32, now_ms: u64) -> Search {
+        search(
+            self.partition(partition).as_deref().map_or(&[], |v| v),
+            vector,
+            threshold,
+            now_ms,
+        )
+    }
+}
+
+/// The live entries of `items` at or above `threshold`, most similar first.
+pub fn search(items: &[Item], vector: &[f32], threshold: f32, now_ms: u64) -> Search {
+    let mut out = Search {
+        candidates: Vec::new(),
+        best: None,
+        searched: 0,
+    };
+    for item in items.iter().filter(|i| i.expires_ms > now_ms) {
+        out.searched += 1;
+        let s = dot(vector, &item.vector);
+        if out.best.is_none_or(|b| s > b) {
+            out.best = Some(s);
+        }
+        if s >= threshold {
+            out.candidates.push(Candidate {
+                item: item.clone(),
+                similarity: s,
+            });
+        }
+    }
+    out.candidates
+        .sort_by(|a, b| b.similarity.total_cmp(&a.similarity));
+    out.candidates.truncate(MAX_CANDIDATES);
+    out
 }
 
 #[cfg(test)]

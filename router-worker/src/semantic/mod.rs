@@ -290,15 +290,18 @@ impl SemanticCache {
             .get()
             .await
             .map_err(|e| Miss::new("unavailable", e.message))?;
-        let search = self.lock().search(
-            partition,
+        // The scan runs outside the lock (the partition is shared, copied
+        // on write), so a large one does not hold up other lookups.
+        let items = self.lock().partition(partition);
+        let search = index::search(
+            items.as_deref().map_or(&[], |v| v),
             &vector,
             self.cfg.threshold,
             epoch_ms(SystemTime::now()),
         );
         let Some(best) = search.best else {
             return Err(Miss::new(
-                "below_threshold",
+                "no_entries",
                 "no stored question in this scope with the same settings",
             ));
         };
