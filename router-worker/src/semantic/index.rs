@@ -198,6 +198,24 @@ mod tests {
     }
 
     #[test]
+    fn a_search_in_progress_keeps_its_copy_while_the_index_changes() {
+        let mut ix = Index::new(10);
+        ix.insert("p", item("a", [1.0, 0.0], 100), 0);
+        let held = ix.partition("p").unwrap();
+        ix.insert("p", item("b", [1.0, 0.0], 100), 0);
+        ix.remove("a");
+        assert_eq!(search(&held, &[1.0, 0.0], 0.5, 0).candidates.len(), 1);
+        assert_eq!(held[0].key, "a");
+        let now: Vec<_> = ix
+            .partition("p")
+            .unwrap()
+            .iter()
+            .map(|i| i.key.clone())
+            .collect();
+        assert_eq!(now, ["b"]);
+    }
+
+    #[test]
     fn expires_replaces_and_stays_bounded() {
         let mut ix = Index::new(2);
         ix.insert("p", item("a", [1.0, 0.0], 100), 0);
