@@ -252,6 +252,21 @@ pub(crate) fn namespace_from_headers(headers: &HeaderMap) -> Result<Option<Strin
     Ok(Some(v.to_string()))
 }
 
+/// `x-optiroute-semantic: on|off`, checked: asks for the semantic cache or not.
+pub(crate) fn semantic_from_headers(headers: &HeaderMap) -> Result<Option<bool>, Error> {
+    let Some(v) = headers.get(headers::HTTP_SEMANTIC) else {
+        return Ok(None);
+    };
+    match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Ok("on" | "true" | "1") => Ok(Some(true)),
+        Ok("off" | "false" | "0") => Ok(Some(false)),
+        _ => Err(Error::bad_param(
+            headers::HTTP_SEMANTIC,
+            "x-optiroute-semantic must be on or off",
+        )),
+    }
+}
+
 /// `Cache-Control: no-cache` skips the read (and refreshes the entry);
 /// `no-store` skips the write; both skip the cache.
 fn cache_mode_from_headers(headers: &HeaderMap, mode: CacheMode) -> CacheMode {
@@ -288,6 +303,9 @@ async fn generate(
         wire::decode(Format::Json, &body).map_err(|e| ApiError::new(e, Some(&id)))?;
     if let Some(ns) = namespace_from_headers(&headers).map_err(|e| ApiError::new(e, Some(&id)))? {
         req.cache_namespace = Some(ns);
+    }
+    if let Some(on) = semantic_from_headers(&headers).map_err(|e| ApiError::new(e, Some(&id)))? {
+        req.semantic = Some(on);
     }
     req.validate(s.max_prompt_bytes)
         .map_err(|e| ApiError::new(e, Some(&id)))?;

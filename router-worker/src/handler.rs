@@ -1,8 +1,10 @@
 //! The `optiroute.generate` handler: validate, cache, route, call a
 //! provider pool, fall back, write the cache, reply.
 
+mod semantic;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::Client;
@@ -12,8 +14,8 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice, ProviderReply,
-    ProviderRequest,
+    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice,
+    ProviderReply, ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -23,9 +25,11 @@ use tracing::Instrument;
 use crate::access::{Access, Caller};
 use crate::cache::{scoped_cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
 use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
+use crate::embedding::{Embeddings, RequestEmbedding};
 use crate::metrics::{CacheEvent, RouterMetrics};
 use crate::overflow::LocalLoad;
 use crate::routing::{Decision, Router};
+use crate::semantic::SemanticCache;
 
 /// How much earlier than the router a provider gives up on an attempt.
 const PROVIDER_GRACE: Duration = Duration::from_millis(250);
@@ -49,6 +53,8 @@ pub struct GenerateHandler {
     access: Access,
     local_load: Arc<LocalLoad>,
     inflight: Arc<crate::liveness::InFlight>,
+    embeddings: Arc<Embeddings>,
+    semantic: Arc<SemanticCache>,
 }
 
 impl Handler for GenerateHandler {
@@ -109,18 +115,19 @@ impl Handler for GenerateHandler {
             }
         }
         self.access.pin_model(&caller, decision.target, &mut req);
-        let key = scoped_cache_key(
-            &req,
-            decision.target,
-            &self.access.cache_scope(&caller, &req),
-        );
+        let scope = self.access.cache_scope(&caller, &req);
+        let key = scoped_cache_key(&req, decision.target, &scope);
         let call = Call {
             meta: &meta,
             req: &req,
             decision: &decision,
             started,
             key: &key,
+            scope: &scope,
             caller: &caller,
+            embedding: RequestEmbedding::new(&self.embeddings, req.params.last_user_text()),
+            semantic: self.semantic.asked(req.semantic),
+            semantic_miss: OnceLock::new(),
         };
         let result = self.serve(&call).await;
         if let (Some(slot), Ok(r)) = (local_slot.as_mut(), &result) {
@@ -208,6 +215,8 @@ struct Reused {
     provider: Pool,
     cost: f64,
     fallback_reason: Option<ErrorKind>,
+    matched: CacheMatch,
+    similarity: Option<f64>,
 }
 
 impl Reused {
@@ -217,6 +226,8 @@ impl Reused {
             provider: hit.provider,
             cost: hit.cost,
             fallback_reason: None,
+            matched: CacheMatch::Exact,
+            similarity: None,
         }
     }
 
@@ -232,6 +243,9 @@ impl Reused {
             provider: shared.provider,
             cost,
             fallback_reason: shared.fallback_reason,
+            // An identical request: it matched as this one would have.
+            matched: shared.cache_match.unwrap_or(CacheMatch::Exact),
+            similarity: shared.similarity,
         }
     }
 }
@@ -244,7 +258,16 @@ struct Call<'a> {
     decision: &'a Decision,
     started: Instant,
     key: &'a str,
+    /// The tenant scope of its cache entries.
+    scope: &'a str,
     caller: &'a Caller,
+    /// Its question's embedding, computed on first use by whichever
+    /// feature needs it (never on an exact hit).
+    embedding: RequestEmbedding<'a>,
+    /// Whether it asked for the semantic cache.
+    semantic: bool,
+    /// Why the semantic cache did not answer it, when it asked.
+    semantic_miss: OnceLock<String>,
 }
 
 impl GenerateHandler {
@@ -259,10 +282,12 @@ impl GenerateHandler {
         };
         if !self.cache.enabled() || !(mode.reads() || mode.writes()) {
             self.metrics.cache_event(CacheEvent::Bypass);
+            self.semantic_skipped(call, "the cache is off for this request");
             return generate(false, None, None);
         }
         if !mode.reads() {
             self.metrics.cache_event(CacheEvent::Bypass);
+            self.semantic_skipped(call, "the cache is not read for this request");
             return generate(true, None, None);
         }
         if let Lookup::Hit(hit) = self.cache.lookup(call.key).await {
@@ -307,6 +332,16 @@ impl GenerateHandler {
                 }
             },
         };
+        // After the join, so identical requests in flight embed once.
+        if call.semantic {
+            if let Some(answer) = self.semantic_lookup(call).await {
+                return Outcome::Reused {
+                    answer,
+                    event: Some(CacheEvent::SemanticHit),
+                    leader: Some(leader),
+                };
+            }
+        }
         // Only a request that will write its answer may hold other replicas waiting.
         let claim = if mode.writes() {
             self.cache.claim(call.key, call.meta.deadline).await
@@ -349,6 +384,9 @@ impl GenerateHandler {
             fallback_reason: reused.fallback_reason,
             route_reason: Some(call.decision.reason.clone()),
             request_id: Some(call.meta.request_id.clone()),
+            cache_match: Some(reused.matched),
+            similarity: reused.similarity,
+            semantic_miss: None,
         }
     }
 
@@ -388,12 +426,17 @@ impl GenerateHandler {
         if answer.is_some() || marker.is_some() {
             let cache = self.cache.clone();
             let key = call.key.to_string();
+            let vector = answer.as_ref().and_then(|_| self.pending_vector(call));
             tokio::spawn(
                 async move {
                     let stored = match answer {
                         Some(a) => cache.store(&key, a).await,
                         None => false,
                     };
+                    // Only answers in the exact cache become semantic candidates.
+                    if let (true, Some(v)) = (stored, vector) {
+                        v.write(&key).await;
+                    }
                     // The answer replaced our placeholder; without one, remove it.
                     if let (false, Some(m)) = (stored, marker) {
                         m.release().await;
@@ -486,6 +529,9 @@ impl GenerateHandler {
             fallback_reason,
             route_reason: Some(decision.reason.clone()),
             request_id: Some(meta.request_id.clone()),
+            cache_match: None,
+            similarity: None,
+            semantic_miss: call.semantic_miss.get().cloned(),
         };
         Ok((response, answer))
     }
@@ -554,6 +600,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub metrics: RouterMetrics,
     pub cache: Arc<Cache>,
+    pub semantic: Arc<SemanticCache>,
     task: JoinHandle<Result<(), Error>>,
 }
 
@@ -585,6 +632,20 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.nats.prefix);
     let cache = Cache::new(cfg.cache.clone(), cfg.nats.replicas, metrics.clone());
     cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
+    // The embedding model is loaded once, when some request may need it; a
+    // missing model is logged with its path and the fetch command, and
+    // semantic requests are then served as misses that say why.
+    let wants_vectors = cfg.cache.enabled && cfg.cache.semantic.in_use();
+    let mut embeddings = Embeddings::load(&cfg.router.embedding, wants_vectors);
+    embeddings.seconds = Some(metrics.embedding_seconds.clone());
+    let embeddings = Arc::new(embeddings);
+    let semantic = SemanticCache::new(
+        &cfg.cache,
+        cfg.nats.replicas,
+        wants_vectors && embeddings.available(),
+        metrics.clone(),
+    );
+    semantic.spawn(async_nats::jetstream::new(client.clone()), shutdown.clone());
     let settings = cfg.router.service();
     let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(
@@ -622,6 +683,8 @@ pub async fn run(
             r.routing.local_max_wait_ms,
             &shutdown,
         ),
+        embeddings,
+        semantic: semantic.clone(),
     });
     let spec = EndpointSpec {
         service: subjects.router_service.clone(),
@@ -650,6 +713,7 @@ pub async fn run(
         admin_addr,
         metrics,
         cache,
+        semantic,
         task,
     })
 }

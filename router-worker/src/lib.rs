@@ -14,5 +14,6 @@ pub mod liveness;
 pub mod metrics;
 pub mod overflow;
 pub mod routing;
+pub mod semantic;
 
 pub use handler::{process, run, Running};

@@ -68,5 +68,11 @@ pub const HTTP_ROUTED_TO: &str = "x-optiroute-routed-to";
 pub const HTTP_CACHE: &str = "x-optiroute-cache";
 /// HTTP: narrows the cache scope (`cache_namespace`).
 pub const HTTP_CACHE_NAMESPACE: &str = "x-optiroute-cache-namespace";
+/// HTTP: `on` or `off` asks for the semantic cache or not (`semantic`).
+pub const HTTP_SEMANTIC: &str = "x-optiroute-semantic";
+/// HTTP answer: `exact` or `semantic`, on a cached answer.
+pub const HTTP_CACHE_MATCH: &str = "x-optiroute-cache-match";
+/// HTTP answer: the similarity of a semantic match.
+pub const HTTP_SIMILARITY: &str = "x-optiroute-similarity";
 /// HTTP: what the request cost, in USD.
 pub const HTTP_COST_USD: &str = "x-optiroute-cost-usd";
