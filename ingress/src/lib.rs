@@ -6,7 +6,6 @@ mod admin_api;
 mod batches;
 mod error;
 mod limits;
-mod liveness;
 pub mod metrics;
 mod openai;
 mod ui;
@@ -66,7 +65,7 @@ struct Inner {
     /// `/v1/usage`, opened on first use.
     accounts: tokio::sync::OnceCell<admin_api::Accounts>,
     /// The routers' heartbeats: requests of a router that died fail fast.
-    routers: Arc<liveness::Routers>,
+    routers: Arc<optiroute_common::liveness::Watcher>,
 }
 
 impl AppState {
@@ -84,7 +83,7 @@ impl AppState {
                 shutdown.clone(),
             )
         });
-        let routers = liveness::Routers::spawn(
+        let routers = optiroute_common::liveness::Watcher::spawn(
             client.clone(),
             Subjects::new(&cfg.nats.prefix).router_alive(),
             shutdown.clone(),
@@ -332,17 +331,7 @@ async fn relay(
     let s = &state.inner;
     let started = Instant::now();
     let mut tracked = s.routers.track(&meta.request_id);
-    let rx = tracked.died.take();
-    let died = async move {
-        // A dropped sender (the request finished) is no death.
-        let dead = match rx {
-            Some(rx) => rx.await.is_ok(),
-            None => false,
-        };
-        if !dead {
-            std::future::pending::<()>().await;
-        }
-    };
+    let died = tracked.death();
     let result: Result<GenerateResponse, Error> = tokio::select! {
         r = nats::request(&s.client, &s.subjects.generate, meta, None, req) => r,
         () = died => Err(Error::new(

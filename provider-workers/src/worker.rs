@@ -177,6 +177,9 @@ struct ProviderHandler<E> {
     metrics: ProviderMetrics,
     max_prompt_bytes: usize,
     model: String,
+    /// This replica's heartbeat (`<prefix>.alive.<pool>`): the routers fail
+    /// at once the attempts it held when it stops.
+    inflight: Arc<optiroute_common::liveness::InFlight>,
 }
 
 impl<E: Engine> Handler for ProviderHandler<E> {
@@ -188,6 +191,7 @@ impl<E: Engine> Handler for ProviderHandler<E> {
         meta: RequestMeta,
         req: ProviderRequest,
     ) -> Result<ProviderReply, Error> {
+        let _held = self.inflight.hold(&meta.request_id);
         req.validate(self.max_prompt_bytes)?;
         let started = Instant::now();
         let g = match &meta.stream_inbox {
@@ -347,6 +351,8 @@ struct PoolSetup<E> {
     spec: EndpointSpec,
     /// The model named in a charge for a stream that broke off.
     model: String,
+    /// Where this replica's heartbeat goes (`Subjects::pool_alive`).
+    alive: String,
 }
 
 async fn start<E: Engine>(
@@ -365,6 +371,13 @@ async fn start<E: Engine>(
         shutdown.clone(),
     )
     .await?;
+    let inflight = Arc::new(optiroute_common::liveness::InFlight::default());
+    optiroute_common::liveness::spawn_heartbeat(
+        client.clone(),
+        setup.alive.clone(),
+        inflight.clone(),
+        shutdown.clone(),
+    );
     let handler = Arc::new(ProviderHandler {
         client: client.clone(),
         pool: setup.pool,
@@ -373,6 +386,7 @@ async fn start<E: Engine>(
         metrics: metrics.clone(),
         max_prompt_bytes: setup.spec.settings.max_prompt_bytes,
         model: setup.model,
+        inflight: inflight.clone(),
     });
     // The engine's load (the embedded engine's sequences, queue, tokens/s)
     // as the endpoint's `$SRV.STATS` data, unless the pool publishes its own.
@@ -479,6 +493,7 @@ pub async fn run_local(
             .into_iter()
             .next()
             .unwrap_or_default(),
+        alive: subjects.pool_alive(Pool::Local),
     };
     start(client, setup, metrics, shutdown).await
 }
@@ -544,6 +559,7 @@ pub async fn run_cloud(
         pricing: Pricing::Cloud(c.clone()),
         spec,
         model: c.upstream.model.clone(),
+        alive: subjects.pool_alive(Pool::Cloud),
     };
     start(client, setup, metrics, shutdown).await
 }

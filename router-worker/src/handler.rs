@@ -14,8 +14,8 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice,
-    ProviderReply, ProviderRequest,
+    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice, ProviderReply,
+    ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -52,7 +52,11 @@ pub struct GenerateHandler {
     log_payloads: bool,
     access: Access,
     local_load: Arc<LocalLoad>,
-    inflight: Arc<crate::liveness::InFlight>,
+    inflight: Arc<optiroute_common::liveness::InFlight>,
+    /// Each pool's heartbeats: an attempt on a replica that died fails
+    /// (and may fall back) at once.
+    local_alive: Arc<optiroute_common::liveness::Watcher>,
+    cloud_alive: Arc<optiroute_common::liveness::Watcher>,
     embeddings: Arc<Embeddings>,
     semantic: Arc<SemanticCache>,
 }
@@ -569,14 +573,26 @@ impl GenerateHandler {
             api_key: None,
             team: meta.team.clone(),
         };
-        let result = nats::request(
-            &self.client,
-            self.subjects.provider(pool),
-            &attempt,
-            Some(wait),
-            req,
-        )
-        .await;
+        let alive = match pool {
+            Pool::Local => &self.local_alive,
+            Pool::Cloud => &self.cloud_alive,
+        };
+        let mut tracked = alive.track(&attempt.request_id);
+        let died = tracked.death();
+        let result = tokio::select! {
+            r = nats::request(
+                &self.client,
+                self.subjects.provider(pool),
+                &attempt,
+                Some(wait),
+                req,
+            ) => r,
+            () = died => Err(Error::new(
+                ErrorKind::NoResponders,
+                format!("the {} pool replica serving this attempt stopped (its heartbeat ended)", pool.as_str()),
+            )),
+        };
+        drop(tracked);
         self.metrics
             .provider_request
             .with_label_values(&[pool.as_str()])
@@ -656,8 +672,8 @@ pub async fn run(
     )
     .await?;
     let r = &cfg.router;
-    let inflight = Arc::new(crate::liveness::InFlight::default());
-    crate::liveness::spawn(
+    let inflight = Arc::new(optiroute_common::liveness::InFlight::default());
+    optiroute_common::liveness::spawn_heartbeat(
         client.clone(),
         subjects.router_alive(),
         inflight.clone(),
@@ -677,6 +693,16 @@ pub async fn run(
         log_payloads: cfg.log.log_payloads,
         access: Access::start(&client, cfg, &shutdown),
         inflight: inflight.clone(),
+        local_alive: optiroute_common::liveness::Watcher::spawn(
+            client.clone(),
+            subjects.pool_alive(Pool::Local),
+            shutdown.clone(),
+        ),
+        cloud_alive: optiroute_common::liveness::Watcher::spawn(
+            client.clone(),
+            subjects.pool_alive(Pool::Cloud),
+            shutdown.clone(),
+        ),
         local_load: LocalLoad::start(
             &client,
             &subjects.local_service,

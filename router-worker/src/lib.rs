@@ -10,7 +10,6 @@ pub mod coalesce;
 pub mod embedding;
 pub mod eval;
 pub mod handler;
-pub mod liveness;
 pub mod metrics;
 pub mod overflow;
 pub mod routing;
