@@ -22,8 +22,16 @@ use super::lexicon::{
 pub struct Features {
     /// Lower-cased words, for the entity cross-check.
     words: BTreeSet<String>,
-    numbers: BTreeSet<String>,
+    /// Numbers in order of appearance ("10 divided by 2" is not "2
+    /// divided by 10").
+    numbers: Vec<String>,
     negated: bool,
+    /// Where each negation stands: the number of content words before it
+    /// ("safe to not eat" is not "not safe to eat").
+    negation_at: Vec<usize>,
+    /// Han, kana and hangul characters: a text in those scripts has no
+    /// spaces to split words on, so it must use the same ones.
+    cjk: BTreeSet<char>,
     /// Named entities (lower-cased), in order of appearance.
     entities: Vec<String>,
     quoted: BTreeSet<String>,
@@ -34,6 +42,11 @@ pub struct Features {
     directional: bool,
     /// The content words in order (stemmed, function words left out).
     content: Vec<String>,
+    /// The content words on each side of a word that orders them ("to",
+    /// "than", "but"...), in order.
+    pairs: Vec<(String, String)>,
+    /// The content word before an ordering word, waiting for the one after.
+    pending_pair: Option<String>,
     /// Common words of English minus those of a few other languages: the
     /// sign says which the prompt is written in (0: cannot tell).
     language: i32,
@@ -52,6 +65,12 @@ pub enum Refusal {
     /// The same sentence with one content word swapped ("the chemical
     /// symbol for gold" / "for silver"): another subject.
     Substitution,
+    /// The same words in another order ("Did Brutus kill Caesar?" /
+    /// "Did Caesar kill Brutus?").
+    Order,
+    /// Other characters of a script written without spaces (Chinese,
+    /// Japanese, Korean).
+    Script,
 }
 
 impl Refusal {
@@ -65,6 +84,8 @@ impl Refusal {
             Refusal::Format => "format",
             Refusal::Language => "language",
             Refusal::Substitution => "substitution",
+            Refusal::Order => "order",
+            Refusal::Script => "script",
         }
     }
 }
@@ -74,8 +95,11 @@ pub fn check(a: &Features, b: &Features) -> Result<(), Refusal> {
     if a.numbers != b.numbers {
         return Err(Refusal::Numbers);
     }
-    if a.negated != b.negated {
+    if a.negated != b.negated || a.negation_at != b.negation_at {
         return Err(Refusal::Negation);
+    }
+    if a.cjk != b.cjk {
+        return Err(Refusal::Script);
     }
     if a.quoted != b.quoted {
         return Err(Refusal::Quoted);
@@ -112,6 +136,21 @@ pub fn check(a: &Features, b: &Features) -> Result<(), Refusal> {
     // "from Celsius to Fahrenheit" is not "from Fahrenheit to Celsius".
     if (a.directional || b.directional) && a.entities.len() > 1 && a.entities != b.entities {
         return Err(Refusal::Entities);
+    }
+    // The same words, ordered otherwise around a word that orders them
+    // ("10 miles to km" / "10 km to miles", "great but terrible"), or the
+    // same names in another order ("Did Brutus kill Caesar?").
+    let same = |x: &[String], y: &[String]| {
+        let (mut x, mut y) = (x.to_vec(), y.to_vec());
+        x.sort();
+        y.sort();
+        x == y
+    };
+    if a.pairs != b.pairs && same(&a.content, &b.content) {
+        return Err(Refusal::Order);
+    }
+    if a.entities.len() > 1 && a.entities != b.entities && same(&a.entities, &b.entities) {
+        return Err(Refusal::Order);
     }
     Ok(())
 }
@@ -183,9 +222,13 @@ fn base_forms(w: &str) -> Vec<String> {
         if let Some(b) = base.strip_suffix('i') {
             out.push(format!("{b}y"));
         }
-        let bytes = base.as_bytes();
-        if bytes.len() >= 2 && bytes[bytes.len() - 1] == bytes[bytes.len() - 2] {
-            out.push(base[..base.len() - 1].to_string());
+        // "hottest" is "hot": a doubled last letter (characters, not
+        // bytes: the two last bytes of one character may be equal).
+        let mut last = base.chars().rev();
+        if let (Some(z), Some(y)) = (last.next(), last.next()) {
+            if z == y {
+                out.push(base[..base.len() - z.len_utf8()].to_string());
+            }
         }
     }
     out
@@ -231,14 +274,18 @@ impl Features {
     pub fn of(text: &str) -> Features {
         let mut f = Features {
             words: BTreeSet::new(),
-            numbers: BTreeSet::new(),
+            numbers: Vec::new(),
             negated: false,
+            negation_at: Vec::new(),
+            cjk: text.chars().filter(|c| is_cjk(*c)).collect(),
             entities: Vec::new(),
             quoted: quoted(text),
             formats: BTreeSet::new(),
             polar: BTreeSet::new(),
             directional: false,
             content: Vec::new(),
+            pairs: Vec::new(),
+            pending_pair: None,
             language: 0,
         };
         let mut sentence_start = true;
@@ -282,14 +329,15 @@ impl Features {
         let mut number = true;
         if raw.chars().any(|c| c.is_ascii_digit()) {
             // "1,000" is "1000"; a number glued to a name ("GPT-4") is both.
-            self.numbers.insert(w.replace(',', ""));
+            self.numbers.push(w.replace(',', ""));
         } else if let Some((_, n)) = NUMBER_WORDS.iter().find(|(name, _)| *name == w) {
-            self.numbers.insert((*n).to_string());
+            self.numbers.push((*n).to_string());
         } else {
             number = false;
         }
         if NEGATIONS.contains(&w.as_str()) || w.ends_with("nt") && raw.contains(['\'', '’']) {
             self.negated = true;
+            self.negation_at.push(self.content.len());
         }
         if ENGLISH.contains(&w.as_str()) {
             self.language += 1;
@@ -298,6 +346,10 @@ impl Features {
         }
         if DIRECTIONAL.contains(&w.as_str()) {
             self.directional = true;
+        }
+        let ordering = DIRECTIONAL.contains(&w.as_str()) || ORDERING.contains(&w.as_str());
+        if ordering {
+            self.pending_pair = self.content.last().cloned();
         }
         let s = stem(&w);
         if let Some(p) = base_forms(&w).iter().find_map(|f| polar_word(f)) {
@@ -308,6 +360,11 @@ impl Features {
         }
         // Numbers are compared on their own ("three" is "3").
         if !number && !FUNCTION_WORDS.contains(&w.as_str()) {
+            if !ordering {
+                if let Some(before) = self.pending_pair.take() {
+                    self.pairs.push((before, s.clone()));
+                }
+            }
             self.content.push(s.clone());
         }
         if is_entity(raw, &w, sentence_start) {
@@ -315,6 +372,19 @@ impl Features {
         }
         self.words.insert(w);
     }
+}
+
+/// Words besides [`DIRECTIONAL`] that order what they join.
+const ORDERING: &[&str] = &["but", "whereas", "while", "by", "per", "vs."];
+
+/// A character of a script written without spaces between words.
+fn is_cjk(c: char) -> bool {
+    matches!(c,
+        '\u{3040}'..='\u{30ff}'   // hiragana, katakana
+        | '\u{3400}'..='\u{4dbf}' // CJK extension A
+        | '\u{4e00}'..='\u{9fff}' // CJK unified ideographs
+        | '\u{ac00}'..='\u{d7af}' // hangul syllables
+        | '\u{f900}'..='\u{faff}') // compatibility ideographs
 }
 
 /// A name: capitalised (not at a sentence start, or not a common word
@@ -367,7 +437,6 @@ mod tests {
                 "Who is the author of 'Pride and Prejudice'?",
                 "Who's the author of 'Pride and Prejudice'",
             ),
-            ("Why isn't the sky green?", "Why is the sky not green?"),
         ] {
             assert_eq!(guard(a, b), Ok(()), "{a} / {b}");
         }
@@ -437,7 +506,7 @@ mod tests {
     #[test]
     fn number_forms_and_quotes() {
         let f = Features::of("Is 1,000 more than one thousand? Say 'it's fine' or \"no\"");
-        assert!(f.numbers.contains("1000"));
+        assert!(f.numbers.iter().any(|n| n == "1000"));
         assert!(f.quoted.contains("it's fine"), "{:?}", f.quoted);
         assert!(f.quoted.contains("no"));
         assert_eq!(guard("three apples", "3 apples"), Ok(()));
@@ -445,5 +514,38 @@ mod tests {
             guard("What is GPT-4?", "What is GPT-3?"),
             Err(Refusal::Numbers)
         );
+    }
+
+    #[test]
+    fn word_order_and_scripts_are_seen() {
+        let refused = |a: &str, b: &str| check(&Features::of(a), &Features::of(b)).err();
+        for (a, b) in [
+            ("What is 10 divided by 2?", "What is 2 divided by 10?"),
+            ("Is 7 greater than 3?", "Is 3 greater than 7?"),
+            ("Did Brutus kill Caesar?", "Did Caesar kill Brutus?"),
+            ("convert 10 miles to km", "convert 10 km to miles"),
+            ("is a cat bigger than a dog?", "is a dog bigger than a cat?"),
+            (
+                "Classify the sentiment: the food was great but the service was terrible",
+                "Classify the sentiment: the food was terrible but the service was great",
+            ),
+            ("Is it safe to not eat before surgery?", "Is it not safe to eat before surgery?"),
+            ("法国的首都是哪里？请简要回答。", "德国的首都是哪里？请详细回答。"),
+        ] {
+            assert!(refused(a, b).is_some(), "{a} / {b}");
+        }
+        // A paraphrase in other words still passes.
+        assert_eq!(
+            refused("What is the capital of France?", "What's the capital city of France?"),
+            None
+        );
+    }
+
+    #[test]
+    fn any_text_is_read_without_a_panic() {
+        // The last two bytes of "人" are equal: a byte slice there panics.
+        for t in ["人er", "人人er", "é", "ßest", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢est", "\u{0}", "'", "\"\"", "a\u{301}er", "ёёer"] {
+            let _ = Features::of(t);
+        }
     }
 }

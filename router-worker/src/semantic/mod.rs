@@ -384,6 +384,8 @@ fn guard_outcome(why: guard::Refusal) -> &'static str {
         Format => "guard_format",
         Language => "guard_language",
         Substitution => "guard_substitution",
+        Order => "guard_order",
+        Script => "guard_script",
     }
 }
 
