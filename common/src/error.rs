@@ -43,10 +43,13 @@ pub enum ErrorKind {
     PermissionDenied,
     /// A budget (of the key, its team or the end user) has no room for the request.
     BudgetExceeded,
+    /// The replica serving the request died mid-way; it is not tried
+    /// again, since it may have been answered (and paid for) upstream.
+    ReplicaLost,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 18] = [
+    pub const ALL: [ErrorKind; 19] = [
         ErrorKind::BadRequest,
         ErrorKind::NotFound,
         ErrorKind::NoResponders,
@@ -65,6 +68,7 @@ impl ErrorKind {
         ErrorKind::InvalidApiKey,
         ErrorKind::PermissionDenied,
         ErrorKind::BudgetExceeded,
+        ErrorKind::ReplicaLost,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +91,7 @@ impl ErrorKind {
             ErrorKind::InvalidApiKey => "invalid_api_key",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::ReplicaLost => "replica_lost",
         }
     }
 
@@ -112,7 +117,8 @@ impl ErrorKind {
             | ErrorKind::NatsUnavailable
             | ErrorKind::CircuitOpen
             | ErrorKind::NotConfigured
-            | ErrorKind::Overloaded => 503,
+            | ErrorKind::Overloaded
+            | ErrorKind::ReplicaLost => 503,
             ErrorKind::Timeout => 504,
         }
     }
@@ -131,6 +137,7 @@ impl ErrorKind {
                 | ErrorKind::InvalidApiKey
                 | ErrorKind::PermissionDenied
                 | ErrorKind::BudgetExceeded
+                | ErrorKind::ReplicaLost
         )
     }
 }

@@ -1,12 +1,17 @@
 //! Liveness of the replicas that serve requests. A serving process
 //! publishes a heartbeat every [`HEARTBEAT`] on its role's alive subject
-//! (`<prefix>.alive.<role>`) with its id and the ids of the requests it
-//! holds ([`InFlight`], [`spawn_heartbeat`]); a requester follows them
-//! ([`Watcher`]) and, when a replica's heartbeat stops for [`DEAD_AFTER`],
-//! fails with 503 the requests that replica held, and those no live
-//! replica claims that were sent before it stopped, instead of waiting
-//! out their deadlines. A request is never retried here: the dead replica
-//! may have had it answered, and paid for, upstream.
+//! (`<prefix>.alive.<role>`) with its id, how many requests it holds
+//! against how many it serves at once, and their ids ([`InFlight`],
+//! [`spawn_heartbeat`]); a requester follows them ([`Watcher`]) and, when
+//! a replica's heartbeat stops for [`DEAD_AFTER`], fails with 503 the
+//! requests that replica claimed, and those sent before it stopped that no
+//! replica claims while every live one has room (so none can be waiting
+//! in a live replica's queue), instead of waiting out their deadlines. A
+//! request is never retried here: the dead replica may have had it
+//! answered, and paid for, upstream.
+//!
+//! A replica keeps beating while it drains at shutdown (its heartbeat ends
+//! after its service stopped), so a clean stop is not taken for a death.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,13 +24,20 @@ use tokio_util::sync::CancellationToken;
 
 /// How often a replica says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
-
-/// Silence after which a replica is taken for dead (four missed heartbeats).
-pub const DEAD_AFTER: Duration = Duration::from_millis(1_000);
+/// Silence after which a replica is taken for dead (six missed
+/// heartbeats; above a reconnect to another NATS node).
+pub const DEAD_AFTER: Duration = Duration::from_millis(1_500);
 /// A request no live replica claims this long after it was sent is not
-/// being served (heartbeats come every 250 ms).
+/// being served by one that has room.
 const UNCLAIMED: Duration = Duration::from_millis(600);
 const TICK: Duration = Duration::from_millis(100);
+/// Ids listed in one heartbeat at most, and the longest listed; a replica
+/// holding more (or longer) reports itself full, which turns the rule for
+/// unclaimed requests off while it lasts.
+const MAX_LISTED: usize = 8_192;
+const MAX_LISTED_ID: usize = 64;
+/// Replicas followed at most (forged ids cannot grow the table).
+const MAX_REPLICAS: usize = 1_024;
 
 struct Pending {
     sent: Instant,
@@ -34,11 +46,17 @@ struct Pending {
     fail: Option<oneshot::Sender<()>>,
 }
 
+struct Replica {
+    last: Instant,
+    /// It held as many requests as it serves at once (or more than it
+    /// lists): requests may wait in its queue, unlisted.
+    full: bool,
+}
+
 #[derive(Default)]
 struct State {
     pending: HashMap<String, Pending>,
-    /// replica id → its last heartbeat.
-    routers: HashMap<Arc<str>, Instant>,
+    replicas: HashMap<Arc<str>, Replica>,
 }
 
 /// Follows one role's heartbeats for a requester.
@@ -112,27 +130,44 @@ impl Watcher {
         }
     }
 
+    /// `<replica id> <held> <capacity>\n<request id>\n...`
     fn heartbeat(&self, body: &[u8]) {
         let Ok(text) = std::str::from_utf8(body) else {
             return;
         };
         let mut lines = text.split('\n');
-        let Some(router) = lines.next().filter(|r| !r.is_empty() && r.len() <= 64) else {
+        let Some(head) = lines.next() else {
             return;
         };
+        let mut head = head.split(' ');
+        let Some(id) = head.next().filter(|r| !r.is_empty() && r.len() <= 64) else {
+            return;
+        };
+        let held: usize = head
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(usize::MAX);
+        let capacity: usize = head.next().and_then(|n| n.parse().ok()).unwrap_or(0);
         let now = Instant::now();
         let mut st = self.lock();
-        let router: Arc<str> = match st.routers.get_key_value(router) {
+        let id: Arc<str> = match st.replicas.get_key_value(id) {
             Some((k, _)) => k.clone(),
-            None => Arc::from(router),
+            None if st.replicas.len() >= MAX_REPLICAS => return,
+            None => Arc::from(id),
         };
-        st.routers.insert(router.clone(), now);
+        st.replicas.insert(
+            id.clone(),
+            Replica {
+                last: now,
+                full: held >= capacity || held > MAX_LISTED,
+            },
+        );
         if st.pending.is_empty() {
             return;
         }
-        for id in lines {
-            if let Some(p) = st.pending.get_mut(id) {
-                p.claimed = Some((router.clone(), now));
+        for request in lines {
+            if let Some(p) = st.pending.get_mut(request) {
+                p.claimed = Some((id.clone(), now));
             }
         }
     }
@@ -142,21 +177,27 @@ impl Watcher {
         let now = Instant::now();
         let mut st = self.lock();
         let dead: Vec<(Arc<str>, Instant)> = st
-            .routers
+            .replicas
             .iter()
-            .filter(|(_, last)| now.duration_since(**last) >= DEAD_AFTER)
-            .map(|(r, last)| (r.clone(), *last))
+            .filter(|(_, r)| now.duration_since(r.last) >= DEAD_AFTER)
+            .map(|(id, r)| (id.clone(), r.last))
             .collect();
         if dead.is_empty() {
             return 0;
         }
+        for (id, _) in &dead {
+            st.replicas.remove(id);
+        }
+        // A live replica with no room may hold requests in its queue that
+        // its heartbeat cannot list: then only claimed requests fail.
+        let any_full = st.replicas.values().any(|r| r.full);
         let mut failed = 0;
-        for (router, last) in &dead {
-            st.routers.remove(router);
+        for (id, last) in &dead {
             for p in st.pending.values_mut() {
-                let held_by_it = p.claimed.as_ref().is_some_and(|(r, _)| r == router);
-                // Sent while it lived, and no live replica listed it since.
-                let unclaimed = p.sent <= *last + UNCLAIMED
+                let held_by_it = p.claimed.as_ref().is_some_and(|(r, _)| r == id);
+                // Sent while it lived, and no replica listed it since.
+                let unclaimed = !any_full
+                    && p.sent <= *last + HEARTBEAT
                     && now.duration_since(p.sent) >= UNCLAIMED
                     && p.claimed
                         .as_ref()
@@ -173,11 +214,11 @@ impl Watcher {
     }
 
     /// Follows the heartbeats and sweeps until `shutdown`. While this
-    /// ingress is disconnected (and for [`DEAD_AFTER`] after) nothing is
+    /// requester is disconnected (and for [`DEAD_AFTER`] after) nothing is
     /// declared dead: the silence is its own.
     pub fn spawn(client: Client, subject: String, shutdown: CancellationToken) -> Arc<Self> {
         let watcher = Arc::new(Watcher::default());
-        let r = watcher.clone();
+        let w = watcher.clone();
         tokio::spawn(async move {
             let mut sub = loop {
                 match client.subscribe(subject.clone()).await {
@@ -197,7 +238,7 @@ impl Watcher {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     m = sub.next() => match m {
-                        Some(m) => r.heartbeat(&m.payload),
+                        Some(m) => w.heartbeat(&m.payload),
                         None => return,
                     },
                     _ = tick.tick() => {
@@ -209,12 +250,12 @@ impl Watcher {
                         if since.elapsed() < DEAD_AFTER {
                             // Heartbeats missed while away: start afresh.
                             let now = Instant::now();
-                            for last in r.lock().routers.values_mut() {
-                                *last = (*last).max(now - DEAD_AFTER / 2);
+                            for r in w.lock().replicas.values_mut() {
+                                r.last = r.last.max(now - DEAD_AFTER / 2);
                             }
                             continue;
                         }
-                        let failed = r.sweep();
+                        let failed = w.sweep();
                         if failed > 0 {
                             tracing::warn!(%subject, failed, "a replica stopped: its requests fail now");
                         }
@@ -227,10 +268,11 @@ impl Watcher {
 }
 
 /// The requests this replica holds.
-#[derive(Default)]
 pub struct InFlight {
     /// request id → how many requests hold it (a caller may reuse an id).
     ids: Mutex<HashMap<String, u32>>,
+    /// How many this replica serves at once.
+    capacity: usize,
 }
 
 /// Counts one request while it lives.
@@ -252,6 +294,13 @@ impl Drop for Held<'_> {
 }
 
 impl InFlight {
+    pub fn new(capacity: usize) -> Self {
+        InFlight {
+            ids: Mutex::new(HashMap::new()),
+            capacity,
+        }
+    }
+
     pub fn hold(&self, id: &str) -> Held<'_> {
         *self
             .ids
@@ -265,37 +314,109 @@ impl InFlight {
         }
     }
 
-    /// `<replica id>\n<request id>\n...`
+    /// `<replica id> <held> <capacity>\n<request id>\n...`: at most
+    /// [`MAX_LISTED`] ids of at most [`MAX_LISTED_ID`] bytes; one it leaves
+    /// out makes it report itself full.
     fn payload(&self, replica_id: &str) -> String {
         let ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = String::with_capacity(replica_id.len() + ids.len() * 24);
-        out.push_str(replica_id);
+        let mut listed = 0usize;
+        let mut body = String::with_capacity(ids.len().min(MAX_LISTED) * 24);
         for id in ids.keys() {
-            out.push('\n');
-            out.push_str(id);
+            if listed == MAX_LISTED || id.len() > MAX_LISTED_ID {
+                continue;
+            }
+            body.push('\n');
+            body.push_str(id);
+            listed += 1;
         }
-        out
+        let held = if listed < ids.len() {
+            usize::MAX
+        } else {
+            ids.len()
+        };
+        format!("{replica_id} {held} {}{body}", self.capacity)
     }
 }
 
-/// Publishes the heartbeat on `subject` until `shutdown`.
+/// Publishes the heartbeat on `subject` until `stop` (cancel it after the
+/// service drained, not when the shutdown begins).
 pub fn spawn_heartbeat(
     client: Client,
     subject: String,
     inflight: Arc<InFlight>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
     let replica_id = format!("r{}", nuid::next());
     tokio::spawn(async move {
+        let mut warned: Option<Instant> = None;
         loop {
             let body = inflight.payload(&replica_id);
-            // A heartbeat lost while disconnected is not retried: the next
-            // one tells the same.
-            let _ = client.publish(subject.clone(), body.into()).await;
+            if let Err(e) = client.publish(subject.clone(), body.into()).await {
+                if warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(%subject, error = %e, "heartbeat not published");
+                    warned = Some(Instant::now());
+                }
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(HEARTBEAT) => {}
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forged_death_fails_no_request_a_live_replica_may_hold() {
+        let w = Watcher::default();
+        let mut t = w.track("req-1");
+        let died = t.died.take();
+        // A live replica with no room (its queue may hold req-1 unlisted),
+        // and a forged one that beats once and then "dies".
+        w.heartbeat(b"live 8 8\nother");
+        w.heartbeat(b"forged 0 8");
+        {
+            let mut st = w.lock();
+            let long_ago = Instant::now() - Duration::from_secs(5);
+            st.replicas.get_mut("forged").unwrap().last = long_ago;
+            st.pending.get_mut("req-1").unwrap().sent = long_ago;
+        }
+        assert_eq!(w.sweep(), 0, "failed while a live replica was full");
+        assert!(died.is_some());
+    }
+
+    #[test]
+    fn a_dead_replicas_claimed_and_unclaimed_requests_fail() {
+        let w = Watcher::default();
+        let _a = w.track("claimed");
+        let _b = w.track("unclaimed");
+        w.heartbeat(b"dead 1 8\nclaimed");
+        w.heartbeat(b"live 0 8");
+        {
+            let mut st = w.lock();
+            let then = Instant::now() - Duration::from_secs(3);
+            st.replicas.get_mut("dead").unwrap().last = then;
+            for p in st.pending.values_mut() {
+                p.sent = then;
+                if let Some((_, at)) = p.claimed.as_mut() {
+                    *at = then;
+                }
+            }
+        }
+        assert_eq!(w.sweep(), 2);
+    }
+
+    #[test]
+    fn heartbeats_are_bounded() {
+        let f = InFlight::new(4);
+        let long = "x".repeat(100);
+        let _h1 = f.hold("a");
+        let _h2 = f.hold(&long);
+        let p = f.payload("r1");
+        assert!(p.starts_with(&format!("r1 {} 4", usize::MAX)), "{p}");
+        assert!(!p.contains(&long));
+    }
 }

@@ -335,7 +335,7 @@ async fn relay(
     let result: Result<GenerateResponse, Error> = tokio::select! {
         r = nats::request(&s.client, &s.subjects.generate, meta, None, req) => r,
         () = died => Err(Error::new(
-            ErrorKind::NoResponders,
+            ErrorKind::ReplicaLost,
             "the router serving this request stopped (its heartbeat ended); it was not retried, as it may have been answered upstream",
         )),
     };

@@ -371,12 +371,16 @@ async fn start<E: Engine>(
         shutdown.clone(),
     )
     .await?;
-    let inflight = Arc::new(optiroute_common::liveness::InFlight::default());
+    let inflight = Arc::new(optiroute_common::liveness::InFlight::new(
+        setup.spec.settings.max_in_flight,
+    ));
+    // The heartbeat lasts while the pool drains: it ends after the service.
+    let heartbeat_stop = CancellationToken::new();
     optiroute_common::liveness::spawn_heartbeat(
         client.clone(),
         setup.alive.clone(),
         inflight.clone(),
-        shutdown.clone(),
+        heartbeat_stop.clone(),
     );
     let handler = Arc::new(ProviderHandler {
         client: client.clone(),
@@ -394,13 +398,12 @@ async fn start<E: Engine>(
     if spec.stats_data.is_none() {
         spec.stats_data = engine_stats(&handler.engine);
     }
-    let task = tokio::spawn(service::serve(
-        client,
-        spec,
-        handler,
-        metrics.service.clone(),
-        shutdown,
-    ));
+    let served = service::serve(client, spec, handler, metrics.service.clone(), shutdown);
+    let task = tokio::spawn(async move {
+        let r = served.await;
+        heartbeat_stop.cancel();
+        r
+    });
     Ok(Running {
         admin_addr,
         metrics,

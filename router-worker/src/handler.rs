@@ -580,18 +580,27 @@ impl GenerateHandler {
         let mut tracked = alive.track(&attempt.request_id);
         let died = tracked.death();
         let result = tokio::select! {
-            r = nats::request(
-                &self.client,
-                self.subjects.provider(pool),
-                &attempt,
-                Some(wait),
-                req,
-            ) => r,
-            () = died => Err(Error::new(
-                ErrorKind::NoResponders,
-                format!("the {} pool replica serving this attempt stopped (its heartbeat ended)", pool.as_str()),
-            )),
-        };
+                    r = nats::request(
+                        &self.client,
+                        self.subjects.provider(pool),
+                        &attempt,
+                        Some(wait),
+                        req,
+                    ) => r,
+        () = died => Err(match pool {
+                        // Nothing was paid for on the local pool: the other may answer.
+                        Pool::Local => Error::new(
+                            ErrorKind::NoResponders,
+                            "the local pool replica serving this attempt stopped (its heartbeat ended)",
+                        ),
+                        // The cloud replica may have had it answered (and paid):
+                        // not tried again, on either pool.
+                        Pool::Cloud => Error::new(
+                            ErrorKind::ReplicaLost,
+                            "the cloud pool replica serving this attempt stopped (its heartbeat ended); not retried, as it may have been answered upstream",
+                        ),
+                    }),
+                };
         drop(tracked);
         self.metrics
             .provider_request
@@ -672,12 +681,16 @@ pub async fn run(
     )
     .await?;
     let r = &cfg.router;
-    let inflight = Arc::new(optiroute_common::liveness::InFlight::default());
+    let inflight = Arc::new(optiroute_common::liveness::InFlight::new(
+        settings.max_in_flight,
+    ));
+    // The heartbeat lasts while the router drains: it ends after the service.
+    let heartbeat_stop = CancellationToken::new();
     optiroute_common::liveness::spawn_heartbeat(
         client.clone(),
         subjects.router_alive(),
         inflight.clone(),
-        shutdown.clone(),
+        heartbeat_stop.clone(),
     );
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
@@ -733,6 +746,7 @@ pub async fn run(
         let r = served.await;
         // Drained: what the last requests settled is written back.
         handler.access.close().await;
+        heartbeat_stop.cancel();
         r
     });
     Ok(Running {

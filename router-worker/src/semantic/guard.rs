@@ -529,14 +529,23 @@ mod tests {
                 "Classify the sentiment: the food was great but the service was terrible",
                 "Classify the sentiment: the food was terrible but the service was great",
             ),
-            ("Is it safe to not eat before surgery?", "Is it not safe to eat before surgery?"),
-            ("法国的首都是哪里？请简要回答。", "德国的首都是哪里？请详细回答。"),
+            (
+                "Is it safe to not eat before surgery?",
+                "Is it not safe to eat before surgery?",
+            ),
+            (
+                "法国的首都是哪里？请简要回答。",
+                "德国的首都是哪里？请详细回答。",
+            ),
         ] {
             assert!(refused(a, b).is_some(), "{a} / {b}");
         }
         // A paraphrase in other words still passes.
         assert_eq!(
-            refused("What is the capital of France?", "What's the capital city of France?"),
+            refused(
+                "What is the capital of France?",
+                "What's the capital city of France?"
+            ),
             None
         );
     }
@@ -544,7 +553,18 @@ mod tests {
     #[test]
     fn any_text_is_read_without_a_panic() {
         // The last two bytes of "人" are equal: a byte slice there panics.
-        for t in ["人er", "人人er", "é", "ßest", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢est", "\u{0}", "'", "\"\"", "a\u{301}er", "ёёer"] {
+        for t in [
+            "人er",
+            "人人er",
+            "é",
+            "ßest",
+            "𝔘𝔫𝔦𝔠𝔬𝔡𝔢est",
+            "\u{0}",
+            "'",
+            "\"\"",
+            "a\u{301}er",
+            "ёёer",
+        ] {
             let _ = Features::of(t);
         }
     }
