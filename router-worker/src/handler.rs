@@ -22,8 +22,10 @@ use tracing::Instrument;
 use crate::access::{Access, Caller};
 use crate::cache::{scoped_cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
 use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
+use crate::decide::Routing;
+use crate::embedding::{Embeddings, RequestEmbedding};
 use crate::metrics::{CacheEvent, RouterMetrics};
-use crate::routing::{Decision, Router};
+use crate::routing::Decision;
 
 /// How much earlier than the router a provider gives up on an attempt.
 const PROVIDER_GRACE: Duration = Duration::from_millis(250);
@@ -35,7 +37,8 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(10);
 pub struct GenerateHandler {
     client: Client,
     subjects: Subjects,
-    router: Router,
+    router: Routing,
+    embeddings: Embeddings,
     cache: Arc<Cache>,
     coalescer: Arc<Coalescer>,
     max_waiters: usize,
@@ -71,7 +74,9 @@ impl Handler for GenerateHandler {
         meta.team = caller.team_name().map(str::to_string);
         let admission = self.access.admit(&caller, &req).await?;
         // Routing comes first: the pool it chooses is part of the cache key.
-        let mut decision = self.router.decide(&req);
+        let text = req.text();
+        let embedding = RequestEmbedding::new(&self.embeddings, &text);
+        let mut decision = self.router.decide(&req, &embedding).await;
         if !self.access.allows(&caller, decision.target) {
             // The key may use only the other pool (identify checked one is left).
             decision.target = decision.target.other();
@@ -539,10 +544,13 @@ pub async fn run(
     )
     .await?;
     let r = &cfg.router;
+    let router = Routing::new(&r.routing)?;
+    let embeddings = Embeddings::load(&r.embedding, router.needs_embedding());
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
         subjects: subjects.clone(),
-        router: Router::new(&r.routing)?,
+        router: router.require_embeddings(&embeddings),
+        embeddings,
         cache: cache.clone(),
         coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
         max_waiters: cfg.cache.max_waiters_per_key,

@@ -6,9 +6,12 @@
 pub mod access;
 pub mod cache;
 pub mod coalesce;
+pub mod decide;
 pub mod embedding;
 pub mod eval;
+pub mod eval_learned;
 pub mod handler;
+pub mod learned;
 pub mod metrics;
 pub mod routing;
 

@@ -8,6 +8,15 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
+    /// Which router scores `auto` requests. `learned` falls back to
+    /// `features` (with the reason in `route_reason`) when its weights file
+    /// or the embedding model cannot be loaded.
+    pub kind: RouterKind,
+    /// `learned` only: the share (0..1) of the reference workload the
+    /// threshold sends to the cloud; unset, the threshold trained with the
+    /// weights (chosen for cloud recall). `route_bias` moves it further.
+    pub cloud_share: Option<f32>,
+    pub learned: LearnedConfig,
     /// Score at or above which `auto` goes to the cloud.
     pub threshold: f32,
     /// How far `route_bias` = ±1 moves the threshold.
@@ -21,6 +30,55 @@ pub struct RoutingConfig {
     pub longform_keywords: Vec<String>,
     pub constraint_keywords: Vec<String>,
     pub simple_keywords: Vec<String>,
+}
+
+/// The router behind `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterKind {
+    /// The keyword and length score (`router-worker/src/routing.rs`).
+    #[default]
+    Features,
+    /// Logistic regression on the prompt's embedding and the same features
+    /// (`router-worker/src/learned.rs`).
+    Learned,
+}
+
+/// `[router.routing.learned]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnedConfig {
+    /// The weights written by `optiroute-route-eval --train`.
+    pub weights_file: String,
+    /// How far `route_bias` = ±1 moves the threshold, in logits.
+    pub bias_span: f32,
+}
+
+impl Default for LearnedConfig {
+    fn default() -> Self {
+        LearnedConfig {
+            weights_file: "router-worker/data/learned-router.json".into(),
+            bias_span: 2.0,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// The first invalid key (relative to `router.routing`) and why.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if let Some(s) = self.cloud_share {
+            if !(0.0..=1.0).contains(&s) {
+                return Err(("cloud_share", "must be between 0 and 1"));
+            }
+        }
+        if !(self.learned.bias_span.is_finite() && self.learned.bias_span >= 0.0) {
+            return Err(("learned.bias_span", "must be a finite number >= 0"));
+        }
+        if self.kind == RouterKind::Learned && self.learned.weights_file.is_empty() {
+            return Err(("learned.weights_file", "must name the weights file"));
+        }
+        Ok(())
+    }
 }
 
 /// One weight per feature; a feature's value is mostly in [0, 2].
@@ -82,6 +140,9 @@ fn words(list: &[&str]) -> Vec<String> {
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
+            kind: RouterKind::default(),
+            cloud_share: None,
+            learned: LearnedConfig::default(),
             threshold: 1.05,
             bias_span: 0.6,
             weights: RoutingWeights::default(),

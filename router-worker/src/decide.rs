@@ -1,0 +1,135 @@
+//! The routing decision the handler asks for: the configured router
+//! (`router.routing.kind`), and the feature router whenever the learned one
+//! cannot run (no weights file, a corrupt one, no embedding model, or an
+//! embedding that failed), with the reason in `route_reason`.
+
+use optiroute_common::config::{RouterKind, RoutingConfig};
+use optiroute_common::wire::{GenerateRequest, ProviderChoice};
+
+use crate::embedding::{Embeddings, RequestEmbedding};
+use crate::learned::{LearnedRouter, Weights};
+use crate::routing::{Decision, Router};
+
+pub struct Routing {
+    features: Router,
+    learned: Option<LearnedRouter>,
+    /// Why the configured learned router is not in use (logged once).
+    unavailable: Option<String>,
+}
+
+impl Routing {
+    /// Fails only on an invalid feature configuration; a learned router
+    /// that cannot load leaves the feature router in charge.
+    pub fn new(cfg: &RoutingConfig) -> Result<Self, optiroute_common::Error> {
+        let features = Router::new(cfg)?;
+        let (learned, unavailable) = match cfg.kind {
+            RouterKind::Features => (None, None),
+            RouterKind::Learned => match Weights::load(&cfg.learned.weights_file) {
+                Ok(w) => {
+                    let l = LearnedRouter::new(w, cfg);
+                    tracing::info!(
+                        file = %cfg.learned.weights_file,
+                        threshold = l.threshold(),
+                        "learned router loaded"
+                    );
+                    (Some(l), None)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "learned router unavailable; routing with features");
+                    (None, Some(format!("weights {e}")))
+                }
+            },
+        };
+        Ok(Routing {
+            features,
+            learned,
+            unavailable,
+        })
+    }
+
+    /// Whether routing needs the prompt's embedding (load the model then).
+    pub fn needs_embedding(&self) -> bool {
+        self.learned.is_some()
+    }
+
+    /// Drops the learned router when the embedding model did not load.
+    pub fn require_embeddings(mut self, embeddings: &Embeddings) -> Self {
+        if self.learned.is_some() && !embeddings.available() {
+            let why = embeddings.missing().unwrap_or("unknown");
+            tracing::warn!(error = %why, "learned router unavailable (no embedding model); routing with features");
+            self.learned = None;
+            self.unavailable = Some(format!("embedding model: {why}"));
+        }
+        self
+    }
+
+    /// Why the configured learned router is not in use, if it is not.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
+    }
+
+    pub fn features(&self) -> &Router {
+        &self.features
+    }
+
+    pub fn learned(&self) -> Option<&LearnedRouter> {
+        self.learned.as_ref()
+    }
+
+    /// The pool for `req`; the embedding is computed only when the learned
+    /// router needs it (and then shared with whatever else asks for it).
+    pub async fn decide(
+        &self,
+        req: &GenerateRequest,
+        embedding: &RequestEmbedding<'_>,
+    ) -> Decision {
+        if req.provider != ProviderChoice::Auto || self.learned.is_none() {
+            return self.decide_with(req, None);
+        }
+        match embedding.get().await {
+            Ok(v) => self.decide_with(req, Some(&v)),
+            Err(e) => self.fallback(req, &format!("embedding failed: {}", e.message)),
+        }
+    }
+
+    /// The decision for a request whose embedding is `embedding` (when the
+    /// learned router is in use and the request is `auto`, it must be known).
+    pub fn decide_with(&self, req: &GenerateRequest, embedding: Option<&[f32]>) -> Decision {
+        if req.provider != ProviderChoice::Auto {
+            return self.features.decide(req);
+        }
+        match (&self.learned, embedding) {
+            (Some(l), Some(v)) => l.decide(&self.features, req, v),
+            (Some(_), None) => self.fallback(req, "no embedding"),
+            (None, _) => match &self.unavailable {
+                Some(why) => self.fallback(req, why),
+                None => self.features.decide(req),
+            },
+        }
+    }
+
+    fn fallback(&self, req: &GenerateRequest, why: &str) -> Decision {
+        let mut d = self.features.decide(req);
+        d.reason = format!("learned router unavailable ({why}), features: {}", d.reason);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use optiroute_common::wire::Pool;
+
+    #[test]
+    fn features_kind_routes_as_the_feature_router() {
+        let r = Routing::new(&RoutingConfig::default()).unwrap();
+        assert!(!r.needs_embedding());
+        let req = GenerateRequest::new("Prove that sqrt(2) is irrational.");
+        let d = r.decide_with(&req, None);
+        assert_eq!(
+            d,
+            Router::new(&RoutingConfig::default()).unwrap().decide(&req)
+        );
+        assert_eq!(d.target, Pool::Cloud);
+    }
+}
