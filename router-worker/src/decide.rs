@@ -7,7 +7,7 @@ use optiroute_common::config::{RouterKind, RoutingConfig};
 use optiroute_common::wire::{GenerateRequest, ProviderChoice};
 
 use crate::embedding::{Embeddings, RequestEmbedding};
-use crate::learned::{LearnedRouter, Weights};
+use crate::learned::{LearnedRouter, Weights, BUILT_IN};
 use crate::routing::{Decision, Router};
 
 pub struct Routing {
@@ -17,6 +17,14 @@ pub struct Routing {
     unavailable: Option<String>,
 }
 
+/// The configured weights file, or the built-in weights.
+fn load_weights(cfg: &RoutingConfig) -> Result<Weights, String> {
+    match &cfg.learned.weights_file {
+        Some(path) => Weights::load(path),
+        None => Weights::parse(BUILT_IN).map_err(|e| format!("built in: {e}")),
+    }
+}
+
 impl Routing {
     /// Fails only on an invalid feature configuration; a learned router
     /// that cannot load leaves the feature router in charge.
@@ -24,11 +32,11 @@ impl Routing {
         let features = Router::new(cfg)?;
         let (learned, unavailable) = match cfg.kind {
             RouterKind::Features => (None, None),
-            RouterKind::Learned => match Weights::load(&cfg.learned.weights_file) {
+            RouterKind::Learned => match load_weights(cfg) {
                 Ok(w) => {
                     let l = LearnedRouter::new(w, cfg);
                     tracing::info!(
-                        file = %cfg.learned.weights_file,
+                        weights = cfg.learned.weights_file.as_deref().unwrap_or("built in"),
                         threshold = l.threshold(),
                         "learned router loaded"
                     );
@@ -122,7 +130,11 @@ mod tests {
 
     #[test]
     fn features_kind_routes_as_the_feature_router() {
-        let r = Routing::new(&RoutingConfig::default()).unwrap();
+        let cfg = RoutingConfig {
+            kind: RouterKind::Features,
+            ..RoutingConfig::default()
+        };
+        let r = Routing::new(&cfg).unwrap();
         assert!(!r.needs_embedding());
         let req = GenerateRequest::new("Prove that sqrt(2) is irrational.");
         let d = r.decide_with(&req, None);

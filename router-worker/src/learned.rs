@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::routing::{Decision, Features, Router};
 
 pub const FORMAT: &str = "optiroute-learned-router/1";
+/// The weights the router uses unless `router.routing.learned.weights_file` is set.
+pub const BUILT_IN: &str = include_str!("../data/learned-router.json");
 pub const EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
 /// Embedding dimensions.
 pub const DIMS: usize = 384;

@@ -8,9 +8,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Which router scores `auto` requests. `learned` falls back to
-    /// `features` (with the reason in `route_reason`) when its weights file
-    /// or the embedding model cannot be loaded.
+    /// Which router scores `auto` requests. `learned` (the default: it won
+    /// on the held-out third, see the README) falls back to `features`,
+    /// with the reason in `route_reason`, when its weights or the embedding
+    /// model (`router.embedding`) cannot be loaded.
     pub kind: RouterKind,
     /// `learned` only: the share (0..1) of the reference workload the
     /// threshold sends to the cloud; unset, the threshold trained with the
@@ -37,10 +38,10 @@ pub struct RoutingConfig {
 #[serde(rename_all = "lowercase")]
 pub enum RouterKind {
     /// The keyword and length score (`router-worker/src/routing.rs`).
-    #[default]
     Features,
     /// Logistic regression on the prompt's embedding and the same features
     /// (`router-worker/src/learned.rs`).
+    #[default]
     Learned,
 }
 
@@ -48,8 +49,9 @@ pub enum RouterKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LearnedConfig {
-    /// The weights written by `optiroute-route-eval --train`.
-    pub weights_file: String,
+    /// A weights file written by `optiroute-route-eval --train`; unset,
+    /// the weights built into the router (`router-worker/data/learned-router.json`).
+    pub weights_file: Option<String>,
     /// How far `route_bias` = ±1 moves the threshold, in logits.
     pub bias_span: f32,
 }
@@ -57,7 +59,7 @@ pub struct LearnedConfig {
 impl Default for LearnedConfig {
     fn default() -> Self {
         LearnedConfig {
-            weights_file: "router-worker/data/learned-router.json".into(),
+            weights_file: None,
             bias_span: 2.0,
         }
     }
@@ -74,8 +76,8 @@ impl RoutingConfig {
         if !(self.learned.bias_span.is_finite() && self.learned.bias_span >= 0.0) {
             return Err(("learned.bias_span", "must be a finite number >= 0"));
         }
-        if self.kind == RouterKind::Learned && self.learned.weights_file.is_empty() {
-            return Err(("learned.weights_file", "must name the weights file"));
+        if self.learned.weights_file.as_deref() == Some("") {
+            return Err(("learned.weights_file", "must name a file, or be left unset"));
         }
         Ok(())
     }
@@ -398,6 +400,58 @@ impl Default for RoutingConfig {
                 "typos",
                 "grammar",
             ]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn with(sets: &[(&str, &str)]) -> Result<Config, crate::Error> {
+        let sets: Vec<(String, String)> = sets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_parts(None, &[], &sets)
+    }
+
+    #[test]
+    fn kind_share_and_weights_file_are_read_and_checked() {
+        let c = with(&[
+            ("router.routing.kind", "features"),
+            ("router.routing.cloud_share", "0.4"),
+            ("router.routing.learned.weights_file", "w.json"),
+        ])
+        .unwrap();
+        assert_eq!(c.router.routing.kind, RouterKind::Features);
+        assert_eq!(c.router.routing.cloud_share, Some(0.4));
+        assert_eq!(
+            c.router.routing.learned.weights_file.as_deref(),
+            Some("w.json")
+        );
+        assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Learned);
+        for (key, value, named) in [
+            (
+                "router.routing.cloud_share",
+                "1.5",
+                "router.routing.cloud_share",
+            ),
+            (
+                "router.routing.learned.weights_file",
+                "",
+                "router.routing.learned.weights_file",
+            ),
+            (
+                "router.routing.learned.bias_span",
+                "-1",
+                "router.routing.learned.bias_span",
+            ),
+            ("router.routing.kind", "neural", "kind"),
+        ] {
+            let e = with(&[(key, value)]).unwrap_err();
+            assert!(e.message.contains(named), "{key}={value}: {}", e.message);
         }
     }
 }

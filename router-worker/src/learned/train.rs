@@ -146,7 +146,11 @@ fn fit(examples: &[&Example], l2: f32, epochs: usize, seed: u64) -> Model {
 /// `min_recall`, the one maximising accuracy + `recall_weight` × recall:
 /// returns (threshold, accuracy, recall). A threshold sits halfway between
 /// two neighbouring scores.
-pub fn pick_threshold(scored: &[(f32, bool)], min_recall: f64, recall_weight: f64) -> (f32, f64, f64) {
+pub fn pick_threshold(
+    scored: &[(f32, bool)],
+    min_recall: f64,
+    recall_weight: f64,
+) -> (f32, f64, f64) {
     let mut s: Vec<(f32, bool)> = scored.to_vec();
     s.sort_by(|a, b| b.0.total_cmp(&a.0));
     let pos = s.iter().filter(|(_, c)| *c).count().max(1) as f64;
