@@ -3,11 +3,15 @@
 //! cannot run (no weights file, a corrupt one, no embedding model, or an
 //! embedding that failed), with the reason in `route_reason`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use optiroute_common::config::{RouterKind, RoutingConfig};
 use optiroute_common::wire::{GenerateRequest, ProviderChoice};
+use sha2::{Digest, Sha256};
 
 use crate::embedding::{Embeddings, RequestEmbedding};
-use crate::learned::{LearnedRouter, Weights, BUILT_IN};
+use crate::learned::{LearnedRouter, Scored, Weights, BUILT_IN};
 use crate::routing::{Decision, Router};
 
 pub struct Routing {
@@ -15,6 +19,40 @@ pub struct Routing {
     learned: Option<LearnedRouter>,
     /// Why the configured learned router is not in use (logged once).
     unavailable: Option<String>,
+    memo: Memo,
+}
+
+/// Recently scored prompts, by SHA-256 of the text and `max_tokens` (all
+/// the learned score reads), so a repeated prompt, as most cache hits are
+/// (routing comes before the cache lookup), is not embedded again.
+/// Bounded: emptied when full. A std mutex: the critical sections are a
+/// map lookup or insert, never held across an await.
+#[derive(Default)]
+struct Memo(Mutex<HashMap<[u8; 32], Arc<Scored>>>);
+
+/// Entries kept (each about 150 bytes).
+pub const MEMO_ENTRIES: usize = 10_000;
+
+impl Memo {
+    fn key(req: &GenerateRequest) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(req.params.max_tokens.to_le_bytes());
+        h.update(req.text().as_bytes());
+        h.finalize().into()
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<Arc<Scored>> {
+        self.0.lock().ok()?.get(key).cloned()
+    }
+
+    fn put(&self, key: [u8; 32], s: Arc<Scored>) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= MEMO_ENTRIES {
+                m.clear();
+            }
+            m.insert(key, s);
+        }
+    }
 }
 
 /// The configured weights file, or the built-in weights.
@@ -52,6 +90,7 @@ impl Routing {
             features,
             learned,
             unavailable,
+            memo: Memo::default(),
         })
     }
 
@@ -86,16 +125,29 @@ impl Routing {
 
     /// The pool for `req`; the embedding is computed only when the learned
     /// router needs it (and then shared with whatever else asks for it).
+    /// A prompt scored recently is not embedded again.
     pub async fn decide(
         &self,
         req: &GenerateRequest,
         embedding: &RequestEmbedding<'_>,
     ) -> Decision {
-        if req.provider != ProviderChoice::Auto || self.learned.is_none() {
+        let Some(learned) = self
+            .learned
+            .as_ref()
+            .filter(|_| req.provider == ProviderChoice::Auto)
+        else {
             return self.decide_with(req, None);
+        };
+        let key = Memo::key(req);
+        if let Some(s) = self.memo.get(&key) {
+            return learned.decision(&s, req.route_bias);
         }
         match embedding.get().await {
-            Ok(v) => self.decide_with(req, Some(&v)),
+            Ok(v) => {
+                let s = Arc::new(learned.scored(&self.features, req, &v));
+                self.memo.put(key, s.clone());
+                learned.decision(&s, req.route_bias)
+            }
             Err(e) => self.fallback(req, &format!("embedding failed: {}", e.message)),
         }
     }

@@ -279,40 +279,42 @@ impl LearnedRouter {
             .logit(embedding, &inputs(&f, text.chars().count()))
     }
 
-    /// The pool for an `auto` request whose embedding is known, and why.
-    pub fn decide(&self, features: &Router, req: &GenerateRequest, embedding: &[f32]) -> Decision {
+    /// A request's logit and what made it, from its text, `max_tokens` and
+    /// embedding (not `route_bias`, which only moves the threshold).
+    pub fn scored(&self, features: &Router, req: &GenerateRequest, embedding: &[f32]) -> Scored {
         let text = req.text();
         let f = features.features(&text, req.params.max_tokens);
         let x = inputs(&f, text.chars().count());
         let emb = self.weights.embedding_contribution(embedding);
         let contrib = self.weights.feature_contributions(&x);
         let logit = self.weights.bias + emb + contrib.iter().map(|(_, c)| c).sum::<f32>();
-        let threshold = self.threshold - req.route_bias.unwrap_or(0.0) * self.bias_span;
-        let target = if logit >= threshold {
-            Pool::Cloud
-        } else {
-            Pool::Local
-        };
         let mut order: Vec<(&'static str, f32)> = std::iter::once(("embedding", emb))
             .chain(contrib)
             .filter(|(_, c)| c.abs() > 0.01)
             .collect();
         order.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
-        let cmp = if target == Pool::Cloud { ">=" } else { "<" };
-        let mut reason = format!(
-            "learned {:.2} (logit {logit:.2} {cmp} {threshold:.2}, {})",
-            sigmoid(logit),
-            self.threshold_from
-        );
+        let mut parts = String::new();
         for (n, (name, c)) in order.iter().take(3).enumerate() {
-            reason.push_str(if n == 0 { ": " } else { ", " });
-            let _ = write!(reason, "{name}{c:+.2}");
+            parts.push_str(if n == 0 { ": " } else { ", " });
+            let _ = write!(parts, "{name}{c:+.2}");
         }
         let _ = write!(
-            reason,
+            parts,
             "; features score {:.2}",
             f.score(&features.weights())
         );
+        Scored { logit, parts }
+    }
+
+    /// The decision on a scored request with its `route_bias`.
+    pub fn decision(&self, s: &Scored, route_bias: Option<f32>) -> Decision {
+        let threshold = self.threshold - route_bias.unwrap_or(0.0) * self.bias_span;
+        let target = if s.logit >= threshold {
+            Pool::Cloud
+        } else {
+            Pool::Local
+        };
+        let cmp = if target == Pool::Cloud { ">=" } else { "<" };
         Decision {
             target,
             reason_label: if target == Pool::Cloud {
@@ -320,10 +322,29 @@ impl LearnedRouter {
             } else {
                 "below_threshold"
             },
-            reason,
-            score: logit,
+            reason: format!(
+                "learned {:.2} (logit {:.2} {cmp} {threshold:.2}, {}){}",
+                sigmoid(s.logit),
+                s.logit,
+                self.threshold_from,
+                s.parts
+            ),
+            score: s.logit,
         }
     }
+
+    /// The pool for an `auto` request whose embedding is known, and why.
+    pub fn decide(&self, features: &Router, req: &GenerateRequest, embedding: &[f32]) -> Decision {
+        self.decision(&self.scored(features, req, embedding), req.route_bias)
+    }
+}
+
+/// A request's learned logit and its explanation (the top contributions
+/// and the feature router's score), kept for repeated prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub logit: f32,
+    parts: String,
 }
 
 #[cfg(test)]

@@ -110,6 +110,27 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
     assert_eq!(routing.decide(&req, &e).await.target, Pool::Local);
     assert!(e.computed().is_none());
 
+    // A repeated prompt (a cache hit, mostly) is not embedded again, and
+    // decided the same way.
+    let req = GenerateRequest::new(pinned[6]);
+    let text = req.text();
+    let again = RequestEmbedding::new(&embeddings, &text);
+    let d = routing.decide(&req, &again).await;
+    assert!(again.computed().is_none(), "embedded again");
+    assert_eq!(
+        (d.target, d.reason.as_str()),
+        (
+            Pool::Cloud,
+            decide(&routing, &embeddings, &req).await.1.as_str()
+        )
+    );
+    let fresh = Routing::new(&learned_cfg())
+        .unwrap()
+        .require_embeddings(&embeddings);
+    let first = RequestEmbedding::new(&embeddings, &text);
+    assert_eq!(fresh.decide(&req, &first).await, d);
+    assert!(first.computed().is_some());
+
     // route_bias moves the learned threshold both ways.
     let mut req = GenerateRequest::new("Why did the Roman Republic fall?");
     req.route_bias = Some(-1.0);
