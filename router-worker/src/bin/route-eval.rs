@@ -17,7 +17,7 @@ use optiroute_router::learned::{self, train, LearnedRouter, Weights};
 use optiroute_router::routing::Router;
 
 const USAGE: &str = "usage: optiroute-route-eval [FILE.jsonl] [--external FILE] [--weights FILE] \
-[--model DIR] [--train] [--seed N] [--calibrate SHARE] [--errors] [--bench] [--tune]";
+[--model DIR] [--train] [--seed N] [--calibrate SHARE] [--explain PROMPT] [--errors] [--bench] [--tune]";
 
 struct Args {
     path: String,
@@ -27,6 +27,7 @@ struct Args {
     train: bool,
     seed: u64,
     calibrate: Option<f32>,
+    explain: Option<String>,
     errors: bool,
     bench: bool,
     tune: bool,
@@ -49,6 +50,7 @@ fn parse() -> Result<Option<Args>, String> {
         train: false,
         seed: 20,
         calibrate: None,
+        explain: None,
         errors: false,
         bench: false,
         tune: false,
@@ -64,6 +66,7 @@ fn parse() -> Result<Option<Args>, String> {
             "--external" => a.external = value("--external")?,
             "--weights" => a.weights = value("--weights")?,
             "--model" => a.model = value("--model")?,
+            "--explain" => a.explain = Some(value("--explain")?),
             "--seed" => {
                 a.seed = value("--seed")?
                     .parse()
@@ -156,6 +159,14 @@ fn run(a: &Args) -> Result<(), Error> {
     let mut lcfg = cfg.clone();
     lcfg.kind = RouterKind::Learned;
     let learned = learned_router(&lcfg, weights.clone());
+    if let Some(p) = &a.explain {
+        let req = optiroute_common::wire::GenerateRequest::new(p.as_str());
+        let emb = model.embed(p);
+        let (f, l) = (router.decide(&req), learned.decide(&router, &req, &emb));
+        println!("features: {} ({})", f.target.as_str(), f.reason);
+        println!("learned:  {} ({})", l.target.as_str(), l.reason);
+        return Ok(());
+    }
     let started = Instant::now();
     let ref_embs = el::embed_all(&model, &reference);
     let held_embs = el::embed_all(&model, &held);
