@@ -13,7 +13,7 @@ pub struct RoutingConfig {
     /// with the reason in `route_reason`, when its weights or the embedding
     /// model (`router.embedding`) cannot be loaded.
     pub kind: RouterKind,
-    /// `learned` only: the share (0..1) of the reference workload the
+    /// `learned` only (an error with `features`): the share (0..1) of the reference workload the
     /// threshold sends to the cloud; unset, the threshold trained with the
     /// weights (chosen for cloud recall). `route_bias` moves it further.
     pub cloud_share: Option<f32>,
@@ -71,6 +71,13 @@ impl RoutingConfig {
         if let Some(s) = self.cloud_share {
             if !(0.0..=1.0).contains(&s) {
                 return Err(("cloud_share", "must be between 0 and 1"));
+            }
+            if self.kind == RouterKind::Features {
+                return Err((
+                    "cloud_share",
+                    "applies to kind = \"learned\"; with \"features\" set threshold \
+                     (optiroute-route-eval --calibrate SHARE prints it)",
+                ));
             }
         }
         if !(self.learned.bias_span.is_finite() && self.learned.bias_span >= 0.0) {
@@ -420,18 +427,26 @@ mod tests {
     #[test]
     fn kind_share_and_weights_file_are_read_and_checked() {
         let c = with(&[
-            ("router.routing.kind", "features"),
+            ("router.routing.kind", "learned"),
             ("router.routing.cloud_share", "0.4"),
             ("router.routing.learned.weights_file", "w.json"),
         ])
         .unwrap();
-        assert_eq!(c.router.routing.kind, RouterKind::Features);
+        assert_eq!(c.router.routing.kind, RouterKind::Learned);
         assert_eq!(c.router.routing.cloud_share, Some(0.4));
         assert_eq!(
             c.router.routing.learned.weights_file.as_deref(),
             Some("w.json")
         );
         assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Learned);
+        let e = with(&[
+            ("router.routing.kind", "features"),
+            ("router.routing.cloud_share", "0.4"),
+        ])
+        .unwrap_err();
+        assert!(
+            e.message.contains("router.routing.cloud_share") && e.message.contains("threshold")
+        );
         for (key, value, named) in [
             (
                 "router.routing.cloud_share",
