@@ -256,6 +256,7 @@ fn run(a: &Args) -> Result<(), Error> {
             );
         }
     }
+    by_style(&cfg, &held, &held_l, t)?;
     let shares: Vec<f32> = (1..=9).map(|i| i as f32 / 10.0).collect();
     let ref_f = el::feature_scores(&router, &reference);
     let held_f = el::feature_scores(&router, &held);
@@ -286,6 +287,33 @@ fn run(a: &Args) -> Result<(), Error> {
     }
     if a.bench {
         bench(&cfg, &router, &learned, &model, &held)?;
+    }
+    Ok(())
+}
+
+/// Held-out accuracy by style, for the feature and the learned router.
+fn by_style(cfg: &RoutingConfig, held: &[&Labelled], scores: &[f32], t: f32) -> Result<(), Error> {
+    let features = ours(cfg)?;
+    let mut styles: Vec<&str> = held.iter().filter_map(|i| i.style.as_deref()).collect();
+    styles.sort_unstable();
+    styles.dedup();
+    println!("\nheld-out third by style: n, features accuracy, learned accuracy");
+    for style in styles {
+        let (mut n, mut f_ok, mut l_ok) = (0, 0, 0);
+        for (item, s) in held.iter().zip(scores) {
+            if item.style.as_deref() != Some(style) {
+                continue;
+            }
+            let learned = if *s >= t { Pool::Cloud } else { Pool::Local };
+            n += 1;
+            f_ok += usize::from(features(item) == item.label);
+            l_ok += usize::from(learned == item.label);
+        }
+        println!(
+            "  {style:12} {n:4}  {:5.1} %  {:5.1} %",
+            f_ok as f64 * 100.0 / n as f64,
+            l_ok as f64 * 100.0 / n as f64
+        );
     }
     Ok(())
 }
