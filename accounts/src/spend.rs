@@ -11,7 +11,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
 use optiroute_common::protocol::headers::NATS_MSG_ID;
 use optiroute_common::wire::Pool;
@@ -30,7 +30,8 @@ const MAX_IN_FLIGHT: usize = 1024;
 /// One served request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpendRecord {
-    /// Unix ms when the reply was made.
+    /// Unix ms when the request was admitted (the time that chose its
+    /// budget windows, so the ledger and the records agree on its period).
     pub ts_ms: u64,
     pub request_id: String,
     pub key_id: String,
@@ -48,16 +49,39 @@ pub struct SpendRecord {
     /// The same in nano-dollars: the unit budgets are counted in.
     pub cost_nanos: Nanos,
     pub cached: bool,
+    /// The tokens are an estimate (a stream that broke off before the
+    /// upstream reported its usage).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
-/// Publishes records. Each is published once with a fresh message id
-/// (retries reuse it, so JetStream's deduplication counts it once).
+/// Publishes records. Records are packed: every [`PACK_WINDOW`] (or
+/// [`PACK_MAX`] records) one message per key holds its records, one JSON
+/// object a line, so the stream takes one write for many requests. Each
+/// message is published with a fresh message id that its retries reuse,
+/// so JetStream's deduplication stores it once.
 #[derive(Clone)]
 pub struct SpendLog {
-    js: jetstream::Context,
-    subjects: optiroute_common::protocol::Subjects,
-    slots: Arc<Semaphore>,
+    tx: mpsc::Sender<SpendRecord>,
+    closing: tokio_util::sync::CancellationToken,
+    packer: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    /// Records dropped because the queue stayed full (JetStream down):
+    /// logged one by one, counted here.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Longest a reply waits for room in the queue before its record is
+/// dropped (with an error logged): a stream that is down must not hold
+/// replies that were already charged.
+const QUEUE_WAIT: Duration = Duration::from_millis(50);
+
+/// Longest a record waits to be packed with others.
+pub const PACK_WINDOW: Duration = Duration::from_millis(20);
+/// Most records packed into one message.
+pub const PACK_MAX: usize = 512;
+/// Records waiting to be published; one more waits for room, so a slow
+/// stream slows replies instead of growing a queue.
+const QUEUE: usize = 16_384;
 
 /// Creates the spend stream if it is missing.
 pub async fn ensure_stream(
@@ -87,59 +111,145 @@ pub async fn ensure_stream(
 
 impl SpendLog {
     pub fn new(js: jetstream::Context, prefix: &str) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let subjects = optiroute_common::protocol::Subjects::new(prefix);
+        let closing = tokio_util::sync::CancellationToken::new();
+        let packer = tokio::spawn(pack(js, subjects, rx, closing.clone()));
         SpendLog {
-            js,
-            subjects: optiroute_common::protocol::Subjects::new(prefix),
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            tx,
+            closing,
+            packer: Arc::new(std::sync::Mutex::new(Some(packer))),
+            dropped: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
-    /// Publishes `rec` in the background (its ack awaited there, retried
-    /// a few times over ~10 s); waits only when `MAX_IN_FLIGHT` records
-    /// are already on their way.
+    /// Queues `rec` for publishing; waits at most [`QUEUE_WAIT`] for room.
     pub async fn record(&self, rec: SpendRecord) {
-        let Ok(slot) = self.slots.clone().acquire_owned().await else {
-            return;
-        };
-        let body = match serde_json::to_vec(&rec) {
-            Ok(b) => bytes::Bytes::from(b),
-            Err(e) => {
-                tracing::error!(error = %e, "spend record not encodable");
-                return;
+        use tokio::sync::mpsc::error::SendTimeoutError;
+        match self.tx.send_timeout(rec, QUEUE_WAIT).await {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(r) | SendTimeoutError::Closed(r)) => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(request_id = %r.request_id, key_id = %r.key_id, cost_usd = r.cost_usd, "spend record dropped: the spend stream is not keeping up");
             }
-        };
-        let subject = self.subjects.spend(&rec.key_id);
-        let js = self.js.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut headers = HeaderMap::new();
-            headers.insert(NATS_MSG_ID, nuid::next().as_str());
-            let mut delay = Duration::from_millis(50);
-            for attempt in 1..=8 {
-                let sent = js
-                    .publish_with_headers(subject.clone(), headers.clone(), body.clone())
-                    .await;
-                let acked = match sent {
-                    Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
-                        .await
-                        .map_err(|_| "no ack within 5 s".to_string())
-                        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-                    Err(e) => Err(e.to_string()),
-                };
-                match acked {
-                    Ok(()) => return,
-                    Err(e) if attempt == 8 => {
-                        tracing::error!(request_id = %rec.request_id, key_id = %rec.key_id, cost_usd = rec.cost_usd, error = %e, "spend record lost after 8 attempts");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, attempt, "spend record not stored yet; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        });
+        }
     }
+
+    /// Publishes what is queued and waits (up to `limit`) until it is stored.
+    pub async fn close(&self, limit: Duration) {
+        self.closing.cancel();
+        let packer = self.packer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(p) = packer {
+            if tokio::time::timeout(limit, p).await.is_err() {
+                tracing::warn!("spend records still unpublished at shutdown");
+            }
+        }
+    }
+}
+
+/// Packs queued records per key and publishes them; ends when every
+/// [`SpendLog`] is gone and the queue is drained.
+async fn pack(
+    js: jetstream::Context,
+    subjects: optiroute_common::protocol::Subjects,
+    mut rx: mpsc::Receiver<SpendRecord>,
+    closing: tokio_util::sync::CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let publishing = tokio_util::task::TaskTracker::new();
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = closing.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else {
+            break;
+        };
+        let mut batch = vec![first];
+        let until = tokio::time::Instant::now() + PACK_WINDOW;
+        while batch.len() < PACK_MAX {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                _ => break,
+            }
+        }
+        let mut by_key: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut counts: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        for r in &batch {
+            let body = by_key.entry(r.key_id.clone()).or_default();
+            if serde_json::to_writer(&mut *body, r).is_err() {
+                tracing::error!(request_id = %r.request_id, "spend record not encodable");
+                continue;
+            }
+            body.push(b'\n');
+            let c = counts.entry(r.key_id.clone()).or_default();
+            c.0 += 1;
+            c.1 += r.cost_usd;
+        }
+        for (key_id, body) in by_key {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let subject = subjects.spend(&key_id);
+            let js = js.clone();
+            let (n, cost) = counts.get(&key_id).copied().unwrap_or_default();
+            publishing.spawn(async move {
+                let _slot = slot;
+                publish(&js, subject, bytes::Bytes::from(body), &key_id, n, cost).await;
+            });
+        }
+    }
+    publishing.close();
+    publishing.wait().await;
+}
+
+/// Publishes one packed message, retried 8 times over ~10 s.
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    body: bytes::Bytes,
+    key_id: &str,
+    records: usize,
+    cost_usd: f64,
+) {
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MSG_ID, nuid::next().as_str());
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=8 {
+        let sent = js
+            .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+            .await;
+        let acked = match sent {
+            Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
+                .await
+                .map_err(|_| "no ack within 5 s".to_string())
+                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            Err(e) => Err(e.to_string()),
+        };
+        match acked {
+            Ok(()) => return,
+            Err(e) if attempt == 8 => {
+                tracing::error!(%key_id, records, cost_usd, error = %e, "spend records lost after 8 attempts");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "spend records not stored yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The records of one stored message (one JSON object a line; a message
+/// written before packing holds one).
+pub fn records_of(
+    payload: &[u8],
+) -> impl Iterator<Item = Result<SpendRecord, serde_json::Error>> + '_ {
+    payload
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(serde_json::from_slice::<SpendRecord>)
 }
 
 /// Totals of a group of records.
@@ -231,10 +341,12 @@ pub async fn scan(
         while let Some(m) = messages.next().await {
             let m = m.map_err(|e| unavailable(&e))?;
             let info = m.info().map_err(|e| unavailable(&e))?;
-            match serde_json::from_slice::<SpendRecord>(&m.payload) {
-                Ok(r) => each(r),
-                Err(e) => {
-                    tracing::warn!(seq = info.stream_sequence, error = %e, "unreadable spend record skipped")
+            for r in records_of(&m.payload) {
+                match r {
+                    Ok(r) => each(r),
+                    Err(e) => {
+                        tracing::warn!(seq = info.stream_sequence, error = %e, "unreadable spend record skipped")
+                    }
                 }
             }
             if info.stream_sequence >= last || info.pending == 0 {
@@ -249,4 +361,34 @@ pub async fn scan(
             format!("reading spend records took longer than {limit:?}"),
         )
     })?
+}
+
+/// How far a record's own time (`ts_ms`, the replying router's clock) may
+/// trail the time the stream stored it (the NATS server's clock): reads
+/// start this much earlier and then keep records by `ts_ms`.
+pub const CLOCK_SKEW_MS: u64 = 5 * 60_000;
+
+/// Like [`scan`], keeping the records whose `ts_ms` falls in
+/// `[start_ms, end_ms)` (no end: up to now). A record belongs to the
+/// window its reply was made in, whenever the stream stored it.
+pub async fn scan_window(
+    js: &jetstream::Context,
+    stream_name: &str,
+    filter: &str,
+    start_ms: u64,
+    end_ms: Option<u64>,
+    limit: Duration,
+    mut each: impl FnMut(SpendRecord),
+) -> Result<(), Error> {
+    let since = if start_ms == 0 {
+        0
+    } else {
+        start_ms.saturating_sub(CLOCK_SKEW_MS).max(1)
+    };
+    scan(js, stream_name, filter, since, limit, |r| {
+        if r.ts_ms >= start_ms && end_ms.is_none_or(|end| r.ts_ms < end) {
+            each(r);
+        }
+    })
+    .await
 }

@@ -1,6 +1,7 @@
 //! Submitting, watching, collecting and cancelling batches: used by the
 //! ingress (`/v1/batches`), the `optiroute batch` command and the workers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -37,8 +38,16 @@ fn js_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorKind::NatsUnavailable, format!("{what}: {e}"))
 }
 
+/// What a submission publishes: the lines after `resume_after`, and the
+/// lines in `requeue` again.
+struct Plan<'a> {
+    resume_after: u64,
+    owner: Option<&'a BatchOwner>,
+    requeue: &'a HashMap<u64, u64>,
+}
+
 /// Who submits a batch: the key's id (kept in the batch's description)
-/// and its secret (carried by every job, for the routers to check).
+/// and its secret (from which the batch's token is derived).
 #[derive(Clone)]
 pub struct BatchOwner {
     pub key_id: String,
@@ -247,7 +256,10 @@ impl BatchClient {
             cancelled: false,
             submitted: 0,
             owner: owner.map(|o| o.key_id.clone()),
+            token_hash: owner
+                .map(|o| headers::batch_token_hash(&headers::batch_token(&o.secret, &id))),
         };
+        let mut requeue = HashMap::new();
         let resume_after = match self
             .meta
             .create(&id, wire::encode(Format::Json, &meta)?)
@@ -267,12 +279,19 @@ impl BatchClient {
                     ))
                     .into());
                 }
-                known.submitted()
+                let done = known.submitted();
+                requeue = self.requeue_over_budget(&id, done).await?;
+                done
             }
             Err(e) => return Err(js_error("batch meta", e).into()),
         };
-        if resume_after < spool.total {
-            if let Err(e) = self.publish(&id, &mut spool, resume_after, owner).await {
+        if resume_after < spool.total || !requeue.is_empty() {
+            let plan = Plan {
+                resume_after,
+                owner,
+                requeue: &requeue,
+            };
+            if let Err(e) = self.publish(&id, &mut spool, &plan).await {
                 let done = self.meta(&id).await.map_or(0, |m| m.submitted());
                 tracing::warn!(batch = %id, submitted = done, total = spool.total, error = %e, "batch submission cut off");
                 return Err(Error::new(
@@ -292,13 +311,8 @@ impl BatchClient {
     /// Publishes the spooled jobs after line `resume_after`, stores the
     /// invalid lines' results, and checkpoints `submitted` every
     /// [`CHECKPOINT_LINES`] lines once everything before is acknowledged.
-    async fn publish(
-        &self,
-        id: &str,
-        spool: &mut Spool,
-        resume_after: u64,
-        owner: Option<&BatchOwner>,
-    ) -> Result<(), Error> {
+    async fn publish(&self, id: &str, spool: &mut Spool, plan: &Plan<'_>) -> Result<(), Error> {
+        let (resume_after, owner) = (plan.resume_after, plan.owner);
         let subject = self.job_subject(id);
         let mut acks = Vec::with_capacity(PUBLISH_WINDOW);
         let mut invalid: Vec<counters::Delta> = Vec::new();
@@ -306,15 +320,28 @@ impl BatchClient {
             let line = match record {
                 Record::Job { line, .. } | Record::Invalid { line, .. } => line,
             };
-            if line <= resume_after {
+            let again = plan.requeue.get(&line);
+            if line <= resume_after && again.is_none() {
                 continue;
             }
             match record {
                 Record::Job { line, body } => {
                     let mut h = HeaderMap::new();
-                    h.insert(headers::NATS_MSG_ID, format!("{id}:{line}").as_str());
+                    // A line run again gets its own message id: the failed
+                    // result's revision, the same for every resubmission
+                    // racing to rerun it (the stream keeps one).
+                    let msg_id = match again {
+                        Some(rev) => format!("{id}:{line}:r{rev}"),
+                        None => format!("{id}:{line}"),
+                    };
+                    h.insert(headers::NATS_MSG_ID, msg_id.as_str());
                     if let Some(o) = owner {
-                        h.insert(headers::API_KEY, o.secret.as_str());
+                        // The batch's token, never the key itself.
+                        let token = headers::batch_token(&o.secret, id);
+                        h.insert(
+                            headers::API_KEY,
+                            headers::batch_credential(id, &token).as_str(),
+                        );
                     }
                     let ack = self
                         .js
@@ -355,6 +382,56 @@ impl BatchClient {
             }
         }
         Ok(())
+    }
+
+    /// Lines among the first `submitted` whose result is `budget_exceeded`:
+    /// their results are removed (and uncounted) so a resubmission runs
+    /// them again, after the budget was raised. Line → the removed
+    /// result's revision. A status read between the removal and the count
+    /// sees the counts one short, and recounts.
+    async fn requeue_over_budget(
+        &self,
+        id: &str,
+        submitted: u64,
+    ) -> Result<HashMap<u64, u64>, Error> {
+        let mut out = HashMap::new();
+        for line in 1..=submitted {
+            let key = format!("{id}.{line}");
+            let Some(entry) = self
+                .results
+                .entry(key.as_str())
+                .await
+                .map_err(|e| js_error("batch result", e))?
+                .filter(|e| e.operation == kv::Operation::Put)
+            else {
+                continue;
+            };
+            let r: BatchResult = wire::decode(Format::MsgPack, &entry.value)?;
+            let over_budget = r.status == ResultStatus::Error
+                && r.error
+                    .as_ref()
+                    .is_some_and(|e| e.code == ErrorKind::BudgetExceeded);
+            if !over_budget {
+                continue;
+            }
+            match self
+                .results
+                .delete_expect_revision(key.as_str(), Some(entry.revision))
+                .await
+            {
+                Ok(()) => {
+                    counters::change(&self.meta, id, |c| {
+                        c.failed = c.failed.saturating_sub(1);
+                        c.verified = false;
+                    })
+                    .await?;
+                    out.insert(line, entry.revision);
+                }
+                // Another resubmission took it first.
+                Err(e) => tracing::debug!(%key, error = %e, "over-budget result changed meanwhile"),
+            }
+        }
+        Ok(out)
     }
 
     /// Changes a batch's description with compare-and-set (bounded retries
@@ -624,6 +701,7 @@ fn unfinished(line: u64, cancelled: bool) -> BatchResult {
             message: "the batch was cancelled".into(),
             param: None,
             retry_after_secs: None,
+            charged: None,
         };
         (ResultStatus::Cancelled, Some(error))
     } else {
@@ -746,6 +824,7 @@ mod tests {
             cancelled: false,
             submitted: 4,
             owner: None,
+            token_hash: None,
         };
         let mut c = Counts {
             done: 1,

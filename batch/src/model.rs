@@ -106,6 +106,11 @@ pub struct BatchMeta {
     /// (or the admin) may read or cancel it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// SHA-256 of the batch's token (`headers::batch_token`), which its
+    /// jobs carry instead of the key: workers drop jobs without it, and
+    /// routers charge the owner for jobs with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_hash: Option<String>,
 }
 
 fn all_submitted() -> u64 {

@@ -80,6 +80,8 @@ struct Ctx {
 struct Described {
     total: u64,
     cancelled: bool,
+    /// SHA-256 of the batch's token, when it was submitted with a key.
+    token_hash: Option<[u8; 32]>,
 }
 
 const META_FRESH: Duration = Duration::from_millis(500);
@@ -97,6 +99,10 @@ impl Ctx {
             Ok(m) => Some(Described {
                 total: m.total,
                 cancelled: m.cancelled,
+                token_hash: m.token_hash.as_deref().and_then(|h| {
+                    let mut out = [0u8; 32];
+                    hex::decode_to_slice(h, &mut out).ok().map(|()| out)
+                }),
             }),
             Err(e) if e.kind == ErrorKind::NotFound => None,
             Err(e) => return Err(e),
@@ -366,7 +372,21 @@ async fn handle(ctx: &Ctx, msg: &Message) {
     // A submitted batch's lines are 1..=total: a job outside them was
     // published straight onto its subject by someone else. It is neither
     // run nor counted, so it cannot change that batch's counts or cost.
+    let credential = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(optiroute_common::protocol::headers::API_KEY))
+        .map(|v| v.as_str().to_string());
     if let Some(d) = described {
+        // A batch submitted with a key runs only jobs that carry its token:
+        // another publisher cannot add work (or results) to it.
+        if let Some(want) = d.token_hash {
+            if !carries_token(credential.as_deref(), &batch_id, &want) {
+                tracing::warn!(batch = %batch_id, "batch job without its batch's token; terminated");
+                terminate(ctx, msg, "forbidden").await;
+                return;
+            }
+        }
         let line = job.as_ref().map_or(0, |j| j.line);
         if line == 0 || line > d.total {
             tracing::warn!(batch = %batch_id, line, total = d.total, "batch job outside its batch's lines; terminated");
@@ -443,6 +463,7 @@ async fn handle(ctx: &Ctx, msg: &Message) {
             message: "the batch was cancelled".into(),
             param: None,
             retry_after_secs: None,
+            charged: None,
         };
         finish(
             ctx,
@@ -460,12 +481,8 @@ async fn handle(ctx: &Ctx, msg: &Message) {
     let mut req = job.request;
     req.route_bias = Some((req.route_bias.unwrap_or(0.0) + ctx.route_bias).clamp(-1.0, 1.0));
     let mut meta = RequestMeta::new(format!("{batch_id}-{}", job.line), ctx.request_timeout);
-    // The submitter's key: the router checks and charges it.
-    meta.api_key = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(optiroute_common::protocol::headers::API_KEY))
-        .map(|v| v.as_str().to_string());
+    // The batch's credential: the router checks it and charges the owner.
+    meta.api_key = credential;
     let answer: Result<GenerateResponse, Error> =
         nats::request(&ctx.client, &ctx.generate_subject, &meta, None, &req).await;
     match answer {
@@ -508,6 +525,18 @@ async fn handle(ctx: &Ctx, msg: &Message) {
             .await
         }
     }
+}
+
+/// Whether `credential` is batch `id`'s credential with the token whose
+/// SHA-256 is `want`.
+fn carries_token(credential: Option<&str>, id: &str, want: &[u8; 32]) -> bool {
+    use sha2::{Digest, Sha256};
+    let Some((cid, token)) =
+        credential.and_then(optiroute_common::protocol::headers::parse_batch_credential)
+    else {
+        return false;
+    };
+    cid == id && Sha256::digest(token.as_bytes()).as_slice() == want.as_slice()
 }
 
 fn retryable(kind: ErrorKind) -> bool {
@@ -588,6 +617,7 @@ async fn finish(ctx: &Ctx, msg: &Message, batch_id: &str, result: BatchResult) {
             ),
             param: None,
             retry_after_secs: None,
+            charged: None,
         }),
         custom_id: result.custom_id.filter(|c| c.len() <= MAX_CUSTOM_ID_BYTES),
         ..result

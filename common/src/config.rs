@@ -13,6 +13,7 @@ mod auth;
 mod batch;
 mod roles;
 mod routing;
+mod semantic;
 
 pub use auth::{is_loopback_listen, AuthConfig, AuthMode};
 pub use batch::BatchConfig;
@@ -21,6 +22,7 @@ pub use roles::{
     ModelPrice, RouterConfig, ServiceSettings, SimulatedConfig, UpstreamConfig,
 };
 pub use routing::{LearnedConfig, RouterKind, RoutingConfig, RoutingWeights};
+pub use semantic::{SemanticConfig, DEFAULT_SEMANTIC_THRESHOLD};
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -208,6 +210,9 @@ pub struct CacheConfig {
     /// default), only its own key's, or everyone's (`global`). Anonymous
     /// requests (auth off) share one scope.
     pub scope: CacheScope,
+    /// The semantic cache (`[cache.semantic]`); its vectors live in the
+    /// bucket `<cache.bucket>-semantic`, with the same TTL.
+    pub semantic: SemanticConfig,
 }
 
 /// `cache.scope`: the tenant boundary of the answer cache.
@@ -233,6 +238,7 @@ impl Default for CacheConfig {
             local_ttl_ms: 5_000,
             local_max_entries: 10_000,
             scope: CacheScope::Team,
+            semantic: SemanticConfig::default(),
         }
     }
 }
@@ -502,6 +508,9 @@ impl Config {
                 "router.default_deadline_ms",
                 "must not exceed router.max_deadline_ms",
             );
+        }
+        if let Err((key, why)) = self.cache.semantic.check() {
+            return bad(&format!("cache.semantic.{key}"), why);
         }
         if self.cache.max_waiters_per_key == 0 {
             return bad("cache.max_waiters_per_key", "must be at least 1");

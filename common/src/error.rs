@@ -153,6 +153,19 @@ pub struct Error {
     /// When to come back, in seconds (a rate limit or a budget period
     /// that resets): HTTP `Retry-After`.
     pub retry_after_secs: Option<u64>,
+    /// What the failed request was charged anyway: a stream cancelled or
+    /// broken after tokens went out was paid for up to there.
+    pub charged: Option<Box<Charge>>,
+}
+
+/// Spend of a request that ended in an error (see [`Error::charged`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    pub pool: crate::wire::Pool,
+    pub model: String,
+    /// Marked `estimated` when the upstream never reported it.
+    pub usage: crate::wire::Usage,
+    pub cost_usd: f64,
 }
 
 impl Error {
@@ -162,6 +175,7 @@ impl Error {
             message: message.into(),
             param: None,
             retry_after_secs: None,
+            charged: None,
         }
     }
 
@@ -199,6 +213,8 @@ pub struct ErrorBody {
     pub param: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charged: Option<Charge>,
 }
 
 impl From<&Error> for ErrorBody {
@@ -208,6 +224,7 @@ impl From<&Error> for ErrorBody {
             message: e.message.clone(),
             param: e.param.clone(),
             retry_after_secs: e.retry_after_secs,
+            charged: e.charged.as_deref().cloned(),
         }
     }
 }
@@ -219,6 +236,7 @@ impl From<ErrorBody> for Error {
             message: b.message,
             param: b.param,
             retry_after_secs: b.retry_after_secs,
+            charged: b.charged.map(Box::new),
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod cost;
 pub mod error;
 pub mod http;
+pub mod liveness;
 pub mod metrics;
 pub mod nats;
 pub mod protocol;

@@ -50,6 +50,19 @@ pub fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGa
     )
 }
 
+pub fn float_gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::GaugeVec {
+    register(
+        r,
+        prometheus::GaugeVec::new(Opts::new(name, help), labels)
+            .unwrap_or_else(|e| panic_metric(name, e)),
+    )
+}
+
 pub fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     register(
         r,
@@ -110,6 +123,14 @@ pub struct ServiceMetrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub in_flight: IntGaugeVec,
+    /// `optiroute_pool_saturation{pool}`: requests being served over how
+    /// many this replica serves at once (0..1), averaged over the last window.
+    pub saturation: prometheus::GaugeVec,
+    /// `optiroute_pool_desired_replicas{pool}`: this replica's share of the
+    /// replicas its pool needs (arrival rate × service time ÷ capacity ÷
+    /// target utilisation); summed over the pool's replicas it is the
+    /// count an autoscaler should aim for.
+    pub desired_replicas: prometheus::GaugeVec,
 }
 
 impl ServiceMetrics {
@@ -132,6 +153,18 @@ impl ServiceMetrics {
                 "optiroute_in_flight_requests",
                 "Requests being handled now, by service.",
                 &["service"],
+            ),
+            saturation: float_gauge_vec(
+                r,
+                "optiroute_pool_saturation",
+                "Requests being served over this replica's capacity, averaged over the last window.",
+                &["pool"],
+            ),
+            desired_replicas: float_gauge_vec(
+                r,
+                "optiroute_pool_desired_replicas",
+                "This replica's share of the replicas its pool needs (sum over the pool's replicas).",
+                &["pool"],
             ),
         }
     }

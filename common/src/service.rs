@@ -22,6 +22,8 @@ use crate::metrics::ServiceMetrics;
 use crate::nats::{self, RequestMeta, NATS_SERVICE_ERROR, NATS_SERVICE_ERROR_CODE};
 use crate::wire::{self, Format};
 
+pub use crate::protocol::{CAPACITY_FIELD, IN_FLIGHT_FIELD};
+
 /// Handles one decoded request.
 pub trait Handler: Send + Sync + 'static {
     type Request: DeserializeOwned + Send + 'static;
@@ -80,10 +82,25 @@ pub async fn serve<H: Handler>(
         .service_builder()
         .description(spec.description.clone())
         .queue_group(spec.queue_group.clone());
-    let builder = match spec.stats_data.clone() {
-        Some(data) => builder.stats_handler(move |_endpoint, _stats| (data.0)()),
-        None => builder,
-    };
+    // Every endpoint's stats carry its load (requests being served and how
+    // many it serves at once), so routers and autoscalers can read it;
+    // a service's own data (e.g. the cloud breaker) sits beside them.
+    let permits = Arc::new(Semaphore::new(spec.settings.max_in_flight));
+    let capacity = spec.settings.max_in_flight;
+    let extra = spec.stats_data.clone();
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gauge = busy.clone();
+    let builder = builder.stats_handler(move |_endpoint, _stats| {
+        let mut data = extra
+            .as_ref()
+            .map_or_else(|| serde_json::json!({}), |d| (d.0)());
+        if let Some(o) = data.as_object_mut() {
+            let in_flight = gauge.load(std::sync::atomic::Ordering::Relaxed);
+            o.insert(IN_FLIGHT_FIELD.into(), in_flight.into());
+            o.insert(CAPACITY_FIELD.into(), capacity.into());
+        }
+        data
+    });
     let service = builder
         .start(spec.service.clone(), crate::VERSION)
         .await
@@ -96,8 +113,16 @@ pub async fn serve<H: Handler>(
         .map_err(|e| Error::internal(format!("cannot add endpoint {}: {e}", spec.subject)))?;
     tracing::info!(subject = %spec.subject, queue_group = %spec.queue_group, "serving");
 
-    let permits = Arc::new(Semaphore::new(spec.settings.max_in_flight));
     let tracker = TaskTracker::new();
+    let load = Arc::new(Load::default());
+    tokio::spawn(report_load(
+        load.clone(),
+        busy.clone(),
+        capacity,
+        metrics.clone(),
+        pool_label(&spec.service),
+        shutdown.clone(),
+    ));
     let metrics = Arc::new(EndpointMetrics::new(&metrics, &spec.service));
     let spec = Arc::new(spec);
     loop {
@@ -118,8 +143,14 @@ pub async fn serve<H: Handler>(
         let handler = handler.clone();
         let metrics = metrics.clone();
         let spec = spec.clone();
+        let load = load.clone();
+        let busy = busy.clone();
+        busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracker.spawn(async move {
+            let started = Instant::now();
             handle_one(&*handler, &spec, &metrics, request).await;
+            load.served(started.elapsed());
+            busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -142,6 +173,63 @@ pub async fn serve<H: Handler>(
     }
     tracing::info!(subject = %spec.subject, "stopped serving");
     Ok(())
+}
+
+/// The utilisation an autoscaler should aim a pool at.
+pub const TARGET_UTILIZATION: f64 = 0.7;
+
+/// How often the load gauges are refreshed (and over what window).
+const LOAD_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Service time of the requests served since the last report.
+#[derive(Default)]
+struct Load {
+    busy_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl Load {
+    fn served(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.busy_nanos
+            .fetch_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+}
+
+/// `optiroute-local` → `local`: the pool label of a service.
+fn pool_label(service: &str) -> String {
+    service.rsplit('-').next().unwrap_or(service).to_string()
+}
+
+/// Every [`LOAD_WINDOW`]: saturation (sampled every 100 ms and averaged)
+/// and the replicas the pool needs by Little's law: arrivals × service
+/// time ÷ capacity ÷ [`TARGET_UTILIZATION`].
+async fn report_load(
+    load: Arc<Load>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    capacity: usize,
+    metrics: ServiceMetrics,
+    pool: String,
+    shutdown: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let saturation = metrics.saturation.with_label_values(&[&pool]);
+    let desired = metrics.desired_replicas.with_label_values(&[&pool]);
+    let cap = capacity.max(1) as f64;
+    loop {
+        let mut busy_sum = 0.0;
+        let samples = 50;
+        for _ in 0..samples {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(LOAD_WINDOW / samples) => {}
+            }
+            busy_sum += busy.load(Relaxed) as f64;
+        }
+        saturation.set(busy_sum / f64::from(samples) / cap);
+        let busy = load.busy_nanos.swap(0, Relaxed) as f64 / 1e9;
+        // arrivals × mean service time = busy seconds per second.
+        desired.set(busy / LOAD_WINDOW.as_secs_f64() / cap / TARGET_UTILIZATION);
+    }
 }
 
 /// One endpoint's metric series, looked up once rather than per request.

@@ -112,6 +112,10 @@ pub struct GenerateRequest {
     /// Narrows the cache scope: answers are shared only between requests
     /// of the same scope that give the same namespace.
     pub cache_namespace: Option<String>,
+    /// Also look for an answer to a differently worded prompt of the same
+    /// meaning (the semantic cache); `None` takes the router's default
+    /// (`cache.semantic.enabled`).
+    pub semantic: Option<bool>,
 }
 
 /// The longest `user` accepted, in bytes.
@@ -143,7 +147,8 @@ impl Serialize for GenerateRequest {
             + usize::from(cache)
             + usize::from(self.route_bias.is_some())
             + usize::from(self.user.is_some())
-            + usize::from(self.cache_namespace.is_some());
+            + usize::from(self.cache_namespace.is_some())
+            + usize::from(self.semantic.is_some());
         let mut s = serializer.serialize_struct("GenerateRequest", len)?;
         self.params.serialize_fields(&mut s)?;
         s.serialize_field("provider", &self.provider)?;
@@ -158,6 +163,9 @@ impl Serialize for GenerateRequest {
         }
         if let Some(v) = &self.cache_namespace {
             s.serialize_field("cache_namespace", v)?;
+        }
+        if let Some(v) = &self.semantic {
+            s.serialize_field("semantic", v)?;
         }
         s.end()
     }
@@ -202,6 +210,10 @@ impl<'de> Deserialize<'de> for GenerateRequest {
                             seen.mark(FIRST_HOLDER_FIELD + 4, "cache_namespace")?;
                             r.cache_namespace = map.next_value()?;
                         }
+                        "semantic" => {
+                            seen.mark(FIRST_HOLDER_FIELD + 5, "semantic")?;
+                            r.semantic = map.next_value()?;
+                        }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
@@ -223,6 +235,7 @@ impl GenerateRequest {
             route_bias: None,
             user: None,
             cache_namespace: None,
+            semantic: None,
         }
     }
 
@@ -278,6 +291,32 @@ pub struct GenerateResponse {
     /// Short explanation of the routing decision.
     pub route_reason: Option<String>,
     pub request_id: Option<String>,
+    /// On a cached answer: whether the prompt matched exactly or by meaning.
+    pub cache_match: Option<CacheMatch>,
+    /// On a semantic match: the cosine similarity of the two prompts.
+    pub similarity: Option<f64>,
+    /// When the request asked for the semantic cache and it did not answer:
+    /// why (no similar entry, the guard, the model unavailable...).
+    pub semantic_miss: Option<String>,
+}
+
+/// How a cached answer matched the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMatch {
+    /// The same request (after trimming), or an identical one in flight.
+    Exact,
+    /// Another prompt of the same meaning (the semantic cache).
+    Semantic,
+}
+
+impl CacheMatch {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMatch::Exact => "exact",
+            CacheMatch::Semantic => "semantic",
+        }
+    }
 }
 
 impl Serialize for GenerateResponse {
@@ -286,7 +325,10 @@ impl Serialize for GenerateResponse {
         let optional = usize::from(self.saved_usd.is_some())
             + usize::from(self.fallback_reason.is_some())
             + usize::from(self.route_reason.is_some())
-            + usize::from(self.request_id.is_some());
+            + usize::from(self.request_id.is_some())
+            + usize::from(self.cache_match.is_some())
+            + usize::from(self.similarity.is_some())
+            + usize::from(self.semantic_miss.is_some());
         let len = self.completion.field_count() + 5 + optional;
         let mut s = serializer.serialize_struct("GenerateResponse", len)?;
         self.completion.serialize_fields(&mut s)?;
@@ -306,6 +348,15 @@ impl Serialize for GenerateResponse {
         }
         if let Some(v) = &self.request_id {
             s.serialize_field("request_id", v)?;
+        }
+        if let Some(v) = &self.cache_match {
+            s.serialize_field("cache_match", v)?;
+        }
+        if let Some(v) = &self.similarity {
+            s.serialize_field("similarity", v)?;
+        }
+        if let Some(v) = &self.semantic_miss {
+            s.serialize_field("semantic_miss", v)?;
         }
         s.end()
     }
@@ -331,6 +382,7 @@ impl<'de> Deserialize<'de> for GenerateResponse {
                     (None, None, None, None, None);
                 let (mut saved_usd, mut fallback_reason, mut route_reason, mut request_id) =
                     (None, None, None, None);
+                let (mut cache_match, mut similarity, mut semantic_miss) = (None, None, None);
                 while let Some(Key(key)) = map.next_key()? {
                     if completion.read_field(&key, &mut seen, &mut map)? {
                         continue;
@@ -372,6 +424,18 @@ impl<'de> Deserialize<'de> for GenerateResponse {
                             seen.mark(F + 8, "request_id")?;
                             request_id = map.next_value()?;
                         }
+                        "cache_match" => {
+                            seen.mark(F + 9, "cache_match")?;
+                            cache_match = map.next_value()?;
+                        }
+                        "similarity" => {
+                            seen.mark(F + 10, "similarity")?;
+                            similarity = map.next_value()?;
+                        }
+                        "semantic_miss" => {
+                            seen.mark(F + 11, "semantic_miss")?;
+                            semantic_miss = map.next_value()?;
+                        }
                         _ => {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
@@ -389,6 +453,9 @@ impl<'de> Deserialize<'de> for GenerateResponse {
                     fallback_reason,
                     route_reason,
                     request_id,
+                    cache_match,
+                    similarity,
+                    semantic_miss,
                 })
             }
         }
@@ -640,6 +707,33 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn semantic_is_asked_per_request_and_answers_say_how_they_matched() {
+        let r: GenerateRequest =
+            decode(Format::Json, br#"{"prompt":"hi","semantic":true}"#).unwrap();
+        assert_eq!(r.semantic, Some(true));
+        assert_eq!(GenerateRequest::new("hi").semantic, None);
+        let e = decode::<GenerateRequest>(
+            Format::Json,
+            br#"{"prompt":"hi","semantic":true,"semantic":false}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("semantic"), "{}", e.message);
+        let e = decode::<GenerateRequest>(Format::Json, br#"{"prompt":"hi","semantic":"yes"}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("semantic"));
+        let body =
+            br#"{"text":"hi","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3},
+            "model":"m","cost":0.0,"latency":0.1,"routed_to":"local","provider":"cloud",
+            "cached":true,"cache_match":"semantic","similarity":0.9312}"#;
+        let a: GenerateResponse = decode(Format::Json, body).unwrap();
+        assert_eq!(a.cache_match, Some(CacheMatch::Semantic));
+        assert_eq!(a.similarity, Some(0.9312));
+        let json = serde_json::to_value(&a).unwrap();
+        assert_eq!(json["cache_match"], "semantic");
+        assert!(json.get("semantic_miss").is_none());
     }
 
     #[test]

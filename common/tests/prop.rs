@@ -10,8 +10,9 @@ use optiroute_common::config::Config;
 use optiroute_common::error::ErrorBody;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::wire::{
-    self, CacheMode, ChatMessage, Completion, Format, GenParams, GenerateRequest, GenerateResponse,
-    Pool, ProviderChoice, ProviderReply, ProviderRequest, Role, StreamChunk, Usage,
+    self, CacheMatch, CacheMode, ChatMessage, Completion, Format, GenParams, GenerateRequest,
+    GenerateResponse, Pool, ProviderChoice, ProviderReply, ProviderRequest, Role, StreamChunk,
+    Usage,
 };
 use optiroute_common::ErrorKind;
 use proptest::prelude::*;
@@ -72,6 +73,7 @@ prop_compose! {
         top_p in proptest::option::of(f32_finite()),
         cache in prop_oneof![Just(CacheMode::On), Just(CacheMode::Off), Just(CacheMode::ReadOnly), Just(CacheMode::WriteOnly)],
         route_bias in proptest::option::of(f32_finite()),
+        semantic in proptest::option::of(any::<bool>()),
     ) -> GenerateRequest {
         GenerateRequest {
             params: GenParams {
@@ -88,6 +90,7 @@ prop_compose! {
             route_bias,
             user: None,
             cache_namespace: None,
+            semantic,
         }
     }
 }
@@ -106,11 +109,17 @@ prop_compose! {
         route_reason in proptest::option::of(text()),
         request_id in proptest::option::of(text()),
         finish_reason in proptest::option::of(text()),
+        (cache_match, similarity, semantic_miss) in (
+            proptest::option::of(prop_oneof![Just(CacheMatch::Exact), Just(CacheMatch::Semantic)]),
+            proptest::option::of(f64_finite()),
+            proptest::option::of(text()),
+        ),
     ) -> GenerateResponse {
         GenerateResponse {
             completion: Completion { text, usage, model, finish_reason },
             cost, latency, routed_to, provider, cached, saved_usd,
             fallback_reason, route_reason, request_id,
+            cache_match, similarity, semantic_miss,
         }
     }
 }
@@ -208,7 +217,7 @@ proptest! {
         message in text(),
     ) {
         round_trips(&StreamChunk { index, delta })?;
-        round_trips(&ErrorBody { code, message, param: None, retry_after_secs: None })?;
+        round_trips(&ErrorBody { code, message, param: None, retry_after_secs: None, charged: None })?;
     }
 
     #[test]

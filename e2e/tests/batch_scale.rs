@@ -353,6 +353,7 @@ fn failed_result(line: u64) -> optiroute_batch::BatchResult {
             message: "failed".into(),
             param: None,
             retry_after_secs: None,
+            charged: None,
         }),
         attempts: 1,
     }

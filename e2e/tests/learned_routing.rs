@@ -84,3 +84,56 @@ async fn learned_router_explains_its_decisions_and_falls_back_without_weights() 
         assert!(reason.contains("features: score"), "{reason}");
     }
 }
+
+async fn router_metric(stack: &Stack, name: &str) -> f64 {
+    let text = optiroute_testkit::scrape(stack.router.as_ref().unwrap().admin_addr).await;
+    optiroute_testkit::metric(&text, name, &[]).unwrap_or(0.0)
+}
+
+/// The learned router and the semantic cache read one embedding per
+/// request; a repeated prompt (an exact hit) computes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_learned_router_and_the_semantic_cache_share_one_embedding() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let mut cfg = test_config(&nats.url());
+    cfg.cloud.upstream.base_url = up.base_url();
+    cfg.router.routing.kind = RouterKind::Learned;
+    cfg.router.embedding.model_dir = model_dir();
+    let stack = Stack::start(cfg).await;
+    let ask_semantic = |prompt: &'static str| {
+        let stack = &stack;
+        async move {
+            let (status, v) = stack
+                .generate(&json!({"prompt": prompt, "semantic": true}))
+                .await;
+            assert_eq!(status, 200, "{v}");
+            v
+        }
+    };
+    let hard = "Implement a thread-safe bounded queue in C++ using condition variables.";
+    let first = ask_semantic(hard).await;
+    assert!(
+        first["route_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("learned "),
+        "{first}"
+    );
+    assert_eq!(first["cached"], false, "{first}");
+    assert!(
+        first.get("semantic_miss").is_some(),
+        "the semantic cache looked: {first}"
+    );
+    assert_eq!(
+        router_metric(&stack, "llm_embedding_seconds_count").await,
+        1.0
+    );
+    let again = ask_semantic(hard).await;
+    assert_eq!(again["cached"], true, "{again}");
+    assert_eq!(again["route_reason"], first["route_reason"]);
+    assert_eq!(
+        router_metric(&stack, "llm_embedding_seconds_count").await,
+        1.0
+    );
+}

@@ -389,3 +389,91 @@ async fn the_ingress_cancels_a_batch_but_cannot_purge_the_queue() {
     );
     assert_eq!(stream.info().await.unwrap().state.messages, 1);
 }
+
+/// With `auth.mode = "required"` under `nats/accounts.conf`: the admin API
+/// writes keys as the ingress's user, the router follows them, keeps a
+/// budget in the ledger and appends spend records as its own, and the
+/// ingress reads usage back.
+#[tokio::test]
+async fn users_keys_and_budgets_work_with_only_the_roles_permissions() {
+    let nats = NatsServer::start_with_accounts();
+    let mut cfg = test_config(&nats.url());
+    cfg.auth.mode = optiroute_common::config::AuthMode::Required;
+    cfg.auth.admin_key = Some("permissions-admin-key-0123".into());
+    let stack = stack_as_roles(&nats, &cfg).await;
+    let http = reqwest::Client::new();
+    let admin = |path: &str| {
+        http.post(stack.url(path))
+            .bearer_auth("permissions-admin-key-0123")
+    };
+    let r = admin("/admin/teams")
+        .json(&json!({"name": "ops", "budget_usd": 10.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    let r = admin("/admin/keys")
+        .json(&json!({"name": "perm", "team": "ops", "budget_usd": 1.0, "rpm": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let created: Value = r.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    // The key reaches the ingress's and the router's watches; a request is served and charged.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let answer: Value = loop {
+        let r = http
+            .post(stack.url("/generate"))
+            .bearer_auth(&key)
+            .json(&json!({"prompt": "permissions with a key", "provider": "local", "cache": "off"}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if status == 200 {
+            break body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let cost = answer["cost"].as_f64().unwrap();
+    assert!(cost > 0.0, "{answer}");
+    // A batch with the key: its jobs carry the batch's token, which the
+    // router checks against the batch's description as its own user.
+    let bcfg = as_user(&nats, &cfg, "batch");
+    let _worker = optiroute_batch::run(client(&bcfg, "batch").await, &bcfg, stack.shutdown.clone())
+        .await
+        .unwrap();
+    let r = http
+        .post(stack.url("/v1/batches?id=perm"))
+        .bearer_auth(&key)
+        .body(json!({"prompt": "a batch line", "provider": "local"}).to_string() + "\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    wait_until("the batch done", Duration::from_secs(15), || {
+        let (http, url, key) = (http.clone(), stack.url("/v1/batches/perm"), key.clone());
+        async move {
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            v["done"] == 1
+        }
+    })
+    .await;
+    // Usage, read back from the spend records as the ingress's user.
+    wait_until("usage recorded", Duration::from_secs(10), || {
+        let (http, url, key) = (http.clone(), stack.url("/v1/usage"), key.clone());
+        async move {
+            let r = http.get(url).bearer_auth(key).send().await.unwrap();
+            if r.status().as_u16() != 200 {
+                return false;
+            }
+            let v: Value = r.json().await.unwrap();
+            v["requests"] == 2
+        }
+    })
+    .await;
+}

@@ -144,6 +144,31 @@ per_token_ms = 0
             "a request not in flight at a kill failed: {s:?} (kills at {router_killed:?}, {local_killed:?})"
         );
     }
+    // The router's requests failed when its heartbeat stopped (~1 s), not
+    // at their deadline (4 s): the closed loop's users were not held.
+    for s in samples
+        .iter()
+        .filter(|s| s.status != 200 && in_flight_at(s, router_killed))
+    {
+        assert!(
+            s.done() < router_killed + Duration::from_millis(2_000),
+            "a request of the killed router failed only {:?} after the kill: {s:?}",
+            s.done().saturating_sub(router_killed)
+        );
+    }
+    // The same one level down: the router fails (or falls back from) an
+    // attempt on the killed pool replica when its heartbeat stops, not at
+    // `provider_timeout_ms` (2 s).
+    for s in samples
+        .iter()
+        .filter(|s| s.status != 200 && in_flight_at(s, local_killed))
+    {
+        assert!(
+            s.done() < local_killed + Duration::from_millis(1_800),
+            "a request of the killed pool replica failed only {:?} after the kill: {s:?}",
+            s.done().saturating_sub(local_killed)
+        );
+    }
     let failed = samples.iter().filter(|s| s.status != 200).count();
     assert!(failed <= 2 * CONCURRENCY, "{failed} failed");
     let after = samples.iter().filter(|s| s.sent > local_killed).count();

@@ -342,3 +342,121 @@ async fn chat_page_in_headless_chromium() {
     );
     assert!(shots.join("chat.png").exists());
 }
+
+/// The spend panel (e2e/ui/spend.test.mjs): with the admin key, this
+/// month's spend by team and by key; with a user key, its own usage, and
+/// chats sent with that key; a wrong key refused.
+#[tokio::test]
+async fn spend_panel_in_headless_chromium() {
+    use optiroute_accounts::spend::{self, SpendLog, SpendRecord};
+    use optiroute_common::protocol::{JetStreamNames, Subjects};
+
+    const ADMIN: &str = "admin-key-0123456789abcdef";
+    ensure_browser_deps().await;
+    let nats = NatsServer::start();
+    let mut cfg = test_config(&nats.url());
+    cfg.auth.mode = optiroute_common::config::AuthMode::Required;
+    cfg.auth.admin_key = Some(ADMIN.into());
+    let parts = optiroute_testkit::stack::Parts {
+        ingress: true,
+        router: false,
+        local: false,
+        cloud: false,
+    };
+    let stack = Stack::start_parts(cfg, parts).await;
+    let http = reqwest::Client::new();
+    let admin = |path: &str, body: Value| {
+        http.post(stack.url(path))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let resp = admin("/admin/teams", json!({"name": "red", "budget_usd": 5.0}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let key: Value = admin(
+        "/admin/keys",
+        json!({"name": "alice", "team": "red", "budget_usd": 1.0}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let (id, secret) = (key["id"].as_str().unwrap(), key["key"].as_str().unwrap());
+
+    let js =
+        async_nats::jetstream::new(optiroute_testkit::stack::client(&stack.cfg, "router").await);
+    let prefix = &stack.cfg.nats.prefix;
+    let mut stream = spend::ensure_stream(
+        &js,
+        &JetStreamNames::for_prefix(prefix).spend_stream,
+        &Subjects::new(prefix).spend_all(),
+        1,
+        30,
+    )
+    .await
+    .unwrap();
+    SpendLog::new(js.clone(), prefix)
+        .record(SpendRecord {
+            ts_ms: optiroute_accounts::store::now_ms(),
+            request_id: "r1".into(),
+            key_id: id.into(),
+            team: Some("red".into()),
+            user: None,
+            pool: optiroute_common::wire::Pool::Cloud,
+            model: "m".into(),
+            prompt_tokens: 100,
+            completion_tokens: 50,
+            cost_usd: 0.0125,
+            cost_nanos: 12_500_000,
+            cached: false,
+            estimated: false,
+        })
+        .await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stream.info().await.unwrap().state.messages < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the record stored");
+    optiroute_testkit::wait_until(
+        "the key known to the ingress",
+        Duration::from_secs(10),
+        || {
+            let req = http.get(stack.url("/v1/usage")).bearer_auth(secret).send();
+            async { req.await.unwrap().status() == 200 }
+        },
+    )
+    .await;
+
+    let root = root();
+    let shots = root.join("target/ui-screenshots");
+    let child = tokio::process::Command::new("node")
+        .arg(root.join("e2e/ui/spend.test.mjs"))
+        .current_dir(&root)
+        .env("OPTIROUTE_UI_URL", stack.url(""))
+        .env("OPTIROUTE_UI_ADMIN_KEY", ADMIN)
+        .env("OPTIROUTE_UI_USER_KEY", secret)
+        .env(
+            "OPTIROUTE_UI_EXPECT",
+            json!({"team": "red", "key": "alice", "cost": "$0.0125"}).to_string(),
+        )
+        .env("OPTIROUTE_UI_SCREENSHOTS", &shots)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), child)
+        .await
+        .expect("the browser test took over 90 s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "e2e/ui/spend.test.mjs failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(shots.join("spend-user.png").exists());
+}

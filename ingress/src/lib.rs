@@ -2,6 +2,7 @@
 //! deadline, sends it to the router over NATS and maps the answer (or the
 //! error) to HTTP.
 
+mod admin_api;
 mod batches;
 mod error;
 mod limits;
@@ -60,6 +61,11 @@ struct Inner {
     /// key is refused here (401) before it reaches NATS; the router checks
     /// again, as it does for every other entry point.
     directory: Option<Arc<optiroute_accounts::Directory>>,
+    /// The accounts bucket and spend stream for the admin API and
+    /// `/v1/usage`, opened on first use.
+    accounts: tokio::sync::OnceCell<admin_api::Accounts>,
+    /// The routers' heartbeats: requests of a router that died fail fast.
+    routers: Arc<optiroute_common::liveness::Watcher>,
 }
 
 impl AppState {
@@ -77,9 +83,15 @@ impl AppState {
                 shutdown.clone(),
             )
         });
+        let routers = optiroute_common::liveness::Watcher::spawn(
+            client.clone(),
+            Subjects::new(&cfg.nats.prefix).router_alive(),
+            shutdown.clone(),
+        );
         AppState {
             inner: Arc::new(Inner {
                 directory,
+                routers,
                 client,
                 subjects: Subjects::new(&cfg.nats.prefix),
                 metrics,
@@ -92,6 +104,7 @@ impl AppState {
                 config: cfg.clone(),
                 limits: limits::Limits::new(&cfg.ingress),
                 cloud_models: cfg.cloud.models().map(str::to_string).collect(),
+                accounts: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -123,6 +136,7 @@ pub fn app(state: AppState, with_metrics: bool) -> Router {
     };
     router
         .merge(ui::routes())
+        .merge(admin_api::routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -237,6 +251,21 @@ pub(crate) fn namespace_from_headers(headers: &HeaderMap) -> Result<Option<Strin
     Ok(Some(v.to_string()))
 }
 
+/// `x-optiroute-semantic: on|off`, checked: asks for the semantic cache or not.
+pub(crate) fn semantic_from_headers(headers: &HeaderMap) -> Result<Option<bool>, Error> {
+    let Some(v) = headers.get(headers::HTTP_SEMANTIC) else {
+        return Ok(None);
+    };
+    match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Ok("on" | "true" | "1") => Ok(Some(true)),
+        Ok("off" | "false" | "0") => Ok(Some(false)),
+        _ => Err(Error::bad_param(
+            headers::HTTP_SEMANTIC,
+            "x-optiroute-semantic must be on or off",
+        )),
+    }
+}
+
 /// `Cache-Control: no-cache` skips the read (and refreshes the entry);
 /// `no-store` skips the write; both skip the cache.
 fn cache_mode_from_headers(headers: &HeaderMap, mode: CacheMode) -> CacheMode {
@@ -274,6 +303,9 @@ async fn generate(
     if let Some(ns) = namespace_from_headers(&headers).map_err(|e| ApiError::new(e, Some(&id)))? {
         req.cache_namespace = Some(ns);
     }
+    if let Some(on) = semantic_from_headers(&headers).map_err(|e| ApiError::new(e, Some(&id)))? {
+        req.semantic = Some(on);
+    }
     req.validate(s.max_prompt_bytes)
         .map_err(|e| ApiError::new(e, Some(&id)))?;
     req.cache = cache_mode_from_headers(&headers, req.cache);
@@ -298,8 +330,16 @@ async fn relay(
 ) -> Result<GenerateResponse, Error> {
     let s = &state.inner;
     let started = Instant::now();
-    let result: Result<GenerateResponse, Error> =
-        nats::request(&s.client, &s.subjects.generate, meta, None, req).await;
+    let mut tracked = s.routers.track(&meta.request_id);
+    let died = tracked.death();
+    let result: Result<GenerateResponse, Error> = tokio::select! {
+        r = nats::request(&s.client, &s.subjects.generate, meta, None, req) => r,
+        () = died => Err(Error::new(
+            ErrorKind::NoResponders,
+            "the router serving this request stopped (its heartbeat ended); it was not retried, as it may have been answered upstream",
+        )),
+    };
+    drop(tracked);
     s.metrics
         .nats_request
         .observe(started.elapsed().as_secs_f64());

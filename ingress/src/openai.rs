@@ -209,6 +209,12 @@ fn answer_headers(headers: &mut HeaderMap, a: &GenerateResponse, request_id: &st
         if a.cached { "hit" } else { "miss" }.to_string(),
     );
     put(headers::HTTP_COST_USD, format!("{:.10}", a.cost));
+    if let Some(m) = a.cache_match {
+        put(headers::HTTP_CACHE_MATCH, m.as_str().to_string());
+    }
+    if let Some(s) = a.similarity {
+        put(headers::HTTP_SIMILARITY, format!("{s:.4}"));
+    }
     put(headers::HTTP_REQUEST_ID, request_id.to_string());
 }
 
@@ -232,6 +238,7 @@ pub(crate) async fn chat_completions(
     req.validate(state.inner.max_prompt_bytes).map_err(fail)?;
     req.cache = crate::cache_mode_from_headers(&headers, req.cache);
     req.cache_namespace = crate::namespace_from_headers(&headers).map_err(fail)?;
+    req.semantic = crate::semantic_from_headers(&headers).map_err(fail)?;
     req.validate(state.inner.max_prompt_bytes).map_err(fail)?;
     if stream {
         let closer = closer.map(|Extension(c)| c);

@@ -298,7 +298,7 @@
     try {
       const resp = await fetch("/v1/chat/completions", {
         method: "POST",
-        headers: { "content-type": "application/json", accept: "text/event-stream" },
+        headers: withKey({ "content-type": "application/json", accept: "text/event-stream" }),
         body: JSON.stringify({
           model: providerEl.value,
           messages: [{ role: "user", content: prompt }],
@@ -430,6 +430,104 @@
       inFlight = false;
     }
   }
+
+  // ---------- spend ----------
+  // The key typed in the spend panel, kept in memory only (never stored).
+  // A user key is also sent with the chats; the admin key never is.
+  let apiKey = "";
+  let userKey = false;
+  function withKey(headers) {
+    if (userKey && apiKey) headers.authorization = "Bearer " + apiKey;
+    return headers;
+  }
+  async function getJson(path) {
+    const resp = await fetch(path, {
+      headers: { accept: "application/json", authorization: "Bearer " + apiKey },
+      cache: "no-store",
+    });
+    let body = null;
+    try { body = await resp.json(); } catch (e) { body = null; }
+    return { status: resp.status, body: body };
+  }
+  function tokens(r) {
+    return (r.prompt_tokens || 0) + (r.completion_tokens || 0);
+  }
+  function spendTable(title, rows, label) {
+    const t = el("table", "spend-table");
+    t.appendChild(el("caption", null, title));
+    const head = el("tr");
+    ["", "requests", "tokens", "cost"].forEach((h) => head.appendChild(el("th", null, h)));
+    t.appendChild(head);
+    rows.forEach((r) => {
+      const tr = el("tr");
+      tr.appendChild(el("th", null, label(r)));
+      tr.appendChild(el("td", null, r.requests));
+      tr.appendChild(el("td", null, tokens(r)));
+      tr.appendChild(el("td", null, usd(r.cost_usd)));
+      t.appendChild(tr);
+    });
+    if (!rows.length) {
+      const tr = el("tr");
+      const td = el("td", null, "no spend yet");
+      td.colSpan = 4;
+      tr.appendChild(td);
+      t.appendChild(tr);
+    }
+    return t;
+  }
+  function errText(r) {
+    return (r.body && r.body.error && r.body.error.message) || "HTTP " + r.status;
+  }
+  async function showSpend() {
+    const out = $("spend-out");
+    const status = $("spend-status");
+    out.replaceChildren();
+    status.textContent = "loading…";
+    const byTeam = await getJson("/admin/spend?group_by=team&period=month");
+    if (byTeam.status === 200) {
+      userKey = false;
+      const s = byTeam.body;
+      const n = s.total.requests;
+      status.textContent = usd(s.total.cost_usd) + " in " + n + (n === 1 ? " request" : " requests") + " since " +
+        s.start + " (resets " + s.resets_at + ")";
+      out.appendChild(spendTable("By team", s.groups, (g) => g.team || "(no team)"));
+      const byKey = await getJson("/admin/spend?group_by=key&period=month");
+      if (byKey.status === 200) {
+        out.appendChild(spendTable("By key", byKey.body.groups, (g) => g.name ? g.name + " (" + g.key_id + ")" : g.key_id));
+      }
+      return;
+    }
+    const mine = await getJson("/v1/usage");
+    if (mine.status !== 200) {
+      userKey = false;
+      status.textContent = "Not the admin key (" + errText(byTeam) + "); as a user key: " + errText(mine);
+      return;
+    }
+    userKey = true;
+    const u = mine.body;
+    const left = u.budget_usd == null ? "no budget" : usd(u.remaining_usd) + " left of " + usd(u.budget_usd);
+    status.textContent = u.key.name + ": " + usd(u.cost_usd) + " this " + u.period + ", " + left +
+      (u.resets_at ? ", resets " + u.resets_at : "") + ". Chats now use this key.";
+    const pools = Object.keys(u.by_pool || {}).map((p) => Object.assign({ pool: p }, u.by_pool[p]));
+    out.appendChild(spendTable("This " + u.period + " by pool", pools, (r) => r.pool));
+    if (u.team && typeof u.team.requests === "number") {
+      const t = u.team;
+      const teamLeft = t.budget_usd == null ? "no budget" : usd(t.remaining_usd) + " left";
+      out.appendChild(spendTable("Team " + t.name + " this " + t.period + " (" + teamLeft + ")", [t], () => "all keys"));
+    }
+  }
+  $("spend-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    apiKey = $("api-key").value.trim();
+    if (!apiKey) {
+      userKey = false;
+      $("spend-status").textContent = "Enter a key first.";
+      return;
+    }
+    showSpend().catch(() => {
+      $("spend-status").textContent = "spend unavailable";
+    });
+  });
 
   refreshStats();
   setInterval(() => {

@@ -27,6 +27,8 @@ pub struct ChunkSink {
     client: Client,
     inbox: String,
     next: u32,
+    /// Bytes of text sent.
+    bytes: usize,
 }
 
 impl ChunkSink {
@@ -35,12 +37,20 @@ impl ChunkSink {
             client,
             inbox,
             next: 0,
+            bytes: 0,
         }
     }
 
     /// Whether any token has gone out (after that, no fallback is possible).
     pub fn started(&self) -> bool {
         self.next > 0
+    }
+
+    /// Tokens sent so far, estimated: about four bytes a token, and at
+    /// least one a chunk.
+    pub fn tokens_estimate(&self) -> u32 {
+        let by_bytes = u32::try_from(self.bytes.div_ceil(4)).unwrap_or(u32::MAX);
+        by_bytes.max(self.next)
     }
 
     pub async fn send(&mut self, delta: &str) -> Result<(), Error> {
@@ -57,6 +67,7 @@ impl ChunkSink {
             .await
             .map_err(|e| Error::new(ErrorKind::NatsUnavailable, format!("stream publish: {e}")))?;
         self.next += 1;
+        self.bytes += delta.len();
         Ok(())
     }
 }

@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use async_nats::Client;
 use optiroute_common::admin;
 use optiroute_common::config::{CloudConfig, Config, LocalEngineKind, ServiceSettings};
-use optiroute_common::cost::{cloud_cost, local_cost};
+use optiroute_common::cost::{cloud_cost, estimate_tokens, local_cost};
+use optiroute_common::error::Charge;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::protocol::BREAKER_STATS_FIELD;
 use optiroute_common::service::{self, EndpointSpec, Handler, StatsData};
 use optiroute_common::subjects::Subjects;
-use optiroute_common::wire::{Completion, Pool, ProviderReply, ProviderRequest};
+use optiroute_common::wire::{Completion, Pool, ProviderReply, ProviderRequest, Usage};
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -175,6 +176,10 @@ struct ProviderHandler<E> {
     pricing: Pricing,
     metrics: ProviderMetrics,
     max_prompt_bytes: usize,
+    model: String,
+    /// This replica's heartbeat (`<prefix>.alive.<pool>`): the routers fail
+    /// at once the attempts it held when it stops.
+    inflight: Arc<optiroute_common::liveness::InFlight>,
 }
 
 impl<E: Engine> Handler for ProviderHandler<E> {
@@ -186,6 +191,7 @@ impl<E: Engine> Handler for ProviderHandler<E> {
         meta: RequestMeta,
         req: ProviderRequest,
     ) -> Result<ProviderReply, Error> {
+        let _held = self.inflight.hold(&meta.request_id);
         req.validate(self.max_prompt_bytes)?;
         let started = Instant::now();
         let g = match &meta.stream_inbox {
@@ -244,6 +250,7 @@ impl<E: Engine> ProviderHandler<E> {
             )
         })?;
         let mut sink = ChunkSink::new(self.client.clone(), inbox);
+        let started = Instant::now();
         let result = tokio::select! {
             r = self.engine.generate(meta, req, Some(&mut sink)) => r,
             _ = futures::StreamExt::next(&mut cancel) => {
@@ -253,11 +260,51 @@ impl<E: Engine> ProviderHandler<E> {
         };
         let _ = cancel.unsubscribe().await;
         match result {
-            Err(e) if sink.started() && e.kind.allows_fallback() => Err(Error::new(
-                ErrorKind::StreamInterrupted,
-                format!("the stream broke after its first token: {}", e.message),
-            )),
+            // Tokens went out, so they were paid for: the error carries
+            // what was spent up to there, and the router charges it.
+            Err(e)
+                if sink.started()
+                    && (e.kind.allows_fallback() || e.kind == ErrorKind::Cancelled) =>
+            {
+                let (kind, message) = if e.kind == ErrorKind::Cancelled {
+                    (e.kind, e.message)
+                } else {
+                    (
+                        ErrorKind::StreamInterrupted,
+                        format!("the stream broke after its first token: {}", e.message),
+                    )
+                };
+                let charge = self.partial_charge(req, &sink, started.elapsed().as_secs_f64());
+                let team = self.metrics.team_label(meta.team.as_deref());
+                self.metrics
+                    .cost
+                    .with_label_values(&[self.pool.as_str(), &charge.model, &team])
+                    .inc_by(charge.cost_usd);
+                let mut err = Error::new(kind, message);
+                err.charged = Some(Box::new(charge));
+                Err(err)
+            }
             other => other,
+        }
+    }
+
+    /// What a stream that ended early cost: for the cloud, the prompt and
+    /// the text streamed, in estimated tokens (about four bytes each, at
+    /// least one per chunk); locally, the time it ran.
+    fn partial_charge(&self, req: &ProviderRequest, sink: &ChunkSink, seconds: f64) -> Charge {
+        let prompt = estimate_tokens(&req.text());
+        let completion = sink.tokens_estimate();
+        let usage = Usage::new(prompt, completion, true);
+        let model = req.model_id.clone().unwrap_or_else(|| self.model.clone());
+        let cost_usd = match &self.pricing {
+            Pricing::Local { price_per_second } => local_cost(*price_per_second, seconds),
+            Pricing::Cloud(cfg) => cloud_cost(cfg, &model, &usage),
+        };
+        Charge {
+            pool: self.pool,
+            model,
+            usage,
+            cost_usd,
         }
     }
 }
@@ -302,6 +349,10 @@ struct PoolSetup<E> {
     engine: E,
     pricing: Pricing,
     spec: EndpointSpec,
+    /// The model named in a charge for a stream that broke off.
+    model: String,
+    /// Where this replica's heartbeat goes (`Subjects::pool_alive`).
+    alive: String,
 }
 
 async fn start<E: Engine>(
@@ -320,6 +371,13 @@ async fn start<E: Engine>(
         shutdown.clone(),
     )
     .await?;
+    let inflight = Arc::new(optiroute_common::liveness::InFlight::default());
+    optiroute_common::liveness::spawn_heartbeat(
+        client.clone(),
+        setup.alive.clone(),
+        inflight.clone(),
+        shutdown.clone(),
+    );
     let handler = Arc::new(ProviderHandler {
         client: client.clone(),
         pool: setup.pool,
@@ -327,6 +385,8 @@ async fn start<E: Engine>(
         pricing: setup.pricing,
         metrics: metrics.clone(),
         max_prompt_bytes: setup.spec.settings.max_prompt_bytes,
+        model: setup.model,
+        inflight: inflight.clone(),
     });
     // The engine's load (the embedded engine's sequences, queue, tokens/s)
     // as the endpoint's `$SRV.STATS` data, unless the pool publishes its own.
@@ -429,6 +489,11 @@ pub async fn run_local(
             price_per_second: c.price_per_second,
         },
         spec,
+        model: optiroute_common::protocol::models::local_models(cfg)
+            .into_iter()
+            .next()
+            .unwrap_or_default(),
+        alive: subjects.pool_alive(Pool::Local),
     };
     start(client, setup, metrics, shutdown).await
 }
@@ -493,6 +558,8 @@ pub async fn run_cloud(
         engine,
         pricing: Pricing::Cloud(c.clone()),
         spec,
+        model: c.upstream.model.clone(),
+        alive: subjects.pool_alive(Pool::Cloud),
     };
     start(client, setup, metrics, shutdown).await
 }

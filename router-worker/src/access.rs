@@ -13,6 +13,7 @@ use optiroute_accounts::spend::{SpendLog, SpendRecord, ANONYMOUS};
 use optiroute_accounts::{Directory, KeyRecord, TeamRecord};
 use optiroute_common::config::{AuthMode, CacheScope, Config};
 use optiroute_common::cost;
+use optiroute_common::error::Charge;
 use optiroute_common::nats::RequestMeta;
 use optiroute_common::protocol::{models, JetStreamNames};
 use optiroute_common::wire::{GenerateRequest, GenerateResponse, Pool, ProviderChoice, Usage};
@@ -26,6 +27,10 @@ pub struct Caller {
     pub key: Option<Arc<KeyRecord>>,
     pub team: Option<Arc<TeamRecord>>,
     pub user: Option<String>,
+    /// When the request was admitted (Unix ms): it picks the budget
+    /// windows and stamps the spend record, so both put the request in
+    /// the same period even at a boundary.
+    pub at_ms: u64,
 }
 
 impl Caller {
@@ -57,6 +62,7 @@ pub struct Access {
     scope: CacheScope,
     cfg: Config,
     local_models: Vec<String>,
+    batches: Option<crate::batch_auth::BatchAuth>,
 }
 
 impl Access {
@@ -83,7 +89,6 @@ impl Access {
                     budget_wait: Duration::from_millis(cfg.auth.budget_wait_ms),
                     replicas: cfg.nats.replicas,
                 },
-                shutdown.clone(),
             )
         });
         let record = required || cfg.auth.record_anonymous;
@@ -122,24 +127,66 @@ impl Access {
             scope: cfg.cache.scope,
             cfg: cfg.clone(),
             local_models: models::local_models(cfg),
+            batches: required.then(|| {
+                crate::batch_auth::BatchAuth::new(
+                    async_nats::jetstream::new(client.clone()),
+                    cfg.batch.meta_bucket.clone(),
+                )
+            }),
         }
     }
 
     /// The caller of `req`: 401 for a missing, unknown or revoked key,
     /// 403 when the key may not use the pool or model asked for.
-    pub fn identify(&self, meta: &RequestMeta, req: &GenerateRequest) -> Result<Caller, Error> {
+    pub async fn identify(
+        &self,
+        meta: &RequestMeta,
+        req: &GenerateRequest,
+    ) -> Result<Caller, Error> {
         let Some(dir) = &self.directory else {
             return Ok(Caller {
                 user: req.user.clone(),
+                at_ms: optiroute_accounts::store::now_ms(),
                 ..Caller::default()
             });
         };
-        let key = dir.authenticate(meta.api_key.as_deref())?;
-        let team = key.team.as_deref().and_then(|t| dir.team(t));
+        let credential = meta.api_key.as_deref();
+        let key = match (
+            credential.and_then(optiroute_common::protocol::headers::parse_batch_credential),
+            &self.batches,
+        ) {
+            // A batch job: its batch's token stands for the owner's key.
+            (Some((id, token)), Some(batches)) => {
+                let owner = batches.owner(id, token).await?;
+                match dir.key_by_id(&owner) {
+                    Some(k) if !k.revoked => k,
+                    Some(k) => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidApiKey,
+                            format!("API key {} was revoked", k.id),
+                        ))
+                    }
+                    None => return Err(Error::new(ErrorKind::InvalidApiKey, "unknown API key")),
+                }
+            }
+            _ => dir.authenticate(credential)?,
+        };
+        // A key whose team is missing is refused, not served without its
+        // team's budget.
+        let team = match key.team.as_deref() {
+            Some(t) => Some(dir.team(t).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::PermissionDenied,
+                    format!("the team `{t}` of this key does not exist"),
+                )
+            })?),
+            None => None,
+        };
         let caller = Caller {
             key: Some(key),
             team,
             user: req.user.clone(),
+            at_ms: optiroute_accounts::store::now_ms(),
         };
         let asked = match req.provider {
             ProviderChoice::Auto => None,
@@ -191,6 +238,32 @@ impl Access {
         }
     }
 
+    /// With a key limited to some `models` and a request that names none,
+    /// the model `pool` will use must be one of them: it is named (the
+    /// first allowed model the pool serves), not left to the pool's default.
+    pub fn pin_model(&self, caller: &Caller, pool: Pool, req: &mut GenerateRequest) {
+        let (Some(k), None) = (&caller.key, &req.params.model_id) else {
+            return;
+        };
+        let Some(allowed) = &k.models else {
+            return;
+        };
+        let pinned = match pool {
+            Pool::Local => self
+                .local_models
+                .iter()
+                .find(|m| allowed.contains(m))
+                .cloned(),
+            Pool::Cloud => self
+                .cfg
+                .cloud
+                .models()
+                .find(|m| allowed.iter().any(|a| a == m))
+                .map(str::to_string),
+        };
+        req.params.model_id = pinned;
+    }
+
     /// The tenant part of the cache key: empty when answers are shared by
     /// everyone, else `t:<team>` or `k:<key id>`, then the namespace.
     pub fn cache_scope(&self, caller: &Caller, req: &GenerateRequest) -> String {
@@ -209,14 +282,18 @@ impl Access {
     }
 
     /// Takes the request's rate-limit capacity (a cache hit counts too).
-    pub async fn admit(&self, caller: &Caller, req: &GenerateRequest) -> Result<Admission, Error> {
+    pub async fn admit(
+        &self,
+        caller: &Caller,
+        req: &GenerateRequest,
+        deadline: Instant,
+    ) -> Result<Admission, Error> {
         let (Some(ledger), Some(k)) = (&self.ledger, &caller.key) else {
             return Ok(Admission {
                 rpm: None,
                 tpm: None,
             });
         };
-        let now = Instant::now();
         let rpm = match k.rpm {
             Some(limit) => Some(
                 ledger
@@ -227,7 +304,7 @@ impl Access {
                         },
                         1,
                         None,
-                        now,
+                        deadline,
                     )
                     .await?
                     .map_err(|r| rate_error("requests", limit, &r))?,
@@ -246,7 +323,7 @@ impl Access {
                             },
                             need,
                             None,
-                            now,
+                            deadline,
                         )
                         .await?
                         .map_err(|r| rate_error("tokens", limit, &r))?,
@@ -326,7 +403,7 @@ impl Access {
     }
 
     fn budgets(&self, caller: &Caller, k: &KeyRecord) -> Vec<Budget> {
-        let now = optiroute_accounts::store::now_ms();
+        let now = caller.at_ms;
         let mut out = Vec::new();
         if let Some(usd) = k.budget_usd {
             let w = k.budget_period.window(now);
@@ -394,32 +471,59 @@ impl Access {
 
     /// Appends the request's spend record (auth on, or anonymous records asked for).
     pub async fn record(&self, caller: &Caller, meta: &RequestMeta, resp: &GenerateResponse) {
+        let charge = Charge {
+            pool: resp.provider,
+            model: resp.completion.model.clone(),
+            usage: resp.completion.usage,
+            cost_usd: resp.cost,
+        };
+        self.append(caller, meta, &charge, resp.cached).await;
+    }
+
+    /// The spend record of a request that failed after it was charged (a
+    /// stream that broke off).
+    pub async fn record_charge(&self, caller: &Caller, meta: &RequestMeta, charge: &Charge) {
+        self.append(caller, meta, charge, false).await;
+    }
+
+    async fn append(&self, caller: &Caller, meta: &RequestMeta, c: &Charge, cached: bool) {
         let Some(log) = &self.spend else {
             return;
         };
         if caller.key.is_none() && !self.record_anonymous {
             return;
         }
-        let u = &resp.completion.usage;
         log.record(SpendRecord {
-            ts_ms: optiroute_accounts::store::now_ms(),
+            ts_ms: caller.at_ms,
             request_id: meta.request_id.clone(),
             key_id: caller.key_id().to_string(),
             team: caller.team_name().map(str::to_string),
             user: caller.user.clone(),
-            pool: resp.provider,
-            model: resp.completion.model.clone(),
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            cost_usd: resp.cost,
-            cost_nanos: to_nanos(resp.cost),
-            cached: resp.cached,
+            pool: c.pool,
+            model: c.model.clone(),
+            prompt_tokens: c.usage.prompt_tokens,
+            completion_tokens: c.usage.completion_tokens,
+            cost_usd: c.cost_usd,
+            cost_nanos: to_nanos(c.cost_usd),
+            cached,
+            estimated: c.usage.estimated,
         })
         .await;
     }
 
     pub fn required(&self) -> bool {
         self.mode == AuthMode::Required
+    }
+
+    /// After the service drained: writes back every settled spend, gives
+    /// the leases back and stores the queued spend records.
+    pub async fn close(&self) {
+        if let Some(l) = &self.ledger {
+            l.close(Duration::from_secs(5)).await;
+        }
+        if let Some(s) = &self.spend {
+            s.close(Duration::from_secs(5)).await;
+        }
     }
 }
 
@@ -431,15 +535,17 @@ struct Budget {
     window_end: Option<u64>,
 }
 
-/// Prompt tokens at most: one per byte of text, plus framing per message.
+/// Prompt tokens at most: one per byte of text (a byte-level BPE token
+/// covers at least one byte), plus a chat template's framing: 16 per
+/// message and 64 for the whole (a system header with a date is ~25).
 fn prompt_token_bound(req: &GenerateRequest) -> u32 {
     let p = &req.params;
-    let bytes = p.prompt.len()
+    let text: usize = p.prompt.len()
         + p.messages
             .iter()
-            .map(|m| m.content.len() + 8)
+            .map(|m| m.content.len() + 16)
             .sum::<usize>();
-    u32::try_from(bytes + 16).unwrap_or(u32::MAX)
+    u32::try_from(text + 64).unwrap_or(u32::MAX)
 }
 
 fn token_bound(req: &GenerateRequest) -> u64 {
@@ -469,12 +575,19 @@ fn budget_error(b: &Budget, need: u64, r: &Refusal) -> Error {
             to_usd(need)
         )
     } else {
-        format!(
-            "the {} budget of {} USD ({}) is held by requests in flight",
-            b.what,
-            to_usd(b.capacity),
-            b.period.as_str()
+        // Not spent: held by requests in flight longer than this one could
+        // wait. Transient, so a rate limit (retry in a second), not a
+        // spent quota.
+        return Error::new(
+            ErrorKind::RateLimited,
+            format!(
+                "the {} budget of {} USD ({}) is held by requests in flight; retry shortly",
+                b.what,
+                to_usd(b.capacity),
+                b.period.as_str()
+            ),
         )
+        .with_retry_after(r.retry_after_secs.unwrap_or(1));
     };
     let e = Error::new(ErrorKind::BudgetExceeded, format!("{why}; {reset}"));
     match r.retry_after_secs {

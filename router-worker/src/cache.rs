@@ -77,20 +77,69 @@ pub fn cache_key(req: &GenerateRequest, pool: Pool) -> String {
 /// [`cache_key`] within a tenant scope ([`crate::access::Access::cache_scope`]):
 /// two scopes never share an entry.
 pub fn scoped_cache_key(req: &GenerateRequest, pool: Pool, scope: &str) -> String {
+    key_hash(req, pool, scope, false)
+}
+
+/// The semantic cache's partition of a request: [`scoped_cache_key`] of
+/// everything but its question (the prompt, or the last user turn of a
+/// conversation, which is compared by meaning instead). Two requests are
+/// candidates for each other only within one partition: same tenant scope
+/// and namespace, same conversation before the question, same `stop`,
+/// `max_tokens`, `temperature`, `top_p`, pool and model.
+pub fn semantic_partition(req: &GenerateRequest, pool: Pool, scope: &str) -> String {
+    key_hash(req, pool, scope, true)
+}
+
+/// The exact key of `req` with its question (the prompt, or the last user
+/// turn) replaced by `question`: the key under which a semantic candidate
+/// stored for `question` must have been written to be this request's.
+pub fn key_with_question(req: &GenerateRequest, pool: Pool, scope: &str, question: &str) -> String {
+    let mut r = req.clone();
+    let last_user = r
+        .params
+        .messages
+        .iter()
+        .rposition(|m| m.role == optiroute_common::wire::Role::User);
+    match last_user {
+        Some(i) => r.params.messages[i].content = question.to_string(),
+        None => r.params.prompt = question.to_string(),
+    }
+    scoped_cache_key(&r, pool, scope)
+}
+
+fn key_hash(req: &GenerateRequest, pool: Pool, scope: &str, blank_question: bool) -> String {
     let req = &req.params;
+    let question = if blank_question {
+        req.messages
+            .iter()
+            .rposition(|m| m.role == optiroute_common::wire::Role::User)
+    } else {
+        None
+    };
     let material = KeyMaterial {
-        v: 2,
-        prompt: req.prompt.trim(),
+        // Partitions have a version of their own, never equal to a key.
+        v: if blank_question { 102 } else { 2 },
+        prompt: if blank_question {
+            ""
+        } else {
+            req.prompt.trim()
+        },
         messages: req
             .messages
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let role = match m.role {
                     optiroute_common::wire::Role::System => "system",
                     optiroute_common::wire::Role::User => "user",
                     optiroute_common::wire::Role::Assistant => "assistant",
                 };
-                (role, m.content.trim())
+                let content = if Some(i) == question {
+                    ""
+                } else {
+                    m.content.trim()
+                };
+                (role, content)
             })
             .collect(),
         stop: &req.stop,
@@ -103,7 +152,7 @@ pub fn scoped_cache_key(req: &GenerateRequest, pool: Pool, scope: &str) -> Strin
     };
     // rmp-serde cannot fail on this plain struct; fall back to the prompt alone.
     let bytes = rmp_serde::to_vec(&material)
-        .unwrap_or_else(|_| format!("{}\n{}", pool.as_str(), req.prompt.trim()).into_bytes());
+        .unwrap_or_else(|_| format!("{}\n{}", pool.as_str(), material.prompt).into_bytes());
     hex::encode(Sha256::digest(&bytes))
 }
 
@@ -239,6 +288,10 @@ impl Cache {
         self.cfg.enabled
     }
 
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
     pub fn is_connected(&self) -> bool {
         self.store.get().is_some()
     }
@@ -305,12 +358,29 @@ impl Cache {
 
     /// Looks a key up, bounded by the op timeout; records latency and the event.
     pub async fn lookup(&self, key: &str) -> Lookup {
+        let result = self.get(key).await;
+        self.metrics.cache_event(match &result {
+            Lookup::Hit(_) => CacheEvent::Hit,
+            Lookup::Miss => CacheEvent::Miss,
+            Lookup::Error => CacheEvent::Error,
+        });
+        result
+    }
+
+    /// The answer stored under `key` (a semantic match's), counting no
+    /// cache event: the request already counted its own.
+    pub async fn fetch(&self, key: &str) -> Option<Arc<CachedAnswer>> {
+        match self.get(key).await {
+            Lookup::Hit(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    async fn get(&self, key: &str) -> Lookup {
         if let Some(hit) = self.local.get(key) {
-            self.metrics.cache_event(CacheEvent::Hit);
             return Lookup::Hit(hit);
         }
         let Some(store) = self.store.get() else {
-            self.metrics.cache_event(CacheEvent::Error);
             return Lookup::Error;
         };
         let started = Instant::now();
@@ -322,7 +392,7 @@ impl Cache {
         self.metrics
             .cache_lookup
             .observe(started.elapsed().as_secs_f64());
-        let result = match got {
+        match got {
             Ok(Ok(Some(bytes))) if pending_until(&bytes).is_some() => Lookup::Miss,
             Ok(Ok(Some(bytes))) => match self.read_entry(key, &bytes) {
                 Some(a) => {
@@ -341,13 +411,7 @@ impl Cache {
                 tracing::warn!("cache lookup timed out");
                 Lookup::Error
             }
-        };
-        self.metrics.cache_event(match &result {
-            Lookup::Hit(_) => CacheEvent::Hit,
-            Lookup::Miss => CacheEvent::Miss,
-            Lookup::Error => CacheEvent::Error,
-        });
-        result
+        }
     }
 
     /// The answer in a stored value, if it is one written for `key`; any

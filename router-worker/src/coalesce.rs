@@ -181,6 +181,9 @@ mod tests {
             fallback_reason: None,
             route_reason: None,
             request_id: None,
+            cache_match: None,
+            similarity: None,
+            semantic_miss: None,
         }
     }
 

@@ -22,8 +22,8 @@ pub struct Routing {
     memo: Memo,
 }
 
-/// Recently scored prompts, by SHA-256 of the text and `max_tokens` (all
-/// the learned score reads), so a repeated prompt, as most cache hits are
+/// Recently scored prompts, by SHA-256 of `max_tokens`, the last user
+/// turn (what is embedded) and the whole text (what the features read), so a repeated prompt, as most cache hits are
 /// (routing comes before the cache lookup), is not embedded again.
 /// Bounded: emptied when full. A std mutex: the critical sections are a
 /// map lookup or insert, never held across an await.
@@ -36,7 +36,10 @@ pub const MEMO_ENTRIES: usize = 10_000;
 impl Memo {
     fn key(req: &GenerateRequest) -> [u8; 32] {
         let mut h = Sha256::new();
+        let question = req.params.last_user_text();
         h.update(req.params.max_tokens.to_le_bytes());
+        h.update((question.len() as u64).to_le_bytes());
+        h.update(question.as_bytes());
         h.update(req.text().as_bytes());
         h.finalize().into()
     }

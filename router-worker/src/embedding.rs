@@ -16,7 +16,9 @@ pub struct Embeddings {
     model: Option<Arc<Embedder>>,
     /// Why there is no model (logged once at startup, shown in errors).
     missing: Option<String>,
-    permits: Semaphore,
+    /// Held by each embedding until it has run (not just until its caller
+    /// stops waiting), so at most this many run at once.
+    permits: Arc<Semaphore>,
     /// Seconds per embedding (`llm_embedding_seconds` when registered).
     pub seconds: Option<prometheus::Histogram>,
 }
@@ -45,7 +47,7 @@ impl Embeddings {
         Embeddings {
             model,
             missing,
-            permits: Semaphore::new(cfg.max_concurrent.max(1)),
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent.max(1))),
             seconds: None,
         }
     }
@@ -55,13 +57,21 @@ impl Embeddings {
         Embeddings {
             model: Some(model),
             missing: None,
-            permits: Semaphore::new(max_concurrent.max(1)),
+            permits: Arc::new(Semaphore::new(max_concurrent.max(1))),
             seconds: None,
         }
     }
 
     pub fn available(&self) -> bool {
         self.model.is_some()
+    }
+
+    /// Whether `text` is longer than the model reads (its end would not
+    /// count in its vector). False without a model.
+    pub fn too_long(&self, text: &str) -> bool {
+        self.model
+            .as_ref()
+            .is_some_and(|m| m.count_tokens(text) > optiroute_embed::MAX_TOKENS)
     }
 
     /// Why embeddings are unavailable, when they are.
@@ -80,16 +90,20 @@ impl Embeddings {
                 ),
             ));
         };
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| Error::internal("embedding permits closed"))?;
         let text = text.to_string();
         let started = Instant::now();
-        let v = tokio::task::spawn_blocking(move || model.embed(&text))
-            .await
-            .map_err(|e| Error::internal(format!("embedding task: {e}")))?;
+        let v = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            model.embed(&text)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("embedding task: {e}")))?;
         if let Some(h) = &self.seconds {
             h.observe(started.elapsed().as_secs_f64());
         }
@@ -116,6 +130,16 @@ impl<'a> RequestEmbedding<'a> {
 
     pub fn available(&self) -> bool {
         self.embeddings.available()
+    }
+
+    /// The text embedded.
+    pub fn text(&self) -> &'a str {
+        self.text
+    }
+
+    /// See [`Embeddings::too_long`].
+    pub fn too_long(&self) -> bool {
+        self.embeddings.too_long(self.text)
     }
 
     pub async fn get(&self) -> Result<Arc<Vec<f32>>, Error> {

@@ -10,9 +10,13 @@ use crate::learned::train::Example;
 use crate::learned::{inputs, quantiles, threshold_for_share, LearnedRouter};
 use crate::routing::Router;
 
-/// The embedding of every item's text, on two threads.
+/// The embedding every item's request gets in the router (its last user
+/// turn: the vector the semantic cache reads too), on two threads.
 pub fn embed_all(model: &Embedder, items: &[&Labelled]) -> Vec<Vec<f32>> {
-    let texts: Vec<String> = items.iter().map(|i| i.text()).collect();
+    let texts: Vec<String> = items
+        .iter()
+        .map(|i| i.request().params.last_user_text().to_string())
+        .collect();
     let half = texts.len().div_ceil(2);
     let (a, b) = texts.split_at(half);
     std::thread::scope(|s| {

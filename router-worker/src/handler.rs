@@ -1,8 +1,10 @@
 //! The `optiroute.generate` handler: validate, cache, route, call a
 //! provider pool, fall back, write the cache, reply.
 
+mod semantic;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::Client;
@@ -12,7 +14,8 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    Completion, GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
+    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice, ProviderReply,
+    ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -25,7 +28,9 @@ use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
 use crate::decide::Routing;
 use crate::embedding::{Embeddings, RequestEmbedding};
 use crate::metrics::{CacheEvent, RouterMetrics};
+use crate::overflow::LocalLoad;
 use crate::routing::Decision;
+use crate::semantic::SemanticCache;
 
 /// How much earlier than the router a provider gives up on an attempt.
 const PROVIDER_GRACE: Duration = Duration::from_millis(250);
@@ -38,7 +43,6 @@ pub struct GenerateHandler {
     client: Client,
     subjects: Subjects,
     router: Routing,
-    embeddings: Embeddings,
     cache: Arc<Cache>,
     coalescer: Arc<Coalescer>,
     max_waiters: usize,
@@ -48,6 +52,14 @@ pub struct GenerateHandler {
     max_deadline: Duration,
     log_payloads: bool,
     access: Access,
+    local_load: Arc<LocalLoad>,
+    inflight: Arc<optiroute_common::liveness::InFlight>,
+    /// Each pool's heartbeats: an attempt on a replica that died fails
+    /// (and may fall back) at once.
+    local_alive: Arc<optiroute_common::liveness::Watcher>,
+    cloud_alive: Arc<optiroute_common::liveness::Watcher>,
+    embeddings: Arc<Embeddings>,
+    semantic: Arc<SemanticCache>,
 }
 
 impl Handler for GenerateHandler {
@@ -57,8 +69,10 @@ impl Handler for GenerateHandler {
     async fn handle(
         &self,
         mut meta: RequestMeta,
-        req: GenerateRequest,
+        mut req: GenerateRequest,
     ) -> Result<GenerateResponse, Error> {
+        // In this router's heartbeat while it is being served.
+        let _held = self.inflight.hold(&meta.request_id);
         req.validate(self.max_prompt_bytes)?;
         // A later deadline is clamped, not refused: it is how long the
         // caller is willing to wait, not work it needs, and the request
@@ -70,12 +84,17 @@ impl Handler for GenerateHandler {
         }
         // Who asks: 401/403 before any work, and the rate limits (a
         // cache hit counts too).
-        let caller = self.access.identify(&meta, &req)?;
+        let caller = self.access.identify(&meta, &req).await?;
         meta.team = caller.team_name().map(str::to_string);
-        let admission = self.access.admit(&caller, &req).await?;
+        let admission = self
+            .access
+            .admit(&caller, &req, Instant::now() + meta.remaining())
+            .await?;
         // Routing comes first: the pool it chooses is part of the cache key.
-        let text = req.text();
-        let embedding = RequestEmbedding::new(&self.embeddings, &text);
+        // Its question's embedding is computed at most once, by whichever
+        // needs it first (the learned router, the semantic cache), and shared.
+        let question = req.params.last_user_text().to_string();
+        let embedding = RequestEmbedding::new(&self.embeddings, &question);
         let mut decision = self.router.decide(&req, &embedding).await;
         if !self.access.allows(&caller, decision.target) {
             // The key may use only the other pool (identify checked one is left).
@@ -83,24 +102,59 @@ impl Handler for GenerateHandler {
             decision.reason_label = "key_restricted";
             decision.reason = format!("{}; the key allows only this pool", decision.reason);
         }
-        let key = scoped_cache_key(
-            &req,
-            decision.target,
-            &self.access.cache_scope(&caller, &req),
-        );
+        let mut local_slot = None;
+        if decision.target == Pool::Local {
+            let may_overflow =
+                req.provider == ProviderChoice::Auto && self.access.allows(&caller, Pool::Cloud);
+            match self.local_load.claim(may_overflow) {
+                Ok(slot) => local_slot = Some(slot),
+                Err(wait) => {
+                    let wait = wait.map_or_else(
+                        || "the local pool is full".to_string(),
+                        |w| format!("the local pool's expected wait is {} ms", w.as_millis()),
+                    );
+                    decision.target = Pool::Cloud;
+                    decision.reason_label = "overflow";
+                    decision.reason = format!(
+                        "overflow: {wait}, past router.routing.local_max_wait_ms = {}; {}",
+                        self.local_load.max_wait().as_millis(),
+                        decision.reason
+                    );
+                }
+            }
+        }
+        self.access.pin_model(&caller, decision.target, &mut req);
+        let scope = self.access.cache_scope(&caller, &req);
+        let key = scoped_cache_key(&req, decision.target, &scope);
         let call = Call {
             meta: &meta,
             req: &req,
             decision: &decision,
             started,
             key: &key,
+            scope: &scope,
             caller: &caller,
+            embedding,
+            semantic: self.semantic.asked(req.semantic),
+            semantic_miss: OnceLock::new(),
         };
         let result = self.serve(&call).await;
-        let usage = result.as_ref().ok().map(|r| &r.completion.usage);
+        if let (Some(slot), Ok(r)) = (local_slot.as_mut(), &result) {
+            slot.served = !r.cached && r.provider == Pool::Local;
+        }
+        drop(local_slot);
+        let usage = match &result {
+            Ok(r) => Some(&r.completion.usage),
+            Err(e) => e.charged.as_ref().map(|c| &c.usage),
+        };
         self.access.finish_admission(admission, usage);
-        if let Ok(resp) = &result {
-            self.access.record(&caller, &meta, resp).await;
+        match &result {
+            Ok(resp) => self.access.record(&caller, &meta, resp).await,
+            Err(e) => {
+                if let Some(c) = &e.charged {
+                    self.access.record_charge(&caller, &meta, c).await;
+                }
+            }
         }
         result
     }
@@ -170,6 +224,8 @@ struct Reused {
     provider: Pool,
     cost: f64,
     fallback_reason: Option<ErrorKind>,
+    matched: CacheMatch,
+    similarity: Option<f64>,
 }
 
 impl Reused {
@@ -179,6 +235,8 @@ impl Reused {
             provider: hit.provider,
             cost: hit.cost,
             fallback_reason: None,
+            matched: CacheMatch::Exact,
+            similarity: None,
         }
     }
 
@@ -194,6 +252,9 @@ impl Reused {
             provider: shared.provider,
             cost,
             fallback_reason: shared.fallback_reason,
+            // An identical request: it matched as this one would have.
+            matched: shared.cache_match.unwrap_or(CacheMatch::Exact),
+            similarity: shared.similarity,
         }
     }
 }
@@ -206,7 +267,16 @@ struct Call<'a> {
     decision: &'a Decision,
     started: Instant,
     key: &'a str,
+    /// The tenant scope of its cache entries.
+    scope: &'a str,
     caller: &'a Caller,
+    /// Its question's embedding, computed on first use by whichever
+    /// feature needs it (never on an exact hit).
+    embedding: RequestEmbedding<'a>,
+    /// Whether it asked for the semantic cache.
+    semantic: bool,
+    /// Why the semantic cache did not answer it, when it asked.
+    semantic_miss: OnceLock<String>,
 }
 
 impl GenerateHandler {
@@ -221,10 +291,12 @@ impl GenerateHandler {
         };
         if !self.cache.enabled() || !(mode.reads() || mode.writes()) {
             self.metrics.cache_event(CacheEvent::Bypass);
+            self.semantic_skipped(call, "the cache is off for this request");
             return generate(false, None, None);
         }
         if !mode.reads() {
             self.metrics.cache_event(CacheEvent::Bypass);
+            self.semantic_skipped(call, "the cache is not read for this request");
             return generate(true, None, None);
         }
         if let Lookup::Hit(hit) = self.cache.lookup(call.key).await {
@@ -269,6 +341,16 @@ impl GenerateHandler {
                 }
             },
         };
+        // After the join, so identical requests in flight embed once.
+        if call.semantic {
+            if let Some(answer) = self.semantic_lookup(call).await {
+                return Outcome::Reused {
+                    answer,
+                    event: Some(CacheEvent::SemanticHit),
+                    leader: Some(leader),
+                };
+            }
+        }
         // Only a request that will write its answer may hold other replicas waiting.
         let claim = if mode.writes() {
             self.cache.claim(call.key, call.meta.deadline).await
@@ -311,6 +393,9 @@ impl GenerateHandler {
             fallback_reason: reused.fallback_reason,
             route_reason: Some(call.decision.reason.clone()),
             request_id: Some(call.meta.request_id.clone()),
+            cache_match: Some(reused.matched),
+            similarity: reused.similarity,
+            semantic_miss: None,
         }
     }
 
@@ -323,19 +408,44 @@ impl GenerateHandler {
         store: bool,
         marker: Option<Box<Marker>>,
     ) -> Result<GenerateResponse, Error> {
-        let (result, answer) = match self.generate(call).await {
+        // The most this can cost is reserved from every budget over the
+        // caller before any pool is asked, and settled to what it was
+        // charged (a failure: nothing, unless a stream broke off after
+        // tokens went out, which the provider charges).
+        let holds = self
+            .access
+            .reserve(call.caller, call.req, call.meta, self.provider_timeout)
+            .await;
+        let generated = match holds {
+            Ok(holds) => {
+                let r = self.generate(call).await;
+                let charged = match &r {
+                    Ok((response, _)) => response.cost,
+                    Err(e) => e.charged.as_ref().map_or(0.0, |c| c.cost_usd),
+                };
+                self.access.settle(holds, charged);
+                r
+            }
+            Err(e) => Err(e),
+        };
+        let (result, answer) = match generated {
             Ok((response, answer)) => (Ok(response), answer.filter(|_| store)),
             Err(e) => (Err(e), None),
         };
         if answer.is_some() || marker.is_some() {
             let cache = self.cache.clone();
             let key = call.key.to_string();
+            let vector = answer.as_ref().and_then(|_| self.pending_vector(call));
             tokio::spawn(
                 async move {
                     let stored = match answer {
                         Some(a) => cache.store(&key, a).await,
                         None => false,
                     };
+                    // Only answers in the exact cache become semantic candidates.
+                    if let (true, Some(v)) = (stored, vector) {
+                        v.write(&key).await;
+                    }
                     // The answer replaced our placeholder; without one, remove it.
                     if let (false, Some(m)) = (stored, marker) {
                         m.release().await;
@@ -358,12 +468,6 @@ impl GenerateHandler {
         call: &Call<'_>,
     ) -> Result<(GenerateResponse, Option<CachedAnswer>), Error> {
         let (meta, req, decision, started) = (call.meta, call.req, call.decision, call.started);
-        // The most this can cost is reserved from every budget over the
-        // caller before any pool is asked, and settled to what it cost.
-        let holds = self
-            .access
-            .reserve(call.caller, req, meta, self.provider_timeout)
-            .await?;
         self.metrics
             .route_decisions
             .with_label_values(&[decision.target.as_str(), decision.reason_label])
@@ -416,7 +520,6 @@ impl GenerateHandler {
                 }
             }
         };
-        self.access.settle(holds, reply.cost_usd);
         let answer = fallback_reason.is_none().then(|| CachedAnswer {
             completion: reply.completion.clone(),
             provider,
@@ -435,6 +538,9 @@ impl GenerateHandler {
             fallback_reason,
             route_reason: Some(decision.reason.clone()),
             request_id: Some(meta.request_id.clone()),
+            cache_match: None,
+            similarity: None,
+            semantic_miss: call.semantic_miss.get().cloned(),
         };
         Ok((response, answer))
     }
@@ -472,14 +578,26 @@ impl GenerateHandler {
             api_key: None,
             team: meta.team.clone(),
         };
-        let result = nats::request(
-            &self.client,
-            self.subjects.provider(pool),
-            &attempt,
-            Some(wait),
-            req,
-        )
-        .await;
+        let alive = match pool {
+            Pool::Local => &self.local_alive,
+            Pool::Cloud => &self.cloud_alive,
+        };
+        let mut tracked = alive.track(&attempt.request_id);
+        let died = tracked.death();
+        let result = tokio::select! {
+            r = nats::request(
+                &self.client,
+                self.subjects.provider(pool),
+                &attempt,
+                Some(wait),
+                req,
+            ) => r,
+            () = died => Err(Error::new(
+                ErrorKind::NoResponders,
+                format!("the {} pool replica serving this attempt stopped (its heartbeat ended)", pool.as_str()),
+            )),
+        };
+        drop(tracked);
         self.metrics
             .provider_request
             .with_label_values(&[pool.as_str()])
@@ -503,6 +621,7 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub metrics: RouterMetrics,
     pub cache: Arc<Cache>,
+    pub semantic: Arc<SemanticCache>,
     task: JoinHandle<Result<(), Error>>,
 }
 
@@ -534,6 +653,24 @@ pub async fn run(
     let subjects = Subjects::new(&cfg.nats.prefix);
     let cache = Cache::new(cfg.cache.clone(), cfg.nats.replicas, metrics.clone());
     cache.spawn_open(async_nats::jetstream::new(client.clone()), shutdown.clone());
+    // The embedding model is loaded once, when some request may need it; a
+    // missing model is logged with its path and the fetch command, and
+    // semantic requests are then served as misses that say why.
+    let wants_vectors = cfg.cache.enabled && cfg.cache.semantic.in_use();
+    let router = Routing::new(&cfg.router.routing)?;
+    let mut embeddings = Embeddings::load(
+        &cfg.router.embedding,
+        wants_vectors || router.needs_embedding(),
+    );
+    embeddings.seconds = Some(metrics.embedding_seconds.clone());
+    let embeddings = Arc::new(embeddings);
+    let semantic = SemanticCache::new(
+        &cfg.cache,
+        cfg.nats.replicas,
+        wants_vectors && embeddings.available(),
+        metrics.clone(),
+    );
+    semantic.spawn(async_nats::jetstream::new(client.clone()), shutdown.clone());
     let settings = cfg.router.service();
     let ready = admin::nats_ready(client.clone(), || Ok(()));
     let admin_addr = admin::spawn(
@@ -544,13 +681,17 @@ pub async fn run(
     )
     .await?;
     let r = &cfg.router;
-    let router = Routing::new(&r.routing)?;
-    let embeddings = Embeddings::load(&r.embedding, router.needs_embedding());
+    let inflight = Arc::new(optiroute_common::liveness::InFlight::default());
+    optiroute_common::liveness::spawn_heartbeat(
+        client.clone(),
+        subjects.router_alive(),
+        inflight.clone(),
+        shutdown.clone(),
+    );
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
         subjects: subjects.clone(),
         router: router.require_embeddings(&embeddings),
-        embeddings,
         cache: cache.clone(),
         coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
         max_waiters: cfg.cache.max_waiters_per_key,
@@ -560,6 +701,25 @@ pub async fn run(
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
         access: Access::start(&client, cfg, &shutdown),
+        inflight: inflight.clone(),
+        local_alive: optiroute_common::liveness::Watcher::spawn(
+            client.clone(),
+            subjects.pool_alive(Pool::Local),
+            shutdown.clone(),
+        ),
+        cloud_alive: optiroute_common::liveness::Watcher::spawn(
+            client.clone(),
+            subjects.pool_alive(Pool::Cloud),
+            shutdown.clone(),
+        ),
+        local_load: LocalLoad::start(
+            &client,
+            &subjects.local_service,
+            r.routing.local_max_wait_ms,
+            &shutdown,
+        ),
+        embeddings,
+        semantic: semantic.clone(),
     });
     let spec = EndpointSpec {
         service: subjects.router_service.clone(),
@@ -571,17 +731,24 @@ pub async fn run(
         reply_prefixes: cfg.nats.allowed_reply_prefixes(),
         stats_data: None,
     };
-    let task = tokio::spawn(service::serve(
+    let served = service::serve(
         client,
         spec,
-        handler,
+        handler.clone(),
         metrics.service.clone(),
         shutdown,
-    ));
+    );
+    let task = tokio::spawn(async move {
+        let r = served.await;
+        // Drained: what the last requests settled is written back.
+        handler.access.close().await;
+        r
+    });
     Ok(Running {
         admin_addr,
         metrics,
         cache,
+        semantic,
         task,
     })
 }

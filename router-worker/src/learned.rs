@@ -1,5 +1,6 @@
-//! The learned router: a logistic regression on the prompt's sentence
-//! embedding (all-MiniLM-L6-v2, the vector the semantic cache uses too)
+//! The learned router: a logistic regression on the sentence embedding of
+//! the request's last user turn (all-MiniLM-L6-v2, the vector the semantic
+//! cache reads too, computed once per request)
 //! and the feature router's hand-written features, trained offline by
 //! `optiroute-route-eval --train` (see [`train`]) and shipped as a small
 //! JSON file next to the labelled set.
@@ -280,7 +281,8 @@ impl LearnedRouter {
     }
 
     /// A request's logit and what made it, from its text, `max_tokens` and
-    /// embedding (not `route_bias`, which only moves the threshold).
+    /// the embedding of its last user turn (not `route_bias`, which only
+    /// moves the threshold).
     pub fn scored(&self, features: &Router, req: &GenerateRequest, embedding: &[f32]) -> Scored {
         let text = req.text();
         let f = features.features(&text, req.params.max_tokens);

@@ -4,6 +4,7 @@
 //! the chosen one fails.
 
 pub mod access;
+pub mod batch_auth;
 pub mod cache;
 pub mod coalesce;
 pub mod decide;
@@ -13,6 +14,8 @@ pub mod eval_learned;
 pub mod handler;
 pub mod learned;
 pub mod metrics;
+pub mod overflow;
 pub mod routing;
+pub mod semantic;
 
 pub use handler::{process, run, Running};

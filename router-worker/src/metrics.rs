@@ -1,9 +1,9 @@
 //! Every metric the router exports, registered once at startup.
 
 use optiroute_common::metrics::{
-    counter_vec, float_counter_vec, histogram, histogram_vec, new_registry, ServiceMetrics,
+    counter_vec, float_counter_vec, gauge, histogram, histogram_vec, new_registry, ServiceMetrics,
 };
-use prometheus::{CounterVec, Histogram, HistogramVec, IntCounterVec, Registry};
+use prometheus::{CounterVec, Histogram, HistogramVec, IntCounterVec, IntGauge, Registry};
 
 /// Cache event labels of `llm_cache_events_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +14,8 @@ pub enum CacheEvent {
     Error,
     /// An identical request in flight answered this one.
     Coalesced,
+    /// The semantic cache answered (after an exact miss, counted too).
+    SemanticHit,
 }
 
 impl CacheEvent {
@@ -24,6 +26,7 @@ impl CacheEvent {
             CacheEvent::Bypass => "bypass",
             CacheEvent::Error => "error",
             CacheEvent::Coalesced => "coalesced",
+            CacheEvent::SemanticHit => "semantic_hit",
         }
     }
 }
@@ -39,6 +42,11 @@ pub struct RouterMetrics {
     pub fallbacks: IntCounterVec,
     pub provider_request: HistogramVec,
     cache_rejected: IntCounterVec,
+    semantic_outcomes: IntCounterVec,
+    /// Seconds per prompt embedding.
+    pub embedding_seconds: Histogram,
+    /// Vectors in this router's semantic index.
+    pub semantic_entries: IntGauge,
 }
 
 impl RouterMetrics {
@@ -49,7 +57,7 @@ impl RouterMetrics {
             cache_events: counter_vec(
                 &r,
                 "llm_cache_events_total",
-                "Cache events: hit, miss, bypass, error, coalesced.",
+                "Cache events: hit, miss, bypass, error, coalesced, semantic_hit.",
                 &["event_type"],
             ),
             cache_lookup: histogram(
@@ -87,12 +95,33 @@ impl RouterMetrics {
                 "Stored cache values not taken as answers (read as misses), by reason: undecodable, tag, key.",
                 &["reason"],
             ),
+            semantic_outcomes: counter_vec(
+                &r,
+                "optiroute_semantic_lookups_total",
+                "Semantic cache lookups by outcome: hit, no_entries, below_threshold, guard_<reason>, entry_gone, unavailable, too_long, not_ready, timeout.",
+                &["outcome"],
+            ),
+            embedding_seconds: histogram(
+                &r,
+                "llm_embedding_seconds",
+                "Time to embed one prompt (all-MiniLM-L6-v2, in process).",
+            ),
+            semantic_entries: gauge(
+                &r,
+                "optiroute_semantic_index_entries",
+                "Prompt vectors in this router's semantic index.",
+            ),
             registry: r,
         }
     }
 
     pub fn cache_rejected(&self, why: crate::cache::entry::Rejected) {
         self.cache_rejected.with_label_values(&[why.as_str()]).inc();
+    }
+
+    /// `outcome` is one of a fixed set of names (see the help text).
+    pub fn semantic_outcome(&self, outcome: &'static str) {
+        self.semantic_outcomes.with_label_values(&[outcome]).inc();
     }
 
     pub fn cache_event(&self, e: CacheEvent) {

@@ -237,7 +237,10 @@ async fn cloud_share_calibration_hits_its_share_on_the_reference_workload() {
         .collect();
     let model = embedder();
     let reqs: Vec<GenerateRequest> = reference.iter().map(|i| i.request()).collect();
-    let embs: Vec<Vec<f32>> = reqs.iter().map(|r| model.embed(&r.text())).collect();
+    let embs: Vec<Vec<f32>> = reqs
+        .iter()
+        .map(|r| model.embed(r.params.last_user_text()))
+        .collect();
     let embeddings = Embeddings::with_model(model.clone(), 1);
     for share in [0.1f32, 0.25, 0.5, 0.75, 0.9] {
         let mut cfg = learned_cfg();

@@ -198,6 +198,14 @@ impl Stack {
                 }
             })
             .await;
+            // The semantic bucket, when the router serves the semantic cache.
+            let semantic = r.semantic.clone();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async move {
+                while semantic.active() && !semantic.is_connected() {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await;
         }
     }
 

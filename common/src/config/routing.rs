@@ -22,6 +22,11 @@ pub struct RoutingConfig {
     pub threshold: f32,
     /// How far `route_bias` = ±1 moves the threshold.
     pub bias_span: f32,
+    /// Overflow: a prompt routed to the local pool goes to the cloud
+    /// instead when the local pool's expected wait is past this many ms
+    /// (its replicas all busy, from their `$SRV.STATS` load and service
+    /// time). 0 turns overflow off: local prompts queue.
+    pub local_max_wait_ms: u64,
     pub weights: RoutingWeights,
     /// Phrases are matched on word boundaries, lower-cased; a trailing `*`
     /// matches any word ending, and symbols (`^`, three backticks) anywhere.
@@ -154,6 +159,7 @@ impl Default for RoutingConfig {
             learned: LearnedConfig::default(),
             threshold: 1.05,
             bias_span: 0.6,
+            local_max_wait_ms: 0,
             weights: RoutingWeights::default(),
             code_keywords: words(&[
                 "```",

@@ -18,6 +18,11 @@ pub use subjects::{Discovery, Subjects};
 /// its circuit breaker's state: `closed`, `open` or `half_open`.
 pub const BREAKER_STATS_FIELD: &str = "breaker";
 
+/// Fields of every endpoint's `$SRV.STATS` `data`: requests being served
+/// now, and how many it serves at once (`max_in_flight`).
+pub const IN_FLIGHT_FIELD: &str = "in_flight";
+pub const CAPACITY_FIELD: &str = "capacity";
+
 /// The prefix of a deployment that does not set `nats.prefix`.
 pub const DEFAULT_PREFIX: &str = "optiroute";
 

@@ -100,6 +100,19 @@ impl Subjects {
         self.batch_job("*")
     }
 
+    /// Where every router says it is alive, four times a second, with the
+    /// ids of the requests it holds: an ingress fails at once the requests
+    /// of a router that stopped, instead of waiting out their deadline
+    /// (`crate::liveness`).
+    pub fn router_alive(&self) -> String {
+        format!("{}.alive.router", self.prefix)
+    }
+
+    /// The same for a provider pool's replicas, followed by the routers.
+    pub fn pool_alive(&self, pool: Pool) -> String {
+        format!("{}.alive.{}", self.prefix, pool.as_str())
+    }
+
     /// The subject of a key's spend records (`id` is one token;
     /// `anonymous` when auth is off).
     pub fn spend(&self, key_id: &str) -> String {

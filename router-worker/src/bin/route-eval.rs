@@ -426,14 +426,17 @@ fn bench(
     lcfg.kind = RouterKind::Learned;
     let _ = Routing::new(&lcfg)?; // the same construction the handler uses
     let reqs: Vec<_> = held.iter().map(|i| i.request()).collect();
-    let embs: Vec<Vec<f32>> = reqs.iter().map(|r| model.embed(&r.text())).collect();
+    let embs: Vec<Vec<f32>> = reqs
+        .iter()
+        .map(|r| model.embed(r.params.last_user_text()))
+        .collect();
     let pairs: Vec<_> = reqs.iter().zip(&embs).collect();
     let mut f = time_each(&reqs, |r| router.decide(r).target);
     let mut l_pre = time_each(&pairs, |(r, e)| learned.decide(router, r, e).target);
     let mut l_full = Vec::with_capacity(reqs.len());
     for r in &reqs {
         let started = Instant::now();
-        let e = model.embed(&r.text());
+        let e = model.embed(r.params.last_user_text());
         std::hint::black_box(learned.decide(router, r, &e).target);
         l_full.push(started.elapsed().as_secs_f64() * 1e6);
     }

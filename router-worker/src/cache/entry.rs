@@ -123,6 +123,9 @@ mod tests {
             fallback_reason: None,
             route_reason: None,
             request_id: Some("r".into()),
+            cache_match: None,
+            similarity: None,
+            semantic_miss: None,
         };
         let forged = wire::encode(Format::MsgPack, &reply).unwrap();
         assert_eq!(decode("k", &forged), Err(Rejected::Undecodable));

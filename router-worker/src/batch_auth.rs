@@ -1,0 +1,94 @@
+//! Batch jobs authenticate with their batch's token, not a key: the
+//! router reads the batch's description (its owner and the token's hash)
+//! once a minute at most per batch, and charges the owner's key.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use optiroute_common::protocol::headers::batch_token_hash;
+use optiroute_common::{Error, ErrorKind};
+use tokio::sync::OnceCell;
+
+/// How long a batch's owner and token hash are trusted from memory.
+const FRESH: Duration = Duration::from_secs(60);
+/// Batches remembered at most (then forgotten all at once).
+const MAX_REMEMBERED: usize = 4096;
+
+pub struct BatchAuth {
+    js: jetstream::Context,
+    bucket: String,
+    kv: OnceCell<kv::Store>,
+    /// batch id → (when read, token hash, owner key id).
+    known: Mutex<HashMap<String, (Instant, String, String)>>,
+}
+
+fn refused() -> Error {
+    Error::new(ErrorKind::InvalidApiKey, "invalid batch credential")
+}
+
+impl BatchAuth {
+    pub fn new(js: jetstream::Context, bucket: String) -> Self {
+        BatchAuth {
+            js,
+            bucket,
+            kv: OnceCell::new(),
+            known: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The id of the key that owns batch `id`, when `token` is its token.
+    pub async fn owner(&self, id: &str, token: &str) -> Result<String, Error> {
+        if id.is_empty() || id.len() > 64 || token.len() > 128 {
+            return Err(refused());
+        }
+        let hash = batch_token_hash(token);
+        {
+            let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, h, owner)) = known.get(id) {
+                if at.elapsed() < FRESH && *h == hash {
+                    return Ok(owner.clone());
+                }
+            }
+        }
+        let kv = self
+            .kv
+            .get_or_try_init(|| async {
+                tokio::time::timeout(Duration::from_secs(3), self.js.get_key_value(&self.bucket))
+                    .await
+                    .map_err(|_| Error::new(ErrorKind::Timeout, "batch descriptions: timed out"))?
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::NatsUnavailable,
+                            format!("batch descriptions: {e}"),
+                        )
+                    })
+            })
+            .await?;
+        let entry = tokio::time::timeout(Duration::from_secs(3), kv.get(id))
+            .await
+            .map_err(|_| Error::new(ErrorKind::Timeout, "batch description: timed out"))?
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::NatsUnavailable,
+                    format!("batch description: {e}"),
+                )
+            })?
+            .ok_or_else(refused)?;
+        let meta: serde_json::Value = serde_json::from_slice(&entry).map_err(|_| refused())?;
+        let (Some(want), Some(owner)) = (meta["token_hash"].as_str(), meta["owner"].as_str())
+        else {
+            return Err(refused());
+        };
+        if want != hash {
+            return Err(refused());
+        }
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() >= MAX_REMEMBERED {
+            known.clear();
+        }
+        known.insert(id.to_string(), (Instant::now(), hash, owner.to_string()));
+        Ok(owner.to_string())
+    }
+}
