@@ -22,11 +22,13 @@ pub struct Routing {
     memo: Memo,
 }
 
-/// Recently scored prompts, by SHA-256 of `max_tokens`, the last user
-/// turn (what is embedded) and the whole text (what the features read), so a repeated prompt, as most cache hits are
-/// (routing comes before the cache lookup), is not embedded again.
-/// Bounded: emptied when full. A std mutex: the critical sections are a
-/// map lookup or insert, never held across an await.
+/// Recently scored prompts, by SHA-256 of the caller's cache scope (so
+/// one tenant cannot time whether another asked the same), `max_tokens`,
+/// the last user turn (what is embedded) and the whole text (what the
+/// features read), so a repeated prompt, as most cache hits are (routing
+/// comes before the cache lookup), is not embedded again. Bounded: emptied
+/// when full. A std mutex: the critical sections are a map lookup or
+/// insert, never held across an await.
 #[derive(Default)]
 struct Memo(Mutex<HashMap<[u8; 32], Arc<Scored>>>);
 
@@ -34,9 +36,11 @@ struct Memo(Mutex<HashMap<[u8; 32], Arc<Scored>>>);
 pub const MEMO_ENTRIES: usize = 10_000;
 
 impl Memo {
-    fn key(req: &GenerateRequest) -> [u8; 32] {
+    fn key(req: &GenerateRequest, scope: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         let question = req.params.last_user_text();
+        h.update((scope.len() as u64).to_le_bytes());
+        h.update(scope.as_bytes());
         h.update(req.params.max_tokens.to_le_bytes());
         h.update((question.len() as u64).to_le_bytes());
         h.update(question.as_bytes());
@@ -128,11 +132,12 @@ impl Routing {
 
     /// The pool for `req`; the embedding is computed only when the learned
     /// router needs it (and then shared with whatever else asks for it).
-    /// A prompt scored recently is not embedded again.
+    /// A prompt scored recently in the same cache `scope` is not embedded again.
     pub async fn decide(
         &self,
         req: &GenerateRequest,
         embedding: &RequestEmbedding<'_>,
+        scope: &str,
     ) -> Decision {
         let Some(learned) = self
             .learned
@@ -141,7 +146,7 @@ impl Routing {
         else {
             return self.decide_with(req, None);
         };
-        let key = Memo::key(req);
+        let key = Memo::key(req, scope);
         if let Some(s) = self.memo.get(&key) {
             return learned.decision(&s, req.route_bias);
         }

@@ -95,7 +95,8 @@ impl Handler for GenerateHandler {
         // needs it first (the learned router, the semantic cache), and shared.
         let question = req.params.last_user_text().to_string();
         let embedding = RequestEmbedding::new(&self.embeddings, &question);
-        let mut decision = self.router.decide(&req, &embedding).await;
+        let scope = self.access.cache_scope(&caller, &req);
+        let mut decision = self.router.decide(&req, &embedding, &scope).await;
         if !self.access.allows(&caller, decision.target) {
             // The key may use only the other pool (identify checked one is left).
             decision.target = decision.target.other();
@@ -124,7 +125,6 @@ impl Handler for GenerateHandler {
             }
         }
         self.access.pin_model(&caller, decision.target, &mut req);
-        let scope = self.access.cache_scope(&caller, &req);
         let key = scoped_cache_key(&req, decision.target, &scope);
         let call = Call {
             meta: &meta,

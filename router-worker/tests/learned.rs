@@ -57,7 +57,7 @@ async fn decide(
 ) -> (Pool, String) {
     let text = req.text();
     let e = RequestEmbedding::new(embeddings, &text);
-    let d = routing.decide(req, &e).await;
+    let d = routing.decide(req, &e, "").await;
     (d.target, d.reason)
 }
 
@@ -107,7 +107,7 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
     req.provider = ProviderChoice::Local;
     let text = req.text();
     let e = RequestEmbedding::new(&embeddings, &text);
-    assert_eq!(routing.decide(&req, &e).await.target, Pool::Local);
+    assert_eq!(routing.decide(&req, &e, "").await.target, Pool::Local);
     assert!(e.computed().is_none());
 
     // A repeated prompt (a cache hit, mostly) is not embedded again, and
@@ -115,7 +115,7 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
     let req = GenerateRequest::new(pinned[6]);
     let text = req.text();
     let again = RequestEmbedding::new(&embeddings, &text);
-    let d = routing.decide(&req, &again).await;
+    let d = routing.decide(&req, &again, "").await;
     assert!(again.computed().is_none(), "embedded again");
     assert_eq!(
         (d.target, d.reason.as_str()),
@@ -128,7 +128,7 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
         .unwrap()
         .require_embeddings(&embeddings);
     let first = RequestEmbedding::new(&embeddings, &text);
-    assert_eq!(fresh.decide(&req, &first).await, d);
+    assert_eq!(fresh.decide(&req, &first, "").await, d);
     assert!(first.computed().is_some());
 
     // route_bias moves the learned threshold both ways.
@@ -189,7 +189,7 @@ async fn missing_or_corrupt_weights_fall_back_to_the_feature_router_with_the_rea
         );
         let text = req.text();
         let e = RequestEmbedding::new(&embeddings, &text);
-        let d = routing.decide(&req, &e).await;
+        let d = routing.decide(&req, &e, "").await;
         assert_eq!(d.target, want, "{name}");
         assert!(
             d.reason.starts_with("learned router unavailable (weights ") && d.reason.contains(why),
