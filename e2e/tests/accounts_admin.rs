@@ -485,10 +485,23 @@ async fn publish(cfg: &Config, records: &[SpendRecord]) {
     for r in records {
         log.record(r.clone()).await;
     }
+    // Records are packed (several a message): count records, not messages.
     let want = records.len() as u64;
     let stored = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let n = stream.info().await.unwrap().state.messages;
+            let mut n = 0u64;
+            if stream.info().await.unwrap().state.messages > 0 {
+                spend::scan(
+                    &js,
+                    &names.spend_stream,
+                    &subjects.spend_all(),
+                    0,
+                    Duration::from_secs(5),
+                    |_| n += 1,
+                )
+                .await
+                .unwrap();
+            }
             if n >= want {
                 return n;
             }

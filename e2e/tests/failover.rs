@@ -96,10 +96,36 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     // A working cloud pool, so the router can fall back as in production.
     let upstream = FakeUpstream::start(Mode::Ok).await;
     cfg.cloud.upstream.base_url = upstream.base_url();
+    // Users on: every request carries a key with a budget, so the ledger
+    // and the spend records go through the node loss too.
+    cfg.auth.mode = optiroute_common::config::AuthMode::Required;
+    cfg.auth.admin_key = Some("failover-admin-key-0123".into());
     let deadline = Duration::from_millis(cfg.ingress.request_timeout_ms);
     let probe = client(&cfg, "probe").await;
     let js = jetstream::new(probe.clone());
     wait_for_jetstream(&js).await;
+    let names = optiroute_common::protocol::JetStreamNames::for_prefix(&cfg.nats.prefix);
+    let created = optiroute_accounts::AccountStore::open(&js, &names.accounts_bucket, 3)
+        .await
+        .unwrap()
+        .create_key(optiroute_accounts::NewKey {
+            name: "failover".into(),
+            budget_usd: Some(1_000.0),
+            budget_period: Some(optiroute_accounts::Period::Total),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let key = created.key.clone();
+    let mut auth = reqwest::header::HeaderMap::new();
+    auth.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse().unwrap(),
+    );
+    let http = reqwest::Client::builder()
+        .default_headers(auth)
+        .build()
+        .unwrap();
 
     // Two ingresses and two routers; one local and one cloud pool; a batch worker.
     let a = Stack::start(cfg.clone()).await;
@@ -108,6 +134,14 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         .await
         .unwrap();
     let bases = [a.url(""), b.url("")];
+    // Both ingresses know the key.
+    for base in &bases {
+        wait_until("the key", Duration::from_secs(10), || {
+            let (http, base) = (http.clone(), base.clone());
+            async move { ask(&http, &base, "failover: key check").await.0 == 200 }
+        })
+        .await;
+    }
     for s in [&a, &b] {
         let cache = s.router.as_ref().unwrap().cache.clone();
         wait_until("the cache bucket", Duration::from_secs(30), move || {
@@ -122,21 +156,23 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     // Cache the hot prompts (the load asks them again) and the kept ones
     // (nobody asks them again until the end): each asked twice, the second
     // time a hit, so it is in the bucket before the kill.
-    let http = reqwest::Client::new();
+    let mut costs_before = 0.0;
     for prompt in (0..HOT_PROMPTS).map(hot).chain((0..KEPT_PROMPTS).map(kept)) {
         let (status, body) = ask(&http, &bases[0], &prompt).await;
         assert_eq!(status, 200, "{body}");
         assert!(is_right(&prompt, &body), "{body}");
+        costs_before += body["cost"].as_f64().unwrap();
         let (_, again) = ask(&http, &bases[1], &prompt).await;
         assert_eq!(again["cached"], true, "{again}");
     }
 
     // Steady load, then a 2,000-line batch (still running at the kill).
-    let load = Load::start(
+    let load = Load::start_as(
         bases.to_vec(),
         CONCURRENCY,
         deadline + Duration::from_secs(2),
         Mix,
+        Some(key.clone()),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let lines: String = (1..=BATCH_LINES)
@@ -278,8 +314,13 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     let status_of = |id: &str| {
         let base = bases[1].clone();
         let id = id.to_string();
+        let http = http.clone();
         async move {
-            let r = reqwest::get(format!("{base}/v1/batches/{id}")).await.ok()?;
+            let r = http
+                .get(format!("{base}/v1/batches/{id}"))
+                .send()
+                .await
+                .ok()?;
             r.json::<Value>().await.ok()
         }
     };
@@ -288,7 +329,9 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         async move { f.await.is_some_and(|s| s["status"] == "completed") }
     })
     .await;
-    let text = reqwest::get(format!("{}/v1/batches/failover/results", bases[0]))
+    let text = http
+        .get(format!("{}/v1/batches/failover/results", bases[0]))
+        .send()
         .await
         .unwrap()
         .text()
@@ -305,6 +348,64 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         let prompt = format!("failover batch {}", i + 1);
         assert!(is_right(&prompt, &r["response"]), "{r}");
     }
+
+    // Spend: the ledger's counter equals the spend records, and the replies'
+    // costs add up to it, but for requests charged whose reply was lost
+    // with the killed node (each at most one answer's cost).
+    let replies: f64 = costs_before
+        + samples
+            .iter()
+            .filter(|s| s.status == 200)
+            .map(|s| s.cost)
+            .sum::<f64>()
+        + results
+            .iter()
+            .map(|r| r["response"]["cost"].as_f64().unwrap_or(0.0))
+            .sum::<f64>();
+    let replied = optiroute_accounts::to_nanos(replies) as i64;
+    let ledger = js.get_key_value(&names.ledger_bucket).await.unwrap();
+    let entry = format!("b.k.{}.total", created.record.id);
+    let max_answer = samples.iter().map(|s| s.cost).fold(0.0, f64::max);
+    let subject =
+        optiroute_common::protocol::Subjects::new(&cfg.nats.prefix).spend(&created.record.id);
+    let settle_by = std::time::Instant::now() + Duration::from_secs(20);
+    let (used, recorded) = loop {
+        let used = match ledger.get(&entry).await {
+            Ok(Some(v)) => serde_json::from_slice::<Value>(&v).unwrap()["used"]
+                .as_i64()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let mut sum = 0i64;
+        let scanned = optiroute_accounts::spend::scan(
+            &js,
+            &names.spend_stream,
+            &subject,
+            0,
+            Duration::from_secs(10),
+            |r| sum += r.cost_nanos as i64,
+        )
+        .await;
+        if (scanned.is_ok() && used == sum && used >= replied)
+            || std::time::Instant::now() > settle_by
+        {
+            break (used, sum);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(used, recorded, "the ledger and the spend records disagree");
+    assert!(used >= replied, "charged {used} but replied {replied}");
+    let lost_replies = failed.len() as i64 + 1;
+    println!(
+        "failover spend: ledger {used} nano-USD = records {recorded}; replies {replied} \
+         ({} of replies lost with the node, at most {} failed requests' worth)",
+        used - replied,
+        lost_replies
+    );
+    assert!(
+        used - replied <= lost_replies * (optiroute_accounts::to_nanos(max_answer) as i64 + 1),
+        "charged {used} but replied {replied}"
+    );
 
     // Every OptiRoute part still serves, with no restart: both routers, both
     // pools, both ingresses and the batch worker.
@@ -340,9 +441,7 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
     .await;
     // The kept prompts were written once, before the kill, and never again.
     for i in 0..KEPT_PROMPTS {
-        let (status, body) = c
-            .generate(&json!({"prompt": kept(i), "provider": "local"}))
-            .await;
+        let (status, body) = ask(&http, &c.url(""), &kept(i)).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["cached"], true, "{body}");
         assert_eq!(body["text"].as_str(), Some(expected(&kept(i)).as_str()));

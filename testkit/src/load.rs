@@ -21,6 +21,8 @@ pub struct Sample {
     pub provider: Option<String>,
     /// Answered from the cache.
     pub cached: bool,
+    /// The answer's `cost` (0 when it failed).
+    pub cost: f64,
 }
 
 impl Sample {
@@ -52,13 +54,32 @@ impl Load {
         client_timeout: Duration,
         workload: impl Workload,
     ) -> Load {
+        Self::start_as(bases, concurrency, client_timeout, workload, None)
+    }
+
+    /// [`Load::start`] with every request carrying `api_key` as a bearer token.
+    pub fn start_as(
+        bases: Vec<String>,
+        concurrency: usize,
+        client_timeout: Duration,
+        workload: impl Workload,
+        api_key: Option<String>,
+    ) -> Load {
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let counter = Arc::new(AtomicU64::new(0));
         let workload = Arc::new(workload);
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(k) = api_key {
+            headers.insert(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {k}").parse().unwrap(),
+            );
+        }
         let http = reqwest::Client::builder()
             .timeout(client_timeout)
+            .default_headers(headers)
             .build()
             .unwrap();
         let tasks = (0..concurrency)
@@ -93,6 +114,7 @@ impl Load {
                         let right = status != 200 || workload.is_right(&body, &answer);
                         let provider = answer["provider"].as_str().map(str::to_string);
                         let cached = answer["cached"] == true;
+                        let cost = answer["cost"].as_f64().unwrap_or(0.0);
                         samples.lock().unwrap().push(Sample {
                             sent,
                             took,
@@ -100,6 +122,7 @@ impl Load {
                             right,
                             provider,
                             cached,
+                            cost,
                         });
                     }
                 })

@@ -105,7 +105,10 @@ impl SemanticCache {
             bucket: format!("{}-semantic", cache.bucket),
             ttl: Duration::from_secs(cache.ttl_secs),
             replicas,
-            max_bytes: cache.max_bytes,
+            // An entry is a question and its vector (1.5 KB), about what an
+            // answer weighs; a quarter of the cache's room holds the vectors
+            // of the answers that are asked about in other words.
+            max_bytes: (cache.max_bytes / 4).max(1 << 20),
             op_timeout: Duration::from_millis(cache.op_timeout_ms.max(1000)),
             index: Mutex::new(Index::new(cache.semantic.max_entries)),
             store: OnceLock::new(),
