@@ -23,7 +23,7 @@ pub use roles::{
     BreakerConfig, CloudConfig, EmbeddedConfig, EmbeddingConfig, LocalConfig, LocalEngineKind,
     ModelPrice, RouterConfig, ServiceSettings, SimulatedConfig, UpstreamConfig,
 };
-pub use routing::{RoutingConfig, RoutingWeights};
+pub use routing::{LearnedConfig, RouterKind, RoutingConfig, RoutingWeights};
 pub use semantic::{SemanticConfig, DEFAULT_SEMANTIC_THRESHOLD};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -417,6 +417,9 @@ impl Config {
         }
         if self.nats.replicas == 0 || self.nats.replicas > 5 {
             return bad("nats.replicas", "must be between 1 and 5");
+        }
+        if let Err((key, why)) = self.router.routing.check() {
+            return bad(&format!("router.routing.{key}"), why);
         }
         if let Err((key, why)) = self.batch.check() {
             return bad(&format!("batch.{key}"), why);

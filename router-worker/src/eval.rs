@@ -1,18 +1,50 @@
-//! Evaluation of the router on the labelled prompt set
-//! (`router-worker/data/prompts.jsonl`), against the original 60-character rule.
+//! Evaluation of the routers on the labelled prompt set
+//! (`router-worker/data/prompts.jsonl`) and the external set
+//! (`router-worker/data/external.jsonl`), against the original 60-character rule.
 
 use optiroute_common::config::{RoutingConfig, RoutingWeights};
 use optiroute_common::cost::estimate_tokens;
-use optiroute_common::wire::{GenerateRequest, Pool};
+use optiroute_common::wire::{ChatMessage, GenerateRequest, Pool};
 use serde::Deserialize;
 
 use crate::routing::{original_rule, Features, Router};
 
+/// One labelled prompt: a `prompt`, or a conversation in `messages`
+/// (routed on what the router reads: the turns joined by newlines).
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Labelled {
+    #[serde(default)]
     pub prompt: String,
+    #[serde(default)]
+    pub messages: Vec<ChatMessage>,
     pub label: Pool,
     pub category: String,
+    /// How the prompt is written (terse, chatty, multi-turn...).
+    #[serde(default)]
+    pub style: Option<String>,
+    /// Why it has its label.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Where a prompt written outside the project comes from.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+impl Labelled {
+    /// The request a caller would send.
+    pub fn request(&self) -> GenerateRequest {
+        let mut req = GenerateRequest::new(self.prompt.as_str());
+        if !self.messages.is_empty() {
+            req.params.messages = self.messages.clone();
+        }
+        req
+    }
+
+    /// The text routing reads.
+    pub fn text(&self) -> String {
+        self.request().text().into_owned()
+    }
 }
 
 /// Reads the JSONL set; the error names the line.
@@ -20,14 +52,47 @@ pub fn load(text: &str) -> Result<Vec<Labelled>, String> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .map(|(i, l)| {
+            let item: Labelled =
+                serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1))?;
+            if item.prompt.is_empty() == item.messages.is_empty() {
+                return Err(format!("line {}: give either prompt or messages", i + 1));
+            }
+            Ok(item)
+        })
         .collect()
 }
 
-/// Which third a line belongs to: every third line (index % 3 == 2) is held
-/// out from tuning.
+/// Which third a line belongs to, by its index: 0 training, 1 validation,
+/// 2 held out (never used to design, tune or train).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Validation,
+    HeldOut,
+}
+
+pub fn split_of(index: usize) -> Split {
+    match index % 3 {
+        0 => Split::Train,
+        1 => Split::Validation,
+        _ => Split::HeldOut,
+    }
+}
+
+/// Every third line (index % 3 == 2) is held out.
 pub fn is_held_out(index: usize) -> bool {
-    index % 3 == 2
+    split_of(index) == Split::HeldOut
+}
+
+/// The items of `items` in `split`.
+pub fn in_split(items: &[Labelled], split: Split) -> Vec<&Labelled> {
+    items
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| split_of(*i) == split)
+        .map(|(_, x)| x)
+        .collect()
 }
 
 /// Assumptions of the cost comparison, per request.
@@ -53,13 +118,19 @@ pub struct Scores {
     pub all_cloud_cost_per_1k: f64,
 }
 
-pub fn score(items: &[&Labelled], decide: impl Fn(&str) -> Pool) -> Scores {
+/// Scores the decisions `decide` makes on `items`.
+pub fn score(items: &[&Labelled], decide: impl Fn(&Labelled) -> Pool) -> Scores {
+    let got: Vec<Pool> = items.iter().map(|i| decide(i)).collect();
+    score_decisions(items, &got)
+}
+
+/// Scores `got[i]` as the decision on `items[i]`.
+pub fn score_decisions(items: &[&Labelled], got: &[Pool]) -> Scores {
     let (mut tp, mut fp, mut fn_, mut correct, mut local) =
         (0usize, 0usize, 0usize, 0usize, 0usize);
     let (mut cost, mut all_cloud) = (0.0, 0.0);
-    for item in items {
-        let got = decide(&item.prompt);
-        let cloud = cloud_cost(&item.prompt);
+    for (item, &got) in items.iter().zip(got) {
+        let cloud = cloud_cost(&item.text());
         let local_cost = LOCAL_SECONDS * LOCAL_PRICE_PER_S;
         all_cloud += cloud;
         cost += match (got, item.label) {
@@ -93,14 +164,14 @@ pub fn score(items: &[&Labelled], decide: impl Fn(&str) -> Pool) -> Scores {
     }
 }
 
-/// Our router with `cfg`, as a decision function on prompts.
-pub fn ours(cfg: &RoutingConfig) -> Result<impl Fn(&str) -> Pool, optiroute_common::Error> {
+/// The feature router with `cfg`, as a decision function.
+pub fn ours(cfg: &RoutingConfig) -> Result<impl Fn(&Labelled) -> Pool, optiroute_common::Error> {
     let router = Router::new(cfg)?;
-    Ok(move |p: &str| router.decide(&GenerateRequest::new(p)).target)
+    Ok(move |i: &Labelled| router.decide(&i.request()).target)
 }
 
-pub fn original(p: &str) -> Pool {
-    original_rule(p)
+pub fn original(i: &Labelled) -> Pool {
+    original_rule(&i.text())
 }
 
 /// The comparison as a Markdown table.
@@ -135,7 +206,7 @@ pub fn tune(
         .iter()
         .map(|i| {
             (
-                router.features(&i.prompt, optiroute_common::wire::DEFAULT_MAX_TOKENS),
+                router.features(&i.text(), optiroute_common::wire::DEFAULT_MAX_TOKENS),
                 i.label == Pool::Cloud,
             )
         })
@@ -200,7 +271,23 @@ mod tests {
     #[test]
     fn the_set_is_large_labelled_and_varied() {
         let items = load(SET).unwrap();
-        assert!(items.len() >= 300, "{}", items.len());
+        assert!(items.len() >= 1000, "{}", items.len());
+        assert!(items
+            .iter()
+            .all(|i| i.reason.as_ref().is_some_and(|r| !r.is_empty())));
+        let styles: std::collections::BTreeSet<_> =
+            items.iter().filter_map(|i| i.style.as_deref()).collect();
+        for s in [
+            "terse",
+            "chatty",
+            "non-english",
+            "multi-turn",
+            "code-pasted",
+            "long-doc",
+            "short-hard",
+        ] {
+            assert!(styles.contains(s), "no {s} prompts: {styles:?}");
+        }
         let cats: std::collections::BTreeSet<_> =
             items.iter().map(|i| i.category.as_str()).collect();
         assert_eq!(cats.len(), 9, "{cats:?}");

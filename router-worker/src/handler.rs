@@ -25,10 +25,11 @@ use tracing::Instrument;
 use crate::access::{Access, Caller};
 use crate::cache::{scoped_cache_key, Cache, CachedAnswer, Claim, Lookup, Marker};
 use crate::coalesce::{Coalescer, Join, LeaderGuard, Turn};
+use crate::decide::Routing;
 use crate::embedding::{Embeddings, RequestEmbedding};
 use crate::metrics::{CacheEvent, RouterMetrics};
 use crate::overflow::LocalLoad;
-use crate::routing::{Decision, Router};
+use crate::routing::Decision;
 use crate::semantic::SemanticCache;
 
 /// How much earlier than the router a provider gives up on an attempt.
@@ -41,7 +42,7 @@ const MIN_ATTEMPT: Duration = Duration::from_millis(10);
 pub struct GenerateHandler {
     client: Client,
     subjects: Subjects,
-    router: Router,
+    router: Routing,
     cache: Arc<Cache>,
     coalescer: Arc<Coalescer>,
     max_waiters: usize,
@@ -90,7 +91,12 @@ impl Handler for GenerateHandler {
             .admit(&caller, &req, Instant::now() + meta.remaining())
             .await?;
         // Routing comes first: the pool it chooses is part of the cache key.
-        let mut decision = self.router.decide(&req);
+        // Its question's embedding is computed at most once, by whichever
+        // needs it first (the learned router, the semantic cache), and shared.
+        let question = req.params.last_user_text().to_string();
+        let embedding = RequestEmbedding::new(&self.embeddings, &question);
+        let scope = self.access.cache_scope(&caller, &req);
+        let mut decision = self.router.decide(&req, &embedding, &scope).await;
         if !self.access.allows(&caller, decision.target) {
             // The key may use only the other pool (identify checked one is left).
             decision.target = decision.target.other();
@@ -119,7 +125,6 @@ impl Handler for GenerateHandler {
             }
         }
         self.access.pin_model(&caller, decision.target, &mut req);
-        let scope = self.access.cache_scope(&caller, &req);
         let key = scoped_cache_key(&req, decision.target, &scope);
         let call = Call {
             meta: &meta,
@@ -129,7 +134,7 @@ impl Handler for GenerateHandler {
             key: &key,
             scope: &scope,
             caller: &caller,
-            embedding: RequestEmbedding::new(&self.embeddings, req.params.last_user_text()),
+            embedding,
             semantic: self.semantic.asked(req.semantic),
             semantic_miss: OnceLock::new(),
         };
@@ -661,7 +666,11 @@ pub async fn run(
     // missing model is logged with its path and the fetch command, and
     // semantic requests are then served as misses that say why.
     let wants_vectors = cfg.cache.enabled && cfg.cache.semantic.in_use();
-    let mut embeddings = Embeddings::load(&cfg.router.embedding, wants_vectors);
+    let router = Routing::new(&cfg.router.routing)?;
+    let mut embeddings = Embeddings::load(
+        &cfg.router.embedding,
+        wants_vectors || router.needs_embedding(),
+    );
     embeddings.seconds = Some(metrics.embedding_seconds.clone());
     let embeddings = Arc::new(embeddings);
     let semantic = SemanticCache::new(
@@ -695,7 +704,7 @@ pub async fn run(
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
         subjects: subjects.clone(),
-        router: Router::new(&r.routing)?,
+        router: router.require_embeddings(&embeddings),
         cache: cache.clone(),
         coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
         max_waiters: cfg.cache.max_waiters_per_key,

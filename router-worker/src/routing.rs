@@ -205,6 +205,16 @@ impl Router {
         })
     }
 
+    /// The weight of each feature.
+    pub fn weights(&self) -> RoutingWeights {
+        self.weights
+    }
+
+    /// The score threshold in use (before `route_bias`).
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+
     /// The feature values of a prompt.
     pub fn features(&self, prompt: &str, max_tokens: u32) -> Features {
         let lower = prompt.to_lowercase();

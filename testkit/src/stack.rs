@@ -16,6 +16,9 @@ pub fn test_config(nats_url: &str) -> Config {
     c.ingress.admin_listen = "127.0.0.1:0".into();
     c.ingress.request_timeout_ms = 5_000;
     c.router.admin_listen = "127.0.0.1:0".into();
+    // Pipeline tests route with the feature router (no embedding model to
+    // load); the learned router has its own tests in router-worker/tests.
+    c.router.routing.kind = optiroute_common::config::RouterKind::Features;
     // The test server allows 256 MB of file store; the default bucket is 1 GiB.
     c.cache.max_bytes = 32 << 20;
     c.router.provider_timeout_ms = 3_000;

@@ -8,6 +8,16 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
+    /// Which router scores `auto` requests. `learned` (the default: it won
+    /// on the held-out third, see the README) falls back to `features`,
+    /// with the reason in `route_reason`, when its weights or the embedding
+    /// model (`router.embedding`) cannot be loaded.
+    pub kind: RouterKind,
+    /// `learned` only (an error with `features`): the share (0..1) of the reference workload the
+    /// threshold sends to the cloud; unset, the threshold trained with the
+    /// weights (chosen for cloud recall). `route_bias` moves it further.
+    pub cloud_share: Option<f32>,
+    pub learned: LearnedConfig,
     /// Score at or above which `auto` goes to the cloud.
     pub threshold: f32,
     /// How far `route_bias` = ±1 moves the threshold.
@@ -26,6 +36,63 @@ pub struct RoutingConfig {
     pub longform_keywords: Vec<String>,
     pub constraint_keywords: Vec<String>,
     pub simple_keywords: Vec<String>,
+}
+
+/// The router behind `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterKind {
+    /// The keyword and length score (`router-worker/src/routing.rs`).
+    Features,
+    /// Logistic regression on the prompt's embedding and the same features
+    /// (`router-worker/src/learned.rs`).
+    #[default]
+    Learned,
+}
+
+/// `[router.routing.learned]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnedConfig {
+    /// A weights file written by `optiroute-route-eval --train`; unset,
+    /// the weights built into the router (`router-worker/data/learned-router.json`).
+    pub weights_file: Option<String>,
+    /// How far `route_bias` = ±1 moves the threshold, in logits.
+    pub bias_span: f32,
+}
+
+impl Default for LearnedConfig {
+    fn default() -> Self {
+        LearnedConfig {
+            weights_file: None,
+            bias_span: 2.0,
+        }
+    }
+}
+
+impl RoutingConfig {
+    /// The first invalid key (relative to `router.routing`) and why.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if let Some(s) = self.cloud_share {
+            if !(0.0..=1.0).contains(&s) {
+                return Err(("cloud_share", "must be between 0 and 1"));
+            }
+            if self.kind == RouterKind::Features {
+                return Err((
+                    "cloud_share",
+                    "applies to kind = \"learned\"; with \"features\" set threshold \
+                     (optiroute-route-eval --calibrate SHARE prints it)",
+                ));
+            }
+        }
+        if !(self.learned.bias_span.is_finite() && self.learned.bias_span >= 0.0) {
+            return Err(("learned.bias_span", "must be a finite number >= 0"));
+        }
+        if self.learned.weights_file.as_deref() == Some("") {
+            return Err(("learned.weights_file", "must name a file, or be left unset"));
+        }
+        Ok(())
+    }
 }
 
 /// One weight per feature; a feature's value is mostly in [0, 2].
@@ -87,6 +154,9 @@ fn words(list: &[&str]) -> Vec<String> {
 impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
+            kind: RouterKind::default(),
+            cloud_share: None,
+            learned: LearnedConfig::default(),
             threshold: 1.05,
             bias_span: 0.6,
             local_max_wait_ms: 0,
@@ -343,6 +413,66 @@ impl Default for RoutingConfig {
                 "typos",
                 "grammar",
             ]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn with(sets: &[(&str, &str)]) -> Result<Config, crate::Error> {
+        let sets: Vec<(String, String)> = sets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_parts(None, &[], &sets)
+    }
+
+    #[test]
+    fn kind_share_and_weights_file_are_read_and_checked() {
+        let c = with(&[
+            ("router.routing.kind", "learned"),
+            ("router.routing.cloud_share", "0.4"),
+            ("router.routing.learned.weights_file", "w.json"),
+        ])
+        .unwrap();
+        assert_eq!(c.router.routing.kind, RouterKind::Learned);
+        assert_eq!(c.router.routing.cloud_share, Some(0.4));
+        assert_eq!(
+            c.router.routing.learned.weights_file.as_deref(),
+            Some("w.json")
+        );
+        assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Learned);
+        let e = with(&[
+            ("router.routing.kind", "features"),
+            ("router.routing.cloud_share", "0.4"),
+        ])
+        .unwrap_err();
+        assert!(
+            e.message.contains("router.routing.cloud_share") && e.message.contains("threshold")
+        );
+        for (key, value, named) in [
+            (
+                "router.routing.cloud_share",
+                "1.5",
+                "router.routing.cloud_share",
+            ),
+            (
+                "router.routing.learned.weights_file",
+                "",
+                "router.routing.learned.weights_file",
+            ),
+            (
+                "router.routing.learned.bias_span",
+                "-1",
+                "router.routing.learned.bias_span",
+            ),
+            ("router.routing.kind", "neural", "kind"),
+        ] {
+            let e = with(&[(key, value)]).unwrap_err();
+            assert!(e.message.contains(named), "{key}={value}: {}", e.message);
         }
     }
 }

@@ -1,0 +1,263 @@
+//! The learned router with the real embedding model (fetched by
+//! `scripts/fetch-embed-model.sh` on first use, as the embed crate's tests
+//! do): the shipped weights load and route pinned prompts as labelled; a
+//! missing or corrupt weights file, or a missing model, falls back to the
+//! feature router with the reason in `route_reason`; `cloud_share`
+//! calibration hits its share on the reference workload.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use optiroute_common::config::{EmbeddingConfig, RouterKind, RoutingConfig};
+use optiroute_common::wire::{GenerateRequest, Pool, ProviderChoice};
+use optiroute_embed::{Embedder, DEFAULT_MODEL_DIR};
+use optiroute_router::decide::Routing;
+use optiroute_router::embedding::{Embeddings, RequestEmbedding};
+use optiroute_router::eval::{in_split, load, Labelled, Split};
+use optiroute_router::learned::{Weights, BUILT_IN};
+use optiroute_router::routing::Router;
+
+const SET: &str = include_str!("../data/prompts.jsonl");
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn embedder() -> Arc<Embedder> {
+    static MODEL: OnceLock<Arc<Embedder>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let out = std::process::Command::new("bash")
+                .arg(root().join("scripts/fetch-embed-model.sh"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "scripts/fetch-embed-model.sh failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Arc::new(Embedder::load(root().join(DEFAULT_MODEL_DIR)).unwrap())
+        })
+        .clone()
+}
+
+fn learned_cfg() -> RoutingConfig {
+    RoutingConfig {
+        kind: RouterKind::Learned,
+        ..RoutingConfig::default()
+    }
+}
+
+async fn decide(
+    routing: &Routing,
+    embeddings: &Embeddings,
+    req: &GenerateRequest,
+) -> (Pool, String) {
+    let text = req.text();
+    let e = RequestEmbedding::new(embeddings, &text);
+    let d = routing.decide(req, &e, "").await;
+    (d.target, d.reason)
+}
+
+#[tokio::test]
+async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
+    // The file next to the labelled set is the one built in.
+    let file = Weights::load(&format!(
+        "{}/data/learned-router.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    assert_eq!(file, Weights::parse(BUILT_IN).unwrap());
+    assert_eq!(RoutingConfig::default().kind, RouterKind::Learned);
+
+    let embeddings = Embeddings::with_model(embedder(), 2);
+    let routing = Routing::new(&learned_cfg())
+        .unwrap()
+        .require_embeddings(&embeddings);
+    assert!(routing.needs_embedding() && routing.unavailable().is_none());
+    let items = load(SET).unwrap();
+    let pinned = [
+        "What is the capital of France?",
+        "Translate 'sun' into Spanish.",
+        "sup",
+        "how are you feeling today",
+        "Design a URL shortener that handles 100M requests per day. Cover storage, ID generation, caching and analytics.",
+        "Implement a thread-safe bounded queue in C++ using condition variables.",
+        "Why did the Roman Republic fall?",
+        "Analysiere, warum die deutsche Energiewende in manchen Bereichen erfolgreich war und wo sie gescheitert ist.",
+    ];
+    let mut labels = Vec::new();
+    for p in pinned {
+        let item = items
+            .iter()
+            .find(|i| i.prompt == p)
+            .unwrap_or_else(|| panic!("{p} not in the set"));
+        let (target, reason) = decide(&routing, &embeddings, &item.request()).await;
+        assert_eq!(target, item.label, "{p}: {reason}");
+        assert!(reason.starts_with("learned "), "{reason}");
+        assert!(reason.contains("features score"), "{reason}");
+        labels.push(item.label);
+    }
+    assert!(labels.contains(&Pool::Local) && labels.contains(&Pool::Cloud));
+
+    // An explicit provider still wins without computing an embedding.
+    let mut req = GenerateRequest::new("Why did the Roman Republic fall?");
+    req.provider = ProviderChoice::Local;
+    let text = req.text();
+    let e = RequestEmbedding::new(&embeddings, &text);
+    assert_eq!(routing.decide(&req, &e, "").await.target, Pool::Local);
+    assert!(e.computed().is_none());
+
+    // A repeated prompt (a cache hit, mostly) is not embedded again, and
+    // decided the same way.
+    let req = GenerateRequest::new(pinned[6]);
+    let text = req.text();
+    let again = RequestEmbedding::new(&embeddings, &text);
+    let d = routing.decide(&req, &again, "").await;
+    assert!(again.computed().is_none(), "embedded again");
+    assert_eq!(
+        (d.target, d.reason.as_str()),
+        (
+            Pool::Cloud,
+            decide(&routing, &embeddings, &req).await.1.as_str()
+        )
+    );
+    let fresh = Routing::new(&learned_cfg())
+        .unwrap()
+        .require_embeddings(&embeddings);
+    let first = RequestEmbedding::new(&embeddings, &text);
+    assert_eq!(fresh.decide(&req, &first, "").await, d);
+    assert!(first.computed().is_some());
+
+    // route_bias moves the learned threshold both ways.
+    let mut req = GenerateRequest::new("Why did the Roman Republic fall?");
+    req.route_bias = Some(-1.0);
+    let low = decide(&routing, &embeddings, &req).await.1;
+    req.route_bias = Some(1.0);
+    let high = decide(&routing, &embeddings, &req).await.1;
+    assert_ne!(low, high, "bias must move the threshold");
+}
+
+/// The feature router's decision, for comparison.
+fn features_decision(req: &GenerateRequest) -> (Pool, String) {
+    let d = Router::new(&RoutingConfig::default()).unwrap().decide(req);
+    (d.target, d.reason)
+}
+
+#[tokio::test]
+async fn missing_or_corrupt_weights_fall_back_to_the_feature_router_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let bad_dims = {
+        let mut v: serde_json::Value = serde_json::from_str(BUILT_IN).unwrap();
+        v["embedding_weights"].as_array_mut().unwrap().pop();
+        v.to_string()
+    };
+    let cases = [
+        ("missing.json", None, "missing.json"),
+        (
+            "truncated.json",
+            Some("{\"format\": \"optiroute-learned-router/1\", "),
+            "not a weights file",
+        ),
+        (
+            "dims.json",
+            Some(bad_dims.as_str()),
+            "embedding_weights has 383 values, expected 384",
+        ),
+    ];
+    let embeddings = Embeddings::with_model(embedder(), 1);
+    let req = GenerateRequest::new(
+        "Implement a thread-safe bounded queue in C++ using condition variables.",
+    );
+    let (want, features_reason) = features_decision(&req);
+    for (name, contents, why) in cases {
+        let path = dir.join(name);
+        if let Some(c) = contents {
+            std::fs::write(&path, c).unwrap();
+        }
+        let mut cfg = learned_cfg();
+        cfg.learned.weights_file = Some(path.to_string_lossy().into_owned());
+        let routing = Routing::new(&cfg).unwrap().require_embeddings(&embeddings);
+        assert!(!routing.needs_embedding(), "{name}");
+        assert!(
+            routing.unavailable().unwrap().contains(why),
+            "{name}: {:?}",
+            routing.unavailable()
+        );
+        let text = req.text();
+        let e = RequestEmbedding::new(&embeddings, &text);
+        let d = routing.decide(&req, &e, "").await;
+        assert_eq!(d.target, want, "{name}");
+        assert!(
+            d.reason.starts_with("learned router unavailable (weights ") && d.reason.contains(why),
+            "{name}: {}",
+            d.reason
+        );
+        assert!(
+            d.reason.ends_with(&format!("features: {features_reason}")),
+            "{}",
+            d.reason
+        );
+        assert!(
+            e.computed().is_none(),
+            "no embedding is computed for nothing"
+        );
+    }
+
+    // Good weights, but no embedding model.
+    let no_model = Embeddings::load(
+        &EmbeddingConfig {
+            model_dir: dir.join("no-model").to_string_lossy().into_owned(),
+            ..EmbeddingConfig::default()
+        },
+        true,
+    );
+    let routing = Routing::new(&learned_cfg())
+        .unwrap()
+        .require_embeddings(&no_model);
+    let d = decide(&routing, &no_model, &req).await;
+    assert_eq!(d.0, want);
+    assert!(
+        d.1.starts_with("learned router unavailable (embedding model: "),
+        "{}",
+        d.1
+    );
+    assert!(d.1.contains("fetch-embed-model.sh"), "{}", d.1);
+}
+
+#[tokio::test]
+async fn cloud_share_calibration_hits_its_share_on_the_reference_workload() {
+    let items = load(SET).unwrap();
+    let reference: Vec<&Labelled> = in_split(&items, Split::Train)
+        .into_iter()
+        .chain(in_split(&items, Split::Validation))
+        .collect();
+    let model = embedder();
+    let reqs: Vec<GenerateRequest> = reference.iter().map(|i| i.request()).collect();
+    let embs: Vec<Vec<f32>> = reqs
+        .iter()
+        .map(|r| model.embed(r.params.last_user_text()))
+        .collect();
+    let embeddings = Embeddings::with_model(model.clone(), 1);
+    for share in [0.1f32, 0.25, 0.5, 0.75, 0.9] {
+        let mut cfg = learned_cfg();
+        cfg.cloud_share = Some(share);
+        let routing = Routing::new(&cfg).unwrap().require_embeddings(&embeddings);
+        let cloud = reqs
+            .iter()
+            .zip(&embs)
+            .filter(|(r, e)| routing.decide_with(r, Some(e)).target == Pool::Cloud)
+            .count();
+        let got = cloud as f32 / reqs.len() as f32;
+        assert!((got - share).abs() <= 0.03, "cloud_share {share}: {got}");
+        let d = routing.decide_with(&reqs[0], Some(&embs[0]));
+        assert!(
+            d.reason.contains(&format!("cloud_share {share:.2}")),
+            "{}",
+            d.reason
+        );
+    }
+}
