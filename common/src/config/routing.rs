@@ -42,11 +42,13 @@ pub struct RoutingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RouterKind {
-    /// The keyword and length score (`router-worker/src/routing.rs`).
+    /// The keyword and length score (`router-worker/src/routing.rs`): the
+    /// default (the learned router loses on the external prompts and costs
+    /// an embedding per new prompt; see README, Routing).
+    #[default]
     Features,
     /// Logistic regression on the prompt's embedding and the same features
     /// (`router-worker/src/learned.rs`).
-    #[default]
     Learned,
 }
 
@@ -444,7 +446,7 @@ mod tests {
             c.router.routing.learned.weights_file.as_deref(),
             Some("w.json")
         );
-        assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Learned);
+        assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Features);
         let e = with(&[
             ("router.routing.kind", "features"),
             ("router.routing.cloud_share", "0.4"),
