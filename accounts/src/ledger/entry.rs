@@ -72,7 +72,37 @@ enum Written {
     Applied,
     /// Someone else changed the entry first: not applied.
     Conflict,
+    /// No answer, and the entry read back does not hold it (yet): it may
+    /// still land. The write is remembered ([`Unsure`]) and settled by the
+    /// next read of the entry.
+    Unknown(String),
 }
+
+/// A write whose outcome is unknown.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Unsure {
+    seq: u64,
+    /// The revision it was written against: once the entry has moved past
+    /// it without this write, the write can never land.
+    revision: u64,
+    /// Settled spend the write moved to `used`.
+    settled_moved: u64,
+    effect: Effect,
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Effect {
+    /// A budget lease set to this amount.
+    Lease(u64),
+    /// Rate tokens withdrawn.
+    Tokens(u64),
+    /// The lease given back (taken out of local use before the write).
+    GaveBack(u64),
+}
+
+/// An unknown outcome still undecided this long after is taken as lost.
+const UNSURE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn decode<T: for<'de> Deserialize<'de> + Default>(
     key: &str,
@@ -128,14 +158,58 @@ impl LedgerInner {
             }
             Err(e) => {
                 // Unknown: read what the entry holds now.
-                let (now, _) = self.read(key).await?;
-                if applied(&now) {
-                    Ok(Written::Applied)
-                } else {
-                    Err(unavailable("write", e))
+                match self.read(key).await {
+                    Ok((now, _)) if applied(&now) => Ok(Written::Applied),
+                    _ => Ok(Written::Unknown(e)),
                 }
             }
         }
+    }
+
+    /// Settles an earlier write of unknown outcome against the entry as
+    /// read now (`value` at `revision`): applies it if it landed, forgets
+    /// it if it never can; an error while it is still undecided.
+    fn reconcile(
+        &self,
+        slot: &Slot,
+        limit: Limit,
+        value: &Option<bytes::Bytes>,
+        revision: u64,
+    ) -> Result<(), Error> {
+        let mut l = slot.local();
+        let Some(u) = l.unsure else {
+            return Ok(());
+        };
+        let landed = match limit {
+            Limit::Budget { .. } => decode::<BudgetEntry>("", value)
+                .is_ok_and(|e| e.leases.get(&self.holder).is_some_and(|x| x.seq == u.seq)),
+            Limit::Rate { .. } => {
+                decode::<RateEntry>("", value).is_ok_and(|e| e.by == self.holder && e.seq == u.seq)
+            }
+        };
+        if landed {
+            l.settled -= u.settled_moved.min(l.settled);
+            match u.effect {
+                Effect::Lease(amount) => {
+                    l.lease = amount;
+                    l.valid_until = Some(u.since + self.settings.lease_ttl * 2 / 3);
+                }
+                Effect::Tokens(t) => l.lease += t,
+                Effect::GaveBack(_) => {}
+            }
+        } else if revision != u.revision || u.since.elapsed() > UNSURE_FOR {
+            // Never applied.
+            if let Effect::GaveBack(lease) = u.effect {
+                l.lease += lease;
+            }
+        } else {
+            return Err(unavailable(
+                "write",
+                "an earlier write's outcome is still unknown",
+            ));
+        }
+        l.unsure = None;
+        Ok(())
     }
 
     /// One CAS round: write back settled spend and take enough for `need`
@@ -144,7 +218,7 @@ impl LedgerInner {
         let _cas = slot.cas.lock().await;
         let limit = slot.limit();
         for _ in 0..64 {
-            let (reserved, settled, lease, seq) = {
+            {
                 let l = slot.local();
                 if l.closed {
                     return Ok(Take::Closed);
@@ -152,12 +226,16 @@ impl LedgerInner {
                 if need > 0 && l.headroom(limit.is_budget()) >= need {
                     return Ok(Take::Taken);
                 }
+            }
+            let (value, revision) = self.read(&slot.key).await?;
+            self.reconcile(slot, limit, &value, revision)?;
+            let (reserved, settled, lease, next_seq) = {
+                let mut l = slot.local();
+                l.seq += 1;
                 (l.reserved, l.settled, l.lease, l.seq)
             };
-            let (value, revision) = self.read(&slot.key).await?;
             let now = now_ms();
             let cap = limit.capacity();
-            let next_seq = seq + 1;
             match limit {
                 Limit::Budget { .. } => {
                     let mut e: BudgetEntry = decode(&slot.key, &value)?;
@@ -221,12 +299,23 @@ impl LedgerInner {
                     match self.write(&slot.key, body, revision, applied).await? {
                         Written::Conflict => continue,
                         Written::Applied => {}
+                        Written::Unknown(e) => {
+                            let mut l = slot.local();
+                            l.valid_until = None;
+                            l.unsure = Some(Unsure {
+                                seq: next_seq,
+                                revision,
+                                settled_moved: settled,
+                                effect: Effect::Lease(amount),
+                                since: started,
+                            });
+                            return Err(unavailable("write", e));
+                        }
                     }
                     {
                         let mut l = slot.local();
                         l.settled -= settled;
                         l.lease = amount;
-                        l.seq = next_seq;
                         l.valid_until = Some(started + self.settings.lease_ttl * 2 / 3);
                     }
                     slot.changed.notify_waiters();
@@ -274,13 +363,22 @@ impl LedgerInner {
                         decode::<RateEntry>("", v)
                             .is_ok_and(|e| e.by == holder && e.seq == next_seq)
                     };
+                    let tokens = u64::try_from(taken / MICRO).unwrap_or(0);
                     match self.write(&slot.key, body, revision, applied).await? {
                         Written::Conflict => continue,
                         Written::Applied => {}
+                        Written::Unknown(e) => {
+                            slot.local().unsure = Some(Unsure {
+                                seq: next_seq,
+                                revision,
+                                settled_moved: 0,
+                                effect: Effect::Tokens(tokens),
+                                since: Instant::now(),
+                            });
+                            return Err(unavailable("write", e));
+                        }
                     }
-                    let mut l = slot.local();
-                    l.lease += u64::try_from(taken / MICRO).unwrap_or(0);
-                    l.seq = next_seq;
+                    slot.local().lease += tokens;
                     return Ok(Take::Taken);
                 }
             }
@@ -300,7 +398,18 @@ impl LedgerInner {
             // The lease leaves local use before the CAS: a request arriving
             // meanwhile takes its own (after this CAS) instead of reserving
             // against capacity on its way back.
-            let (settled, lease, seq) = {
+            {
+                let l = slot.local();
+                if l.reserved > 0 {
+                    return Ok(false);
+                }
+                if l.lease == 0 && l.settled == 0 && l.unsure.is_none() {
+                    return Ok(true);
+                }
+            }
+            let (value, revision) = self.read(&slot.key).await?;
+            self.reconcile(slot, limit, &value, revision)?;
+            let (settled, lease, next_seq) = {
                 let mut l = slot.local();
                 if l.reserved > 0 {
                     return Ok(false);
@@ -308,13 +417,12 @@ impl LedgerInner {
                 if l.lease == 0 && l.settled == 0 {
                     return Ok(true);
                 }
+                l.seq += 1;
                 let lease = std::mem::take(&mut l.lease);
                 (l.settled, lease, l.seq)
             };
-            let next_seq = seq + 1;
             let restore = |slot: &Slot| slot.local().lease += lease;
             let attempt = async {
-                let (value, revision) = self.read(&slot.key).await?;
                 let now = now_ms();
                 let holder = self.holder.clone();
                 let (body, applied): (Vec<u8>, Box<Applied>) = match limit {
@@ -368,6 +476,19 @@ impl LedgerInner {
                     restore(slot);
                     continue;
                 }
+                Ok(Written::Unknown(e)) => {
+                    // The lease stays out of use until the outcome is known.
+                    let mut l = slot.local();
+                    l.valid_until = None;
+                    l.unsure = Some(Unsure {
+                        seq: next_seq,
+                        revision,
+                        settled_moved: settled,
+                        effect: Effect::GaveBack(lease),
+                        since: Instant::now(),
+                    });
+                    return Err(unavailable("write", e));
+                }
                 Err(e) => {
                     restore(slot);
                     return Err(e);
@@ -375,7 +496,6 @@ impl LedgerInner {
             }
             let mut l = slot.local();
             l.settled -= settled;
-            l.seq = next_seq;
             l.valid_until = None;
             // Settles that arrived meanwhile stay for the next round.
             return Ok(l.lease == 0 && l.settled == 0 && l.reserved == 0);

@@ -92,8 +92,11 @@ struct Local {
     /// Budget only: the lease may be used until then (two thirds of its
     /// TTL after the write that set it began).
     valid_until: Option<Instant>,
-    /// The sequence number of this holder's last write to the entry.
+    /// The sequence number of this holder's last write to the entry
+    /// (taken when a write is made, so no two attempts share one).
     seq: u64,
+    /// A write whose outcome is not known yet: settled at the next read.
+    unsure: Option<entry::Unsure>,
     closed: bool,
 }
 
@@ -264,16 +267,23 @@ impl Ledger {
                 }
             }
             let changed = slot.changed.notified();
-            let taken =
-                match tokio::time::timeout_at(deadline.into(), inner.take(&slot, need)).await {
-                    Ok(r) => r?,
-                    Err(_) => {
-                        return Err(Error::new(
-                            ErrorKind::Timeout,
-                            "deadline passed waiting for the budget ledger",
-                        ))
-                    }
-                };
+            // The write runs to its end in its own task: a caller that gives
+            // up at its deadline must not cut it between the KV answer and
+            // the local update.
+            let write = {
+                let (inner, slot) = (inner.clone(), slot.clone());
+                tokio::spawn(async move { inner.take(&slot, need).await })
+            };
+            let taken = match tokio::time::timeout_at(deadline.into(), write).await {
+                Ok(Ok(r)) => r?,
+                Ok(Err(e)) => return Err(Error::internal(format!("ledger write task: {e}"))),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        "deadline passed waiting for the budget ledger",
+                    ))
+                }
+            };
             match taken {
                 Take::Taken | Take::Closed => continue,
                 Take::Short {
@@ -410,10 +420,15 @@ impl LedgerInner {
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => {
-                    // The service drained: write everything back.
-                    for _ in 0..20 {
+                    // The service drained: write everything back. Holds
+                    // still open (a drain that timed out) keep their lease;
+                    // what settled is written back meanwhile.
+                    for _ in 0..40 {
                         if matches!(self.give_back(&slot).await, Ok(true)) {
                             break;
+                        }
+                        if slot.local().settled > 0 && slot.limit().is_budget() {
+                            let _ = self.take(&slot, 0).await;
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
