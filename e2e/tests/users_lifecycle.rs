@@ -116,6 +116,28 @@ async fn a_batch_belongs_to_its_key_and_lines_past_its_budget_end_as_budget_exce
     })
     .await;
     assert_eq!(up.hits(), hits, "an intruding job ran");
+    // The batch's token runs that batch's lines only: not a request of
+    // its own making, nor a line past the batch's end.
+    let token = optiroute_common::protocol::headers::batch_token(&owner.key, "owned");
+    for request_id in ["free-form", "owned-999", "owned-0"] {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Content-Type", "application/json");
+        h.insert(
+            "Optiroute-Api-Key",
+            optiroute_common::protocol::headers::batch_credential("owned", &token).as_str(),
+        );
+        h.insert("Optiroute-Request-Id", request_id);
+        let m = nc
+            .request_with_headers(
+                Subjects::new(&cfg.nats.prefix).generate,
+                h,
+                r#"{"prompt":"spend someone else's budget","provider":"cloud"}"#.into(),
+            )
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(body["code"], "invalid_api_key", "{request_id}: {body}");
+    }
     // Another key does not see it; the admin does.
     assert_eq!(get_json(&status_url, &other.key).await.0, 404);
     assert_eq!(

@@ -157,7 +157,7 @@ impl Access {
         ) {
             // A batch job: its batch's token stands for the owner's key.
             (Some((id, token)), Some(batches)) => {
-                let owner = batches.owner(id, token).await?;
+                let owner = batches.owner(id, token, &meta.request_id).await?;
                 match dir.key_by_id(&owner) {
                     Some(k) if !k.revoked => k,
                     Some(k) => {
