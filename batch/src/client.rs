@@ -407,10 +407,12 @@ impl BatchClient {
                 continue;
             };
             let r: BatchResult = wire::decode(Format::MsgPack, &entry.value)?;
+            // Lines refused for the key's limits (a spent budget, or a rate
+            // limit that outlasted the retries) run again.
             let over_budget = r.status == ResultStatus::Error
-                && r.error
-                    .as_ref()
-                    .is_some_and(|e| e.code == ErrorKind::BudgetExceeded);
+                && r.error.as_ref().is_some_and(|e| {
+                    matches!(e.code, ErrorKind::BudgetExceeded | ErrorKind::RateLimited)
+                });
             if !over_budget {
                 continue;
             }

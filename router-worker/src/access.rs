@@ -242,12 +242,15 @@ impl Access {
     /// the model `pool` will use must be one of them: it is named (the
     /// first allowed model the pool serves), not left to the pool's default.
     pub fn pin_model(&self, caller: &Caller, pool: Pool, req: &mut GenerateRequest) {
-        let (Some(k), None) = (&caller.key, &req.params.model_id) else {
-            return;
-        };
-        let Some(allowed) = &k.models else {
-            return;
-        };
+        if req.params.model_id.is_none() {
+            req.params.model_id = self.pinned_model(caller, pool);
+        }
+    }
+
+    /// The model a key limited to `models` uses on `pool` when the request
+    /// names none (`None`: no limit, or no model of the pool allowed).
+    pub fn pinned_model(&self, caller: &Caller, pool: Pool) -> Option<String> {
+        let allowed = caller.key.as_ref()?.models.as_ref()?;
         let pinned = match pool {
             Pool::Local => self
                 .local_models
@@ -261,7 +264,7 @@ impl Access {
                 .find(|m| allowed.iter().any(|a| a == m))
                 .map(str::to_string),
         };
-        req.params.model_id = pinned;
+        pinned
     }
 
     /// The tenant part of the cache key: empty when answers are shared by

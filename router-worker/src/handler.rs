@@ -124,7 +124,9 @@ impl Handler for GenerateHandler {
                 }
             }
         }
+        let pinned = req.params.model_id.is_none();
         self.access.pin_model(&caller, decision.target, &mut req);
+        let pinned = pinned && req.params.model_id.is_some();
         let key = scoped_cache_key(&req, decision.target, &scope);
         let call = Call {
             meta: &meta,
@@ -134,6 +136,7 @@ impl Handler for GenerateHandler {
             key: &key,
             scope: &scope,
             caller: &caller,
+            pinned,
             embedding,
             semantic: self.semantic.asked(req.semantic),
             semantic_miss: OnceLock::new(),
@@ -270,6 +273,8 @@ struct Call<'a> {
     /// The tenant scope of its cache entries.
     scope: &'a str,
     caller: &'a Caller,
+    /// The model was named for the key's `models`, not by the caller.
+    pinned: bool,
     /// Its question's embedding, computed on first use by whichever
     /// feature needs it (never on an exact hit).
     embedding: RequestEmbedding<'a>,
@@ -490,6 +495,19 @@ impl GenerateHandler {
                     ])
                     .inc();
                 tracing::info!(from = decision.target.as_str(), reason = %first_err.kind, detail = %first_err.message, "falling back");
+                // A model pinned for the first pool (a key limited to some
+                // models) is the other pool's own on the fallback.
+                let pinned;
+                let preq = match (call.pinned, self.access.pinned_model(call.caller, other)) {
+                    (true, model) => {
+                        pinned = ProviderRequest {
+                            model_id: model,
+                            ..preq.clone()
+                        };
+                        &pinned
+                    }
+                    (false, _) => preq,
+                };
                 match self.call(meta, other, preq).await {
                     Ok(reply) => (reply, other, Some(first_err.kind)),
                     Err(e) if !e.kind.allows_fallback() => return Err(e),
