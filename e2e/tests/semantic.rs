@@ -223,6 +223,14 @@ async fn namespaces_do_not_share_and_entries_leave_with_the_ttl() {
     other["cache_namespace"] = json!("beta");
     let a = ask(&stack, other.clone()).await;
     assert_eq!(a["cached"], false, "another namespace: {a}");
+    // Not even a candidate (a refused one would say why it was refused).
+    assert!(
+        a["semantic_miss"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no stored question"),
+        "{a}"
+    );
     let mut same = other.clone();
     same["cache_namespace"] = json!("alpha");
     let a = ask(&stack, same.clone()).await;

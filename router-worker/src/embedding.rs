@@ -81,6 +81,18 @@ impl Embeddings {
 
     /// The L2-normalised embedding of `text` (384 dimensions).
     pub async fn embed(&self, text: &str) -> Result<Arc<Vec<f32>>, Error> {
+        self.embed_with(text, true)
+            .await?
+            .ok_or_else(|| Error::internal("no embedding"))
+    }
+
+    /// [`Self::embed`] only if a slot is free now (`Ok(None)` otherwise):
+    /// for work nobody waits for, which must not queue behind requests.
+    pub async fn embed_if_idle(&self, text: &str) -> Result<Option<Arc<Vec<f32>>>, Error> {
+        self.embed_with(text, false).await
+    }
+
+    async fn embed_with(&self, text: &str, wait: bool) -> Result<Option<Arc<Vec<f32>>>, Error> {
         let Some(model) = self.model.clone() else {
             return Err(Error::new(
                 ErrorKind::NotConfigured,
@@ -90,12 +102,18 @@ impl Embeddings {
                 ),
             ));
         };
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::internal("embedding permits closed"))?;
+        let permit = if wait {
+            self.permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::internal("embedding permits closed"))?
+        } else {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => return Ok(None),
+            }
+        };
         let text = text.to_string();
         let started = Instant::now();
         let v = tokio::task::spawn_blocking(move || {
@@ -107,7 +125,7 @@ impl Embeddings {
         if let Some(h) = &self.seconds {
             h.observe(started.elapsed().as_secs_f64());
         }
-        Ok(Arc::new(v))
+        Ok(Some(Arc::new(v)))
     }
 }
 

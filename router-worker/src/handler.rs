@@ -312,7 +312,16 @@ impl GenerateHandler {
                 leader: None,
             };
         }
-        let leader = match self.coalescer.join(call.key) {
+        // A request that asks for a semantic match may be answered by one:
+        // only requests that asked the same wait on each other.
+        let semantic_key;
+        let coalesce_key = if call.semantic {
+            semantic_key = format!("{}:semantic", call.key);
+            semantic_key.as_str()
+        } else {
+            call.key
+        };
+        let leader = match self.coalescer.join(coalesce_key) {
             Join::Leader(guard) => guard,
             Join::Full => {
                 return Outcome::Failed(Error::new(

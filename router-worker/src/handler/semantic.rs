@@ -26,12 +26,19 @@ pub(super) struct PendingVector {
 
 impl PendingVector {
     /// Stores the question's vector for the answer just written under `key`
-    /// (embedding it now if the lookup did not).
+    /// (embedding it now if the lookup did not, and only when an embedding
+    /// slot is free: this work waits for nobody and must not queue behind
+    /// the requests' lookups).
     pub(super) async fn write(self, key: &str) {
         let vector = match self.vector {
             Some(v) => v,
-            None => match self.embeddings.embed(&self.question).await {
-                Ok(v) => v,
+            None if !self.semantic.is_connected() => return,
+            None => match self.embeddings.embed_if_idle(&self.question).await {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    tracing::debug!("no embedding slot free; the answer is not indexed");
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "no vector for the semantic cache");
                     return;

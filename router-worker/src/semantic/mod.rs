@@ -242,7 +242,14 @@ impl SemanticCache {
             tracing::warn!("semantic entry rejected (not a valid entry for its key)");
             return;
         };
-        self.index_entry(stored);
+        // One entry the guard cannot read must not end the watch (and with
+        // it this router's copy of every other replica's entries).
+        let indexed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.index_entry(stored);
+        }));
+        if indexed.is_err() {
+            tracing::error!(key = %entry.key, "semantic entry could not be indexed; skipped");
+        }
     }
 
     fn index_entry(&self, stored: Stored) {
