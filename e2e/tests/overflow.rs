@@ -140,3 +140,36 @@ async fn only_prompts_that_would_wait_past_the_objective_overflow() {
     // 1 being served + 4 queued within 470 ms (400 ms for the last).
     assert_eq!(local, 5, "{answers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_local_answer_is_served_not_overflowed() {
+    let nats = NatsServer::start();
+    let up = FakeUpstream::start(Mode::Ok).await;
+    let stack = Stack::start(config(&nats, &up, 500)).await;
+    stats_read().await;
+    let ask = |prompt: &'static str| {
+        let url = stack.url("/generate");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"prompt": prompt, "max_tokens": 5}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let first = ask("hi cached").await;
+    assert_eq!(first["provider"], "local", "{first}");
+    // The pool's one slot busy for 2 s...
+    let busy = tokio::spawn(ask("hi busy"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...the cached prompt is served from the cache, not sent to the cloud.
+    let again = ask("hi cached").await;
+    assert_eq!(again["cached"], true, "{again}");
+    assert_eq!(again["routed_to"], "local", "{again}");
+    assert_eq!(up.hits(), 0);
+    busy.await.unwrap();
+}

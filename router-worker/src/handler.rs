@@ -109,6 +109,13 @@ impl Handler for GenerateHandler {
                 req.provider == ProviderChoice::Auto && self.access.allows(&caller, Pool::Cloud);
             match self.local_load.claim(may_overflow) {
                 Ok(slot) => local_slot = Some(slot),
+                // Overflow is for work the local pool would do: an answer
+                // it already gave (cached) is served, not paid for again.
+                Err(_)
+                    if req.cache.reads() && self.cache.enabled() && {
+                        let local_key = scoped_cache_key(&req, Pool::Local, &scope);
+                        self.cache.fetch(&local_key).await.is_some()
+                    } => {}
                 Err(wait) => {
                     let wait = wait.map_or_else(
                         || "the local pool is full".to_string(),

@@ -6,8 +6,9 @@
 //! its own requests waiting on the pool.
 //!
 //! Expected wait of one more request, with `c` slots in the pool, `d`
-//! requests in it or waiting for it (this router's, or what the replicas
-//! report being served when that is more) and a mean service time `s`:
+//! requests in it or waiting for it (this router's, counted as it routes
+//! them, plus the other routers' that the replicas reported serving) and a
+//! mean service time `s`:
 //! `max(0, d + 1 − c) ÷ c × s`. Another router's requests waiting in the
 //! NATS queue are invisible here, so with several routers the estimate is
 //! low by their share of the queue.
@@ -31,6 +32,9 @@ const STALE: Duration = Duration::from_secs(2);
 struct Snapshot {
     capacity: usize,
     in_flight: usize,
+    /// This router's own requests in the pool when the stats were read:
+    /// the rest of `in_flight` is other routers'.
+    own: usize,
     /// Mean seconds per request, when any was served.
     service_secs: Option<f64>,
     at: Option<Instant>,
@@ -86,7 +90,9 @@ impl LocalLoad {
             let (client, shutdown) = (client.clone(), shutdown.clone());
             tokio::spawn(async move {
                 loop {
-                    if let Some(s) = read_stats(&client, &subject).await {
+                    let own = l.outstanding.load(Ordering::Acquire);
+                    if let Some(mut s) = read_stats(&client, &subject).await {
+                        s.own = own.min(s.in_flight);
                         *l.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = s;
                     }
                     tokio::select! {
@@ -127,7 +133,9 @@ impl LocalLoad {
         if !fresh || s.capacity == 0 {
             return Ok(slot);
         }
-        let demand = before.max(s.in_flight);
+        // This router's requests as it counts them now, and the other
+        // routers' as the replicas last reported them.
+        let demand = before + s.in_flight.saturating_sub(s.own);
         let ahead = (demand + 1).saturating_sub(s.capacity);
         if ahead == 0 {
             return Ok(slot);
