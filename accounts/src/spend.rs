@@ -124,14 +124,16 @@ impl SpendLog {
     }
 
     /// Queues `rec` for publishing; waits at most [`QUEUE_WAIT`] for room.
-    pub async fn record(&self, rec: SpendRecord) {
+    /// `false`: dropped (logged, and counted in [`Self::dropped`]).
+    pub async fn record(&self, rec: SpendRecord) -> bool {
         use tokio::sync::mpsc::error::SendTimeoutError;
         match self.tx.send_timeout(rec, QUEUE_WAIT).await {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(SendTimeoutError::Timeout(r) | SendTimeoutError::Closed(r)) => {
                 self.dropped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(request_id = %r.request_id, key_id = %r.key_id, cost_usd = r.cost_usd, "spend record dropped: the spend stream is not keeping up");
+                false
             }
         }
     }

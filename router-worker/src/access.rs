@@ -63,11 +63,17 @@ pub struct Access {
     cfg: Config,
     local_models: Vec<String>,
     batches: Option<crate::batch_auth::BatchAuth>,
+    spend_dropped: prometheus::IntCounter,
 }
 
 impl Access {
     /// Starts following the keys and opens the ledger when auth is required.
-    pub fn start(client: &Client, cfg: &Config, shutdown: &CancellationToken) -> Self {
+    pub fn start(
+        client: &Client,
+        cfg: &Config,
+        shutdown: &CancellationToken,
+        spend_dropped: prometheus::IntCounter,
+    ) -> Self {
         let names = JetStreamNames::for_prefix(&cfg.nats.prefix);
         let js = async_nats::jetstream::new(client.clone());
         let required = cfg.auth.mode == AuthMode::Required;
@@ -127,6 +133,7 @@ impl Access {
             scope: cfg.cache.scope,
             cfg: cfg.clone(),
             local_models: models::local_models(cfg),
+            spend_dropped,
             batches: required.then(|| {
                 crate::batch_auth::BatchAuth::new(
                     async_nats::jetstream::new(client.clone()),
@@ -496,22 +503,26 @@ impl Access {
         if caller.key.is_none() && !self.record_anonymous {
             return;
         }
-        log.record(SpendRecord {
-            ts_ms: caller.at_ms,
-            request_id: meta.request_id.clone(),
-            key_id: caller.key_id().to_string(),
-            team: caller.team_name().map(str::to_string),
-            user: caller.user.clone(),
-            pool: c.pool,
-            model: c.model.clone(),
-            prompt_tokens: c.usage.prompt_tokens,
-            completion_tokens: c.usage.completion_tokens,
-            cost_usd: c.cost_usd,
-            cost_nanos: to_nanos(c.cost_usd),
-            cached,
-            estimated: c.usage.estimated,
-        })
-        .await;
+        let kept = log
+            .record(SpendRecord {
+                ts_ms: caller.at_ms,
+                request_id: meta.request_id.clone(),
+                key_id: caller.key_id().to_string(),
+                team: caller.team_name().map(str::to_string),
+                user: caller.user.clone(),
+                pool: c.pool,
+                model: c.model.clone(),
+                prompt_tokens: c.usage.prompt_tokens,
+                completion_tokens: c.usage.completion_tokens,
+                cost_usd: c.cost_usd,
+                cost_nanos: to_nanos(c.cost_usd),
+                cached,
+                estimated: c.usage.estimated,
+            })
+            .await;
+        if !kept {
+            self.spend_dropped.inc();
+        }
     }
 
     pub fn required(&self) -> bool {

@@ -747,7 +747,7 @@ pub async fn run(
         provider_timeout: Duration::from_millis(r.provider_timeout_ms),
         max_deadline: Duration::from_millis(r.max_deadline_ms),
         log_payloads: cfg.log.log_payloads,
-        access: Access::start(&client, cfg, &shutdown),
+        access: Access::start(&client, cfg, &shutdown, metrics.spend_dropped.clone()),
         inflight: inflight.clone(),
         local_alive: optiroute_common::liveness::Watcher::spawn(
             client.clone(),

@@ -47,6 +47,9 @@ pub struct RouterMetrics {
     pub embedding_seconds: Histogram,
     /// Vectors in this router's semantic index.
     pub semantic_entries: IntGauge,
+    /// `optiroute_spend_records_dropped_total`: spend records dropped
+    /// because the spend stream did not keep up (each also logged).
+    pub spend_dropped: prometheus::IntCounter,
 }
 
 impl RouterMetrics {
@@ -111,6 +114,13 @@ impl RouterMetrics {
                 "optiroute_semantic_index_entries",
                 "Prompt vectors in this router's semantic index.",
             ),
+            spend_dropped: counter_vec(
+                &r,
+                "optiroute_spend_records_dropped_total",
+                "Spend records dropped because the spend stream did not keep up.",
+                &[],
+            )
+            .with_label_values::<&str>(&[]),
             registry: r,
         }
     }
