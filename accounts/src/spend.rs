@@ -206,7 +206,11 @@ async fn pack(
     publishing.wait().await;
 }
 
-/// Publishes one packed message, retried 8 times over ~10 s.
+/// Tries to store one packed message: about 40 s, longer than a JetStream
+/// leader election after a node loss.
+const ATTEMPTS: u32 = 24;
+
+/// Publishes one packed message, retried [`ATTEMPTS`] times (backoff to 2 s).
 async fn publish(
     js: &jetstream::Context,
     subject: String,
@@ -218,7 +222,7 @@ async fn publish(
     let mut headers = HeaderMap::new();
     headers.insert(NATS_MSG_ID, nuid::next().as_str());
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=8 {
+    for attempt in 1..=ATTEMPTS {
         let sent = js
             .publish_with_headers(subject.clone(), headers.clone(), body.clone())
             .await;
@@ -231,8 +235,8 @@ async fn publish(
         };
         match acked {
             Ok(()) => return,
-            Err(e) if attempt == 8 => {
-                tracing::error!(%key_id, records, cost_usd, error = %e, "spend records lost after 8 attempts");
+            Err(e) if attempt == ATTEMPTS => {
+                tracing::error!(%key_id, records, cost_usd, error = %e, "spend records lost after every attempt (about 40 s)");
             }
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "spend records not stored yet; retrying");

@@ -329,10 +329,12 @@ impl InFlight {
             body.push_str(id);
             listed += 1;
         }
+        // Requests, not ids: a caller may reuse an id.
+        let requests: usize = ids.values().map(|n| *n as usize).sum();
         let held = if listed < ids.len() {
             usize::MAX
         } else {
-            ids.len()
+            requests
         };
         format!("{replica_id} {held} {}{body}", self.capacity)
     }

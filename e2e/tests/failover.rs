@@ -439,6 +439,16 @@ async fn losing_the_cache_leader_under_load_loses_nothing() {
         async move { matches!(reqwest::get(ready).await, Ok(r) if r.status() == 200) }
     })
     .await;
+    // The new ingress knows the key (its directory loads on start).
+    wait_until(
+        "the key on the new ingress",
+        Duration::from_secs(10),
+        || {
+            let (http, base) = (http.clone(), c.url(""));
+            async move { ask(&http, &base, "failover: key check").await.0 == 200 }
+        },
+    )
+    .await;
     // The kept prompts were written once, before the kill, and never again.
     for i in 0..KEPT_PROMPTS {
         let (status, body) = ask(&http, &c.url(""), &kept(i)).await;

@@ -113,7 +113,9 @@ impl Handler for GenerateHandler {
                 // it already gave (cached) is served, not paid for again.
                 Err(_)
                     if req.cache.reads() && self.cache.enabled() && {
-                        let local_key = scoped_cache_key(&req, Pool::Local, &scope);
+                        let mut local = req.clone();
+                        self.access.pin_model(&caller, Pool::Local, &mut local);
+                        let local_key = scoped_cache_key(&local, Pool::Local, &scope);
                         self.cache.fetch(&local_key).await.is_some()
                     } => {}
                 Err(wait) => {

@@ -23,6 +23,8 @@ pub struct Sample {
     pub cached: bool,
     /// The answer's `cost` (0 when it failed).
     pub cost: f64,
+    /// A failure's error code and message.
+    pub error: Option<String>,
 }
 
 impl Sample {
@@ -115,6 +117,12 @@ impl Load {
                         let provider = answer["provider"].as_str().map(str::to_string);
                         let cached = answer["cached"] == true;
                         let cost = answer["cost"].as_f64().unwrap_or(0.0);
+                        let error = (status != 200).then(|| {
+                            format!(
+                                "{}: {}",
+                                answer["error"]["code"], answer["error"]["message"]
+                            )
+                        });
                         samples.lock().unwrap().push(Sample {
                             sent,
                             took,
@@ -123,6 +131,7 @@ impl Load {
                             provider,
                             cached,
                             cost,
+                            error,
                         });
                     }
                 })

@@ -101,9 +101,6 @@ enum Effect {
     GaveBack(u64),
 }
 
-/// An unknown outcome still undecided this long after is taken as lost.
-const UNSURE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
-
 fn decode<T: for<'de> Deserialize<'de> + Default>(
     key: &str,
     v: &Option<bytes::Bytes>,
@@ -166,28 +163,24 @@ impl LedgerInner {
         }
     }
 
-    /// Settles an earlier write of unknown outcome against the entry as
-    /// read now (`value` at `revision`): applies it if it landed, forgets
-    /// it if it never can; an error while it is still undecided.
-    fn reconcile(
-        &self,
-        slot: &Slot,
-        limit: Limit,
-        value: &Option<bytes::Bytes>,
-        revision: u64,
-    ) -> Result<(), Error> {
+    /// Settles earlier writes of unknown outcome against the entry as read
+    /// now (`value` at `revision`): applies the one that landed; forgets
+    /// them once the entry has moved on without them. While the entry is
+    /// still at their revision they stay pending, and the next write is
+    /// made against that same revision: only one of them can land.
+    fn reconcile(&self, slot: &Slot, limit: Limit, value: &Option<bytes::Bytes>, revision: u64) {
         let mut l = slot.local();
-        let Some(u) = l.unsure else {
-            return Ok(());
-        };
-        let landed = match limit {
+        if l.unsure.is_empty() {
+            return;
+        }
+        let landed = l.unsure.iter().copied().find(|u| match limit {
             Limit::Budget { .. } => decode::<BudgetEntry>("", value)
                 .is_ok_and(|e| e.leases.get(&self.holder).is_some_and(|x| x.seq == u.seq)),
             Limit::Rate { .. } => {
                 decode::<RateEntry>("", value).is_ok_and(|e| e.by == self.holder && e.seq == u.seq)
             }
-        };
-        if landed {
+        });
+        if let Some(u) = landed {
             l.settled -= u.settled_moved.min(l.settled);
             match u.effect {
                 Effect::Lease(amount) => {
@@ -197,19 +190,27 @@ impl LedgerInner {
                 Effect::Tokens(t) => l.lease += t,
                 Effect::GaveBack(_) => {}
             }
-        } else if revision != u.revision || u.since.elapsed() > UNSURE_FOR {
-            // Never applied.
-            if let Effect::GaveBack(lease) = u.effect {
-                l.lease += lease;
+        } else if l.unsure.iter().all(|u| u.revision != revision) {
+            // The entry moved on without them: none landed. A budget's
+            // lease taken out for a give-back comes back; a rate bucket is
+            // rewritten whole by every writer, so whether a give-back
+            // landed cannot be told: its tokens are not counted again.
+            if limit.is_budget() {
+                let back: u64 = l
+                    .unsure
+                    .iter()
+                    .map(|u| match u.effect {
+                        Effect::GaveBack(lease) => lease,
+                        _ => 0,
+                    })
+                    .sum();
+                l.lease += back;
             }
         } else {
-            return Err(unavailable(
-                "write",
-                "an earlier write's outcome is still unknown",
-            ));
+            // Still undecided: pending, and the next write races them.
+            return;
         }
-        l.unsure = None;
-        Ok(())
+        l.unsure.clear();
     }
 
     /// One CAS round: write back settled spend and take enough for `need`
@@ -228,7 +229,7 @@ impl LedgerInner {
                 }
             }
             let (value, revision) = self.read(&slot.key).await?;
-            self.reconcile(slot, limit, &value, revision)?;
+            self.reconcile(slot, limit, &value, revision);
             let (reserved, settled, lease, next_seq) = {
                 let mut l = slot.local();
                 l.seq += 1;
@@ -300,9 +301,12 @@ impl LedgerInner {
                         Written::Conflict => continue,
                         Written::Applied => {}
                         Written::Unknown(e) => {
+                            // The lease stays usable as it is: landed or
+                            // not, KV holds at least what local state uses
+                            // (the same headroom either way), and its
+                            // validity is not extended.
                             let mut l = slot.local();
-                            l.valid_until = None;
-                            l.unsure = Some(Unsure {
+                            l.unsure.push(Unsure {
                                 seq: next_seq,
                                 revision,
                                 settled_moved: settled,
@@ -317,6 +321,8 @@ impl LedgerInner {
                         l.settled -= settled;
                         l.lease = amount;
                         l.valid_until = Some(started + self.settings.lease_ttl * 2 / 3);
+                        // Written on their revision: those can never land now.
+                        l.unsure.clear();
                     }
                     slot.changed.notify_waiters();
                     if ok {
@@ -368,7 +374,7 @@ impl LedgerInner {
                         Written::Conflict => continue,
                         Written::Applied => {}
                         Written::Unknown(e) => {
-                            slot.local().unsure = Some(Unsure {
+                            slot.local().unsure.push(Unsure {
                                 seq: next_seq,
                                 revision,
                                 settled_moved: 0,
@@ -378,7 +384,9 @@ impl LedgerInner {
                             return Err(unavailable("write", e));
                         }
                     }
-                    slot.local().lease += tokens;
+                    let mut l = slot.local();
+                    l.lease += tokens;
+                    l.unsure.clear();
                     return Ok(Take::Taken);
                 }
             }
@@ -403,12 +411,12 @@ impl LedgerInner {
                 if l.reserved > 0 {
                     return Ok(false);
                 }
-                if l.lease == 0 && l.settled == 0 && l.unsure.is_none() {
+                if l.lease == 0 && l.settled == 0 && l.unsure.is_empty() {
                     return Ok(true);
                 }
             }
             let (value, revision) = self.read(&slot.key).await?;
-            self.reconcile(slot, limit, &value, revision)?;
+            self.reconcile(slot, limit, &value, revision);
             let (settled, lease, next_seq) = {
                 let mut l = slot.local();
                 if l.reserved > 0 {
@@ -480,7 +488,7 @@ impl LedgerInner {
                     // The lease stays out of use until the outcome is known.
                     let mut l = slot.local();
                     l.valid_until = None;
-                    l.unsure = Some(Unsure {
+                    l.unsure.push(Unsure {
                         seq: next_seq,
                         revision,
                         settled_moved: settled,
@@ -497,6 +505,7 @@ impl LedgerInner {
             let mut l = slot.local();
             l.settled -= settled;
             l.valid_until = None;
+            l.unsure.clear();
             // Settles that arrived meanwhile stay for the next round.
             return Ok(l.lease == 0 && l.settled == 0 && l.reserved == 0);
         }

@@ -95,8 +95,9 @@ struct Local {
     /// The sequence number of this holder's last write to the entry
     /// (taken when a write is made, so no two attempts share one).
     seq: u64,
-    /// A write whose outcome is not known yet: settled at the next read.
-    unsure: Option<entry::Unsure>,
+    /// Writes whose outcome is not known yet, all made against the same
+    /// revision (so at most one can land): settled at the next read.
+    unsure: Vec<entry::Unsure>,
     closed: bool,
 }
 
