@@ -1,6 +1,7 @@
 //! The `optiroute.generate` handler: validate, cache, route, call a
 //! provider pool, fall back, write the cache, reply.
 
+mod fit;
 mod semantic;
 
 use std::net::SocketAddr;
@@ -14,8 +15,7 @@ use optiroute_common::nats::{self, RequestMeta};
 use optiroute_common::service::{self, EndpointSpec, Handler};
 use optiroute_common::subjects::Subjects;
 use optiroute_common::wire::{
-    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderChoice, ProviderReply,
-    ProviderRequest,
+    CacheMatch, Completion, GenerateRequest, GenerateResponse, Pool, ProviderReply, ProviderRequest,
 };
 use optiroute_common::{Error, ErrorKind};
 use tokio::task::JoinHandle;
@@ -97,42 +97,7 @@ impl Handler for GenerateHandler {
         let embedding = RequestEmbedding::new(&self.embeddings, &question);
         let scope = self.access.cache_scope(&caller, &req);
         let mut decision = self.router.decide(&req, &embedding, &scope).await;
-        if !self.access.allows(&caller, decision.target) {
-            // The key may use only the other pool (identify checked one is left).
-            decision.target = decision.target.other();
-            decision.reason_label = "key_restricted";
-            decision.reason = format!("{}; the key allows only this pool", decision.reason);
-        }
-        let mut local_slot = None;
-        if decision.target == Pool::Local {
-            let may_overflow =
-                req.provider == ProviderChoice::Auto && self.access.allows(&caller, Pool::Cloud);
-            match self.local_load.claim(may_overflow) {
-                Ok(slot) => local_slot = Some(slot),
-                // Overflow is for work the local pool would do: an answer
-                // it already gave (cached) is served, not paid for again.
-                Err(_)
-                    if req.cache.reads() && self.cache.enabled() && {
-                        let mut local = req.clone();
-                        self.access.pin_model(&caller, Pool::Local, &mut local);
-                        let local_key = scoped_cache_key(&local, Pool::Local, &scope);
-                        self.cache.fetch(&local_key).await.is_some()
-                    } => {}
-                Err(wait) => {
-                    let wait = wait.map_or_else(
-                        || "the local pool is full".to_string(),
-                        |w| format!("the local pool's expected wait is {} ms", w.as_millis()),
-                    );
-                    decision.target = Pool::Cloud;
-                    decision.reason_label = "overflow";
-                    decision.reason = format!(
-                        "overflow: {wait}, past router.routing.local_max_wait_ms = {}; {}",
-                        self.local_load.max_wait().as_millis(),
-                        decision.reason
-                    );
-                }
-            }
-        }
+        let mut local_slot = self.fit(&mut decision, &req, &caller, &scope).await;
         let pinned = req.params.model_id.is_none();
         self.access.pin_model(&caller, decision.target, &mut req);
         let pinned = pinned && req.params.model_id.is_some();
