@@ -22,28 +22,11 @@ bench_out auth
 start_nats
 start_fake_upstream 0
 
-# start_side NAME ENV...: a stack (local, cloud, router, ingress) with its own config.
-start_side() {
-  local side=$1 p i
-  shift
-  write_config '[local.simulated]
+fast='[local.simulated]
 base_ms = 0
 per_token_ms = 0'
-  mv "$config" "$work/$side.toml"
-  eval "${side}_port=$http_port"
-  for p in optiroute-local optiroute-cloud optiroute-router optiroute-ingress; do
-    spawn "$side-$p" env -u HF_API_TOKEN -u OPTIROUTE_CLOUD_API_KEY "$@" "$bin/$p" --config "$work/$side.toml"
-  done
-  for ((i = 0; i < 150; i++)); do
-    curl -sf --max-time 1 "http://127.0.0.1:$http_port/ready" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  echo "bench: the $side stack is not ready" >&2
-  return 1
-}
-
-start_side off
-start_side on OPTIROUTE__NATS__PREFIX=authon OPTIROUTE__AUTH__MODE=required OPTIROUTE_ADMIN_KEY="$admin_key"
+start_side off "$fast"
+start_side on "$fast" OPTIROUTE__NATS__PREFIX=authon OPTIROUTE__AUTH__MODE=required OPTIROUTE_ADMIN_KEY="$admin_key"
 
 # The key: every limit on, none reached.
 key=""

@@ -172,6 +172,28 @@ drain_timeout_ms = 2000
 EOF
 }
 
+# start_side NAME EXTRA_TOML ENV...: one more whole stack (local, cloud,
+# router, ingress) beside others on the same nats-server, with its own
+# config and ports (`<NAME>_port`, `<NAME>_router_admin`), each process
+# run with ENV (e.g. another OPTIROUTE__NATS__PREFIX); waits until ready.
+start_side() {
+  local side=$1 extra=$2 p i
+  shift 2
+  write_config "$extra"
+  mv "$config" "$work/$side.toml"
+  eval "${side}_port=$http_port"
+  eval "${side}_router_admin=$router_admin"
+  for p in optiroute-local optiroute-cloud optiroute-router optiroute-ingress; do
+    spawn "$side-$p" env -u HF_API_TOKEN -u OPTIROUTE_CLOUD_API_KEY "$@" "$bin/$p" --config "$work/$side.toml"
+  done
+  for ((i = 0; i < 150; i++)); do
+    curl -sf --max-time 1 "http://127.0.0.1:$http_port/ready" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  echo "bench: the $side stack is not ready" >&2
+  return 1
+}
+
 # Sends one request until it answers 200 (the pools subscribe shortly after
 # their /ready turns green); prints the answer.
 probe() {

@@ -38,33 +38,13 @@ pinned "$bin/optiroute-semantic-calibrate" --search 1000,10000,100000 | tee "$ou
 start_nats
 start_fake_upstream 0
 
-# start_side NAME ENABLED ENV...: a stack (local, cloud, router, ingress) with its own config.
-start_side() {
-  local side=$1 enabled=$2 p i
-  shift 2
-  write_config "[cache.semantic]
-enabled = $enabled
-[router.embedding]
-model_dir = \"$model\"
-[local.simulated]
-base_ms = 0
-per_token_ms = 0"
-  mv "$config" "$work/$side.toml"
-  eval "${side}_port=$http_port"
-  eval "${side}_router_admin=$router_admin"
-  for p in optiroute-local optiroute-cloud optiroute-router optiroute-ingress; do
-    spawn "$side-$p" env -u HF_API_TOKEN -u OPTIROUTE_CLOUD_API_KEY "$@" "$bin/$p" --config "$work/$side.toml"
-  done
-  for ((i = 0; i < 150; i++)); do
-    curl -sf --max-time 1 "http://127.0.0.1:$http_port/ready" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  echo "bench: the $side stack is not ready" >&2
-  return 1
+# The stack's settings with the semantic cache on or off.
+semantic_toml() {
+  printf '[cache.semantic]\nenabled = %s\n[router.embedding]\nmodel_dir = "%s"\n[local.simulated]\nbase_ms = 0\nper_token_ms = 0\n' "$1" "$model"
 }
 
-start_side off false
-start_side on true OPTIROUTE__NATS__PREFIX=semon
+start_side off "$(semantic_toml false)"
+start_side on "$(semantic_toml true)" OPTIROUTE__NATS__PREFIX=semon
 # Each side answers once (its pools subscribe shortly after /ready).
 for side in off on; do
   port_var="${side}_port"
