@@ -115,10 +115,26 @@ fn decode<T: for<'de> Deserialize<'de> + Default>(
 impl LedgerInner {
     async fn read(&self, key: &str) -> Result<(Option<bytes::Bytes>, u64), Error> {
         let kv = self.kv().await?;
-        let e = tokio::time::timeout(OP_TIMEOUT, kv.entry(key))
-            .await
-            .map_err(|_| unavailable("read", "timed out"))?
-            .map_err(|e| unavailable("read", e))?;
+        // A read may land on a replica still catching up after a node came
+        // back ("no stream found"): tried again a few times (~0.75 s) before
+        // it is an error.
+        let mut delay = std::time::Duration::from_millis(50);
+        let mut attempt = 0;
+        let e = loop {
+            attempt += 1;
+            let got = tokio::time::timeout(OP_TIMEOUT, kv.entry(key))
+                .await
+                .map_err(|_| unavailable("read", "timed out"))
+                .and_then(|r| r.map_err(|e| unavailable("read", e)));
+            match got {
+                Ok(e) => break e,
+                Err(e) if attempt >= 5 || e.message.contains("timed out") => return Err(e),
+                Err(_) => {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        };
         Ok(match e {
             Some(e) if e.operation == kv::Operation::Put => (Some(e.value), e.revision),
             Some(e) => (None, e.revision),

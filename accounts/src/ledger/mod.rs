@@ -181,6 +181,9 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Pause before a request tries the ledger again after JetStream failed.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 /// How long settled spend waits to be written back with the settles that
 /// follow it: one KV write per entry and router at most this often.
 pub const FLUSH_BATCH: Duration = Duration::from_millis(20);
@@ -276,6 +279,16 @@ impl Ledger {
                 tokio::spawn(async move { inner.take(&slot, need).await })
             };
             let taken = match tokio::time::timeout_at(deadline.into(), write).await {
+                // JetStream away for a moment (a leader election): wait for
+                // it within the request's deadline rather than fail now.
+                Ok(Ok(Err(e)))
+                    if e.kind == ErrorKind::NatsUnavailable
+                        && Instant::now() + RETRY_PAUSE < deadline =>
+                {
+                    tracing::debug!(entry = %slot.key, error = %e, "ledger unavailable; retrying");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
                 Ok(Ok(r)) => r?,
                 Ok(Err(e)) => return Err(Error::internal(format!("ledger write task: {e}"))),
                 Err(_) => {
