@@ -304,41 +304,29 @@ impl Access {
                 tpm: None,
             });
         };
-        let rpm = match k.rpm {
-            Some(limit) => Some(
+        // One bucket per limit and key: `rpm.<id>`, `tpm.<id>`.
+        let take = |bucket: &str, what: &'static str, limit: u32, need: u64| {
+            let entry = format!("{bucket}.{}", k.id);
+            async move {
+                let capacity = u64::from(limit);
                 ledger
                     .reserve(
-                        &format!("rpm.{}", k.id),
-                        Limit::Rate {
-                            capacity: u64::from(limit),
-                        },
-                        1,
+                        &entry,
+                        Limit::Rate { capacity },
+                        need.min(capacity),
                         None,
                         deadline,
                     )
                     .await?
-                    .map_err(|r| rate_error("requests", limit, &r))?,
-            ),
+                    .map_err(|r| rate_error(what, limit, &r))
+            }
+        };
+        let rpm = match k.rpm {
+            Some(limit) => Some(take("rpm", "requests", limit, 1).await?),
             None => None,
         };
         let tpm = match k.tpm {
-            Some(limit) => {
-                let need = token_bound(req).min(u64::from(limit));
-                Some(
-                    ledger
-                        .reserve(
-                            &format!("tpm.{}", k.id),
-                            Limit::Rate {
-                                capacity: u64::from(limit),
-                            },
-                            need,
-                            None,
-                            deadline,
-                        )
-                        .await?
-                        .map_err(|r| rate_error("tokens", limit, &r))?,
-                )
-            }
+            Some(limit) => Some(take("tpm", "tokens", limit, token_bound(req)).await?),
             None => None,
         };
         Ok(Admission { rpm, tpm })
@@ -416,37 +404,34 @@ impl Access {
         let now = caller.at_ms;
         let mut out = Vec::new();
         if let Some(usd) = k.budget_usd {
-            let w = k.budget_period.window(now);
-            out.push(Budget {
-                what: format!("key {}", k.id),
-                entry: format!("b.k.{}.{}", k.id, w.label),
-                capacity: to_nanos(usd),
-                period: k.budget_period,
-                window_end: w.end_ms,
-            });
+            out.push(Budget::new(
+                format!("key {}", k.id),
+                format!("b.k.{}", k.id),
+                usd,
+                k.budget_period,
+                now,
+            ));
         }
         if let Some(t) = &caller.team {
             if let Some(usd) = t.budget_usd {
-                let w = t.budget_period.window(now);
-                out.push(Budget {
-                    what: format!("team {}", t.name),
-                    entry: format!("b.t.{}.{}", t.name, w.label),
-                    capacity: to_nanos(usd),
-                    period: t.budget_period,
-                    window_end: w.end_ms,
-                });
+                out.push(Budget::new(
+                    format!("team {}", t.name),
+                    format!("b.t.{}", t.name),
+                    usd,
+                    t.budget_period,
+                    now,
+                ));
             }
         }
         if let (Some(usd), Some(user)) = (k.end_user_budget_usd, &caller.user) {
-            let w = k.budget_period.window(now);
             let u = hex::encode(&Sha256::digest(user.as_bytes())[..12]);
-            out.push(Budget {
-                what: format!("end user `{user}` of key {}", k.id),
-                entry: format!("b.u.{}.{u}.{}", k.id, w.label),
-                capacity: to_nanos(usd),
-                period: k.budget_period,
-                window_end: w.end_ms,
-            });
+            out.push(Budget::new(
+                format!("end user `{user}` of key {}", k.id),
+                format!("b.u.{}.{u}", k.id),
+                usd,
+                k.budget_period,
+                now,
+            ));
         }
         out
     }
@@ -547,6 +532,21 @@ struct Budget {
     capacity: u64,
     period: Period,
     window_end: Option<u64>,
+}
+
+impl Budget {
+    /// `usd` over `period`'s window holding `now_ms`: the ledger entry is
+    /// `<entry>.<window label>`, so a new period starts a new entry.
+    fn new(what: String, entry: String, usd: f64, period: Period, now_ms: u64) -> Self {
+        let w = period.window(now_ms);
+        Budget {
+            what,
+            entry: format!("{entry}.{}", w.label),
+            capacity: to_nanos(usd),
+            period,
+            window_end: w.end_ms,
+        }
+    }
 }
 
 /// Prompt tokens at most: one per byte of text (a byte-level BPE token
