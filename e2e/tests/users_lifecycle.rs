@@ -399,4 +399,13 @@ async fn a_stream_that_breaks_off_is_charged_for_what_it_streamed() {
         (to_nanos(metered) as i64 - charged as i64).abs() <= 1,
         "{metered}"
     );
+    // And the web UI's spend, which the ingress counts, says the same.
+    let (status, stats) = stack.get("/stats").await;
+    assert_eq!(status, 200, "{stats}");
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let shown = stats["spend_usd"]["by_provider"]["cloud"].as_f64().unwrap();
+    assert!(
+        (to_nanos(shown) as i64 - charged as i64).abs() <= 1,
+        "{stats}"
+    );
 }

@@ -350,7 +350,7 @@ async fn relay(
         }
         Err(e) => {
             s.metrics.errors.with_label_values(&[e.kind.as_str()]).inc();
-            s.ui.record_failure();
+            s.ui.record_failure(e.charged.as_deref());
             tracing::info!(request_id = %meta.request_id, kind = %e.kind, message = %e.message, "request failed");
             if e.kind == ErrorKind::NoResponders {
                 Err(Error::new(

@@ -166,8 +166,16 @@ impl UiStats {
     /// A request the routers were sent that ended in an error. (The NATS
     /// service API's own `num_errors` cannot count these: error replies
     /// carry a `{code, message}` body, and it counts only empty ones.)
-    pub fn record_failure(&self) {
-        self.lock().failed += 1;
+    /// A failure that was still charged (a stream that broke off after
+    /// tokens went out) adds its cost to the spend, as the cost metric does.
+    pub fn record_failure(&self, charged: Option<&optiroute_common::error::Charge>) {
+        let mut t = self.lock();
+        t.failed += 1;
+        if let Some(c) = charged {
+            if c.cost_usd.is_finite() && c.cost_usd > 0.0 {
+                t.spend_by_provider[idx(c.pool)] += c.cost_usd;
+            }
+        }
     }
 
     fn record_at(&self, a: &GenerateResponse, now: Instant) {
