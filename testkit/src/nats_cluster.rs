@@ -3,12 +3,12 @@
 //! every other node, killed on drop. A node can be SIGKILLed and started
 //! again on the same ports with the same store, as an operator would.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::nats_server::binary;
+use crate::nats_server::{binary, wait_listening};
 
 struct Node {
     name: String,
@@ -20,6 +20,8 @@ struct Node {
 
 pub struct NatsCluster {
     nodes: Vec<Node>,
+    /// Where each node writes its ports file once it listens.
+    ports_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -44,6 +46,18 @@ impl NatsCluster {
     /// The same with JetStream's `sync_interval` set to `sync` (`"2m"` is
     /// nats-server's default: acknowledged writes reach the disk later).
     pub fn start_with_sync(n: usize, sync: &str) -> Self {
+        // Ports are chosen free a moment before the nodes bind them; when
+        // another process took one meanwhile, start again on fresh ports.
+        for _ in 0..5 {
+            let mut cluster = Self::configure(n, sync);
+            if (0..n).all(|i| cluster.try_spawn(i)) {
+                return cluster;
+            }
+        }
+        panic!("could not start a {n}-node nats-server cluster on free ports in 5 tries");
+    }
+
+    fn configure(n: usize, sync: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(2 * n);
         let (client_ports, route_ports) = ports.split_at(n);
@@ -51,6 +65,8 @@ impl NatsCluster {
             .iter()
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
             .collect();
+        let ports_dir = dir.path().join("ports");
+        std::fs::create_dir_all(&ports_dir).unwrap();
         let nodes = (0..n)
             .map(|i| {
                 let name = format!("n{}", i + 1);
@@ -59,7 +75,7 @@ impl NatsCluster {
                 std::fs::write(
                     &conf,
                     format!(
-                        "server_name: {name}\nlisten: 127.0.0.1:{}\n\
+                        "server_name: {name}\nlisten: 127.0.0.1:{}\nports_file_dir: {ports_dir:?}\n\
                          jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 64MB\n  max_file_store: 512MB\n  sync_interval: {sync}\n}}\n\
                          cluster {{\n  name: optiroute-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                         client_ports[i],
@@ -77,11 +93,11 @@ impl NatsCluster {
                 }
             })
             .collect();
-        let mut cluster = NatsCluster { nodes, _dir: dir };
-        for i in 0..n {
-            cluster.spawn(i);
+        NatsCluster {
+            nodes,
+            ports_dir,
+            _dir: dir,
         }
-        cluster
     }
 
     /// Every node's URL, comma-separated (what `nats.url` takes).
@@ -102,7 +118,9 @@ impl NatsCluster {
         &self.nodes[i].name
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// Starts node `i`; false when it exited instead of listening (its
+    /// port was taken).
+    fn try_spawn(&mut self, i: usize) -> bool {
         let node = &mut self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -116,24 +134,20 @@ impl NatsCluster {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nats-server ({:?}): {e}", binary()));
-        let addr: SocketAddr = format!("127.0.0.1:{}", node.port).parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Up when its port answers and it is still running (another
-        // process may have taken a port chosen free a moment before).
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err()
-            || child.try_wait().unwrap().is_some()
-        {
-            let exited = child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "nats-server {} did not start on port {} ({exited:?}): {}",
-                node.name,
-                node.port,
-                std::fs::read_to_string(&node.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let what = format!("nats-server {}", node.name);
+        let up = wait_listening(&mut child, &self.ports_dir, &what).is_some();
         node.child = Some(child);
+        up
+    }
+
+    fn spawn(&mut self, i: usize) {
+        assert!(
+            self.try_spawn(i),
+            "nats-server {} exited on restart (port {} taken?): {}",
+            self.nodes[i].name,
+            self.nodes[i].port,
+            std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+        );
     }
 
     /// SIGKILLs node `i`: no shutdown, no flush.

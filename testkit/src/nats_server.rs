@@ -2,12 +2,13 @@
 //! dir, killed on drop. The binary comes from `NATS_SERVER_BIN`, the
 //! project's `.tools/nats` (where `scripts/setup.sh` puts it) or `PATH`.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct NatsServer {
+    /// The client port: chosen by nats-server at the first start (no other
+    /// process can hold it), kept across restarts.
     pub port: u16,
     jetstream: bool,
     /// Extra configuration appended to the generated file.
@@ -28,12 +29,36 @@ pub fn binary() -> PathBuf {
     PathBuf::from("nats-server")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Waits until `child` has bound its client port and returns it. Proof is
+/// the ports file nats-server writes into `dir` (`ports_file_dir`) once it
+/// listens, named after its own pid: a port that merely answers may belong
+/// to another test's server that took it first. `None` when the child
+/// exited instead (its port was taken).
+pub(crate) fn wait_listening(child: &mut Child, dir: &Path, what: &str) -> Option<u16> {
+    let suffix = format!("_{}.ports", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(port) = ports_file_port(dir, &suffix) {
+            return Some(port);
+        }
+        if child.try_wait().unwrap().is_some() {
+            return None;
+        }
+        assert!(Instant::now() < deadline, "{what} did not start in 10 s");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The client port in the ports file ending in `suffix`, once written whole.
+fn ports_file_port(dir: &Path, suffix: &str) -> Option<u16> {
+    let entry = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(suffix))?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = v["nats"][0].as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl NatsServer {
@@ -70,7 +95,7 @@ impl NatsServer {
             None => String::new(),
         };
         let mut s = NatsServer {
-            port: free_port(),
+            port: 0,
             jetstream,
             extra,
             dir,
@@ -89,37 +114,46 @@ impl NatsServer {
         format!("nats://{user}:change-me-{user}@127.0.0.1:{}", self.port)
     }
 
+    /// Starts the server: on a port of its own choosing the first time
+    /// (`-1`), on the same port after that.
     fn spawn(&mut self) {
         let conf = self.dir.path().join("nats.conf");
         let store = self.dir.path().join("store");
+        let ports = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports);
+        std::fs::create_dir_all(&ports).unwrap();
         let js = if self.jetstream {
             format!("jetstream {{\n  store_dir: {:?}\n  max_memory_store: 64MB\n  max_file_store: 256MB\n}}\n", store)
         } else {
             String::new()
         };
+        let listen = if self.port == 0 {
+            -1
+        } else {
+            i32::from(self.port)
+        };
         std::fs::write(
             &conf,
-            format!("listen: 127.0.0.1:{}\n{js}{}", self.port, self.extra),
+            format!(
+                "listen: 127.0.0.1:{listen}\nports_file_dir: {ports:?}\n{js}{}",
+                self.extra
+            ),
         )
         .unwrap();
-        let child = Command::new(binary())
+        let mut child = Command::new(binary())
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nats-server ({:?}): {e}; run scripts/setup.sh or set NATS_SERVER_BIN", binary()));
-        self.child = Some(child);
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        match wait_listening(&mut child, &ports, "nats-server") {
+            Some(port) => self.port = port,
+            None => panic!(
+                "nats-server exited at start (listen 127.0.0.1:{listen}: port taken by another process?)"
+            ),
         }
+        self.child = Some(child);
     }
 
     /// Kills the server (clients see a disconnect).
