@@ -7,7 +7,7 @@ use optiroute_embed::Embedder;
 
 use crate::eval::{score_decisions, Labelled, Scores};
 use crate::learned::train::Example;
-use crate::learned::{inputs, quantiles, threshold_for_share, LearnedRouter};
+use crate::learned::{inputs, threshold_for_share, LearnedRouter};
 use crate::routing::Router;
 
 /// The embedding every item's request gets in the router (its last user
@@ -48,7 +48,7 @@ pub fn examples(router: &Router, items: &[&Labelled], embs: &[Vec<f32>]) -> Vec<
         .collect()
 }
 
-/// The learned router's logit for each item.
+/// The learned router's score for each item.
 pub fn learned_scores(
     learned: &LearnedRouter,
     features: &Router,
@@ -98,19 +98,19 @@ pub struct CurvePoint {
     pub scores: Scores,
 }
 
-/// For each share, the threshold calibrated on `reference` scores, applied
-/// to `items` (whose scores are `item_scores`).
+/// For each share, the threshold calibrated on the reference workload's
+/// score quantiles `q` (from [`crate::learned::quantiles`]), applied to `items` (whose
+/// scores are `item_scores`).
 pub fn curve(
-    reference: &[f32],
+    q: &[f32],
     items: &[&Labelled],
     item_scores: &[f32],
     shares: &[f32],
 ) -> Vec<CurvePoint> {
-    let q = quantiles(reference);
     shares
         .iter()
         .map(|&share| {
-            let threshold = threshold_for_share(&q, share);
+            let threshold = threshold_for_share(q, share);
             CurvePoint {
                 share,
                 threshold,

@@ -1,25 +1,36 @@
-//! The learned router: a logistic regression on the sentence embedding of
-//! the request's last user turn (all-MiniLM-L6-v2, the vector the semantic
-//! cache reads too, computed once per request)
-//! and the feature router's hand-written features, trained offline by
-//! `optiroute-route-eval --train` (see [`train`]) and shipped as a small
-//! JSON file next to the labelled set.
+//! The learned router: kernel ridge regression (an RBF kernel) on the
+//! sentence embedding of the request's last user turn (all-MiniLM-L6-v2,
+//! the vector the semantic cache reads too, computed once per request) and
+//! the feature router's hand-written features, trained offline by
+//! `optiroute-route-eval --train` (see [`train`]) and shipped as a JSON file
+//! next to the labelled set. A prompt's score is a similarity-weighted vote
+//! of the labelled prompts it resembles, so it follows what the work of a
+//! prompt is like rather than which keywords it uses.
 //!
 //! # Weights file (`router-worker/data/learned-router.json`)
-//! One JSON object, format `optiroute-learned-router/1`:
+//! One JSON object, format `optiroute-learned-router/2`:
 //! - `embedding_model`: the model whose vectors the weights expect;
 //! - `features`: the names of the hand features, in input order
-//!   (see [`FEATURES`]); `feature_mean` and `feature_scale` standardise them;
-//! - `embedding_weights` (384 values, applied to the embedding times
-//!   [`EMBEDDING_SCALE`]), `feature_weights` (one per feature) and `bias`:
-//!   the score is `logit = bias + Σ w_e·e·EMBEDDING_SCALE + Σ w_f·(f − mean)/scale`,
-//!   and `sigmoid(logit)` is the learned probability that the prompt needs the cloud;
-//! - `threshold`: the logit at or above which a prompt goes to the cloud,
+//!   (see [`FEATURES`]);
+//! - `input_mean`, `input_scale` ([`INPUTS`] values each): the input is
+//!   the embedding (384 values) then the features, each standardised as
+//!   `z = (x − mean) / scale`;
+//! - `gamma`: the kernel `k(z, s) = exp(−gamma · |z − s|²)`;
+//! - `support`: the training prompts' standardised inputs, one row of
+//!   [`INPUTS`] signed bytes per prompt, hex-encoded, row after row; row
+//!   `i` is `byte · support_scale[i]`;
+//! - `support_cloud`: one character per row, `1` when that prompt is
+//!   labelled cloud, `0` local (for `route_reason`'s nearest prompts);
+//! - `alpha`: one weight per row; the score is `Σ alpha[i] · k(z, row i)`
+//!   (about +1 for prompts like the cloud-labelled ones, −1 for local);
+//! - `threshold`: the score at or above which a prompt goes to the cloud,
 //!   chosen during training on out-of-fold scores for cloud recall;
-//! - `reference_quantiles`: the logits of the reference workload (the
-//!   labelled set's training and validation thirds) at every 0.5 %, 201
-//!   ascending values, from which `router.routing.cloud_share` picks a threshold;
-//! - `training`: how the weights were made (seed, regularisation, epochs, examples).
+//! - `reference_quantiles`: the out-of-fold scores of the reference
+//!   workload (the labelled set's training and validation thirds, each
+//!   scored by a model that did not see it, as a new prompt would be) at
+//!   every 0.5 %, 201 ascending values, from which
+//!   `router.routing.cloud_share` picks a threshold;
+//! - `training`: how the weights were made (ridge, folds, seed, examples).
 
 pub mod train;
 
@@ -31,15 +42,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::routing::{Decision, Features, Router};
 
-pub const FORMAT: &str = "optiroute-learned-router/1";
+pub const FORMAT: &str = "optiroute-learned-router/2";
 /// The weights the router uses unless `router.routing.learned.weights_file` is set.
 pub const BUILT_IN: &str = include_str!("../data/learned-router.json");
 pub const EMBEDDING_MODEL: &str = "all-MiniLM-L6-v2";
 /// Embedding dimensions.
 pub const DIMS: usize = 384;
-/// The embedding is L2-normalised (components around ±0.05); this brings
-/// them to about unit scale, like the standardised features.
-pub const EMBEDDING_SCALE: f32 = 19.595_918; // sqrt(384)
 /// The hand features the model reads besides the embedding, in order.
 pub const FEATURES: [&str; 11] = [
     "length",
@@ -55,6 +63,10 @@ pub const FEATURES: [&str; 11] = [
     "log_chars",
 ];
 pub const NF: usize = FEATURES.len();
+/// The model's input: the embedding, then the features.
+pub const INPUTS: usize = DIMS + NF;
+/// Labelled prompts a route_reason counts around a prompt.
+const NEAREST: usize = 5;
 /// Quantiles of the reference workload kept in the file: every 0.5 %.
 pub const QUANTILES: usize = 201;
 
@@ -79,9 +91,12 @@ pub fn inputs(f: &Features, chars: usize) -> [f32; NF] {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingInfo {
+    /// The ridge (added to the kernel matrix's diagonal).
+    pub ridge: f32,
+    /// Folds of the out-of-fold scores (threshold and reference quantiles).
+    pub folds: usize,
+    /// Seeds the assignment of prompts to folds.
     pub seed: u64,
-    pub l2: f32,
-    pub epochs: usize,
     pub examples: usize,
     /// Where the examples came from.
     pub data: String,
@@ -94,17 +109,75 @@ pub struct Weights {
     pub format: String,
     pub embedding_model: String,
     pub features: Vec<String>,
-    pub feature_mean: Vec<f32>,
-    pub feature_scale: Vec<f32>,
-    pub embedding_weights: Vec<f32>,
-    pub feature_weights: Vec<f32>,
-    pub bias: f32,
+    pub input_mean: Vec<f32>,
+    pub input_scale: Vec<f32>,
+    pub gamma: f32,
+    pub support: String,
+    pub support_scale: Vec<f32>,
+    pub support_cloud: String,
+    pub alpha: Vec<f32>,
     pub threshold: f32,
     pub reference_quantiles: Vec<f32>,
     pub training: TrainingInfo,
+    /// `support` decoded: row-major, [`INPUTS`] per row (filled by `parse`).
+    #[serde(skip)]
+    rows: Vec<f32>,
+    /// Each row's squared length.
+    #[serde(skip)]
+    norms: Vec<f32>,
+}
+
+/// One row's signed bytes and scale for `z` (what `support` stores).
+pub fn quantize_row(z: &[f32]) -> (Vec<i8>, f32) {
+    let max = z.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+    let q = z
+        .iter()
+        .map(|v| (v / scale).round().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (q, scale)
 }
 
 impl Weights {
+    /// Weights from their parts; `rows` are the support rows as stored
+    /// (already quantized), `cloud` their labels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        input_mean: Vec<f32>,
+        input_scale: Vec<f32>,
+        gamma: f32,
+        rows: &[(Vec<i8>, f32)],
+        cloud: &[bool],
+        alpha: Vec<f32>,
+        threshold: f32,
+        reference_quantiles: Vec<f32>,
+        training: TrainingInfo,
+    ) -> Result<Self, String> {
+        let bytes: Vec<u8> = rows
+            .iter()
+            .flat_map(|(q, _)| q.iter().map(|b| *b as u8))
+            .collect();
+        let mut w = Weights {
+            format: FORMAT.into(),
+            embedding_model: EMBEDDING_MODEL.into(),
+            features: FEATURES.iter().map(|s| s.to_string()).collect(),
+            input_mean,
+            input_scale,
+            gamma,
+            support: hex::encode(bytes),
+            support_scale: rows.iter().map(|(_, s)| *s).collect(),
+            support_cloud: cloud.iter().map(|c| if *c { '1' } else { '0' }).collect(),
+            alpha,
+            threshold,
+            reference_quantiles,
+            training,
+            rows: Vec::new(),
+            norms: Vec::new(),
+        };
+        w.check()?;
+        Ok(w)
+    }
+
     /// Reads and checks a weights file; the error says what is wrong.
     pub fn load(path: &str) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
@@ -112,13 +185,14 @@ impl Weights {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let w: Weights =
+        let mut w: Weights =
             serde_json::from_str(text).map_err(|e| format!("not a weights file: {e}"))?;
         w.check()?;
         Ok(w)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Checks every field and decodes the support rows.
+    fn check(&mut self) -> Result<(), String> {
         if self.format != FORMAT {
             return Err(format!("format is {:?}, expected {FORMAT:?}", self.format));
         }
@@ -134,65 +208,140 @@ impl Weights {
                 self.features
             ));
         }
-        for (name, v, n) in [
-            ("feature_mean", &self.feature_mean, NF),
-            ("feature_scale", &self.feature_scale, NF),
-            ("feature_weights", &self.feature_weights, NF),
-            ("embedding_weights", &self.embedding_weights, DIMS),
+        let n = self.alpha.len();
+        if n == 0 {
+            return Err("alpha is empty: no support rows".into());
+        }
+        for (name, v, len) in [
+            ("input_mean", &self.input_mean, INPUTS),
+            ("input_scale", &self.input_scale, INPUTS),
+            ("support_scale", &self.support_scale, n),
             ("reference_quantiles", &self.reference_quantiles, QUANTILES),
         ] {
-            if v.len() != n {
-                return Err(format!("{name} has {} values, expected {n}", v.len()));
+            if v.len() != len {
+                return Err(format!("{name} has {} values, expected {len}", v.len()));
             }
             if !v.iter().all(|x| x.is_finite()) {
                 return Err(format!("{name} has a value that is not a finite number"));
             }
         }
-        if !self.feature_scale.iter().all(|s| *s > 0.0) {
-            return Err("feature_scale must be positive".into());
+        if !self.alpha.iter().all(|x| x.is_finite()) {
+            return Err("alpha has a value that is not a finite number".into());
         }
-        if !self.bias.is_finite() || !self.threshold.is_finite() {
-            return Err("bias and threshold must be finite numbers".into());
+        if !self.input_scale.iter().all(|s| *s > 0.0) {
+            return Err("input_scale must be positive".into());
+        }
+        if !(self.gamma.is_finite() && self.gamma > 0.0) {
+            return Err("gamma must be a positive number".into());
+        }
+        if !self.threshold.is_finite() {
+            return Err("threshold must be a finite number".into());
         }
         if self.reference_quantiles.windows(2).any(|w| w[0] > w[1]) {
             return Err("reference_quantiles must be ascending".into());
         }
+        if self.support_cloud.len() != n
+            || !self.support_cloud.bytes().all(|b| b == b'0' || b == b'1')
+        {
+            return Err(format!(
+                "support_cloud must be {n} characters, each 0 or 1 (one per alpha)"
+            ));
+        }
+        let bytes = hex::decode(&self.support).map_err(|e| format!("support is not hex: {e}"))?;
+        if bytes.len() != n * INPUTS {
+            return Err(format!(
+                "support has {} bytes, expected {} ({n} rows of {INPUTS})",
+                bytes.len(),
+                n * INPUTS
+            ));
+        }
+        self.rows = bytes
+            .chunks(INPUTS)
+            .zip(&self.support_scale)
+            .flat_map(|(row, s)| row.iter().map(move |b| f32::from(*b as i8) * s))
+            .collect();
+        self.norms = self
+            .rows
+            .chunks(INPUTS)
+            .map(|r| r.iter().map(|v| v * v).sum())
+            .collect();
         Ok(())
     }
 
-    /// Each standardised feature's contribution to the logit, with its name.
-    pub fn feature_contributions(&self, x: &[f32; NF]) -> [(&'static str, f32); NF] {
-        std::array::from_fn(|i| {
-            let z = (x[i] - self.feature_mean[i]) / self.feature_scale[i];
-            (FEATURES[i], z * self.feature_weights[i])
-        })
-    }
-
-    /// The embedding's contribution to the logit.
-    pub fn embedding_contribution(&self, embedding: &[f32]) -> f32 {
+    /// The standardised input of an embedding and its features.
+    pub fn standardise(&self, embedding: &[f32], x: &[f32; NF]) -> Vec<f32> {
         embedding
             .iter()
-            .zip(&self.embedding_weights)
-            .map(|(e, w)| e * w)
-            .sum::<f32>()
-            * EMBEDDING_SCALE
+            .chain(x)
+            .zip(self.input_mean.iter().zip(&self.input_scale))
+            .map(|(v, (m, s))| (v - m) / s)
+            .collect()
     }
 
-    pub fn logit(&self, embedding: &[f32], x: &[f32; NF]) -> f32 {
-        self.bias
-            + self.embedding_contribution(embedding)
-            + self
-                .feature_contributions(x)
-                .iter()
-                .map(|(_, c)| c)
-                .sum::<f32>()
+    /// The kernel between a standardised input and each support row.
+    fn kernel(&self, z: &[f32]) -> impl Iterator<Item = f32> + '_ {
+        let zz: f32 = z.iter().map(|v| v * v).sum();
+        let owned = z.to_vec();
+        self.rows
+            .chunks(INPUTS)
+            .zip(&self.norms)
+            .map(move |(r, n)| (-self.gamma * (zz + n - 2.0 * dot(r, &owned)).max(0.0)).exp())
     }
 
-    /// The logit threshold that sends `share` of the reference workload
-    /// to the cloud.
+    /// The score of an embedding and its features.
+    pub fn score(&self, embedding: &[f32], x: &[f32; NF]) -> f32 {
+        self.score_standardised(&self.standardise(embedding, x))
+    }
+
+    /// The score of an input already standardised.
+    pub fn score_standardised(&self, z: &[f32]) -> f32 {
+        self.kernel(z).zip(&self.alpha).map(|(k, a)| k * a).sum()
+    }
+
+    /// The score, with how many of the [`NEAREST`] most similar labelled
+    /// prompts are labelled cloud and their mean kernel value.
+    pub fn score_nearest(&self, embedding: &[f32], x: &[f32; NF]) -> (f32, usize, f32) {
+        let z = self.standardise(embedding, x);
+        let mut score = 0.0;
+        let mut near: Vec<(f32, bool)> = Vec::with_capacity(self.alpha.len());
+        for ((k, a), c) in self
+            .kernel(&z)
+            .zip(&self.alpha)
+            .zip(self.support_cloud.bytes())
+        {
+            score += k * a;
+            near.push((k, c == b'1'));
+        }
+        near.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let top = &near[..NEAREST.min(near.len())];
+        let cloud = top.iter().filter(|(_, c)| *c).count();
+        let mean = top.iter().map(|(k, _)| k).sum::<f32>() / top.len().max(1) as f32;
+        (score, cloud, mean)
+    }
+
+    /// The threshold that sends `share` of the reference workload to the cloud.
     pub fn threshold_for_share(&self, share: f32) -> f32 {
         threshold_for_share(&self.reference_quantiles, share)
     }
+}
+
+/// A dot product in eight independent lanes, so the compiler can keep
+/// them in one vector register (a single running sum cannot be reordered).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The score at or above which `share` of a workload whose score quantiles
@@ -232,10 +381,6 @@ pub fn quantiles(scores: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 /// A loaded model with its threshold settled from config.
 #[derive(Debug, Clone)]
 pub struct LearnedRouter {
@@ -272,46 +417,49 @@ impl LearnedRouter {
         self.threshold
     }
 
-    /// The logit of a request whose embedding is known.
+    /// The score of a request whose embedding is known.
     pub fn score(&self, features: &Router, req: &GenerateRequest, embedding: &[f32]) -> f32 {
         let text = req.text();
         let f = features.features(&text, req.params.max_tokens);
         self.weights
-            .logit(embedding, &inputs(&f, text.chars().count()))
+            .score(embedding, &inputs(&f, text.chars().count()))
     }
 
-    /// A request's logit and what made it, from its text, `max_tokens` and
+    /// A request's score and what made it, from its text, `max_tokens` and
     /// the embedding of its last user turn (not `route_bias`, which only
-    /// moves the threshold).
+    /// moves the threshold): the labels of the most similar labelled
+    /// prompts and the feature router's score with its top features.
     pub fn scored(&self, features: &Router, req: &GenerateRequest, embedding: &[f32]) -> Scored {
         let text = req.text();
         let f = features.features(&text, req.params.max_tokens);
         let x = inputs(&f, text.chars().count());
-        let emb = self.weights.embedding_contribution(embedding);
-        let contrib = self.weights.feature_contributions(&x);
-        let logit = self.weights.bias + emb + contrib.iter().map(|(_, c)| c).sum::<f32>();
-        let mut order: Vec<(&'static str, f32)> = std::iter::once(("embedding", emb))
-            .chain(contrib)
+        let (score, cloud, similarity) = self.weights.score_nearest(embedding, &x);
+        let w = features.weights();
+        let mut parts = format!(
+            ": nearest labelled {cloud} cloud / {} local (kernel {similarity:.2}); features score {:.2}",
+            NEAREST - cloud,
+            f.score(&w)
+        );
+        let mut order: Vec<(&'static str, f32)> = f
+            .contributions(&w)
+            .into_iter()
             .filter(|(_, c)| c.abs() > 0.01)
             .collect();
         order.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
-        let mut parts = String::new();
         for (n, (name, c)) in order.iter().take(3).enumerate() {
-            parts.push_str(if n == 0 { ": " } else { ", " });
+            parts.push_str(if n == 0 { " (" } else { ", " });
             let _ = write!(parts, "{name}{c:+.2}");
+            if n + 1 == order.len().min(3) {
+                parts.push(')');
+            }
         }
-        let _ = write!(
-            parts,
-            "; features score {:.2}",
-            f.score(&features.weights())
-        );
-        Scored { logit, parts }
+        Scored { score, parts }
     }
 
     /// The decision on a scored request with its `route_bias`.
     pub fn decision(&self, s: &Scored, route_bias: Option<f32>) -> Decision {
         let threshold = self.threshold - route_bias.unwrap_or(0.0) * self.bias_span;
-        let target = if s.logit >= threshold {
+        let target = if s.score >= threshold {
             Pool::Cloud
         } else {
             Pool::Local
@@ -325,13 +473,10 @@ impl LearnedRouter {
                 "below_threshold"
             },
             reason: format!(
-                "learned {:.2} (logit {:.2} {cmp} {threshold:.2}, {}){}",
-                sigmoid(s.logit),
-                s.logit,
-                self.threshold_from,
-                s.parts
+                "learned score {:.2} {cmp} {threshold:.2} ({}){}",
+                s.score, self.threshold_from, s.parts
             ),
-            score: s.logit,
+            score: s.score,
         }
     }
 
@@ -341,11 +486,12 @@ impl LearnedRouter {
     }
 }
 
-/// A request's learned logit and its explanation (the top contributions
-/// and the feature router's score), kept for repeated prompts.
+/// A request's learned score and its explanation (the nearest labelled
+/// prompts and the feature router's score), kept for repeated prompts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
-    pub logit: f32,
+    /// The learned score (compared with the threshold).
+    pub score: f32,
     parts: String,
 }
 
@@ -353,49 +499,82 @@ pub struct Scored {
 mod tests {
     use super::*;
 
-    fn weights() -> Weights {
-        Weights {
-            format: FORMAT.into(),
-            embedding_model: EMBEDDING_MODEL.into(),
-            features: FEATURES.iter().map(|s| s.to_string()).collect(),
-            feature_mean: vec![0.0; NF],
-            feature_scale: vec![1.0; NF],
-            embedding_weights: vec![0.0; DIMS],
-            feature_weights: vec![0.0; NF],
-            bias: 0.0,
-            threshold: 0.0,
-            reference_quantiles: (0..QUANTILES).map(|i| i as f32).collect(),
-            training: TrainingInfo {
-                seed: 1,
-                l2: 0.0,
-                epochs: 0,
-                examples: 0,
-                data: String::new(),
-            },
+    fn info() -> TrainingInfo {
+        TrainingInfo {
+            ridge: 0.1,
+            folds: 5,
+            seed: 1,
+            examples: 2,
+            data: String::new(),
         }
+    }
+
+    /// Two support rows: one at +1 on the first input (cloud), one at −1.
+    fn weights() -> Weights {
+        let mut a = vec![0.0; INPUTS];
+        a[0] = 1.0;
+        let b: Vec<f32> = a.iter().map(|v| -v).collect();
+        Weights::new(
+            vec![0.0; INPUTS],
+            vec![1.0; INPUTS],
+            0.5,
+            &[quantize_row(&a), quantize_row(&b)],
+            &[true, false],
+            vec![1.0, -1.0],
+            0.0,
+            (0..QUANTILES).map(|i| i as f32).collect(),
+            info(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn parse_names_what_is_wrong() {
         let good = serde_json::to_string(&weights()).unwrap();
-        assert!(Weights::parse(&good).is_ok());
-        let mut w = weights();
-        w.embedding_weights.pop();
-        let e = Weights::parse(&serde_json::to_string(&w).unwrap()).unwrap_err();
-        assert!(e.contains("embedding_weights has 383 values"), "{e}");
-        let mut w = weights();
-        w.format = "other/2".into();
-        let e = Weights::parse(&serde_json::to_string(&w).unwrap()).unwrap_err();
+        assert_eq!(Weights::parse(&good).unwrap(), weights());
+        let bad = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+            f(&mut v);
+            Weights::parse(&v.to_string()).unwrap_err()
+        };
+        let e = bad(&|v| {
+            v["input_mean"].as_array_mut().unwrap().pop();
+        });
+        assert!(e.contains("input_mean has 394 values, expected 395"), "{e}");
+        let e = bad(&|v| v["format"] = "other/2".into());
         assert!(e.contains("format"), "{e}");
-        let mut w = weights();
-        w.reference_quantiles[3] = -1.0;
-        let e = Weights::parse(&serde_json::to_string(&w).unwrap()).unwrap_err();
+        let e = bad(&|v| v["reference_quantiles"][3] = (-1.0).into());
         assert!(e.contains("ascending"), "{e}");
+        let e = bad(&|v| v["support"] = "00ff".into());
+        assert!(e.contains("support has 2 bytes, expected 790"), "{e}");
+        let e = bad(&|v| v["support"] = "zz".into());
+        assert!(e.contains("support is not hex"), "{e}");
+        let e = bad(&|v| v["support_cloud"] = "1x".into());
+        assert!(e.contains("support_cloud"), "{e}");
+        let e = bad(&|v| v["gamma"] = (-1.0).into());
+        assert!(e.contains("gamma"), "{e}");
         assert!(Weights::parse("{")
             .unwrap_err()
             .contains("not a weights file"));
-        let nan = good.replacen("\"bias\":0.0", "\"bias\":1e999", 1);
+        let nan = good.replacen("\"threshold\":0.0", "\"threshold\":1e999", 1);
         assert!(Weights::parse(&nan).is_err());
+    }
+
+    #[test]
+    fn the_score_is_a_kernel_vote_of_the_support_rows() {
+        let w = weights();
+        let mut e = vec![0.0; DIMS];
+        e[0] = 1.0;
+        let x = [0.0; NF];
+        // At the cloud row: k = 1 there, exp(-0.5 * 4) at the other.
+        let want = 1.0 - (-2.0f32).exp();
+        assert!((w.score(&e, &x) - want).abs() < 1e-3, "{}", w.score(&e, &x));
+        let (s, cloud, _) = w.score_nearest(&e, &x);
+        assert!((s - want).abs() < 1e-3 && cloud == 1);
+        e[0] = -1.0;
+        assert!((w.score(&e, &x) + want).abs() < 1e-3);
+        e[0] = 0.0;
+        assert!(w.score(&e, &x).abs() < 1e-6, "halfway is undecided");
     }
 
     #[test]

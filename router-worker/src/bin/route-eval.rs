@@ -181,7 +181,7 @@ fn run(a: &Args) -> Result<(), Error> {
     let ref_l = el::learned_scores(&learned, &router, &reference, &ref_embs);
     let t = learned.threshold();
     if let Some(share) = a.calibrate {
-        return calibrate(&router, &weights, &reference, &ref_l, share);
+        return calibrate(&router, &weights, (&reference, &held), &held_l, share);
     }
     let rows = [
         (
@@ -225,8 +225,8 @@ fn run(a: &Args) -> Result<(), Error> {
     );
     print!("{}", table(&rows));
     println!(
-        "\nlearned threshold: logit {t:+.3} (trained for cloud recall; seed {}, l2 {}, {} examples)",
-        weights.training.seed, weights.training.l2, weights.training.examples
+        "\nlearned threshold: score {t:+.3} (trained for cloud recall; kernel ridge {}, {}-fold, seed {}, {} examples)",
+        weights.training.ridge, weights.training.folds, weights.training.seed, weights.training.examples
     );
     println!(
         "cost model: cloud ${}/1k tokens for the prompt + {} output tokens; local {} s x ${}/s; \
@@ -246,7 +246,7 @@ fn run(a: &Args) -> Result<(), Error> {
         if let Some((lt, l)) = el::cheapest_at_recall(set, scores_l, f.cloud_recall) {
             println!(
                 "{name}, at the feature router's cloud recall {:.1} %: features ${:.4}/1k (accuracy {:.1} %), \
-                 learned ${:.4}/1k (accuracy {:.1} %, recall {:.1} %, logit {lt:+.3})",
+                 learned ${:.4}/1k (accuracy {:.1} %, recall {:.1} %, score {lt:+.3})",
                 f.cloud_recall * 100.0,
                 f.cost_per_1k,
                 f.accuracy * 100.0,
@@ -266,8 +266,14 @@ fn run(a: &Args) -> Result<(), Error> {
     print!(
         "{}",
         curve_table(&[
-            ("learned", el::curve(&ref_l, &held, &held_l, &shares)),
-            ("features", el::curve(&ref_f, &held, &held_f, &shares)),
+            (
+                "learned",
+                el::curve(&weights.reference_quantiles, &held, &held_l, &shares)
+            ),
+            (
+                "features",
+                el::curve(&learned::quantiles(&ref_f), &held, &held_f, &shares)
+            ),
         ])
     );
     if a.errors {
@@ -277,7 +283,7 @@ fn run(a: &Args) -> Result<(), Error> {
             if got != item.label {
                 let p: String = item.text().chars().take(90).collect();
                 println!(
-                    "  want {:5} logit {s:+.2} [{}] {}",
+                    "  want {:5} score {s:+.2} [{}] {}",
                     item.label.as_str(),
                     item.category,
                     p.replace('\n', " ")
@@ -335,7 +341,9 @@ fn train_and_write(
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
-    let (weights, report) = train::train(&t, &v, a.seed, &source);
+    let train::Trained {
+        weights, report, ..
+    } = train::train(&t, &v, a.seed, &source).map_err(Error::internal)?;
     let text = serde_json::to_string_pretty(&weights)
         .map_err(|e| Error::internal(format!("weights: {e}")))?;
     std::fs::write(&a.weights, text + "\n")
@@ -349,25 +357,34 @@ fn train_and_write(
     Ok(())
 }
 
+/// The thresholds for `share`: the learned one from the weights'
+/// reference quantiles (out-of-fold scores of the training and validation
+/// thirds), the feature router's from its scores on them; and the share
+/// each sends of the held-out third, prompts neither was calibrated on.
 fn calibrate(
     router: &Router,
     weights: &Weights,
-    reference: &[&Labelled],
-    ref_l: &[f32],
+    (reference, held): (&[&Labelled], &[&Labelled]),
+    held_l: &[f32],
     share: f32,
 ) -> Result<(), Error> {
+    let above = |s: &[f32], t: f32| {
+        s.iter().filter(|x| **x >= t).count() as f64 / s.len().max(1) as f64 * 100.0
+    };
     let t = weights.threshold_for_share(share);
-    let got = ref_l.iter().filter(|s| **s >= t).count() as f64 / ref_l.len().max(1) as f64;
     let ref_f = el::feature_scores(router, reference);
     let tf = learned::threshold_for_share(&learned::quantiles(&ref_f), share);
-    let got_f = ref_f.iter().filter(|s| **s >= tf).count() as f64 / ref_f.len().max(1) as f64;
+    let held_f = el::feature_scores(router, held);
     println!(
-        "cloud_share {share}: learned threshold logit {t:+.4} (sends {:.1} % of the {} reference prompts to the cloud; \
-         set router.routing.cloud_share = {share})\n\
-         features: threshold {tf:.3} (sends {:.1} %; set router.routing.threshold = {tf:.3})",
-        got * 100.0,
+        "cloud_share {share}: learned threshold {t:+.4} (set router.routing.cloud_share = {share}); \
+         it sends {:.1} % of the {} held-out prompts to the cloud\n\
+         features: threshold {tf:.3} (sends {:.1} % of the {} reference prompts and {:.1} % of the held-out ones; \
+         set router.routing.threshold = {tf:.3})",
+        above(held_l, t),
+        held.len(),
+        above(&ref_f, tf),
         reference.len(),
-        got_f * 100.0
+        above(&held_f, tf)
     );
     Ok(())
 }
