@@ -412,7 +412,7 @@ impl LearnedRouter {
         &self.weights
     }
 
-    /// The logit threshold in use (before `route_bias`).
+    /// The score threshold in use (before `route_bias`).
     pub fn threshold(&self) -> f32 {
         self.threshold
     }

@@ -8,10 +8,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Which router scores `auto` requests. `learned` (the default: it won
-    /// on the held-out third, see the README) falls back to `features`,
-    /// with the reason in `route_reason`, when its weights or the embedding
-    /// model (`router.embedding`) cannot be loaded.
+    /// Which router scores `auto` requests: `features` by default.
+    /// `learned` falls back to `features`, with the reason in
+    /// `route_reason`, when its weights or the embedding model
+    /// (`router.embedding`) cannot be loaded.
     pub kind: RouterKind,
     /// `learned` only (an error with `features`): the share (0..1) of the reference workload the
     /// threshold sends to the cloud; unset, the threshold trained with the
@@ -47,8 +47,8 @@ pub enum RouterKind {
     /// an embedding per new prompt; see README, Routing).
     #[default]
     Features,
-    /// Logistic regression on the prompt's embedding and the same features
-    /// (`router-worker/src/learned.rs`).
+    /// Kernel ridge regression on the prompt's embedding and the same
+    /// features (`router-worker/src/learned.rs`).
     Learned,
 }
 

@@ -13,7 +13,7 @@
 //! shipped model is then trained on both thirds. The held-out third is
 //! never read here. [`RIDGE`] and [`GAMMA`] were chosen by cross-validation
 //! over the same two thirds (5 folds, 3 shuffles; an RBF kernel beat a
-//! logistic regression there by 3–4 points at 95 % recall).
+//! logistic regression there by 3–4 points of accuracy at 95 % recall).
 
 use super::{quantiles, quantize_row, TrainingInfo, Weights, DIMS, INPUTS, NF};
 
