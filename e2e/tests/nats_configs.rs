@@ -109,21 +109,15 @@ impl Drop for Nodes {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn the_cluster_takes_only_authenticated_tls_clients_and_replicates() {
     let (tmp, _) = copy_with_certs();
     // The files' fixed ports, moved to free ones.
-    let ports: Vec<(String, String)> = [4222, 4223, 4224, 6222, 6223, 6224, 8222, 8223, 8224]
+    let fixed = [4222, 4223, 4224, 6222, 6223, 6224, 8222, 8223, 8224];
+    let ports: Vec<(String, String)> = fixed
         .iter()
-        .map(|p| (format!(":{p}"), format!(":{}", free_port())))
+        .zip(optiroute_testkit::procs::free_ports(fixed.len()))
+        .map(|(p, free)| (format!(":{p}"), format!(":{free}")))
         .collect();
     let mut nodes = Nodes(Vec::new());
     for n in 1..=3 {

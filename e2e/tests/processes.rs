@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use optiroute_testkit::procs::{bin_dir, free_port, Proc};
+use optiroute_testkit::procs::{bin_dir, free_ports, Proc};
 use optiroute_testkit::{wait_until, NatsServer};
 use serde_json::{json, Value};
 
@@ -14,13 +14,7 @@ use serde_json::{json, Value};
 async fn the_real_binaries_serve_and_stop_cleanly() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let (http, router, local, cloud, batch) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
+    let [http, router, local, cloud, batch]: [u16; 5] = free_ports(5).try_into().unwrap();
     let config = dir.path().join("optiroute.toml");
     std::fs::write(
         &config,

@@ -11,7 +11,7 @@ use optiroute_common::wire::{GenerateRequest, ProviderChoice};
 use sha2::{Digest, Sha256};
 
 use crate::embedding::{Embeddings, RequestEmbedding};
-use crate::learned::{LearnedRouter, Scored, Weights, BUILT_IN};
+use crate::learned::{LearnedRouter, Scored, Weights, BUILT_IN, DIMS};
 use crate::routing::{Decision, Router};
 
 pub struct Routing {
@@ -151,6 +151,13 @@ impl Routing {
             return learned.decision(&s, req.route_bias);
         }
         match embedding.get().await {
+            Ok(v) if v.len() != DIMS => self.fallback(
+                req,
+                &format!(
+                    "the embedding has {} dimensions, the weights expect {DIMS}",
+                    v.len()
+                ),
+            ),
             Ok(v) => {
                 let s = Arc::new(learned.scored(&self.features, req, &v));
                 self.memo.put(key, s.clone());
@@ -167,6 +174,13 @@ impl Routing {
             return self.features.decide(req);
         }
         match (&self.learned, embedding) {
+            (Some(_), Some(v)) if v.len() != DIMS => self.fallback(
+                req,
+                &format!(
+                    "the embedding has {} dimensions, the weights expect {DIMS}",
+                    v.len()
+                ),
+            ),
             (Some(l), Some(v)) => l.decide(&self.features, req, v),
             (Some(_), None) => self.fallback(req, "no embedding"),
             (None, _) => match &self.unavailable {

@@ -127,6 +127,23 @@ pub struct Weights {
     norms: Vec<f32>,
 }
 
+/// A standardised input is clamped to ±`Z_MAX`: one input far outside
+/// what training saw (a `max_tokens` no labelled prompt had) must not push
+/// a prompt away from every stored one.
+pub const Z_MAX: f32 = 8.0;
+/// Bounds a weights file's numbers must keep (so nothing overflows).
+const LIMIT: f32 = 1e6;
+
+/// `(x − mean) / scale`, clamped to ±[`Z_MAX`]; 0 for a non-number.
+pub fn standard(x: f32, mean: f32, scale: f32) -> f32 {
+    let z = (x - mean) / scale;
+    if z.is_nan() {
+        0.0
+    } else {
+        z.clamp(-Z_MAX, Z_MAX)
+    }
+}
+
 /// One row's signed bytes and scale for `z` (what `support` stores).
 pub fn quantize_row(z: &[f32]) -> (Vec<i8>, f32) {
     let max = z.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -225,17 +242,49 @@ impl Weights {
                 return Err(format!("{name} has a value that is not a finite number"));
             }
         }
-        if !self.alpha.iter().all(|x| x.is_finite()) {
-            return Err("alpha has a value that is not a finite number".into());
-        }
-        if !self.input_scale.iter().all(|s| *s > 0.0) {
-            return Err("input_scale must be positive".into());
-        }
-        if !(self.gamma.is_finite() && self.gamma > 0.0) {
-            return Err("gamma must be a positive number".into());
-        }
-        if !self.threshold.is_finite() {
-            return Err("threshold must be a finite number".into());
+        let within = |v: &[f32], lo: f32, hi: f32| v.iter().all(|x| (lo..=hi).contains(x));
+        for (name, v, lo, hi, what) in [
+            ("alpha", &self.alpha[..], -LIMIT, LIMIT, "within ±1e6"),
+            (
+                "input_mean",
+                &self.input_mean[..],
+                -LIMIT,
+                LIMIT,
+                "within ±1e6",
+            ),
+            (
+                "input_scale",
+                &self.input_scale[..],
+                1e-6,
+                LIMIT,
+                "between 1e-6 and 1e6",
+            ),
+            (
+                "support_scale",
+                &self.support_scale[..],
+                1e-9,
+                1.0,
+                "in (0, 1]",
+            ),
+            (
+                "reference_quantiles",
+                &self.reference_quantiles[..],
+                -LIMIT,
+                LIMIT,
+                "within ±1e6",
+            ),
+            ("gamma", &[self.gamma][..], 1e-9, 1e3, "in (0, 1000]"),
+            (
+                "threshold",
+                &[self.threshold][..],
+                -LIMIT,
+                LIMIT,
+                "within ±1e6",
+            ),
+        ] {
+            if !within(v, lo, hi) {
+                return Err(format!("{name} must be {what} (and a number)"));
+            }
         }
         if self.reference_quantiles.windows(2).any(|w| w[0] > w[1]) {
             return Err("reference_quantiles must be ascending".into());
@@ -268,13 +317,14 @@ impl Weights {
         Ok(())
     }
 
-    /// The standardised input of an embedding and its features.
+    /// The standardised input of an embedding ([`DIMS`] values) and its
+    /// features.
     pub fn standardise(&self, embedding: &[f32], x: &[f32; NF]) -> Vec<f32> {
         embedding
             .iter()
             .chain(x)
             .zip(self.input_mean.iter().zip(&self.input_scale))
-            .map(|(v, (m, s))| (v - m) / s)
+            .map(|(v, (m, s))| standard(*v, *m, *s))
             .collect()
     }
 
@@ -435,9 +485,10 @@ impl LearnedRouter {
         let x = inputs(&f, text.chars().count());
         let (score, cloud, similarity) = self.weights.score_nearest(embedding, &x);
         let w = features.weights();
+        let near = NEAREST.min(self.weights.alpha.len());
         let mut parts = format!(
             ": nearest labelled {cloud} cloud / {} local (kernel {similarity:.2}); features score {:.2}",
-            NEAREST - cloud,
+            near - cloud,
             f.score(&w)
         );
         let mut order: Vec<(&'static str, f32)> = f

@@ -80,29 +80,44 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
         .require_embeddings(&embeddings);
     assert!(routing.needs_embedding() && routing.unavailable().is_none());
     let items = load(SET).unwrap();
+    // From the held-out third (never stored in the model), both labels,
+    // several styles; the terse cloud one the feature router gets wrong.
+    let held = in_split(&items, Split::HeldOut);
     let pinned = [
-        "What is the capital of France?",
-        "Translate 'sun' into Spanish.",
-        "sup",
-        "how are you feeling today",
-        "Design a URL shortener that handles 100M requests per day. Cover storage, ID generation, caching and analytics.",
-        "Implement a thread-safe bounded queue in C++ using condition variables.",
-        "Why did the Roman Republic fall?",
-        "Analysiere, warum die deutsche Energiewende in manchen Bereichen erfolgreich war und wo sie gescheitert ist.",
+        "nice",
+        "cat in german",
+        "How many continents are there?",
+        "Nice to meet you! What should I call you?",
+        "why is housing so expensive",
+        "Assess the risks of building a product on top of a single LLM vendor's API.",
+        "Find the eigenvalues and eigenvectors of the matrix [[2, 1], [1, 2]].",
+        "Compare Raft and Paxos for a small team building a replicated key-value store. Which would you pick and why?",
     ];
     let mut labels = Vec::new();
     for p in pinned {
-        let item = items
+        let item = held
             .iter()
             .find(|i| i.prompt == p)
-            .unwrap_or_else(|| panic!("{p} not in the set"));
+            .unwrap_or_else(|| panic!("{p} not in the held-out third"));
         let (target, reason) = decide(&routing, &embeddings, &item.request()).await;
         assert_eq!(target, item.label, "{p}: {reason}");
         assert!(reason.starts_with("learned "), "{reason}");
         assert!(reason.contains("features score"), "{reason}");
+        // A max_tokens no labelled prompt had moves one input, not the
+        // whole prompt away from every stored one.
+        let mut big = item.request();
+        big.params.max_tokens = 1024;
+        let (target, reason) = decide(&routing, &embeddings, &big).await;
+        assert_eq!(target, item.label, "{p} with max_tokens 1024: {reason}");
+        assert!(!reason.contains("kernel 0.00"), "{reason}");
         labels.push(item.label);
     }
     assert!(labels.contains(&Pool::Local) && labels.contains(&Pool::Cloud));
+    assert_eq!(
+        features_decision(&GenerateRequest::new(pinned[4])).0,
+        Pool::Local,
+        "the feature router sends it local"
+    );
 
     // An explicit provider still wins without computing an embedding.
     let mut req = GenerateRequest::new("Why did the Roman Republic fall?");
@@ -133,13 +148,15 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
     assert_eq!(fresh.decide(&req, &first, "").await, d);
     assert!(first.computed().is_some());
 
-    // route_bias moves the learned threshold both ways.
-    let mut req = GenerateRequest::new("Why did the Roman Republic fall?");
+    // route_bias moves the learned threshold both ways: a prompt just
+    // below it goes to the cloud at +1 and stays local at −1.
+    let mut req = GenerateRequest::new("Who discovered penicillin?");
     req.route_bias = Some(-1.0);
-    let low = decide(&routing, &embeddings, &req).await.1;
+    let (low, why) = decide(&routing, &embeddings, &req).await;
+    assert_eq!(low, Pool::Local, "{why}");
     req.route_bias = Some(1.0);
-    let high = decide(&routing, &embeddings, &req).await.1;
-    assert_ne!(low, high, "bias must move the threshold");
+    let (high, why) = decide(&routing, &embeddings, &req).await;
+    assert_eq!(high, Pool::Cloud, "{why}");
 }
 
 /// The feature router's decision, for comparison.
@@ -267,6 +284,14 @@ async fn cloud_share_calibration_hits_its_share_on_the_reference_workload() {
         w.threshold,
         shipped.threshold
     );
+    assert_eq!(w.support_cloud, shipped.support_cloud);
+    assert_eq!(w.alpha.len(), shipped.alpha.len());
+    for (a, b) in w.alpha.iter().zip(&shipped.alpha) {
+        assert!((a - b).abs() < 1e-3, "alpha {a} vs shipped {b}");
+    }
+    for (a, b) in w.input_mean.iter().zip(&shipped.input_mean) {
+        assert!((a - b).abs() < 1e-5, "mean {a} vs shipped {b}");
+    }
     for (a, b) in w
         .reference_quantiles
         .iter()

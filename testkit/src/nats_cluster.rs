@@ -3,12 +3,12 @@
 //! every other node, killed on drop. A node can be SIGKILLed and started
 //! again on the same ports with the same store, as an operator would.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::nats_server::{binary, wait_listening};
+use crate::procs::free_ports;
 
 struct Node {
     name: String,
@@ -23,17 +23,6 @@ pub struct NatsCluster {
     /// Where each node writes its ports file once it listens.
     ports_dir: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-fn free_ports(n: usize) -> Vec<u16> {
-    // Held together so no two are the same.
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
 }
 
 impl NatsCluster {
@@ -66,6 +55,14 @@ impl NatsCluster {
             .map(|p| format!("nats-route://127.0.0.1:{p}"))
             .collect();
         let ports_dir = dir.path().join("ports");
+        // A name of its own, so a node can never join another test's cluster.
+        let cluster = format!(
+            "optiroute-test-{}",
+            dir.path()
+                .file_name()
+                .map(|n| n.to_string_lossy().replace('.', ""))
+                .unwrap_or_default()
+        );
         std::fs::create_dir_all(&ports_dir).unwrap();
         let nodes = (0..n)
             .map(|i| {
@@ -77,7 +74,7 @@ impl NatsCluster {
                     format!(
                         "server_name: {name}\nlisten: 127.0.0.1:{}\nports_file_dir: {ports_dir:?}\n\
                          jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 64MB\n  max_file_store: 512MB\n  sync_interval: {sync}\n}}\n\
-                         cluster {{\n  name: optiroute-test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                         cluster {{\n  name: {cluster}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
                         client_ports[i],
                         route_ports[i],
                         routes.join(", ")
@@ -135,7 +132,7 @@ impl NatsCluster {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nats-server ({:?}): {e}", binary()));
         let what = format!("nats-server {}", node.name);
-        let up = wait_listening(&mut child, &self.ports_dir, &what).is_some();
+        let up = wait_listening(&mut child, &self.ports_dir, &what) == Some(node.port);
         node.child = Some(child);
         up
     }

@@ -44,7 +44,12 @@ pub(crate) fn wait_listening(child: &mut Child, dir: &Path, what: &str) -> Optio
         if child.try_wait().unwrap().is_some() {
             return None;
         }
-        assert!(Instant::now() < deadline, "{what} did not start in 10 s");
+        if Instant::now() >= deadline {
+            // A dropped Child keeps running: stop it before failing.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not start in 10 s");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -132,6 +137,8 @@ impl NatsServer {
         } else {
             i32::from(self.port)
         };
+        let log_path = self.dir.path().join("nats.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         std::fs::write(
             &conf,
             format!(
@@ -144,13 +151,14 @@ impl NatsServer {
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start nats-server ({:?}): {e}; run scripts/setup.sh or set NATS_SERVER_BIN", binary()));
         match wait_listening(&mut child, &ports, "nats-server") {
             Some(port) => self.port = port,
             None => panic!(
-                "nats-server exited at start (listen 127.0.0.1:{listen}: port taken by another process?)"
+                "nats-server exited at start (listen 127.0.0.1:{listen}): {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             ),
         }
         self.child = Some(child);

@@ -48,11 +48,21 @@ pub const STACK_BINS: [&str; 5] = [
 ];
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct ports free a moment ago (held together while chosen, so
+/// no two are the same). Another process may still take one before it is
+/// bound: a nats-server of this harness cannot (it picks its own), and a
+/// test that starts processes on these runs alone in its binary.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// One of the stack's binaries, running; SIGKILLed on drop.

@@ -189,6 +189,30 @@ impl Stack {
             })
             .await;
         }
+        // The ingress's own connection (it connects in the background: a
+        // request before that is refused with `nats_unavailable`). Its
+        // `/ready` says so; without a router it answers `no_responders`.
+        if let Some(i) = &self.ingress {
+            let ready = format!("http://{}/ready", i.admin_addr);
+            crate::wait_until(
+                "the ingress's NATS connection",
+                std::time::Duration::from_secs(10),
+                move || {
+                    let ready = ready.clone();
+                    async move {
+                        match reqwest::get(&ready).await {
+                            Ok(r) => !r
+                                .text()
+                                .await
+                                .unwrap_or_default()
+                                .contains("nats_unavailable"),
+                            Err(_) => false,
+                        }
+                    }
+                },
+            )
+            .await;
+        }
         // The cache bucket, when the router has JetStream to put it in.
         if let Some(r) = &self.router {
             let cache = r.cache.clone();

@@ -11,11 +11,12 @@
 //! cloud recall at [`TARGET_RECALL`] or more (the operating point:
 //! a cloud prompt answered by a 135M model is the worse mistake). The
 //! shipped model is then trained on both thirds. The held-out third is
-//! never read here. [`RIDGE`] and [`GAMMA`] were chosen by cross-validation
-//! over the same two thirds (5 folds, 3 shuffles; an RBF kernel beat a
+//! never read here. The inputs' means and scales are taken over both
+//! thirds before the folds (no label leaks through them). [`RIDGE`] and
+//! [`GAMMA`] were chosen by cross-validation over the same two thirds (5 folds, 3 shuffles; an RBF kernel beat a
 //! logistic regression there by 3–4 points of accuracy at 95 % recall).
 
-use super::{quantiles, quantize_row, TrainingInfo, Weights, DIMS, INPUTS, NF};
+use super::{quantiles, quantize_row, standard, TrainingInfo, Weights, DIMS, INPUTS, NF};
 
 /// One labelled prompt, ready for the model.
 #[derive(Debug, Clone)]
@@ -184,20 +185,27 @@ pub fn train(
     let scale: Vec<f32> = (0..INPUTS)
         .map(|d| {
             let var = raws.iter().map(|r| (r[d] - mean[d]).powi(2)).sum::<f32>() / nf;
-            var.sqrt().max(1e-3)
+            // An input that (nearly) never varies in training carries
+            // nothing: unit scale keeps a new value of it from dominating.
+            let sd = var.sqrt();
+            if sd < 1e-3 {
+                1.0
+            } else {
+                sd
+            }
         })
         .collect();
-    let standard: Vec<Vec<f32>> = raws
+    let zs: Vec<Vec<f32>> = raws
         .iter()
         .map(|r| {
             r.iter()
                 .zip(mean.iter().zip(&scale))
-                .map(|(v, (m, s))| (v - m) / s)
+                .map(|(v, (m, s))| standard(*v, *m, *s))
                 .collect()
         })
         .collect();
     // The model is trained on the rows as the file stores them.
-    let quantized: Vec<(Vec<i8>, f32)> = standard.iter().map(|z| quantize_row(z)).collect();
+    let quantized: Vec<(Vec<i8>, f32)> = zs.iter().map(|z| quantize_row(z)).collect();
     let rows: Vec<Vec<f32>> = quantized
         .iter()
         .map(|(q, s)| q.iter().map(|b| f32::from(*b) * s).collect())
@@ -242,7 +250,7 @@ pub fn train(
         let idx: Vec<usize> = (0..n).filter(|&i| fold[i] != f).collect();
         let m = model(&idx, 0.0, flat.clone())?;
         for i in (0..n).filter(|&i| fold[i] == f) {
-            oof[i] = m.score_standardised(&standard[i]);
+            oof[i] = m.score_standardised(&zs[i]);
         }
     }
     let scored: Vec<(f32, bool)> = oof.iter().copied().zip(cloud.iter().copied()).collect();
