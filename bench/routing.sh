@@ -5,7 +5,7 @@
 #   hit   the same prompt again and again (routing comes before the cache
 #         lookup: the pool is part of the key, so a hit is routed too)
 # once with router.routing.kind = "features" and once with "learned"
-# (all-MiniLM-L6-v2 embedding of the prompt, then the logistic regression).
+# (all-MiniLM-L6-v2 embedding of the prompt, then the kernel ridge model).
 # Prints req/s, p50/p99 and the router's CPU per request, and the
 # route_reason of a probe so the learned router is seen to be in use.
 #

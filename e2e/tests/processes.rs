@@ -1,6 +1,7 @@
 //! The real binaries, each its own process, talking only over NATS: what
-//! `scripts/up.sh` starts. Checks the HTTP path, per-process metrics, config
-//! errors and graceful shutdown on SIGTERM.
+//! `scripts/up.sh` starts. Checks the HTTP path (routed by the default,
+//! learned router with the embedding model up.sh fetches), per-process
+//! metrics, config errors and graceful shutdown on SIGTERM.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -12,6 +13,17 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn the_real_binaries_serve_and_stop_cleanly() {
+    // The embedding model the default router reads, as up.sh fetches it.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fetched = Command::new("bash")
+        .arg(root.join("scripts/fetch-embed-model.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let [http, router, local, cloud, batch]: [u16; 5] = free_ports(5).try_into().unwrap();
@@ -90,6 +102,11 @@ max_meta_bytes = 4194304
         .await
         .unwrap();
     assert_eq!(v["provider"], "local", "{v}");
+    let reason = v["route_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("learned score "),
+        "the default router: {v}"
+    );
     // A complex prompt is routed to the cloud, which has no token here: local answers and says why.
     let complex = "Design a fault-tolerant, multi-region payment ledger; compare event sourcing with a relational double-entry design step by step and justify the consistency model.";
     let v: Value = client
@@ -102,6 +119,13 @@ max_meta_bytes = 4194304
         .await
         .unwrap();
     assert_eq!(v["routed_to"], "cloud", "{v}");
+    assert!(
+        v["route_reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("learned score "),
+        "{v}"
+    );
     assert_eq!(v["provider"], "local");
     assert_eq!(v["fallback_reason"], "not_configured");
 

@@ -72,7 +72,7 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
     ))
     .unwrap();
     assert_eq!(file, Weights::parse(BUILT_IN).unwrap());
-    assert_eq!(RoutingConfig::default().kind, RouterKind::Features);
+    assert_eq!(RoutingConfig::default().kind, RouterKind::Learned);
 
     let embeddings = Embeddings::with_model(embedder(), 2);
     let routing = Routing::new(&learned_cfg())

@@ -72,9 +72,12 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `name` with `--config config`, logs to stderr at `warn`.
+    /// Starts `name` with `--config config`, logs to stderr at `warn`, in
+    /// the repository's root as `scripts/up.sh` runs it (relative paths in
+    /// the config, such as the models', resolve there).
     pub fn start(name: &'static str, config: &std::path::Path) -> Proc {
         let child = Command::new(bin_dir().join(name))
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .arg("--config")
             .arg(config)
             .env_remove("HF_API_TOKEN")

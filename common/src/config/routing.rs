@@ -8,10 +8,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
-    /// Which router scores `auto` requests: `features` by default.
-    /// `learned` falls back to `features`, with the reason in
-    /// `route_reason`, when its weights or the embedding model
-    /// (`router.embedding`) cannot be loaded.
+    /// Which router scores `auto` requests. `learned` (the default: it won
+    /// on the held-out third, see the README) falls back to `features`,
+    /// with the reason in `route_reason`, when its weights or the embedding
+    /// model (`router.embedding`) cannot be loaded.
     pub kind: RouterKind,
     /// `learned` only (an error with `features`): the share (0..1) of the reference workload the
     /// threshold sends to the cloud; unset, the threshold trained with the
@@ -42,13 +42,12 @@ pub struct RoutingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RouterKind {
-    /// The keyword and length score (`router-worker/src/routing.rs`): the
-    /// default (the learned router loses on the external prompts and costs
-    /// an embedding per new prompt; see README, Routing).
-    #[default]
+    /// The keyword and length score (`router-worker/src/routing.rs`): no
+    /// model, a microsecond a decision.
     Features,
     /// Kernel ridge regression on the prompt's embedding and the same
-    /// features (`router-worker/src/learned.rs`).
+    /// features (`router-worker/src/learned.rs`): the default.
+    #[default]
     Learned,
 }
 
@@ -449,7 +448,7 @@ mod tests {
             c.router.routing.learned.weights_file.as_deref(),
             Some("w.json")
         );
-        assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Features);
+        assert_eq!(with(&[]).unwrap().router.routing.kind, RouterKind::Learned);
         let e = with(&[
             ("router.routing.kind", "features"),
             ("router.routing.cloud_share", "0.4"),
