@@ -9,6 +9,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bin="${BENCH_BIN:-$root/target/release}"
+# The pipeline benches measure with the feature router (a microsecond a
+# decision), as their README figures were taken, whether or not the
+# embedding model is on disk; BENCH_ROUTING_KIND=learned measures the
+# default router instead (one embedding per new prompt).
+export OPTIROUTE__ROUTER__ROUTING__KIND="${BENCH_ROUTING_KIND:-features}"
 work="$(mktemp -d -t optiroute-bench.XXXXXX)"
 mkdir -p "$work/logs"
 pids=()
@@ -53,6 +58,11 @@ bench_build() {
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   # BENCH_BIN=<dir> runs other binaries (e.g. an older build, to compare).
   bin="${BENCH_BIN:-$root/target/release}"
+# The pipeline benches measure with the feature router (a microsecond a
+# decision), as their README figures were taken, whether or not the
+# embedding model is on disk; BENCH_ROUTING_KIND=learned measures the
+# default router instead (one embedding per new prompt).
+export OPTIROUTE__ROUTER__ROUTING__KIND="${BENCH_ROUTING_KIND:-features}"
   if [ "${BENCH_NO_BUILD:-0}" = 1 ] || [ -n "${BENCH_BIN:-}" ]; then
     echo "bench: using the binaries in $bin (no build)" >&2
   else

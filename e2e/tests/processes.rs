@@ -133,6 +133,7 @@ max_meta_bytes = 4194304
     for (port, name) in [
         (http, "http_request_duration_seconds"),
         (router, "llm_cache_events_total"),
+        (router, "optiroute_learned_router_active 1"),
         (local, "llm_total_cost_usd_total"),
         (cloud, "llm_circuit_breaker_state"),
     ] {

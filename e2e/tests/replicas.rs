@@ -62,6 +62,9 @@ request_timeout_ms = {deadline}
 [router]
 admin_listen = "127.0.0.1:0"
 provider_timeout_ms = 2000
+# Every request names its pool: no routing model to load.
+[router.routing]
+kind = "features"
 [cache]
 max_bytes = 33554432
 [local]

@@ -702,10 +702,14 @@ pub async fn run(
         inflight.clone(),
         heartbeat_stop.clone(),
     );
+    let router = router.require_embeddings(&embeddings);
+    metrics
+        .learned_router_active
+        .set(i64::from(router.learned().is_some()));
     let handler = Arc::new(GenerateHandler {
         client: client.clone(),
         subjects: subjects.clone(),
-        router: router.require_embeddings(&embeddings),
+        router,
         cache: cache.clone(),
         coalescer: Coalescer::new(cfg.cache.max_waiters_per_key),
         max_waiters: cfg.cache.max_waiters_per_key,

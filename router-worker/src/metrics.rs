@@ -47,6 +47,9 @@ pub struct RouterMetrics {
     pub embedding_seconds: Histogram,
     /// Vectors in this router's semantic index.
     pub semantic_entries: IntGauge,
+    /// 1 while `auto` requests are routed by the learned router, 0 when
+    /// the feature router decides (configured, or the learned one fell back).
+    pub learned_router_active: IntGauge,
     /// `optiroute_spend_records_dropped_total`: spend records dropped
     /// because the spend stream did not keep up (each also logged).
     pub spend_dropped: prometheus::IntCounter,
@@ -113,6 +116,11 @@ impl RouterMetrics {
                 &r,
                 "optiroute_semantic_index_entries",
                 "Prompt vectors in this router's semantic index.",
+            ),
+            learned_router_active: gauge(
+                &r,
+                "optiroute_learned_router_active",
+                "1 when the learned router routes auto requests, 0 when the feature router does (configured, or fallen back: see the log).",
             ),
             spend_dropped: counter_vec(
                 &r,

@@ -148,8 +148,9 @@ async fn shipped_weights_load_and_pinned_prompts_route_as_labelled() {
     assert_eq!(fresh.decide(&req, &first, "").await, d);
     assert!(first.computed().is_some());
 
-    // route_bias moves the learned threshold both ways: a prompt just
-    // below it goes to the cloud at +1 and stays local at −1.
+    // route_bias moves the learned threshold both ways: a prompt near it
+    // (it scores about −0.22, the threshold itself) goes to the cloud at
+    // +1 and local at −1.
     let mut req = GenerateRequest::new("Who discovered penicillin?");
     req.route_bias = Some(-1.0);
     let (low, why) = decide(&routing, &embeddings, &req).await;
