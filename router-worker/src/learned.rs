@@ -329,13 +329,12 @@ impl Weights {
     }
 
     /// The kernel between a standardised input and each support row.
-    fn kernel(&self, z: &[f32]) -> impl Iterator<Item = f32> + '_ {
+    fn kernel<'a>(&'a self, z: &'a [f32]) -> impl Iterator<Item = f32> + 'a {
         let zz: f32 = z.iter().map(|v| v * v).sum();
-        let owned = z.to_vec();
         self.rows
             .chunks(INPUTS)
             .zip(&self.norms)
-            .map(move |(r, n)| (-self.gamma * (zz + n - 2.0 * dot(r, &owned)).max(0.0)).exp())
+            .map(move |(r, n)| (-self.gamma * (zz + n - 2.0 * dot(r, z)).max(0.0)).exp())
     }
 
     /// The score of an embedding and its features.
