@@ -285,6 +285,12 @@ impl EmbeddedModel {
         self.threads = threads.max(1);
     }
 
+    /// See [`Weights::time_products`]: the weight products alone of one
+    /// decoding step for `n` sequences, `reps` times, on this thread.
+    pub fn time_products(&self, n: usize, reps: usize) -> std::time::Duration {
+        self.weights.time_products(n, reps)
+    }
+
     /// A scheduler over these weights, for a batching loop of one's own
     /// ([`BatchEngine`] runs one on its own thread).
     pub fn scheduler<'a>(&self, cfg: SchedulerConfig) -> Scheduler<'a> {

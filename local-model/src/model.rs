@@ -196,6 +196,50 @@ impl Weights {
         }
     }
 
+    /// The weight products of one decoding step for `n` sequences alone,
+    /// on the calling thread: every layer's seven matrices and the output
+    /// head, `reps` times over fixed pseudo-random activations. The time it
+    /// takes bounds what batching can gain (attention, norms, sampling and
+    /// the thread hand-off come on top).
+    pub fn time_products(&self, n: usize, reps: usize) -> std::time::Duration {
+        let c = &self.cfg;
+        let mut seed = 0x2545_f491_u32;
+        let mut pseudo = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let (x, h) = (pseudo(n * c.dim), pseudo(n * c.hidden));
+        let (mut ax, mut ah) = (Vec::new(), Vec::new());
+        quantize_act(&x, &mut ax);
+        quantize_act(&h, &mut ah);
+        let mut out = vec![0f32; n * c.vocab.max(c.hidden)];
+        let started = std::time::Instant::now();
+        for _ in 0..reps {
+            for l in 0..c.layers {
+                for m in [
+                    Mat::Q(l),
+                    Mat::K(l),
+                    Mat::V(l),
+                    Mat::O(l),
+                    Mat::Gate(l),
+                    Mat::Up(l),
+                ] {
+                    let m = self.mat(m);
+                    m.matmul_rows(&x, &ax, n, 0..m.rows, &mut out, m.rows);
+                }
+                let m = self.mat(Mat::Down(l));
+                m.matmul_rows(&h, &ah, n, 0..m.rows, &mut out, m.rows);
+            }
+            let m = self.mat(Mat::Output);
+            m.matmul_rows(&x, &ax, n, 0..m.rows, &mut out, m.rows);
+        }
+        started.elapsed()
+    }
+
     /// Bytes one token takes in a KV cache (every layer, keys and values).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()

@@ -324,6 +324,8 @@ fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod simd;
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -367,8 +369,10 @@ mod simd {
 pub fn simd_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if pulp::x86::V3::try_new().is_some() {
-            return "avx2+fma";
+        match simd::best() {
+            simd::Level::Avx512 => return "avx512bw",
+            simd::Level::Avx2 => return "avx2+fma",
+            simd::Level::Portable => {}
         }
     }
     "portable"

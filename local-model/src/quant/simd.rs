@@ -1,14 +1,16 @@
 //! The AVX2+FMA kernels (x86-64), picked at run time when the CPU has
 //! them; the portable loops of the parent module otherwise.
 
+use super::avx512;
 use super::{
     dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct, BlockQ4_1,
     BlockQ8_0,
 };
 use pulp::bytemuck::cast;
-use pulp::x86::V3;
+use pulp::x86::{V3, V4};
 use std::arch::x86_64::{__m128, __m128i, __m256, __m256i};
 use std::ops::Range;
+use std::sync::OnceLock;
 
 #[inline(always)]
 fn hsum(simd: V3, v: __m256) -> f32 {
@@ -326,6 +328,32 @@ impl<B, K: Kernel<B>> pulp::NullaryFnOnce for Product<'_, B, K> {
 
 tiled!(matmul_q8_0_v3, BlockQ8_0, q8_0_tile, q8_0_row4);
 
+/// The kernels a product can run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The fastest kernels this CPU runs, or slower ones that
+/// `OPTIROUTE_SIMD` asks for (`avx2`, `portable`: to compare them).
+pub fn best() -> Level {
+    static CAP: OnceLock<Level> = OnceLock::new();
+    let cap = *CAP.get_or_init(|| match std::env::var("OPTIROUTE_SIMD").as_deref() {
+        Ok("avx2") => Level::Avx2,
+        Ok("portable") => Level::Portable,
+        _ => Level::Avx512,
+    });
+    if cap == Level::Avx512 && V4::try_new().is_some() {
+        Level::Avx512
+    } else if cap != Level::Portable && V3::try_new().is_some() {
+        Level::Avx2
+    } else {
+        Level::Portable
+    }
+}
+
 pub fn matmul_q4_1(
     w: &[BlockQ4_1],
     kb: usize,
@@ -335,7 +363,38 @@ pub fn matmul_q4_1(
     out: &mut [f32],
     ld: usize,
 ) {
-    match V3::try_new() {
+    matmul_q4_1_at(best(), w, kb, rows, act, n, out, ld)
+}
+
+pub fn matmul_q8_0(
+    w: &[BlockQ8_0],
+    kb: usize,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    matmul_q8_0_at(best(), w, kb, rows, act, n, out, ld)
+}
+
+/// The product with the kernels of `level` (or the next slower ones
+/// this CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_q4_1_at(
+    level: Level,
+    w: &[BlockQ4_1],
+    kb: usize,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    if level == Level::Avx512 && avx512::matmul_q4_1(w, kb, rows.clone(), act, n, out, ld) {
+        return;
+    }
+    match V3::try_new().filter(|_| level != Level::Portable) {
         Some(simd) => simd.vectorize(Product {
             simd,
             w,
@@ -351,7 +410,9 @@ pub fn matmul_q4_1(
     }
 }
 
-pub fn matmul_q8_0(
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_q8_0_at(
+    level: Level,
     w: &[BlockQ8_0],
     kb: usize,
     rows: Range<usize>,
@@ -360,7 +421,10 @@ pub fn matmul_q8_0(
     out: &mut [f32],
     ld: usize,
 ) {
-    match V3::try_new() {
+    if level == Level::Avx512 && avx512::matmul_q8_0(w, kb, rows.clone(), act, n, out, ld) {
+        return;
+    }
+    match V3::try_new().filter(|_| level != Level::Portable) {
         Some(simd) => simd.vectorize(Product {
             simd,
             w,
