@@ -347,25 +347,83 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
     }
 }
 
-/// A dot product in eight independent lanes (vectorised by the compiler,
-/// and not bound by the latency of one long chain of additions).
-#[inline]
+/// A dot product in sixteen independent lanes, summed by a fixed tree
+/// (vectorised by the compiler, and not bound by the latency of one long
+/// chain of additions).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *a += x * y;
+    let mut acc = [0f32; 16];
+    let ((ca, ta), (cb, tb)) = (a.as_chunks::<16>(), b.as_chunks::<16>());
+    for (x, y) in ca.iter().zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
         }
     }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    s + tail
+    let mut width = 8;
+    while width > 0 {
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+        width /= 2;
+    }
+    acc[0] + ta.iter().zip(tb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Every row's attention over its sequence's cache for one layer: a
+/// struct rather than a closure, so that it is compiled inline with the
+/// CPU's SIMD features (see [`crate::quant::vectorized`]); the arithmetic
+/// is the same on every CPU.
+struct Attend<'a, 'b> {
+    rows: &'a [Row],
+    caches: &'a [&'b mut KvCache],
+    layer: usize,
+    pos: &'a [usize],
+    q: &'a [f32],
+    scores: &'a mut Vec<f32>,
+    att: &'a mut [f32],
+    cfg: &'a Config,
+}
+
+impl pulp::NullaryFnOnce for Attend<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let c = self.cfg;
+        let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (i, r) in self.rows.iter().enumerate() {
+            let cache = &*self.caches[r.seq];
+            let (keys, values) = (&cache.keys[self.layer], &cache.values[self.layer]);
+            let seen = self.pos[i] + 1;
+            self.scores.resize(seen, 0.0);
+            for h in 0..c.heads {
+                let kvh = h / group;
+                let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (t, s) in self.scores.iter_mut().enumerate() {
+                    let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                    *s = dot(q, k) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0.0;
+                for s in self.scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
+                out.fill(0.0);
+                for (t, s) in self.scores.iter().enumerate() {
+                    let p = s / sum;
+                    let v = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                    for (o, x) in out.iter_mut().zip(v) {
+                        *o += p * x;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The part of `rows` that part `part` of `parts` computes: equal shares,
@@ -478,8 +536,6 @@ impl Forward {
         let c = &w.cfg;
         let n = rows.len();
         let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
-        let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
         let half = hd / 2;
         self.logits.clear();
         if n == 0 {
@@ -533,36 +589,16 @@ impl Forward {
                 cache.keys[li].extend_from_slice(&self.k[i * kv_dim..(i + 1) * kv_dim]);
                 cache.values[li].extend_from_slice(&self.v[i * kv_dim..(i + 1) * kv_dim]);
             }
-            for (i, r) in rows.iter().enumerate() {
-                let cache = &*caches[r.seq];
-                let (keys, values) = (&cache.keys[li], &cache.values[li]);
-                let seen = self.pos[i] + 1;
-                self.scores.resize(seen, 0.0);
-                for h in 0..c.heads {
-                    let kvh = h / group;
-                    let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (t, s) in self.scores.iter_mut().enumerate() {
-                        let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                        *s = dot(q, k) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0.0;
-                    for s in self.scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
-                    out.fill(0.0);
-                    for (t, s) in self.scores.iter().enumerate() {
-                        let p = s / sum;
-                        let v = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                        for (o, x) in out.iter_mut().zip(v) {
-                            *o += p * x;
-                        }
-                    }
-                }
-            }
+            crate::quant::vectorized(Attend {
+                rows,
+                caches,
+                layer: li,
+                pos: &self.pos,
+                q: &self.q,
+                scores: &mut self.scores,
+                att: &mut self.att,
+                cfg: c,
+            });
             Self::quantize(&mut self.acts, &self.att);
             products(
                 &mut self.team,

@@ -102,9 +102,16 @@ trait Pair: Copy {
     fn d(self) -> __m512;
     /// Per 4-element group, the integer dot product with `y`.
     fn dot(self, simd: V4, y: __m512i) -> __m512i;
-    /// Per column, a term to add to the row's products (16 lanes), into
-    /// `ex`; `m` is scratch of `pk.spad` floats.
-    fn extra(simd: V4, row: &[Self::Block], pk: &Packed, m: &mut [f32], ex: &mut [__m512]);
+    /// Per column `c0 + c`, a term to add to the row's products (16
+    /// lanes), into `ex[c]`; `m` is scratch of `pk.spad` floats.
+    fn extra(
+        simd: V4,
+        row: &[Self::Block],
+        pk: &Packed,
+        c0: usize,
+        m: &mut [f32],
+        ex: &mut [__m512],
+    );
 }
 
 #[derive(Clone, Copy)]
@@ -119,13 +126,20 @@ impl Pair for Q41Pair {
 
     /// The offset term `sum_i m_i * s_i`.
     #[inline(always)]
-    fn extra(simd: V4, row: &[BlockQ4_1], pk: &Packed, m: &mut [f32], ex: &mut [__m512]) {
+    fn extra(
+        simd: V4,
+        row: &[BlockQ4_1],
+        pk: &Packed,
+        c0: usize,
+        m: &mut [f32],
+        ex: &mut [__m512],
+    ) {
         let f = simd.avx512f;
         for (m, b) in m.iter_mut().zip(row) {
             *m = b.m;
         }
         for (c, e) in ex.iter_mut().enumerate() {
-            let s = &pk.s[c * pk.spad..(c + 1) * pk.spad];
+            let s = &pk.s[(c0 + c) * pk.spad..(c0 + c + 1) * pk.spad];
             let mut acc = f._mm512_setzero_ps();
             for (mc, sc) in m.chunks_exact(16).zip(s.chunks_exact(16)) {
                 let mv: [f32; 16] = mc.try_into().unwrap_or([0.0; 16]);
@@ -184,7 +198,7 @@ impl Pair for Q80Pair {
     type Block = BlockQ8_0;
 
     #[inline(always)]
-    fn extra(simd: V4, _: &[BlockQ8_0], _: &Packed, _: &mut [f32], ex: &mut [__m512]) {
+    fn extra(simd: V4, _: &[BlockQ8_0], _: &Packed, _: usize, _: &mut [f32], ex: &mut [__m512]) {
         ex.fill(simd.avx512f._mm512_setzero_ps());
     }
 
@@ -259,7 +273,7 @@ fn row_tile<P: Pair, const C: usize>(
     extra: &[__m512],
 ) -> [f32; C] {
     let f = simd.avx512f;
-    let mut acc: [__m512; C] = std::array::from_fn(|c| extra[c0 + c]);
+    let mut acc: [__m512; C] = std::array::from_fn(|c| extra[c]);
     for p in 0..pk.pairs {
         let x = P::load(simd, row, 2 * p);
         let at = p * pk.n + c0;
@@ -278,8 +292,39 @@ fn row_tile<P: Pair, const C: usize>(
     std::array::from_fn(|c| sums[c])
 }
 
-/// `out[c * ld + r - rows.start] = row r · column c` over a row range, in
-/// tiles of up to [`TILE`] columns; `extra(r, c)` is added to each.
+/// Columns `c0..c0 + C` of the product over a row range:
+/// `out[c * ld + r - rows.start] = row r · column c`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn group<P: Pair, const C: usize>(
+    simd: V4,
+    w: &[P::Block],
+    kb: usize,
+    rows: &Range<usize>,
+    pk: &Packed,
+    c0: usize,
+    out: &mut [f32],
+    ld: usize,
+    m: &mut [f32],
+    ex: &mut [__m512],
+) {
+    let ex = &mut ex[..C];
+    for r in rows.clone() {
+        let row = &w[r * kb..(r + 1) * kb];
+        P::extra(simd, row, pk, c0, m, ex);
+        let t = row_tile::<P, C>(simd, row, pk, c0, ex);
+        for (dc, v) in t.iter().enumerate() {
+            out[(c0 + dc) * ld + r - rows.start] = *v;
+        }
+    }
+}
+
+/// Rows a block of the product covers: their weights stay in the L1
+/// cache while every column group passes over them.
+const ROW_BLOCK: usize = 16;
+
+/// The product over a row range, in blocks of [`ROW_BLOCK`] rows, each
+/// [`TILE`] columns at a time (then 4, 2, 1).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn product<P: Pair>(
@@ -294,31 +339,27 @@ fn product<P: Pair>(
     m: &mut [f32],
     ex: &mut [__m512],
 ) {
-    for r in rows.clone() {
-        let row = &w[r * kb..(r + 1) * kb];
-        P::extra(simd, row, pk, m, ex);
-        let e = &*ex;
-        let mut put = |c0: usize, v: &[f32]| {
-            for (dc, v) in v.iter().enumerate() {
-                out[(c0 + dc) * ld + r - rows.start] = *v;
-            }
-        };
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let block = r0..(r0 + ROW_BLOCK).min(rows.end);
+        let out = &mut out[r0 - rows.start..];
         let mut c0 = 0;
         while c0 + TILE <= n {
-            put(c0, &row_tile::<P, TILE>(simd, row, pk, c0, e));
+            group::<P, TILE>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
             c0 += TILE;
         }
         if c0 + 4 <= n {
-            put(c0, &row_tile::<P, 4>(simd, row, pk, c0, e));
+            group::<P, 4>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
             c0 += 4;
         }
         if c0 + 2 <= n {
-            put(c0, &row_tile::<P, 2>(simd, row, pk, c0, e));
+            group::<P, 2>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
             c0 += 2;
         }
         if c0 < n {
-            put(c0, &row_tile::<P, 1>(simd, row, pk, c0, e));
+            group::<P, 1>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
         }
+        r0 = block.end;
     }
 }
 
@@ -357,7 +398,7 @@ impl<P: Pair> pulp::NullaryFnOnce for Run<'_, P> {
         m.clear();
         m.resize(pk.spad, 0.0);
         ex.clear();
-        ex.resize(n, simd.avx512f._mm512_setzero_ps());
+        ex.resize(TILE, simd.avx512f._mm512_setzero_ps());
         product::<P>(simd, w, kb, rows, pk, n, out, ld, &mut m, &mut ex);
         (pk.m, pk.ex) = (m, ex);
     }
@@ -422,5 +463,66 @@ pub fn matmul_q8_0(
             kernel: PhantomData::<Q80Pair>,
         })
     });
+    true
+}
+
+/// Quantizes activations as the portable loop does, bit for bit (the
+/// largest magnitude, the same scale, rounding half away from zero).
+struct Quantize<'a> {
+    simd: V4,
+    x: &'a [f32],
+    out: &'a mut [BlockAct],
+}
+
+impl pulp::NullaryFnOnce for Quantize<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let Quantize { simd, x, out } = self;
+        let f = simd.avx512f;
+        let (half, one, lo, hi) = (
+            f._mm512_set1_ps(0.5),
+            f._mm512_set1_ps(1.0),
+            f._mm512_set1_ps(-127.0),
+            f._mm512_set1_ps(127.0),
+        );
+        for (blk, xs) in out.iter_mut().zip(x.as_chunks::<32>().0) {
+            let v: [__m512; 2] = cast(*xs);
+            let amax = f._mm512_reduce_max_ps(
+                f._mm512_max_ps(f._mm512_abs_ps(v[0]), f._mm512_abs_ps(v[1])),
+            );
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = f._mm512_setzero_si512();
+            let mut qs = [0i8; 32];
+            for (h, v) in v.iter().enumerate() {
+                let v = f._mm512_mul_ps(*v, f._mm512_set1_ps(id));
+                // Truncate, then one step away from zero when the
+                // fraction dropped is at least a half.
+                let t = f._mm512_roundscale_ps::<0x0b>(v);
+                let up = f._mm512_cmp_ps_mask::<29>(f._mm512_abs_ps(f._mm512_sub_ps(v, t)), half);
+                let neg = f._mm512_cmp_ps_mask::<17>(v, f._mm512_setzero_ps());
+                let step =
+                    f._mm512_mask_blend_ps(neg, one, f._mm512_sub_ps(f._mm512_setzero_ps(), one));
+                let r = f._mm512_mask_add_ps(t, up, t, step);
+                let q = f._mm512_cvttps_epi32(f._mm512_min_ps(f._mm512_max_ps(r, lo), hi));
+                sum = f._mm512_add_epi32(sum, q);
+                let b: [i8; 16] = cast(f._mm512_cvtepi32_epi8(q));
+                qs[16 * h..16 * (h + 1)].copy_from_slice(&b);
+            }
+            blk.qs = qs;
+            blk.d = d;
+            blk.s = d * f._mm512_reduce_add_epi32(sum) as f32;
+        }
+    }
+}
+
+/// Quantizes `x` into `out` (`false`: no AVX-512, nothing done).
+pub fn quantize(x: &[f32], out: &mut [BlockAct]) -> bool {
+    let Some(simd) = V4::try_new() else {
+        return false;
+    };
+    simd.vectorize(Quantize { simd, x, out });
     true
 }

@@ -441,7 +441,14 @@ pub fn matmul_q8_0_at(
 }
 
 pub fn quantize(x: &[f32], out: &mut [BlockAct]) {
-    match V3::try_new() {
+    quantize_at(best(), x, out)
+}
+
+pub fn quantize_at(level: Level, x: &[f32], out: &mut [BlockAct]) {
+    if level == Level::Avx512 && avx512::quantize(x, out) {
+        return;
+    }
+    match V3::try_new().filter(|_| level != Level::Portable) {
         // The portable loop, compiled with AVX2 enabled.
         Some(simd) => simd.vectorize(move || quantize_portable(x, out)),
         None => quantize_portable(x, out),
