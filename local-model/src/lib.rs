@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::gguf::Content;
 
+mod attention;
 pub mod engine;
 pub mod gguf;
 pub mod model;

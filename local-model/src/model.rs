@@ -8,6 +8,8 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
+use crate::attention::Attend;
+pub use crate::attention::KvCache;
 use crate::gguf::{Content, DType};
 
 use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK};
@@ -240,9 +242,10 @@ impl Weights {
         started.elapsed()
     }
 
-    /// Bytes one token takes in a KV cache (every layer, keys and values).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()
+    /// Bytes a KV cache for `tokens` positions reserves (every layer,
+    /// keys and values).
+    pub fn kv_bytes(&self, tokens: usize) -> usize {
+        KvCache::bytes(&self.cfg, tokens)
     }
 
     /// Bytes the weights take in memory.
@@ -258,35 +261,6 @@ impl Weights {
             })
             .sum();
         l + self.embed.bytes() + self.output.as_ref().map_or(0, QMatrix::bytes)
-    }
-}
-
-/// One sequence's keys and values, per layer `positions × kv_dim`.
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Room for `tokens` positions, allocated once (pages are touched only
-    /// as positions fill), so the cache never grows past what was reserved.
-    pub fn new(cfg: &Config, tokens: usize) -> Self {
-        let n = tokens * cfg.kv_heads * cfg.head_dim;
-        KvCache {
-            keys: (0..cfg.layers).map(|_| Vec::with_capacity(n)).collect(),
-            values: (0..cfg.layers).map(|_| Vec::with_capacity(n)).collect(),
-            len: 0,
-        }
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -343,85 +317,6 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
             let (a, b) = (pair[0], pair[1]);
             pair[0] = a * cos - b * sin;
             pair[1] = a * sin + b * cos;
-        }
-    }
-}
-
-/// A dot product in sixteen independent lanes, summed by a fixed tree
-/// (vectorised by the compiler, and not bound by the latency of one long
-/// chain of additions).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let ((ca, ta), (cb, tb)) = (a.as_chunks::<16>(), b.as_chunks::<16>());
-    for (x, y) in ca.iter().zip(cb) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    let mut width = 8;
-    while width > 0 {
-        for j in 0..width {
-            acc[j] += acc[j + width];
-        }
-        width /= 2;
-    }
-    acc[0] + ta.iter().zip(tb).map(|(x, y)| x * y).sum::<f32>()
-}
-
-/// Every row's attention over its sequence's cache for one layer: a
-/// struct rather than a closure, so that it is compiled inline with the
-/// CPU's SIMD features (see [`crate::quant::vectorized`]); the arithmetic
-/// is the same on every CPU.
-struct Attend<'a, 'b> {
-    rows: &'a [Row],
-    caches: &'a [&'b mut KvCache],
-    layer: usize,
-    pos: &'a [usize],
-    q: &'a [f32],
-    scores: &'a mut Vec<f32>,
-    att: &'a mut [f32],
-    cfg: &'a Config,
-}
-
-impl pulp::NullaryFnOnce for Attend<'_, '_> {
-    type Output = ();
-
-    #[inline(always)]
-    fn call(self) {
-        let c = self.cfg;
-        let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
-        let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
-        for (i, r) in self.rows.iter().enumerate() {
-            let cache = &*self.caches[r.seq];
-            let (keys, values) = (&cache.keys[self.layer], &cache.values[self.layer]);
-            let seen = self.pos[i] + 1;
-            self.scores.resize(seen, 0.0);
-            for h in 0..c.heads {
-                let kvh = h / group;
-                let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (t, s) in self.scores.iter_mut().enumerate() {
-                    let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                    *s = dot(q, k) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0;
-                for s in self.scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
-                out.fill(0.0);
-                for (t, s) in self.scores.iter().enumerate() {
-                    let p = s / sum;
-                    let v = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                    for (o, x) in out.iter_mut().zip(v) {
-                        *o += p * x;
-                    }
-                }
-            }
         }
     }
 }
@@ -584,10 +479,12 @@ impl Forward {
                 rope(&mut self.k[i * kv_dim..(i + 1) * kv_dim], hd, rot);
             }
             for (i, r) in rows.iter().enumerate() {
-                let cache = &mut *caches[r.seq];
-                debug_assert_eq!(cache.keys[li].len(), self.pos[i] * kv_dim);
-                cache.keys[li].extend_from_slice(&self.k[i * kv_dim..(i + 1) * kv_dim]);
-                cache.values[li].extend_from_slice(&self.v[i * kv_dim..(i + 1) * kv_dim]);
+                caches[r.seq].push(
+                    li,
+                    self.pos[i],
+                    &self.k[i * kv_dim..(i + 1) * kv_dim],
+                    &self.v[i * kv_dim..(i + 1) * kv_dim],
+                );
             }
             crate::quant::vectorized(Attend {
                 rows,
