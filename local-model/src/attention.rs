@@ -93,30 +93,30 @@ impl pulp::NullaryFnOnce for Attend<'_, '_> {
         let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
+        let buf: &mut Vec<f32> = self.scores;
         for (i, r) in self.rows.iter().enumerate() {
             let cache = &*self.caches[r.seq];
             let (keys, values) = (&cache.keys[self.layer], &cache.values[self.layer]);
             let seen = self.pos[i] + 1;
             let blocks = seen.div_ceil(KEY_BLOCK);
-            self.scores.resize(blocks * KEY_BLOCK, 0.0);
+            buf.resize(blocks * KEY_BLOCK, 0.0);
             for h in 0..c.heads {
                 let kvh = h / group;
                 let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                // Scores, 16 positions at a time.
-                for (b, out) in self.scores.chunks_exact_mut(KEY_BLOCK).enumerate() {
-                    let at = b * KEY_BLOCK * kv_dim + kvh * hd * KEY_BLOCK;
-                    let blk = &keys[at..at + hd * KEY_BLOCK];
-                    let mut s = [0f32; KEY_BLOCK];
-                    for (qd, col) in q.iter().zip(blk.chunks_exact(KEY_BLOCK)) {
-                        for (s, k) in s.iter_mut().zip(col) {
-                            *s += qd * k;
-                        }
-                    }
-                    for (o, s) in out.iter_mut().zip(s) {
-                        *o = s * scale;
-                    }
+                // Scores, 16 positions at a time, four blocks at once
+                // (independent chains of additions).
+                let off = kvh * hd * KEY_BLOCK;
+                let stride = KEY_BLOCK * kv_dim;
+                let mut b = 0;
+                while b + 4 <= blocks {
+                    score_blocks4(q, keys, b, stride, off, buf, scale);
+                    b += 4;
                 }
-                let scores = &mut self.scores[..seen];
+                while b < blocks {
+                    score_block(q, keys, b, stride, off, buf, scale);
+                    b += 1;
+                }
+                let scores = &mut buf[..seen];
                 let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
                 let mut sum = 0.0;
                 for s in scores.iter_mut() {
@@ -126,24 +126,125 @@ impl pulp::NullaryFnOnce for Attend<'_, '_> {
                 for s in scores.iter_mut() {
                     *s /= sum;
                 }
-                // The weighted values, 16 elements of the head at a time
-                // (their sums stay in registers over the positions).
+                // The weighted values: the sums of all the head's elements
+                // stay in registers over the positions.
                 let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
-                let mut d0 = 0;
-                for chunk in out.chunks_mut(16) {
-                    let mut acc = [0f32; 16];
-                    let w = chunk.len();
-                    for (t, p) in scores.iter().enumerate() {
-                        let at = t * kv_dim + kvh * hd + d0;
-                        for (a, v) in acc.iter_mut().zip(&values[at..at + w]) {
-                            *a += p * v;
-                        }
-                    }
-                    chunk.copy_from_slice(&acc[..w]);
-                    d0 += w;
+                let off = kvh * hd;
+                if hd == 64 {
+                    weigh64(scores, values, kv_dim, off, out);
+                } else {
+                    weigh(scores, values, kv_dim, off, out);
                 }
             }
         }
+    }
+}
+
+/// `s += q * k`, lane by lane (one vector operation each on AVX-512).
+#[inline(always)]
+fn axpy16(s: &mut [f32; 16], q: f32, k: &[f32]) {
+    let k: &[f32; 16] = k.try_into().unwrap_or(&[0.0; 16]);
+    for (s, k) in s.iter_mut().zip(k) {
+        *s += q * k;
+    }
+}
+
+/// A query's scores against key block `b` of one head (at `off` in each
+/// block of `stride` floats), scaled, into `out[16 * b..]`.
+#[inline(always)]
+fn score_block(
+    q: &[f32],
+    keys: &[f32],
+    b: usize,
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
+    let at = b * stride + off;
+    let blk = &keys[at..at + q.len() * KEY_BLOCK];
+    let mut s = [0f32; KEY_BLOCK];
+    for (qd, col) in q.iter().zip(blk.chunks_exact(KEY_BLOCK)) {
+        axpy16(&mut s, *qd, col);
+    }
+    for (o, s) in out[b * KEY_BLOCK..(b + 1) * KEY_BLOCK].iter_mut().zip(s) {
+        *o = s * scale;
+    }
+}
+
+/// [`score_block`] for blocks `b..b + 4` at once: four independent
+/// chains of additions, each block's arithmetic unchanged.
+#[inline(always)]
+fn score_blocks4(
+    q: &[f32],
+    keys: &[f32],
+    b: usize,
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
+    let n = q.len() * KEY_BLOCK;
+    let at = |j: usize| (b + j) * stride + off;
+    let (k0, k1, k2, k3) = (
+        &keys[at(0)..at(0) + n],
+        &keys[at(1)..at(1) + n],
+        &keys[at(2)..at(2) + n],
+        &keys[at(3)..at(3) + n],
+    );
+    let (mut s0, mut s1, mut s2, mut s3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    for (d, qd) in q.iter().enumerate() {
+        let r = d * KEY_BLOCK..(d + 1) * KEY_BLOCK;
+        axpy16(&mut s0, *qd, &k0[r.clone()]);
+        axpy16(&mut s1, *qd, &k1[r.clone()]);
+        axpy16(&mut s2, *qd, &k2[r.clone()]);
+        axpy16(&mut s3, *qd, &k3[r]);
+    }
+    for (j, s) in [s0, s1, s2, s3].iter().enumerate() {
+        let o = (b + j) * KEY_BLOCK;
+        for (o, s) in out[o..o + KEY_BLOCK].iter_mut().zip(s) {
+            *o = s * scale;
+        }
+    }
+}
+
+/// `out = sum_t p[t] * values[t]` over one head's 64 elements (at `off` in
+/// each position's `kv_dim`), the position order kept per element; four
+/// independent chains.
+#[inline(always)]
+fn weigh64(p: &[f32], values: &[f32], kv_dim: usize, off: usize, out: &mut [f32]) {
+    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    for (t, p) in p.iter().enumerate() {
+        let at = t * kv_dim + off;
+        axpy16(&mut a0, *p, &values[at..at + 16]);
+        axpy16(&mut a1, *p, &values[at + 16..at + 32]);
+        axpy16(&mut a2, *p, &values[at + 32..at + 48]);
+        axpy16(&mut a3, *p, &values[at + 48..at + 64]);
+    }
+    for (o, a) in out.chunks_exact_mut(16).zip([a0, a1, a2, a3]) {
+        o.copy_from_slice(&a);
+    }
+}
+
+/// The same for any head size, 16 elements at a time (then one by one).
+#[inline(always)]
+fn weigh(p: &[f32], values: &[f32], kv_dim: usize, off: usize, out: &mut [f32]) {
+    let (chunks, rest) = out.as_chunks_mut::<16>();
+    for (ci, chunk) in chunks.iter_mut().enumerate() {
+        let mut acc = [0f32; 16];
+        for (t, p) in p.iter().enumerate() {
+            let at = t * kv_dim + off + 16 * ci;
+            axpy16(&mut acc, *p, &values[at..at + 16]);
+        }
+        *chunk = acc;
+    }
+    let d0 = 16 * chunks.len();
+    for (d, o) in rest.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for (t, p) in p.iter().enumerate() {
+            acc += p * values[t * kv_dim + off + d0 + d];
+        }
+        *o = acc;
     }
 }
 
@@ -163,23 +264,30 @@ mod tests {
 
     /// The blocked, transposed cache gives textbook attention (softmax of
     /// scaled dot products, weighted values) at positions on both sides
-    /// of block boundaries, with grouped heads.
+    /// of block boundaries, with grouped heads, for head sizes that take
+    /// the general loops (20) and the unrolled ones (32, 64).
     #[test]
     fn attention_over_the_blocked_cache_is_softmax_attention() {
+        for hd in [20, 32, 64] {
+            check_attention(hd);
+        }
+    }
+
+    fn check_attention(hd: usize) {
         let cfg = Config {
-            dim: 6 * 20,
+            dim: 6 * hd,
             hidden: 0,
             layers: 2,
             heads: 6,
             kv_heads: 2,
-            head_dim: 20,
+            head_dim: hd,
             vocab: 0,
-            context: 64,
+            context: 128,
             rms_eps: 1e-5,
             rope_base: 10_000.0,
         };
-        let (hd, kv_dim, dim) = (20, 40, 120);
-        let tokens = 41;
+        let (kv_dim, dim) = (2 * hd, 6 * hd);
+        let tokens = 90;
         let keys = pseudo(tokens * kv_dim, 1);
         let values = pseudo(tokens * kv_dim, 2);
         let mut cache = KvCache::new(&cfg, tokens);
@@ -191,7 +299,7 @@ mod tests {
             cache.push(1, t, k, v);
         }
         cache.len = tokens;
-        let positions = [0, 14, 15, 16, 17, 31, 32, 40];
+        let positions = [0, 14, 15, 16, 17, 31, 32, 40, 63, 64, 79, 89];
         let q = pseudo(positions.len() * dim, 3);
         let rows: Vec<Row> = positions
             .iter()
