@@ -8,18 +8,31 @@
 //! [`crate::quant::vectorized`]; the arithmetic is the same on every CPU
 //! and for a sequence alone or in a batch.
 
-use crate::model::{Config, Row};
+use std::ops::Range;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::model::Config;
 
 /// Positions a block of the key cache holds.
 pub const KEY_BLOCK: usize = 16;
 
+/// One layer's keys and values of a sequence.
+#[derive(Default)]
+pub struct LayerKv {
+    /// Blocks of [`KEY_BLOCK`] positions, each `kv_dim` rows of
+    /// [`KEY_BLOCK`] lanes (zero past the last position).
+    keys: Vec<f32>,
+    /// `positions × kv_dim`.
+    values: Vec<f32>,
+}
+
+/// A layer's cache, shared with the helper threads that read it during
+/// attention (the engine thread alone writes, between attentions).
+pub type SharedLayer = Arc<RwLock<LayerKv>>;
+
 /// One sequence's keys and values, per layer.
 pub struct KvCache {
-    /// Per layer: blocks of [`KEY_BLOCK`] positions, each `kv_dim` rows of
-    /// [`KEY_BLOCK`] lanes (zero past the last position).
-    keys: Vec<Vec<f32>>,
-    /// Per layer: `positions × kv_dim`.
-    values: Vec<Vec<f32>>,
+    layers: Vec<SharedLayer>,
     pub(crate) len: usize,
 }
 
@@ -36,9 +49,13 @@ impl KvCache {
         let kv_dim = cfg.kv_heads * cfg.head_dim;
         let k = tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim;
         KvCache {
-            keys: (0..cfg.layers).map(|_| Vec::with_capacity(k)).collect(),
-            values: (0..cfg.layers)
-                .map(|_| Vec::with_capacity(tokens * kv_dim))
+            layers: (0..cfg.layers)
+                .map(|_| {
+                    Arc::new(RwLock::new(LayerKv {
+                        keys: Vec::with_capacity(k),
+                        values: Vec::with_capacity(tokens * kv_dim),
+                    }))
+                })
                 .collect(),
             len: 0,
         }
@@ -53,12 +70,20 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Layer `layer`'s cache.
+    pub(crate) fn layer(&self, layer: usize) -> &SharedLayer {
+        &self.layers[layer]
+    }
+
     /// Stores position `pos`'s key and value for `layer` (positions come
     /// in order).
     pub(crate) fn push(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let kv_dim = k.len();
-        let keys = &mut self.keys[layer];
-        debug_assert_eq!(self.values[layer].len(), pos * kv_dim);
+        let mut l = self.layers[layer]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let LayerKv { keys, values } = &mut *l;
+        debug_assert_eq!(values.len(), pos * kv_dim);
         if pos.is_multiple_of(KEY_BLOCK) {
             keys.resize(keys.len() + KEY_BLOCK * kv_dim, 0.0);
         }
@@ -66,25 +91,31 @@ impl KvCache {
         for (j, x) in k.iter().enumerate() {
             keys[base + j * KEY_BLOCK] = *x;
         }
-        self.values[layer].extend_from_slice(v);
+        values.extend_from_slice(v);
     }
 }
 
-/// Every row's attention over its sequence's cache for one layer (a
-/// struct rather than a closure, so that it is compiled inline with the
-/// CPU's SIMD features).
-pub(crate) struct Attend<'a, 'b> {
-    pub rows: &'a [Row],
-    pub caches: &'a [&'b mut KvCache],
-    pub layer: usize,
-    pub pos: &'a [usize],
-    pub q: &'a [f32],
+/// What one layer's attention reads, for every row of a batch: each row's
+/// query (`dim` floats), position and layer cache.
+#[derive(Default, Clone)]
+pub struct AttnInput {
+    pub q: Vec<f32>,
+    pub pos: Vec<usize>,
+    pub kv: Vec<SharedLayer>,
+}
+
+/// The attention of rows `rows` of a batch for one layer, into `att`
+/// (`dim` floats a row, from `rows.start`): a struct rather than a
+/// closure, so that it is compiled inline with the CPU's SIMD features.
+pub(crate) struct Attend<'a> {
+    pub input: &'a AttnInput,
+    pub rows: Range<usize>,
     pub scores: &'a mut Vec<f32>,
     pub att: &'a mut [f32],
     pub cfg: &'a Config,
 }
 
-impl pulp::NullaryFnOnce for Attend<'_, '_> {
+impl pulp::NullaryFnOnce for Attend<'_> {
     type Output = ();
 
     #[inline(always)]
@@ -94,15 +125,18 @@ impl pulp::NullaryFnOnce for Attend<'_, '_> {
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let buf: &mut Vec<f32> = self.scores;
-        for (i, r) in self.rows.iter().enumerate() {
-            let cache = &*self.caches[r.seq];
-            let (keys, values) = (&cache.keys[self.layer], &cache.values[self.layer]);
-            let seen = self.pos[i] + 1;
+        let start = self.rows.start;
+        for i in self.rows {
+            let layer = self.input.kv[i]
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (keys, values) = (&layer.keys, &layer.values);
+            let seen = self.input.pos[i] + 1;
             let blocks = seen.div_ceil(KEY_BLOCK);
             buf.resize(blocks * KEY_BLOCK, 0.0);
             for h in 0..c.heads {
                 let kvh = h / group;
-                let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                let q = &self.input.q[i * dim + h * hd..i * dim + (h + 1) * hd];
                 // Scores, 16 positions at a time, four blocks at once
                 // (independent chains of additions).
                 let off = kvh * hd * KEY_BLOCK;
@@ -128,7 +162,8 @@ impl pulp::NullaryFnOnce for Attend<'_, '_> {
                 }
                 // The weighted values: the sums of all the head's elements
                 // stay in registers over the positions.
-                let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
+                let at = (i - start) * dim + h * hd;
+                let out = &mut self.att[at..at + hd];
                 let off = kvh * hd;
                 if hd == 64 {
                     weigh64(scores, values, kv_dim, off, out);
@@ -301,27 +336,36 @@ mod tests {
         cache.len = tokens;
         let positions = [0, 14, 15, 16, 17, 31, 32, 40, 63, 64, 79, 89];
         let q = pseudo(positions.len() * dim, 3);
-        let rows: Vec<Row> = positions
-            .iter()
-            .map(|_| Row {
-                seq: 0,
-                token: 0,
-                logits: false,
-            })
-            .collect();
+        let input = AttnInput {
+            q: q.clone(),
+            pos: positions.to_vec(),
+            kv: positions
+                .iter()
+                .map(|_| Arc::clone(cache.layer(1)))
+                .collect(),
+        };
+        // All rows at once, and split in two ranges (as two threads would).
         let mut att = vec![0f32; positions.len() * dim];
         let mut scores = Vec::new();
-        let caches = [&mut cache];
         crate::quant::vectorized(Attend {
-            rows: &rows,
-            caches: &caches,
-            layer: 1,
-            pos: &positions,
-            q: &q,
+            input: &input,
+            rows: 0..positions.len(),
             scores: &mut scores,
             att: &mut att,
             cfg: &cfg,
         });
+        let mut split = vec![0f32; positions.len() * dim];
+        let (a, b) = split.split_at_mut(5 * dim);
+        for (rows, out) in [(0..5, a), (5..positions.len(), b)] {
+            crate::quant::vectorized(Attend {
+                input: &input,
+                rows,
+                scores: &mut scores,
+                att: out,
+                cfg: &cfg,
+            });
+        }
+        assert_eq!(att, split);
         for (i, &pos) in positions.iter().enumerate() {
             for h in 0..cfg.heads {
                 let kvh = h / 3;

@@ -8,8 +8,8 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
-use crate::attention::Attend;
 pub use crate::attention::KvCache;
+use crate::attention::{Attend, AttnInput};
 use crate::gguf::{Content, DType};
 
 use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK};
@@ -287,6 +287,8 @@ pub struct Forward {
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
+    /// Each row's query, position and layer cache, shared with helpers.
+    attn: Arc<AttnInput>,
     k: Vec<f32>,
     v: Vec<f32>,
     att: Vec<f32>,
@@ -319,6 +321,49 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
             pair[1] = a * sin + b * cos;
         }
     }
+}
+
+/// Every row's attention for one layer into `att`, the rows split across
+/// the team when there are several (each row's arithmetic is the same on
+/// any thread).
+fn attention(
+    team: &mut Team,
+    w: &Arc<Weights>,
+    input: &Arc<AttnInput>,
+    scores: &mut Vec<f32>,
+    att: &mut [f32],
+) {
+    let (n, dim, parts) = (input.pos.len(), w.cfg.dim, team.parts());
+    if parts == 1 || n < 2 {
+        crate::quant::vectorized(Attend {
+            input,
+            rows: 0..n,
+            scores,
+            att: &mut att[..n * dim],
+            cfg: &w.cfg,
+        });
+        return;
+    }
+    let cut = move |p: usize| n * p / parts;
+    let job: Job = {
+        let (w, input) = (Arc::clone(w), Arc::clone(input));
+        Arc::new(move |part, buf: &mut Vec<f32>| {
+            let rows = cut(part)..cut(part + 1);
+            buf.clear();
+            buf.resize(rows.len() * dim, 0.0);
+            let mut scores = Vec::new();
+            crate::quant::vectorized(Attend {
+                input: &input,
+                rows,
+                scores: &mut scores,
+                att: buf,
+                cfg: &w.cfg,
+            });
+        })
+    };
+    team.run(&job, |part, buf| {
+        att[cut(part) * dim..cut(part + 1) * dim].copy_from_slice(buf);
+    });
 }
 
 /// The part of `rows` that part `part` of `parts` computes: equal shares,
@@ -399,6 +444,7 @@ impl Forward {
             x: Vec::new(),
             xn: Vec::new(),
             q: Vec::new(),
+            attn: Arc::new(AttnInput::default()),
             k: Vec::new(),
             v: Vec::new(),
             att: Vec::new(),
@@ -486,16 +532,24 @@ impl Forward {
                     &self.v[i * kv_dim..(i + 1) * kv_dim],
                 );
             }
-            crate::quant::vectorized(Attend {
-                rows,
-                caches,
-                layer: li,
-                pos: &self.pos,
-                q: &self.q,
-                scores: &mut self.scores,
-                att: &mut self.att,
-                cfg: c,
-            });
+            {
+                let input = Arc::make_mut(&mut self.attn);
+                input.q.clear();
+                input.q.extend_from_slice(&self.q[..n * dim]);
+                input.pos.clear();
+                input.pos.extend_from_slice(&self.pos);
+                input.kv.clear();
+                input
+                    .kv
+                    .extend(rows.iter().map(|r| Arc::clone(caches[r.seq].layer(li))));
+            }
+            attention(
+                &mut self.team,
+                &w,
+                &self.attn,
+                &mut self.scores,
+                &mut self.att,
+            );
             Self::quantize(&mut self.acts, &self.att);
             products(
                 &mut self.team,
