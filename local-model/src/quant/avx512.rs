@@ -309,8 +309,17 @@ fn group<P: Pair, const C: usize>(
     ex: &mut [__m512],
 ) {
     let ex = &mut ex[..C];
+    let row_bytes = kb * std::mem::size_of::<P::Block>();
     for r in rows.clone() {
         let row = &w[r * kb..(r + 1) * kb];
+        if c0 == 0 {
+            // The weights of a row [`PREFETCH`] rows on, into the cache
+            // while this one computes (a hint: past the end it does nothing).
+            let ahead = w.as_ptr().wrapping_add((r + PREFETCH) * kb).cast::<i8>();
+            for line in (0..row_bytes).step_by(64) {
+                simd.sse._mm_prefetch::<3>(ahead.wrapping_add(line));
+            }
+        }
         P::extra(simd, row, pk, c0, m, ex);
         let t = row_tile::<P, C>(simd, row, pk, c0, ex);
         for (dc, v) in t.iter().enumerate() {
@@ -318,6 +327,9 @@ fn group<P: Pair, const C: usize>(
         }
     }
 }
+
+/// Rows ahead whose weights a product asks the cache for.
+const PREFETCH: usize = 8;
 
 /// Rows a block of the product covers: their weights stay in the L1
 /// cache while every column group passes over them.

@@ -182,6 +182,9 @@ fn q8_0_row4(
     std::array::from_fn(|c| hsum(simd, acc[c]))
 }
 
+/// Rows ahead whose weights a product asks the cache for.
+const PREFETCH: usize = 8;
+
 /// Tiles a row range: columns four at a time as 1x4 tiles (their
 /// scales gathered once per call), the remaining columns one by one as
 /// 4x1 tiles, leftover rows as 1x1 tiles.
@@ -201,6 +204,15 @@ macro_rules! tiled {
         ) {
             let row = |r: usize| &w[r * kb..(r + 1) * kb];
             let col = |c: usize| &act[c * kb..(c + 1) * kb];
+            let row_bytes = kb * std::mem::size_of::<$block>();
+            // The weights of row `r`, into the cache ahead of use (a hint:
+            // past the end it does nothing).
+            let prefetch = |r: usize| {
+                let at = w.as_ptr().wrapping_add(r * kb).cast::<i8>();
+                for line in (0..row_bytes).step_by(64) {
+                    simd.sse._mm_prefetch::<3>(at.wrapping_add(line));
+                }
+            };
             let r0 = rows.start;
             let groups = n / 4;
             // Scales and sums of four columns' block i side by side.
@@ -216,6 +228,9 @@ macro_rules! tiled {
                 }
             }
             for r in rows.clone() {
+                if groups > 0 {
+                    prefetch(r + PREFETCH);
+                }
                 for g in 0..groups {
                     let c = 4 * g;
                     let cols = [col(c), col(c + 1), col(c + 2), col(c + 3)];
@@ -229,6 +244,11 @@ macro_rules! tiled {
             }
             let mut r = rows.start;
             while r + 4 <= rows.end {
+                if groups == 0 {
+                    for dr in 0..4 {
+                        prefetch(r + dr + PREFETCH);
+                    }
+                }
                 for c in 4 * groups..n {
                     let t =
                         $tile::<4, 1>(simd, [row(r), row(r + 1), row(r + 2), row(r + 3)], [col(c)]);
