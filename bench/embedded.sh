@@ -12,7 +12,8 @@
 #
 # llama.cpp comes from the llama-cpp-python package (built from source,
 # several minutes on 2 cores, once) in .tools/llama-venv. The Rust build is
-# portable (no -C target-cpu): AVX2+FMA kernels are picked at run time.
+# portable (no -C target-cpu): AVX-512 or AVX2+FMA kernels are picked at
+# run time (OPTIROUTE_SIMD=avx2 caps them at AVX2, to compare).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

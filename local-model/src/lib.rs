@@ -6,7 +6,8 @@
 //!   each generation gets its own KV cache.
 //! - The forward pass ([`model`]) runs on the file's own quantized weights
 //!   (Q4_1, Q8_0) with integer dot-product kernels ([`quant`]) picked at run
-//!   time: AVX2+FMA where the CPU has them, portable loops elsewhere. So one
+//!   time: AVX-512 or AVX2+FMA where the CPU has them, portable loops
+//!   elsewhere. So one
 //!   binary, built without `-C target-cpu`, is fast on modern CPUs and
 //!   still runs on old ones.
 //! - The tokenizer is built from the file's own vocabulary and merges by
@@ -101,7 +102,8 @@ pub struct ModelInfo {
     pub layers: usize,
     /// Bytes the weights take in memory.
     pub weight_bytes: usize,
-    /// Which dot-product kernels run on this CPU (`avx2+fma` or `portable`).
+    /// Which dot-product kernels run on this CPU (`avx512bw`, `avx2+fma` or
+    /// `portable`).
     pub kernels: &'static str,
     pub load_time: Duration,
 }

@@ -6,10 +6,13 @@
 //! f16 conversion. Activations are quantized to 8 bits per block (like
 //! ggml's Q8_1) and dotted with integer multiply-adds.
 //!
-//! On x86-64 the AVX2+FMA kernels run when the CPU has them (checked once,
-//! through `pulp`, with no `unsafe` here); elsewhere portable loops do the
-//! same arithmetic. One binary is fast on modern CPUs and still correct on
-//! old ones, without `-C target-cpu` flags.
+//! On x86-64 the AVX-512 (F/BW/DQ/VL) kernels run when the CPU has them,
+//! else the AVX2+FMA ones (checked once, through `pulp`, with no `unsafe`
+//! here; `OPTIROUTE_SIMD=avx2` or `portable` caps them, to compare);
+//! elsewhere portable loops do the same arithmetic. One binary is fast on
+//! modern CPUs and still correct on old ones, without `-C target-cpu`
+//! flags. The products ask the cache for the weights a few rows ahead: a
+//! lone generation's step is otherwise bound by memory latency.
 
 use std::fmt;
 
