@@ -3,7 +3,9 @@
 //! Keys are kept in blocks of [`KEY_BLOCK`] positions, transposed (per
 //! block, element `j` of the 16 positions side by side), so the scores of
 //! a query against 16 positions are 16 lanes of one vector with no
-//! horizontal sums; values stay one position after another. The loops are
+//! horizontal sums; values stay one position after another. Both are kept
+//! as bfloat16 (the model's training precision; half the bytes of f32, and
+//! attention over a long context is bound by reading them). The loops are
 //! plain Rust, compiled with the CPU's SIMD features through
 //! [`crate::quant::vectorized`]; the arithmetic is the same on every CPU
 //! and for a sequence alone or in a batch.
@@ -21,9 +23,9 @@ pub const KEY_BLOCK: usize = 16;
 pub struct LayerKv {
     /// Blocks of [`KEY_BLOCK`] positions, each `kv_dim` rows of
     /// [`KEY_BLOCK`] lanes (zero past the last position).
-    keys: Vec<f32>,
+    keys: Vec<u16>,
     /// `positions × kv_dim`.
-    values: Vec<f32>,
+    values: Vec<u16>,
 }
 
 /// A layer's cache, shared with the helper threads that read it during
@@ -40,7 +42,7 @@ impl KvCache {
     /// Bytes a cache for `tokens` positions reserves.
     pub fn bytes(cfg: &Config, tokens: usize) -> usize {
         let kv_dim = cfg.kv_heads * cfg.head_dim;
-        cfg.layers * (tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK + tokens) * kv_dim * 4
+        cfg.layers * (tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK + tokens) * kv_dim * 2
     }
 
     /// Room for `tokens` positions, allocated once (pages are touched only
@@ -85,13 +87,13 @@ impl KvCache {
         let LayerKv { keys, values } = &mut *l;
         debug_assert_eq!(values.len(), pos * kv_dim);
         if pos.is_multiple_of(KEY_BLOCK) {
-            keys.resize(keys.len() + KEY_BLOCK * kv_dim, 0.0);
+            keys.resize(keys.len() + KEY_BLOCK * kv_dim, 0);
         }
         let base = pos / KEY_BLOCK * KEY_BLOCK * kv_dim + pos % KEY_BLOCK;
         for (j, x) in k.iter().enumerate() {
-            keys[base + j * KEY_BLOCK] = *x;
+            keys[base + j * KEY_BLOCK] = to_bf16(*x);
         }
-        values.extend_from_slice(v);
+        values.extend(v.iter().map(|x| to_bf16(*x)));
     }
 }
 
@@ -175,12 +177,28 @@ impl pulp::NullaryFnOnce for Attend<'_> {
     }
 }
 
-/// `s += q * k`, lane by lane (one vector operation each on AVX-512).
+/// `x` rounded to bfloat16 (to nearest, ties to even; NaN stays NaN).
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A bfloat16 widened to f32 (exact).
 #[inline(always)]
-fn axpy16(s: &mut [f32; 16], q: f32, k: &[f32]) {
-    let k: &[f32; 16] = k.try_into().unwrap_or(&[0.0; 16]);
+pub(crate) fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// `s += q * k`, lane by lane (one vector operation each on AVX-512, after
+/// widening `k`).
+#[inline(always)]
+fn axpy16(s: &mut [f32; 16], q: f32, k: &[u16]) {
+    let k: &[u16; 16] = k.try_into().unwrap_or(&[0; 16]);
     for (s, k) in s.iter_mut().zip(k) {
-        *s += q * k;
+        *s += q * from_bf16(*k);
     }
 }
 
@@ -189,7 +207,7 @@ fn axpy16(s: &mut [f32; 16], q: f32, k: &[f32]) {
 #[inline(always)]
 fn score_block(
     q: &[f32],
-    keys: &[f32],
+    keys: &[u16],
     b: usize,
     stride: usize,
     off: usize,
@@ -212,7 +230,7 @@ fn score_block(
 #[inline(always)]
 fn score_blocks4(
     q: &[f32],
-    keys: &[f32],
+    keys: &[u16],
     b: usize,
     stride: usize,
     off: usize,
@@ -247,7 +265,7 @@ fn score_blocks4(
 /// each position's `kv_dim`), the position order kept per element; four
 /// independent chains.
 #[inline(always)]
-fn weigh64(p: &[f32], values: &[f32], kv_dim: usize, off: usize, out: &mut [f32]) {
+fn weigh64(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) {
     let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
     for (t, p) in p.iter().enumerate() {
         let at = t * kv_dim + off;
@@ -263,7 +281,7 @@ fn weigh64(p: &[f32], values: &[f32], kv_dim: usize, off: usize, out: &mut [f32]
 
 /// The same for any head size, 16 elements at a time (then one by one).
 #[inline(always)]
-fn weigh(p: &[f32], values: &[f32], kv_dim: usize, off: usize, out: &mut [f32]) {
+fn weigh(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) {
     let (chunks, rest) = out.as_chunks_mut::<16>();
     for (ci, chunk) in chunks.iter_mut().enumerate() {
         let mut acc = [0f32; 16];
@@ -277,7 +295,7 @@ fn weigh(p: &[f32], values: &[f32], kv_dim: usize, off: usize, out: &mut [f32]) 
     for (d, o) in rest.iter_mut().enumerate() {
         let mut acc = 0f32;
         for (t, p) in p.iter().enumerate() {
-            acc += p * values[t * kv_dim + off + d0 + d];
+            acc += p * from_bf16(values[t * kv_dim + off + d0 + d]);
         }
         *o = acc;
     }
@@ -323,8 +341,10 @@ mod tests {
         };
         let (kv_dim, dim) = (2 * hd, 6 * hd);
         let tokens = 90;
-        let keys = pseudo(tokens * kv_dim, 1);
-        let values = pseudo(tokens * kv_dim, 2);
+        // The cache keeps bfloat16: the reference gets the same values.
+        let bf = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| from_bf16(to_bf16(*x))).collect() };
+        let keys = bf(pseudo(tokens * kv_dim, 1));
+        let values = bf(pseudo(tokens * kv_dim, 2));
         let mut cache = KvCache::new(&cfg, tokens);
         for t in 0..tokens {
             let (k, v) = (
@@ -391,6 +411,23 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// bfloat16 rounds to nearest, ties to even, and widens back exactly.
+    #[test]
+    fn bfloat16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(from_bf16(0x3f80), 1.0);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to the even one, 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is a tie between 1 + 2^-7 and 1 + 2^-6: even is the latter.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        for x in pseudo(1000, 9) {
+            let y = from_bf16(to_bf16(x));
+            assert!((x - y).abs() <= x.abs() / 256.0, "{x} {y}");
         }
     }
 }

@@ -288,7 +288,7 @@ fn a_long_prompt_joins_in_chunks_without_stalling_the_others() {
 #[test]
 fn the_caps_queue_or_refuse() {
     // One sequence's reservation: prompt + max_tokens positions, values
-    // exactly, keys rounded up to whole blocks of 16 positions.
+    // exactly, keys rounded up to whole blocks of 16 positions, bfloat16.
     let p = ids(QUESTIONS[0]);
     let n = p.len() + 10;
     let one = {
@@ -302,7 +302,7 @@ fn the_caps_queue_or_refuse() {
         s.step();
         s.load().kv_bytes
     };
-    assert_eq!(one, 30 * 3 * 64 * 4 * (n.div_ceil(16) * 16 + n));
+    assert_eq!(one, 30 * 3 * 64 * 2 * (n.div_ceil(16) * 16 + n));
     // Room for two sequences' caches; at most three active; queue of one.
     let mut sched = model().scheduler(SchedulerConfig {
         max_active: 3,
