@@ -3,7 +3,8 @@
 # (one continuous-batching engine), next to llama.cpp on the same GGUF file
 # and the same prompt token ids in the same run: tokens/s per sequence and
 # in total for 1, 2, 4, 8, 16 concurrent generations, time to first token
-# under load, RSS; then the issue's targets as ratios.
+# under load, RSS; then the issue's targets as ratios, with the bound the
+# weight products alone set on the batching ratio.
 #
 #   bench/embedded.sh                                   # 128 tokens, 2 runs each
 #   bench/embedded.sh --max-tokens 256 --concurrency 1,8 --runs 3
@@ -11,7 +12,8 @@
 #
 # llama.cpp comes from the llama-cpp-python package (built from source,
 # several minutes on 2 cores, once) in .tools/llama-venv. The Rust build is
-# portable (no -C target-cpu): AVX2+FMA kernels are picked at run time.
+# portable (no -C target-cpu): AVX-512 or AVX2+FMA kernels are picked at
+# run time (OPTIROUTE_SIMD=avx2 caps them at AVX2, to compare).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -22,7 +24,8 @@ trap 'rm -rf "$out"' EXIT
 # Other work on the machine skews every figure: say how busy it was.
 load() { echo "load average ($1): $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"; }
 load "before ours"
-"$root/target/release/embedded-bench" --json "$out/ours.json" "$@"
+# --floor: the kernels' own bound (the weight products of one step alone).
+"$root/target/release/embedded-bench" --json "$out/ours.json" --floor "$@"
 if [[ -n "${NO_LLAMA:-}" ]]; then
   python3 bench/embedded_compare.py "$out/ours.json"
   exit 0

@@ -61,6 +61,11 @@ def main():
         t8 = st.median(r["total_tps"] for r in by_n[8])
         t1 = st.median(r["total_tps"] for r in single)
         print(f"8 concurrent total / single-stream total: {t8 / t1:.2f} (target >= 4)")
+        floor = {r["concurrency"]: r for r in ours.get("floor", [])}
+        if 1 in floor and 8 in floor:
+            print(f"  bound: the weight products alone (one thread, no attention, sampling or prompts) "
+                  f"give 8 at once / one = {floor[8]['tps'] / floor[1]['tps']:.2f} "
+                  f"({floor[1]['ms_per_step']:.1f} ms a step for one, {floor[8]['ms_per_step']:.1f} ms for 8)")
 
 
 if __name__ == "__main__":

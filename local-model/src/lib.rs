@@ -6,9 +6,9 @@
 //!   each generation gets its own KV cache.
 //! - The forward pass ([`model`]) runs on the file's own quantized weights
 //!   (Q4_1, Q8_0) with integer dot-product kernels ([`quant`]) picked at run
-//!   time: AVX2+FMA where the CPU has them, portable loops elsewhere. So one
-//!   binary, built without `-C target-cpu`, is fast on modern CPUs and
-//!   still runs on old ones.
+//!   time: AVX-512 or AVX2+FMA where the CPU has them, portable loops
+//!   elsewhere. So one binary, built without `-C target-cpu`, is fast on
+//!   modern CPUs and still runs on old ones.
 //! - The tokenizer is built from the file's own vocabulary and merges by
 //!   our own byte-level BPE ([`tokenizer::ChatTokenizer`]); prompts use
 //!   SmolLM2's ChatML template.
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::gguf::Content;
 
+mod attention;
 pub mod engine;
 pub mod gguf;
 pub mod model;
@@ -100,7 +101,8 @@ pub struct ModelInfo {
     pub layers: usize,
     /// Bytes the weights take in memory.
     pub weight_bytes: usize,
-    /// Which dot-product kernels run on this CPU (`avx2+fma` or `portable`).
+    /// Which dot-product kernels run on this CPU (`avx512bw`, `avx2+fma` or
+    /// `portable`).
     pub kernels: &'static str,
     pub load_time: Duration,
 }
@@ -283,6 +285,12 @@ impl EmbeddedModel {
     /// core).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
+    }
+
+    /// See [`Weights::time_products`]: the weight products alone of one
+    /// decoding step for `n` sequences, `reps` times, on this thread.
+    pub fn time_products(&self, n: usize, reps: usize) -> std::time::Duration {
+        self.weights.time_products(n, reps)
     }
 
     /// A scheduler over these weights, for a batching loop of one's own

@@ -8,6 +8,8 @@
 use std::io::{Read, Seek};
 use std::sync::Arc;
 
+pub use crate::attention::KvCache;
+use crate::attention::{Attend, AttnInput};
 use crate::gguf::{Content, DType};
 
 use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK};
@@ -196,9 +198,54 @@ impl Weights {
         }
     }
 
-    /// Bytes one token takes in a KV cache (every layer, keys and values).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.cfg.layers * self.cfg.kv_heads * self.cfg.head_dim * 2 * std::mem::size_of::<f32>()
+    /// The weight products of one decoding step for `n` sequences alone,
+    /// on the calling thread: every layer's seven matrices and the output
+    /// head, `reps` times over fixed pseudo-random activations. The time it
+    /// takes bounds what batching can gain (attention, norms, sampling and
+    /// the thread hand-off come on top).
+    pub fn time_products(&self, n: usize, reps: usize) -> std::time::Duration {
+        let c = &self.cfg;
+        let mut seed = 0x2545_f491_u32;
+        let mut pseudo = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+                })
+                .collect()
+        };
+        let (x, h) = (pseudo(n * c.dim), pseudo(n * c.hidden));
+        let (mut ax, mut ah) = (Vec::new(), Vec::new());
+        quantize_act(&x, &mut ax);
+        quantize_act(&h, &mut ah);
+        let mut out = vec![0f32; n * c.vocab.max(c.hidden)];
+        let started = std::time::Instant::now();
+        for _ in 0..reps {
+            for l in 0..c.layers {
+                for m in [
+                    Mat::Q(l),
+                    Mat::K(l),
+                    Mat::V(l),
+                    Mat::O(l),
+                    Mat::Gate(l),
+                    Mat::Up(l),
+                ] {
+                    let m = self.mat(m);
+                    m.matmul_rows(&x, &ax, n, 0..m.rows, &mut out, m.rows);
+                }
+                let m = self.mat(Mat::Down(l));
+                m.matmul_rows(&h, &ah, n, 0..m.rows, &mut out, m.rows);
+            }
+            let m = self.mat(Mat::Output);
+            m.matmul_rows(&x, &ax, n, 0..m.rows, &mut out, m.rows);
+        }
+        started.elapsed()
+    }
+
+    /// Bytes a KV cache for `tokens` positions reserves (every layer,
+    /// keys and values).
+    pub fn kv_bytes(&self, tokens: usize) -> usize {
+        KvCache::bytes(&self.cfg, tokens)
     }
 
     /// Bytes the weights take in memory.
@@ -214,35 +261,6 @@ impl Weights {
             })
             .sum();
         l + self.embed.bytes() + self.output.as_ref().map_or(0, QMatrix::bytes)
-    }
-}
-
-/// One sequence's keys and values, per layer `positions × kv_dim`.
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Room for `tokens` positions, allocated once (pages are touched only
-    /// as positions fill), so the cache never grows past what was reserved.
-    pub fn new(cfg: &Config, tokens: usize) -> Self {
-        let n = tokens * cfg.kv_heads * cfg.head_dim;
-        KvCache {
-            keys: (0..cfg.layers).map(|_| Vec::with_capacity(n)).collect(),
-            values: (0..cfg.layers).map(|_| Vec::with_capacity(n)).collect(),
-            len: 0,
-        }
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -269,6 +287,8 @@ pub struct Forward {
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
+    /// Each row's query, position and layer cache, shared with helpers.
+    attn: Arc<AttnInput>,
     k: Vec<f32>,
     v: Vec<f32>,
     att: Vec<f32>,
@@ -303,25 +323,47 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
     }
 }
 
-/// A dot product in eight independent lanes (vectorised by the compiler,
-/// and not bound by the latency of one long chain of additions).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for ((a, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *a += x * y;
-        }
+/// Every row's attention for one layer into `att`, the rows split across
+/// the team when there are several (each row's arithmetic is the same on
+/// any thread).
+fn attention(
+    team: &mut Team,
+    w: &Arc<Weights>,
+    input: &Arc<AttnInput>,
+    scores: &mut Vec<f32>,
+    att: &mut [f32],
+) {
+    let (n, dim, parts) = (input.pos.len(), w.cfg.dim, team.parts());
+    if parts == 1 || n < 2 {
+        crate::quant::vectorized(Attend {
+            input,
+            rows: 0..n,
+            scores,
+            att: &mut att[..n * dim],
+            cfg: &w.cfg,
+        });
+        return;
     }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    s + tail
+    let cut = move |p: usize| n * p / parts;
+    let job: Job = {
+        let (w, input) = (Arc::clone(w), Arc::clone(input));
+        Arc::new(move |part, buf: &mut Vec<f32>| {
+            let rows = cut(part)..cut(part + 1);
+            buf.clear();
+            buf.resize(rows.len() * dim, 0.0);
+            let mut scores = Vec::new();
+            crate::quant::vectorized(Attend {
+                input: &input,
+                rows,
+                scores: &mut scores,
+                att: buf,
+                cfg: &w.cfg,
+            });
+        })
+    };
+    team.run(&job, |part, buf| {
+        att[cut(part) * dim..cut(part + 1) * dim].copy_from_slice(buf);
+    });
 }
 
 /// The part of `rows` that part `part` of `parts` computes: equal shares,
@@ -402,6 +444,7 @@ impl Forward {
             x: Vec::new(),
             xn: Vec::new(),
             q: Vec::new(),
+            attn: Arc::new(AttnInput::default()),
             k: Vec::new(),
             v: Vec::new(),
             att: Vec::new(),
@@ -434,8 +477,6 @@ impl Forward {
         let c = &w.cfg;
         let n = rows.len();
         let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
-        let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
         let half = hd / 2;
         self.logits.clear();
         if n == 0 {
@@ -484,41 +525,31 @@ impl Forward {
                 rope(&mut self.k[i * kv_dim..(i + 1) * kv_dim], hd, rot);
             }
             for (i, r) in rows.iter().enumerate() {
-                let cache = &mut *caches[r.seq];
-                debug_assert_eq!(cache.keys[li].len(), self.pos[i] * kv_dim);
-                cache.keys[li].extend_from_slice(&self.k[i * kv_dim..(i + 1) * kv_dim]);
-                cache.values[li].extend_from_slice(&self.v[i * kv_dim..(i + 1) * kv_dim]);
+                caches[r.seq].push(
+                    li,
+                    self.pos[i],
+                    &self.k[i * kv_dim..(i + 1) * kv_dim],
+                    &self.v[i * kv_dim..(i + 1) * kv_dim],
+                );
             }
-            for (i, r) in rows.iter().enumerate() {
-                let cache = &*caches[r.seq];
-                let (keys, values) = (&cache.keys[li], &cache.values[li]);
-                let seen = self.pos[i] + 1;
-                self.scores.resize(seen, 0.0);
-                for h in 0..c.heads {
-                    let kvh = h / group;
-                    let q = &self.q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (t, s) in self.scores.iter_mut().enumerate() {
-                        let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                        *s = dot(q, k) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0.0;
-                    for s in self.scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let out = &mut self.att[i * dim + h * hd..i * dim + (h + 1) * hd];
-                    out.fill(0.0);
-                    for (t, s) in self.scores.iter().enumerate() {
-                        let p = s / sum;
-                        let v = &values[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
-                        for (o, x) in out.iter_mut().zip(v) {
-                            *o += p * x;
-                        }
-                    }
-                }
+            {
+                let input = Arc::make_mut(&mut self.attn);
+                input.q.clear();
+                input.q.extend_from_slice(&self.q[..n * dim]);
+                input.pos.clear();
+                input.pos.extend_from_slice(&self.pos);
+                input.kv.clear();
+                input
+                    .kv
+                    .extend(rows.iter().map(|r| Arc::clone(caches[r.seq].layer(li))));
             }
+            attention(
+                &mut self.team,
+                &w,
+                &self.attn,
+                &mut self.scores,
+                &mut self.att,
+            );
             Self::quantize(&mut self.acts, &self.att);
             products(
                 &mut self.team,

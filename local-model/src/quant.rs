@@ -6,10 +6,13 @@
 //! f16 conversion. Activations are quantized to 8 bits per block (like
 //! ggml's Q8_1) and dotted with integer multiply-adds.
 //!
-//! On x86-64 the AVX2+FMA kernels run when the CPU has them (checked once,
-//! through `pulp`, with no `unsafe` here); elsewhere portable loops do the
-//! same arithmetic. One binary is fast on modern CPUs and still correct on
-//! old ones, without `-C target-cpu` flags.
+//! On x86-64 the AVX-512 (F/BW/DQ/VL) kernels run when the CPU has them,
+//! else the AVX2+FMA ones (checked once, through `pulp`, with no `unsafe`
+//! here; `OPTIROUTE_SIMD=avx2` or `portable` caps them, to compare);
+//! elsewhere portable loops do the same arithmetic. One binary is fast on
+//! modern CPUs and still correct on old ones, without `-C target-cpu`
+//! flags. The products ask the cache for the weights a few rows ahead: a
+//! lone generation's step is otherwise bound by memory latency.
 
 use std::fmt;
 
@@ -324,6 +327,8 @@ fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "x86_64")]
 mod simd;
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -363,12 +368,30 @@ mod simd {
     }
 }
 
+/// Runs `op` compiled with the best SIMD features this CPU has (its `call`
+/// must be `#[inline(always)]`). For plain float code the results are the
+/// same on every CPU: Rust does not fuse or reorder float operations.
+pub fn vectorized<F: pulp::NullaryFnOnce>(op: F) -> F::Output {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            return simd.vectorize(op);
+        }
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            return simd.vectorize(op);
+        }
+    }
+    op.call()
+}
+
 /// Whether the SIMD kernels run on this CPU.
 pub fn simd_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if pulp::x86::V3::try_new().is_some() {
-            return "avx2+fma";
+        match simd::best() {
+            simd::Level::Avx512 => return "avx512bw",
+            simd::Level::Avx2 => return "avx2+fma",
+            simd::Level::Portable => {}
         }
     }
     "portable"
@@ -539,6 +562,115 @@ mod tests {
                         assert_eq!(split[c * rows + r].to_bits(), single[r].to_bits());
                     }
                 }
+            }
+        }
+    }
+
+    /// Every kernel this CPU has (AVX-512, AVX2, portable) gives what the
+    /// portable loops give, for odd and even block counts and every tile
+    /// width, and each gives a batch bit for bit what it gives one column.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_kernel_level_matches_the_portable_loops() {
+        use simd::Level;
+        let levels = [Level::Avx512, Level::Avx2, Level::Portable];
+        for cols in [96, 576] {
+            let (rows, kb) = (13, cols / BLOCK);
+            let q41: Vec<BlockQ4_1> = (0..rows * kb)
+                .map(|i| BlockQ4_1 {
+                    d: 0.01 + (i % 17) as f32 * 0.001,
+                    m: -0.05 + (i % 23) as f32 * 0.002,
+                    qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
+                })
+                .collect();
+            let q80: Vec<BlockQ8_0> = (0..rows * kb)
+                .map(|i| BlockQ8_0 {
+                    d: 0.003 + (i % 19) as f32 * 0.0001,
+                    qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 256) as i32 - 128) as i8),
+                })
+                .collect();
+            for n in 1..=17 {
+                let x = pseudo(n * cols, 11 + n as u32);
+                let mut act = Vec::new();
+                quantize_act(&x, &mut act);
+                let mut want41 = vec![0f32; n * rows];
+                let mut want80 = vec![0f32; n * rows];
+                matmul_portable(
+                    &q41,
+                    kb,
+                    0..rows,
+                    &act,
+                    n,
+                    &mut want41,
+                    rows,
+                    dot_q4_1_portable,
+                );
+                matmul_portable(
+                    &q80,
+                    kb,
+                    0..rows,
+                    &act,
+                    n,
+                    &mut want80,
+                    rows,
+                    dot_q8_0_portable,
+                );
+                for level in levels {
+                    let mut got41 = vec![0f32; n * rows];
+                    let mut got80 = vec![0f32; n * rows];
+                    simd::matmul_q4_1_at(level, &q41, kb, 0..rows, &act, n, &mut got41, rows);
+                    simd::matmul_q8_0_at(level, &q80, kb, 0..rows, &act, n, &mut got80, rows);
+                    for (got, want) in [(&got41, &want41), (&got80, &want80)] {
+                        for (g, w) in got.iter().zip(want.iter()) {
+                            assert!(
+                                (g - w).abs() < 1e-3 * w.abs().max(1.0),
+                                "{level:?} cols={cols} n={n}: {g} vs {w}"
+                            );
+                        }
+                    }
+                    for c in 0..n {
+                        let col = &act[c * kb..(c + 1) * kb];
+                        let mut one41 = vec![0f32; rows];
+                        let mut one80 = vec![0f32; rows];
+                        simd::matmul_q4_1_at(level, &q41, kb, 0..rows, col, 1, &mut one41, rows);
+                        simd::matmul_q8_0_at(level, &q80, kb, 0..rows, col, 1, &mut one80, rows);
+                        for r in 0..rows {
+                            assert_eq!(got41[c * rows + r].to_bits(), one41[r].to_bits());
+                            assert_eq!(got80[c * rows + r].to_bits(), one80[r].to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The SIMD quantizers give the portable loop's blocks bit for bit,
+    /// halves (rounded away from zero) and saturation included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_quantizer_matches_the_portable_loop_bit_for_bit() {
+        use simd::Level;
+        // Block 0: amax 127, so the scale is 1 and values ending in .5
+        // are exact halves; the rest arbitrary, one block all zero.
+        let mut x: Vec<f32> = (0..32).map(|j| (j as f32 - 16.0) * 3.5 + 0.5).collect();
+        x[0] = -127.0;
+        x[1] = 0.5;
+        x[2] = -0.5;
+        x[3] = -2.5;
+        x.extend(std::iter::repeat_n(0.0, 32));
+        x.extend(pseudo(32 * 40, 5).iter().map(|v| v * 7.0));
+        let mut want = vec![BlockAct::default(); x.len() / BLOCK];
+        quantize_portable(&x, &mut want);
+        assert_eq!(want[0].qs[1], 1);
+        assert_eq!(want[0].qs[2], -1);
+        assert_eq!(want[0].qs[3], -3);
+        for level in [Level::Avx512, Level::Avx2, Level::Portable] {
+            let mut got = vec![BlockAct::default(); x.len() / BLOCK];
+            simd::quantize_at(level, &x, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.qs, w.qs, "{level:?}");
+                assert_eq!(g.d.to_bits(), w.d.to_bits(), "{level:?}");
+                assert_eq!(g.s.to_bits(), w.s.to_bits(), "{level:?}");
             }
         }
     }

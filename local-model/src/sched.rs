@@ -174,7 +174,6 @@ pub struct Scheduler<'a> {
     forward: Forward,
     vocab: Vocab,
     context: usize,
-    kv_per_token: usize,
     waiting: VecDeque<Waiting<'a>>,
     active: Vec<Active<'a>>,
     next_id: SeqId,
@@ -187,7 +186,6 @@ pub struct Scheduler<'a> {
 impl<'a> Scheduler<'a> {
     pub(crate) fn new(weights: Arc<Weights>, vocab: Vocab, cfg: SchedulerConfig) -> Self {
         let context = weights.cfg.context;
-        let kv_per_token = weights.kv_bytes_per_token();
         Scheduler {
             forward: Forward::new(weights, cfg.threads.max(1)),
             cfg: SchedulerConfig {
@@ -197,7 +195,6 @@ impl<'a> Scheduler<'a> {
             },
             vocab,
             context,
-            kv_per_token,
             waiting: VecDeque::new(),
             active: Vec::new(),
             next_id: 0,
@@ -234,7 +231,7 @@ impl<'a> Scheduler<'a> {
         }
         let budget = (params.max_tokens as usize).min(self.context - prompt.len());
         let kv_tokens = prompt.len() + budget;
-        let need = kv_tokens * self.kv_per_token;
+        let need = self.forward.weights().kv_bytes(kv_tokens);
         if need > self.cfg.max_kv_bytes {
             return Err(GenerateError::TooBigForCache {
                 needed: need,
@@ -296,7 +293,7 @@ impl<'a> Scheduler<'a> {
     fn admit(&mut self) {
         while self.active.len() < self.cfg.max_active {
             let Some(w) = self.waiting.front() else { break };
-            let bytes = w.kv_tokens * self.kv_per_token;
+            let bytes = self.forward.weights().kv_bytes(w.kv_tokens);
             if self.kv_bytes + bytes > self.cfg.max_kv_bytes {
                 break;
             }

@@ -287,19 +287,22 @@ fn a_long_prompt_joins_in_chunks_without_stalling_the_others() {
 
 #[test]
 fn the_caps_queue_or_refuse() {
-    let per_token = {
-        // Measure one sequence's reservation: prompt + max_tokens tokens.
-        let mut s = model().scheduler(cfg());
-        let p = ids(QUESTIONS[0]);
-        let n = p.len() + 10;
-        s.submit(p, greedy(10), Box::new(|_| ControlFlow::Continue(())))
-            .unwrap();
-        s.step();
-        s.load().kv_bytes / n
-    };
-    assert_eq!(per_token, 30 * 3 * 64 * 2 * 4);
+    // One sequence's reservation: prompt + max_tokens positions, values
+    // exactly, keys rounded up to whole blocks of 16 positions, bfloat16.
     let p = ids(QUESTIONS[0]);
-    let one = (p.len() + 10) * per_token;
+    let n = p.len() + 10;
+    let one = {
+        let mut s = model().scheduler(cfg());
+        s.submit(
+            p.clone(),
+            greedy(10),
+            Box::new(|_| ControlFlow::Continue(())),
+        )
+        .unwrap();
+        s.step();
+        s.load().kv_bytes
+    };
+    assert_eq!(one, 30 * 3 * 64 * 2 * (n.div_ceil(16) * 16 + n));
     // Room for two sequences' caches; at most three active; queue of one.
     let mut sched = model().scheduler(SchedulerConfig {
         max_active: 3,

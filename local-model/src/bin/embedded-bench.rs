@@ -23,7 +23,7 @@ use optiroute_local_model::{
 
 const USAGE: &str = "usage: embedded-bench [--model PATH] [--max-tokens N] \
 [--concurrency 1,2,4,8,16] [--runs N] [--threads N] [--prompt TEXT] [--show] \
-[--repeat-penalty F] [--json FILE]";
+[--repeat-penalty F] [--json FILE] [--floor]";
 
 /// Long-form prompts, so that every generation runs its `max_tokens`.
 const PROMPTS: [&str; 4] = [
@@ -43,6 +43,7 @@ struct Args {
     show: bool,
     repeat_penalty: f32,
     json: Option<PathBuf>,
+    floor: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -56,6 +57,7 @@ fn parse() -> Result<Args, String> {
         show: false,
         repeat_penalty: GenerateParams::default().repeat_penalty,
         json: None,
+        floor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +78,7 @@ fn parse() -> Result<Args, String> {
             }
             "--prompt" => a.prompt = Some(value("--prompt")?),
             "--show" => a.show = true,
+            "--floor" => a.floor = true,
             "--json" => a.json = Some(PathBuf::from(value("--json")?)),
             "--repeat-penalty" => {
                 a.repeat_penalty = value("--repeat-penalty")?
@@ -169,6 +172,38 @@ fn round(
     Ok((out.into_iter().flatten().collect(), wall))
 }
 
+/// The kernels' own bound: the weight products of one decoding step for
+/// `n` sequences (every layer and the output head) on one thread, without
+/// attention, sampling or thread hand-off. Appends `"floor":[...],`.
+fn floor(model: &EmbeddedModel, ns: &[usize], json: &mut String) {
+    let mut one = None;
+    let mut parts = Vec::new();
+    let mut ns: Vec<usize> = ns.to_vec();
+    if !ns.contains(&1) {
+        ns.insert(0, 1);
+    }
+    for &n in &ns {
+        let n = n.max(1);
+        // About a second of products per level, at least three steps.
+        let _ = model.time_products(n, 1);
+        let probe = model.time_products(n, 1).as_secs_f64();
+        let reps = ((1.0 / probe.max(1e-6)) as usize).clamp(3, 200);
+        let per_step = model.time_products(n, reps).as_secs_f64() / reps as f64;
+        let tps = n as f64 / per_step;
+        let one_tps = *one.get_or_insert(tps);
+        println!(
+            "floor {n:>2}: weight products of one step for {n} sequence(s) on one thread: {:.2} ms = {tps:.0} tokens/s, {:.2}x one sequence's",
+            per_step * 1000.0,
+            tps / one_tps
+        );
+        parts.push(format!(
+            "{{\"concurrency\":{n},\"ms_per_step\":{:.3},\"tps\":{tps:.1}}}",
+            per_step * 1000.0
+        ));
+    }
+    let _ = write!(json, "\"floor\":[{}],", parts.join(","));
+}
+
 fn main() -> ExitCode {
     let args = match parse() {
         Ok(a) => a,
@@ -250,7 +285,7 @@ fn main() -> ExitCode {
     let mut json = String::new();
     let _ = write!(
         json,
-        "{{\"engine\":\"optiroute-embedded\",\"threads\":{},\"max_tokens\":{},\"prompt_tokens\":[{}],\"prompts\":[{}],\"results\":[",
+        "{{\"engine\":\"optiroute-embedded\",\"threads\":{},\"max_tokens\":{},\"prompt_tokens\":[{}],\"prompts\":[{}],",
         args.threads,
         args.max_tokens,
         prompts.iter().map(|p| p.len().to_string()).collect::<Vec<_>>().join(","),
@@ -261,6 +296,10 @@ fn main() -> ExitCode {
             .join(",")
     );
     let mut first = true;
+    if args.floor {
+        floor(&model, &args.concurrency, &mut json);
+    }
+    json.push_str("\"results\":[");
     // Runs outermost: each concurrency level is sampled across the whole
     // run, so a burst of other work on the machine skews no level alone.
     for run in 0..args.runs {

@@ -1,14 +1,16 @@
 //! The AVX2+FMA kernels (x86-64), picked at run time when the CPU has
 //! them; the portable loops of the parent module otherwise.
 
+use super::avx512;
 use super::{
     dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct, BlockQ4_1,
     BlockQ8_0,
 };
 use pulp::bytemuck::cast;
-use pulp::x86::V3;
+use pulp::x86::{V3, V4};
 use std::arch::x86_64::{__m128, __m128i, __m256, __m256i};
 use std::ops::Range;
+use std::sync::OnceLock;
 
 #[inline(always)]
 fn hsum(simd: V3, v: __m256) -> f32 {
@@ -180,6 +182,9 @@ fn q8_0_row4(
     std::array::from_fn(|c| hsum(simd, acc[c]))
 }
 
+/// Rows ahead whose weights a product asks the cache for.
+const PREFETCH: usize = 8;
+
 /// Tiles a row range: columns four at a time as 1x4 tiles (their
 /// scales gathered once per call), the remaining columns one by one as
 /// 4x1 tiles, leftover rows as 1x1 tiles.
@@ -199,6 +204,15 @@ macro_rules! tiled {
         ) {
             let row = |r: usize| &w[r * kb..(r + 1) * kb];
             let col = |c: usize| &act[c * kb..(c + 1) * kb];
+            let row_bytes = kb * std::mem::size_of::<$block>();
+            // The weights of row `r`, into the cache ahead of use (a hint:
+            // past the end it does nothing).
+            let prefetch = |r: usize| {
+                let at = w.as_ptr().wrapping_add(r * kb).cast::<i8>();
+                for line in (0..row_bytes).step_by(64) {
+                    simd.sse._mm_prefetch::<3>(at.wrapping_add(line));
+                }
+            };
             let r0 = rows.start;
             let groups = n / 4;
             // Scales and sums of four columns' block i side by side.
@@ -214,6 +228,9 @@ macro_rules! tiled {
                 }
             }
             for r in rows.clone() {
+                if groups > 0 {
+                    prefetch(r + PREFETCH);
+                }
                 for g in 0..groups {
                     let c = 4 * g;
                     let cols = [col(c), col(c + 1), col(c + 2), col(c + 3)];
@@ -227,6 +244,11 @@ macro_rules! tiled {
             }
             let mut r = rows.start;
             while r + 4 <= rows.end {
+                if groups == 0 {
+                    for dr in 0..4 {
+                        prefetch(r + dr + PREFETCH);
+                    }
+                }
                 for c in 4 * groups..n {
                     let t =
                         $tile::<4, 1>(simd, [row(r), row(r + 1), row(r + 2), row(r + 3)], [col(c)]);
@@ -326,6 +348,32 @@ impl<B, K: Kernel<B>> pulp::NullaryFnOnce for Product<'_, B, K> {
 
 tiled!(matmul_q8_0_v3, BlockQ8_0, q8_0_tile, q8_0_row4);
 
+/// The kernels a product can run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+/// The fastest kernels this CPU runs, or slower ones that
+/// `OPTIROUTE_SIMD` asks for (`avx2`, `portable`: to compare them).
+pub fn best() -> Level {
+    static CAP: OnceLock<Level> = OnceLock::new();
+    let cap = *CAP.get_or_init(|| match std::env::var("OPTIROUTE_SIMD").as_deref() {
+        Ok("avx2") => Level::Avx2,
+        Ok("portable") => Level::Portable,
+        _ => Level::Avx512,
+    });
+    if cap == Level::Avx512 && V4::try_new().is_some() {
+        Level::Avx512
+    } else if cap != Level::Portable && V3::try_new().is_some() {
+        Level::Avx2
+    } else {
+        Level::Portable
+    }
+}
+
 pub fn matmul_q4_1(
     w: &[BlockQ4_1],
     kb: usize,
@@ -335,7 +383,38 @@ pub fn matmul_q4_1(
     out: &mut [f32],
     ld: usize,
 ) {
-    match V3::try_new() {
+    matmul_q4_1_at(best(), w, kb, rows, act, n, out, ld)
+}
+
+pub fn matmul_q8_0(
+    w: &[BlockQ8_0],
+    kb: usize,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    matmul_q8_0_at(best(), w, kb, rows, act, n, out, ld)
+}
+
+/// The product with the kernels of `level` (or the next slower ones
+/// this CPU has).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_q4_1_at(
+    level: Level,
+    w: &[BlockQ4_1],
+    kb: usize,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    if level == Level::Avx512 && avx512::matmul_q4_1(w, kb, rows.clone(), act, n, out, ld) {
+        return;
+    }
+    match V3::try_new().filter(|_| level != Level::Portable) {
         Some(simd) => simd.vectorize(Product {
             simd,
             w,
@@ -351,7 +430,9 @@ pub fn matmul_q4_1(
     }
 }
 
-pub fn matmul_q8_0(
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_q8_0_at(
+    level: Level,
     w: &[BlockQ8_0],
     kb: usize,
     rows: Range<usize>,
@@ -360,7 +441,10 @@ pub fn matmul_q8_0(
     out: &mut [f32],
     ld: usize,
 ) {
-    match V3::try_new() {
+    if level == Level::Avx512 && avx512::matmul_q8_0(w, kb, rows.clone(), act, n, out, ld) {
+        return;
+    }
+    match V3::try_new().filter(|_| level != Level::Portable) {
         Some(simd) => simd.vectorize(Product {
             simd,
             w,
@@ -377,7 +461,14 @@ pub fn matmul_q8_0(
 }
 
 pub fn quantize(x: &[f32], out: &mut [BlockAct]) {
-    match V3::try_new() {
+    quantize_at(best(), x, out)
+}
+
+pub fn quantize_at(level: Level, x: &[f32], out: &mut [BlockAct]) {
+    if level == Level::Avx512 && avx512::quantize(x, out) {
+        return;
+    }
+    match V3::try_new().filter(|_| level != Level::Portable) {
         // The portable loop, compiled with AVX2 enabled.
         Some(simd) => simd.vectorize(move || quantize_portable(x, out)),
         None => quantize_portable(x, out),

@@ -1,0 +1,433 @@
+//! Each sequence's key/value cache and the attention over it.
+//!
+//! Keys are kept in blocks of [`KEY_BLOCK`] positions, transposed (per
+//! block, element `j` of the 16 positions side by side), so the scores of
+//! a query against 16 positions are 16 lanes of one vector with no
+//! horizontal sums; values stay one position after another. Both are kept
+//! as bfloat16 (the model's training precision; half the bytes of f32, and
+//! attention over a long context is bound by reading them). The loops are
+//! plain Rust, compiled with the CPU's SIMD features through
+//! [`crate::quant::vectorized`]; the arithmetic is the same on every CPU
+//! and for a sequence alone or in a batch.
+
+use std::ops::Range;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::model::Config;
+
+/// Positions a block of the key cache holds.
+pub const KEY_BLOCK: usize = 16;
+
+/// One layer's keys and values of a sequence.
+#[derive(Default)]
+pub struct LayerKv {
+    /// Blocks of [`KEY_BLOCK`] positions, each `kv_dim` rows of
+    /// [`KEY_BLOCK`] lanes (zero past the last position).
+    keys: Vec<u16>,
+    /// `positions × kv_dim`.
+    values: Vec<u16>,
+}
+
+/// A layer's cache, shared with the helper threads that read it during
+/// attention (the engine thread alone writes, between attentions).
+pub type SharedLayer = Arc<RwLock<LayerKv>>;
+
+/// One sequence's keys and values, per layer.
+pub struct KvCache {
+    layers: Vec<SharedLayer>,
+    pub(crate) len: usize,
+}
+
+impl KvCache {
+    /// Bytes a cache for `tokens` positions reserves.
+    pub fn bytes(cfg: &Config, tokens: usize) -> usize {
+        let kv_dim = cfg.kv_heads * cfg.head_dim;
+        cfg.layers * (tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK + tokens) * kv_dim * 2
+    }
+
+    /// Room for `tokens` positions, allocated once (pages are touched only
+    /// as positions fill), so the cache never grows past what was reserved.
+    pub fn new(cfg: &Config, tokens: usize) -> Self {
+        let kv_dim = cfg.kv_heads * cfg.head_dim;
+        let k = tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim;
+        KvCache {
+            layers: (0..cfg.layers)
+                .map(|_| {
+                    Arc::new(RwLock::new(LayerKv {
+                        keys: Vec::with_capacity(k),
+                        values: Vec::with_capacity(tokens * kv_dim),
+                    }))
+                })
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Layer `layer`'s cache.
+    pub(crate) fn layer(&self, layer: usize) -> &SharedLayer {
+        &self.layers[layer]
+    }
+
+    /// Stores position `pos`'s key and value for `layer` (positions come
+    /// in order).
+    pub(crate) fn push(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let kv_dim = k.len();
+        let mut l = self.layers[layer]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let LayerKv { keys, values } = &mut *l;
+        debug_assert_eq!(values.len(), pos * kv_dim);
+        if pos.is_multiple_of(KEY_BLOCK) {
+            keys.resize(keys.len() + KEY_BLOCK * kv_dim, 0);
+        }
+        let base = pos / KEY_BLOCK * KEY_BLOCK * kv_dim + pos % KEY_BLOCK;
+        for (j, x) in k.iter().enumerate() {
+            keys[base + j * KEY_BLOCK] = to_bf16(*x);
+        }
+        values.extend(v.iter().map(|x| to_bf16(*x)));
+    }
+}
+
+/// What one layer's attention reads, for every row of a batch: each row's
+/// query (`dim` floats), position and layer cache.
+#[derive(Default, Clone)]
+pub struct AttnInput {
+    pub q: Vec<f32>,
+    pub pos: Vec<usize>,
+    pub kv: Vec<SharedLayer>,
+}
+
+/// The attention of rows `rows` of a batch for one layer, into `att`
+/// (`dim` floats a row, from `rows.start`): a struct rather than a
+/// closure, so that it is compiled inline with the CPU's SIMD features.
+pub(crate) struct Attend<'a> {
+    pub input: &'a AttnInput,
+    pub rows: Range<usize>,
+    pub scores: &'a mut Vec<f32>,
+    pub att: &'a mut [f32],
+    pub cfg: &'a Config,
+}
+
+impl pulp::NullaryFnOnce for Attend<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        let c = self.cfg;
+        let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let buf: &mut Vec<f32> = self.scores;
+        let start = self.rows.start;
+        for i in self.rows {
+            let layer = self.input.kv[i]
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (keys, values) = (&layer.keys, &layer.values);
+            let seen = self.input.pos[i] + 1;
+            let blocks = seen.div_ceil(KEY_BLOCK);
+            buf.resize(blocks * KEY_BLOCK, 0.0);
+            for h in 0..c.heads {
+                let kvh = h / group;
+                let q = &self.input.q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                // Scores, 16 positions at a time, four blocks at once
+                // (independent chains of additions).
+                let off = kvh * hd * KEY_BLOCK;
+                let stride = KEY_BLOCK * kv_dim;
+                let mut b = 0;
+                while b + 4 <= blocks {
+                    score_blocks4(q, keys, b, stride, off, buf, scale);
+                    b += 4;
+                }
+                while b < blocks {
+                    score_block(q, keys, b, stride, off, buf, scale);
+                    b += 1;
+                }
+                let scores = &mut buf[..seen];
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for s in scores.iter_mut() {
+                    *s /= sum;
+                }
+                // The weighted values: the sums of all the head's elements
+                // stay in registers over the positions.
+                let at = (i - start) * dim + h * hd;
+                let out = &mut self.att[at..at + hd];
+                let off = kvh * hd;
+                if hd == 64 {
+                    weigh64(scores, values, kv_dim, off, out);
+                } else {
+                    weigh(scores, values, kv_dim, off, out);
+                }
+            }
+        }
+    }
+}
+
+/// `x` rounded to bfloat16 (to nearest, ties to even; NaN stays NaN).
+pub(crate) fn to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// A bfloat16 widened to f32 (exact).
+#[inline(always)]
+pub(crate) fn from_bf16(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// `s += q * k`, lane by lane (one vector operation each on AVX-512, after
+/// widening `k`).
+#[inline(always)]
+fn axpy16(s: &mut [f32; 16], q: f32, k: &[u16]) {
+    let k: &[u16; 16] = k.try_into().unwrap_or(&[0; 16]);
+    for (s, k) in s.iter_mut().zip(k) {
+        *s += q * from_bf16(*k);
+    }
+}
+
+/// A query's scores against key block `b` of one head (at `off` in each
+/// block of `stride` floats), scaled, into `out[16 * b..]`.
+#[inline(always)]
+fn score_block(
+    q: &[f32],
+    keys: &[u16],
+    b: usize,
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
+    let at = b * stride + off;
+    let blk = &keys[at..at + q.len() * KEY_BLOCK];
+    let mut s = [0f32; KEY_BLOCK];
+    for (qd, col) in q.iter().zip(blk.chunks_exact(KEY_BLOCK)) {
+        axpy16(&mut s, *qd, col);
+    }
+    for (o, s) in out[b * KEY_BLOCK..(b + 1) * KEY_BLOCK].iter_mut().zip(s) {
+        *o = s * scale;
+    }
+}
+
+/// [`score_block`] for blocks `b..b + 4` at once: four independent
+/// chains of additions, each block's arithmetic unchanged.
+#[inline(always)]
+fn score_blocks4(
+    q: &[f32],
+    keys: &[u16],
+    b: usize,
+    stride: usize,
+    off: usize,
+    out: &mut [f32],
+    scale: f32,
+) {
+    let n = q.len() * KEY_BLOCK;
+    let at = |j: usize| (b + j) * stride + off;
+    let (k0, k1, k2, k3) = (
+        &keys[at(0)..at(0) + n],
+        &keys[at(1)..at(1) + n],
+        &keys[at(2)..at(2) + n],
+        &keys[at(3)..at(3) + n],
+    );
+    let (mut s0, mut s1, mut s2, mut s3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    for (d, qd) in q.iter().enumerate() {
+        let r = d * KEY_BLOCK..(d + 1) * KEY_BLOCK;
+        axpy16(&mut s0, *qd, &k0[r.clone()]);
+        axpy16(&mut s1, *qd, &k1[r.clone()]);
+        axpy16(&mut s2, *qd, &k2[r.clone()]);
+        axpy16(&mut s3, *qd, &k3[r]);
+    }
+    for (j, s) in [s0, s1, s2, s3].iter().enumerate() {
+        let o = (b + j) * KEY_BLOCK;
+        for (o, s) in out[o..o + KEY_BLOCK].iter_mut().zip(s) {
+            *o = s * scale;
+        }
+    }
+}
+
+/// `out = sum_t p[t] * values[t]` over one head's 64 elements (at `off` in
+/// each position's `kv_dim`), the position order kept per element; four
+/// independent chains.
+#[inline(always)]
+fn weigh64(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) {
+    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    for (t, p) in p.iter().enumerate() {
+        let at = t * kv_dim + off;
+        axpy16(&mut a0, *p, &values[at..at + 16]);
+        axpy16(&mut a1, *p, &values[at + 16..at + 32]);
+        axpy16(&mut a2, *p, &values[at + 32..at + 48]);
+        axpy16(&mut a3, *p, &values[at + 48..at + 64]);
+    }
+    for (o, a) in out.chunks_exact_mut(16).zip([a0, a1, a2, a3]) {
+        o.copy_from_slice(&a);
+    }
+}
+
+/// The same for any head size, 16 elements at a time (then one by one).
+#[inline(always)]
+fn weigh(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) {
+    let (chunks, rest) = out.as_chunks_mut::<16>();
+    for (ci, chunk) in chunks.iter_mut().enumerate() {
+        let mut acc = [0f32; 16];
+        for (t, p) in p.iter().enumerate() {
+            let at = t * kv_dim + off + 16 * ci;
+            axpy16(&mut acc, *p, &values[at..at + 16]);
+        }
+        *chunk = acc;
+    }
+    let d0 = 16 * chunks.len();
+    for (d, o) in rest.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for (t, p) in p.iter().enumerate() {
+            acc += p * from_bf16(values[t * kv_dim + off + d0 + d]);
+        }
+        *o = acc;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// The blocked, transposed cache gives textbook attention (softmax of
+    /// scaled dot products, weighted values) at positions on both sides
+    /// of block boundaries, with grouped heads, for head sizes that take
+    /// the general loops (20) and the unrolled ones (32, 64).
+    #[test]
+    fn attention_over_the_blocked_cache_is_softmax_attention() {
+        for hd in [20, 32, 64] {
+            check_attention(hd);
+        }
+    }
+
+    fn check_attention(hd: usize) {
+        let cfg = Config {
+            dim: 6 * hd,
+            hidden: 0,
+            layers: 2,
+            heads: 6,
+            kv_heads: 2,
+            head_dim: hd,
+            vocab: 0,
+            context: 128,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+        };
+        let (kv_dim, dim) = (2 * hd, 6 * hd);
+        let tokens = 90;
+        // The cache keeps bfloat16: the reference gets the same values.
+        let bf = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| from_bf16(to_bf16(*x))).collect() };
+        let keys = bf(pseudo(tokens * kv_dim, 1));
+        let values = bf(pseudo(tokens * kv_dim, 2));
+        let mut cache = KvCache::new(&cfg, tokens);
+        for t in 0..tokens {
+            let (k, v) = (
+                &keys[t * kv_dim..(t + 1) * kv_dim],
+                &values[t * kv_dim..(t + 1) * kv_dim],
+            );
+            cache.push(1, t, k, v);
+        }
+        cache.len = tokens;
+        let positions = [0, 14, 15, 16, 17, 31, 32, 40, 63, 64, 79, 89];
+        let q = pseudo(positions.len() * dim, 3);
+        let input = AttnInput {
+            q: q.clone(),
+            pos: positions.to_vec(),
+            kv: positions
+                .iter()
+                .map(|_| Arc::clone(cache.layer(1)))
+                .collect(),
+        };
+        // All rows at once, and split in two ranges (as two threads would).
+        let mut att = vec![0f32; positions.len() * dim];
+        let mut scores = Vec::new();
+        crate::quant::vectorized(Attend {
+            input: &input,
+            rows: 0..positions.len(),
+            scores: &mut scores,
+            att: &mut att,
+            cfg: &cfg,
+        });
+        let mut split = vec![0f32; positions.len() * dim];
+        let (a, b) = split.split_at_mut(5 * dim);
+        for (rows, out) in [(0..5, a), (5..positions.len(), b)] {
+            crate::quant::vectorized(Attend {
+                input: &input,
+                rows,
+                scores: &mut scores,
+                att: out,
+                cfg: &cfg,
+            });
+        }
+        assert_eq!(att, split);
+        for (i, &pos) in positions.iter().enumerate() {
+            for h in 0..cfg.heads {
+                let kvh = h / 3;
+                let qh = &q[i * dim + h * hd..i * dim + (h + 1) * hd];
+                let s: Vec<f64> = (0..=pos)
+                    .map(|t| {
+                        let k = &keys[t * kv_dim + kvh * hd..t * kv_dim + (kvh + 1) * hd];
+                        qh.iter().zip(k).map(|(a, b)| f64::from(a * b)).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = (0..=pos)
+                        .map(|t| e[t] / sum * f64::from(values[t * kv_dim + kvh * hd + d]))
+                        .sum();
+                    let got = f64::from(att[i * dim + h * hd + d]);
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "pos {pos} head {h} d {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// bfloat16 rounds to nearest, ties to even, and widens back exactly.
+    #[test]
+    fn bfloat16_rounds_to_nearest_even() {
+        assert_eq!(to_bf16(1.0), 0x3f80);
+        assert_eq!(from_bf16(0x3f80), 1.0);
+        // 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to the even one, 1.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is a tie between 1 + 2^-7 and 1 + 2^-6: even is the latter.
+        assert_eq!(to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert_eq!(to_bf16(-2.5), 0xc020);
+        assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
+        for x in pseudo(1000, 9) {
+            let y = from_bf16(to_bf16(x));
+            assert!((x - y).abs() <= x.abs() / 256.0, "{x} {y}");
+        }
+    }
+}
