@@ -85,7 +85,12 @@ impl KvCache {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         let LayerKv { keys, values } = &mut *l;
-        debug_assert_eq!(values.len(), pos * kv_dim);
+        // Positions come in order; anything else would write the wrong
+        // slots and grow the cache past its reservation.
+        assert!(
+            values.len() == pos * kv_dim && values.len() + kv_dim <= values.capacity(),
+            "KV cache position {pos} out of order or past the reserved length"
+        );
         if pos.is_multiple_of(KEY_BLOCK) {
             keys.resize(keys.len() + KEY_BLOCK * kv_dim, 0);
         }
@@ -313,6 +318,49 @@ mod tests {
                 ((s >> 8) as f32 / (1u32 << 24) as f32) - 0.5
             })
             .collect()
+    }
+
+    /// What the KV cap counts is what a full cache holds: filling every
+    /// position (a count that is not a multiple of the key block) never
+    /// grows a layer past its first allocation, whose bytes are `bytes`.
+    #[test]
+    fn a_full_cache_holds_what_its_reservation_counts() {
+        let cfg = Config {
+            dim: 64,
+            hidden: 0,
+            layers: 3,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            vocab: 0,
+            context: 64,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+        };
+        let tokens = 37;
+        let mut cache = KvCache::new(&cfg, tokens);
+        let caps = |c: &KvCache| -> Vec<(usize, usize)> {
+            (0..cfg.layers)
+                .map(|l| {
+                    let g = c.layer(l).read().unwrap();
+                    (g.keys.capacity(), g.values.capacity())
+                })
+                .collect()
+        };
+        let before = caps(&cache);
+        let kv = vec![0.25f32; 32];
+        for pos in 0..tokens {
+            for l in 0..cfg.layers {
+                cache.push(l, pos, &kv, &kv);
+            }
+        }
+        assert_eq!(caps(&cache), before, "a layer grew past its reservation");
+        let held: usize = before.iter().map(|(k, v)| (k + v) * 2).sum();
+        assert_eq!(held, KvCache::bytes(&cfg, tokens));
+        let full = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            cache.push(0, tokens, &kv, &kv);
+        }));
+        assert!(full.is_err(), "a position past the reservation is refused");
     }
 
     /// The blocked, transposed cache gives textbook attention (softmax of

@@ -550,6 +550,10 @@ impl Forward {
                 &mut self.scores,
                 &mut self.att,
             );
+            // Let go of the batch's caches at once: a sequence that ends
+            // after this step must not keep a layer alive past its
+            // reservation (the KV cap counts only live sequences).
+            Arc::make_mut(&mut self.attn).kv.clear();
             Self::quantize(&mut self.acts, &self.att);
             products(
                 &mut self.team,

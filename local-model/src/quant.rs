@@ -374,11 +374,19 @@ mod simd {
 pub fn vectorized<F: pulp::NullaryFnOnce>(op: F) -> F::Output {
     #[cfg(target_arch = "x86_64")]
     {
-        if let Some(simd) = pulp::x86::V4::try_new() {
-            return simd.vectorize(op);
-        }
-        if let Some(simd) = pulp::x86::V3::try_new() {
-            return simd.vectorize(op);
+        // The same level as the kernels (`OPTIROUTE_SIMD` caps both).
+        match simd::best() {
+            simd::Level::Avx512 => {
+                if let Some(simd) = pulp::x86::V4::try_new() {
+                    return simd.vectorize(op);
+                }
+            }
+            simd::Level::Avx2 => {
+                if let Some(simd) = pulp::x86::V3::try_new() {
+                    return simd.vectorize(op);
+                }
+            }
+            simd::Level::Portable => {}
         }
     }
     op.call()
@@ -574,16 +582,22 @@ mod tests {
     fn every_kernel_level_matches_the_portable_loops() {
         use simd::Level;
         let levels = [Level::Avx512, Level::Avx2, Level::Portable];
-        for cols in [96, 576] {
-            let (rows, kb) = (13, cols / BLOCK);
-            let q41: Vec<BlockQ4_1> = (0..rows * kb)
+        if pulp::x86::V4::try_new().is_none() {
+            eprintln!("no AVX-512 here: Level::Avx512 runs the AVX2 kernels");
+        }
+        // Past one row block (16), and a part not starting at row 0, as
+        // the thread team hands out.
+        for (cols, range) in [(96, 0..40), (576, 0..40), (576, 5..37)] {
+            let (all, kb) = (40, cols / BLOCK);
+            let rows = range.len();
+            let q41: Vec<BlockQ4_1> = (0..all * kb)
                 .map(|i| BlockQ4_1 {
                     d: 0.01 + (i % 17) as f32 * 0.001,
                     m: -0.05 + (i % 23) as f32 * 0.002,
                     qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
                 })
                 .collect();
-            let q80: Vec<BlockQ8_0> = (0..rows * kb)
+            let q80: Vec<BlockQ8_0> = (0..all * kb)
                 .map(|i| BlockQ8_0 {
                     d: 0.003 + (i % 19) as f32 * 0.0001,
                     qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 256) as i32 - 128) as i8),
@@ -598,7 +612,7 @@ mod tests {
                 matmul_portable(
                     &q41,
                     kb,
-                    0..rows,
+                    range.clone(),
                     &act,
                     n,
                     &mut want41,
@@ -608,7 +622,7 @@ mod tests {
                 matmul_portable(
                     &q80,
                     kb,
-                    0..rows,
+                    range.clone(),
                     &act,
                     n,
                     &mut want80,
@@ -618,13 +632,13 @@ mod tests {
                 for level in levels {
                     let mut got41 = vec![0f32; n * rows];
                     let mut got80 = vec![0f32; n * rows];
-                    simd::matmul_q4_1_at(level, &q41, kb, 0..rows, &act, n, &mut got41, rows);
-                    simd::matmul_q8_0_at(level, &q80, kb, 0..rows, &act, n, &mut got80, rows);
+                    simd::matmul_q4_1_at(level, &q41, kb, range.clone(), &act, n, &mut got41, rows);
+                    simd::matmul_q8_0_at(level, &q80, kb, range.clone(), &act, n, &mut got80, rows);
                     for (got, want) in [(&got41, &want41), (&got80, &want80)] {
                         for (g, w) in got.iter().zip(want.iter()) {
                             assert!(
                                 (g - w).abs() < 1e-3 * w.abs().max(1.0),
-                                "{level:?} cols={cols} n={n}: {g} vs {w}"
+                                "{level:?} cols={cols} rows={range:?} n={n}: {g} vs {w}"
                             );
                         }
                     }
@@ -632,8 +646,26 @@ mod tests {
                         let col = &act[c * kb..(c + 1) * kb];
                         let mut one41 = vec![0f32; rows];
                         let mut one80 = vec![0f32; rows];
-                        simd::matmul_q4_1_at(level, &q41, kb, 0..rows, col, 1, &mut one41, rows);
-                        simd::matmul_q8_0_at(level, &q80, kb, 0..rows, col, 1, &mut one80, rows);
+                        simd::matmul_q4_1_at(
+                            level,
+                            &q41,
+                            kb,
+                            range.clone(),
+                            col,
+                            1,
+                            &mut one41,
+                            rows,
+                        );
+                        simd::matmul_q8_0_at(
+                            level,
+                            &q80,
+                            kb,
+                            range.clone(),
+                            col,
+                            1,
+                            &mut one80,
+                            rows,
+                        );
                         for r in 0..rows {
                             assert_eq!(got41[c * rows + r].to_bits(), one41[r].to_bits());
                             assert_eq!(got80[c * rows + r].to_bits(), one80[r].to_bits());

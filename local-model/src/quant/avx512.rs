@@ -1,5 +1,5 @@
-//! The AVX-512 (F, BW, DQ) kernels (x86-64), picked at run time before the
-//! AVX2 ones when the CPU has them.
+//! The AVX-512 kernels (x86-64; pulp's `V4`: F, BW, CD, DQ, VL), picked at
+//! run time before the AVX2 ones when the CPU has them.
 //!
 //! A 512-bit register holds two quantization blocks, so each integer
 //! multiply-add covers two blocks of a (row, column) pair. The
@@ -478,8 +478,10 @@ pub fn matmul_q8_0(
     true
 }
 
-/// Quantizes activations as the portable loop does, bit for bit (the
-/// largest magnitude, the same scale, rounding half away from zero).
+/// Quantizes finite activations as the portable loop does, bit for bit
+/// (the largest magnitude, the same scale, rounding half away from zero);
+/// a NaN or an infinity, which a sound model never produces, may quantize
+/// differently.
 struct Quantize<'a> {
     simd: V4,
     x: &'a [f32],

@@ -363,7 +363,14 @@ pub fn best() -> Level {
     let cap = *CAP.get_or_init(|| match std::env::var("OPTIROUTE_SIMD").as_deref() {
         Ok("avx2") => Level::Avx2,
         Ok("portable") => Level::Portable,
-        _ => Level::Avx512,
+        Ok("") | Err(_) => Level::Avx512,
+        Ok(other) => {
+            tracing::warn!(
+                value = other,
+                "OPTIROUTE_SIMD is not `avx2` or `portable`: using the best kernels this CPU has"
+            );
+            Level::Avx512
+        }
     });
     if cap == Level::Avx512 && V4::try_new().is_some() {
         Level::Avx512
