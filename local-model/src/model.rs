@@ -552,8 +552,13 @@ impl Forward {
             );
             // Let go of the batch's caches at once: a sequence that ends
             // after this step must not keep a layer alive past its
-            // reservation (the KV cap counts only live sequences).
-            Arc::make_mut(&mut self.attn).kv.clear();
+            // reservation (the KV cap counts only live sequences). A late
+            // helper still holding the input gets to keep its copy; ours
+            // starts afresh rather than being cloned.
+            match Arc::get_mut(&mut self.attn) {
+                Some(input) => input.kv.clear(),
+                None => self.attn = Arc::default(),
+            }
             Self::quantize(&mut self.acts, &self.att);
             products(
                 &mut self.team,
