@@ -428,29 +428,26 @@ pub fn matmul_q4_1(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    let Some(simd) = V4::try_new() else {
-        return false;
-    };
-    with_packed(|pk| {
-        pk.fill(act, kb, n);
-        simd.vectorize(Run {
-            simd,
-            w,
-            kb,
-            rows,
-            pk,
-            n,
-            out,
-            ld,
-            kernel: PhantomData::<Q41Pair>,
-        })
-    });
-    true
+    matmul::<Q41Pair>(w, kb, rows, act, n, out, ld)
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q8_0(
     w: &[BlockQ8_0],
+    kb: usize,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
+    matmul::<Q80Pair>(w, kb, rows, act, n, out, ld)
+}
+
+/// Both formats' product: the activations packed once, then the tiles.
+#[allow(clippy::too_many_arguments)]
+fn matmul<P: Pair>(
+    w: &[P::Block],
     kb: usize,
     rows: Range<usize>,
     act: &[BlockAct],
@@ -472,7 +469,7 @@ pub fn matmul_q8_0(
             n,
             out,
             ld,
-            kernel: PhantomData::<Q80Pair>,
+            kernel: PhantomData::<P>,
         })
     });
     true

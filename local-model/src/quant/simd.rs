@@ -421,20 +421,7 @@ pub fn matmul_q4_1_at(
     if level == Level::Avx512 && avx512::matmul_q4_1(w, kb, rows.clone(), act, n, out, ld) {
         return;
     }
-    match V3::try_new().filter(|_| level != Level::Portable) {
-        Some(simd) => simd.vectorize(Product {
-            simd,
-            w,
-            kb,
-            rows,
-            act,
-            n,
-            out,
-            ld,
-            kernel: Q41,
-        }),
-        None => matmul_portable(w, kb, rows, act, n, out, ld, dot_q4_1_portable),
-    }
+    avx2_or_portable(level, w, kb, rows, act, n, out, ld, Q41, dot_q4_1_portable)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -451,6 +438,24 @@ pub fn matmul_q8_0_at(
     if level == Level::Avx512 && avx512::matmul_q8_0(w, kb, rows.clone(), act, n, out, ld) {
         return;
     }
+    avx2_or_portable(level, w, kb, rows, act, n, out, ld, Q80, dot_q8_0_portable)
+}
+
+/// The AVX2 product with `kernel` unless `level` is portable or the CPU
+/// lacks AVX2, then the portable loop with `dot`.
+#[allow(clippy::too_many_arguments)]
+fn avx2_or_portable<B, K: Kernel<B>>(
+    level: Level,
+    w: &[B],
+    kb: usize,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+    kernel: K,
+    dot: fn(&[B], &[BlockAct]) -> f32,
+) {
     match V3::try_new().filter(|_| level != Level::Portable) {
         Some(simd) => simd.vectorize(Product {
             simd,
@@ -461,9 +466,9 @@ pub fn matmul_q8_0_at(
             n,
             out,
             ld,
-            kernel: Q80,
+            kernel,
         }),
-        None => matmul_portable(w, kb, rows, act, n, out, ld, dot_q8_0_portable),
+        None => matmul_portable(w, kb, rows, act, n, out, ld, dot),
     }
 }
 
