@@ -151,13 +151,7 @@ impl Routing {
             return learned.decision(&s, req.route_bias);
         }
         match embedding.get().await {
-            Ok(v) if v.len() != DIMS => self.fallback(
-                req,
-                &format!(
-                    "the embedding has {} dimensions, the weights expect {DIMS}",
-                    v.len()
-                ),
-            ),
+            Ok(v) if v.len() != DIMS => self.wrong_size(req, v.len()),
             Ok(v) => {
                 let s = Arc::new(learned.scored(&self.features, req, &v));
                 self.memo.put(key, s.clone());
@@ -174,13 +168,7 @@ impl Routing {
             return self.features.decide(req);
         }
         match (&self.learned, embedding) {
-            (Some(_), Some(v)) if v.len() != DIMS => self.fallback(
-                req,
-                &format!(
-                    "the embedding has {} dimensions, the weights expect {DIMS}",
-                    v.len()
-                ),
-            ),
+            (Some(_), Some(v)) if v.len() != DIMS => self.wrong_size(req, v.len()),
             (Some(l), Some(v)) => l.decide(&self.features, req, v),
             (Some(_), None) => self.fallback(req, "no embedding"),
             (None, _) => match &self.unavailable {
@@ -188,6 +176,14 @@ impl Routing {
                 None => self.features.decide(req),
             },
         }
+    }
+
+    /// An embedding of another model's size: the weights cannot read it.
+    fn wrong_size(&self, req: &GenerateRequest, dims: usize) -> Decision {
+        self.fallback(
+            req,
+            &format!("the embedding has {dims} dimensions, the weights expect {DIMS}"),
+        )
     }
 
     fn fallback(&self, req: &GenerateRequest, why: &str) -> Decision {
@@ -201,6 +197,28 @@ impl Routing {
 mod tests {
     use super::*;
     use optiroute_common::wire::Pool;
+
+    /// An embedding of another size (another model configured) is not
+    /// read by the weights: the feature router decides and says why.
+    #[test]
+    fn an_embedding_of_the_wrong_size_falls_back_with_the_reason() {
+        let cfg = RoutingConfig {
+            kind: RouterKind::Learned,
+            ..RoutingConfig::default()
+        };
+        let r = Routing::new(&cfg).unwrap();
+        assert!(r.learned().is_some());
+        let req = GenerateRequest::new("Prove that sqrt(2) is irrational.");
+        let want = Router::new(&RoutingConfig::default()).unwrap().decide(&req);
+        let d = r.decide_with(&req, Some(&[0.1; 768]));
+        assert_eq!(d.target, want.target);
+        assert!(
+            d.reason
+                .starts_with("learned router unavailable (the embedding has 768 dimensions, the weights expect 384)"),
+            "{}",
+            d.reason
+        );
+    }
 
     #[test]
     fn features_kind_routes_as_the_feature_router() {
