@@ -352,17 +352,27 @@ impl Weights {
     pub fn score_nearest(&self, embedding: &[f32], x: &[f32; NF]) -> (f32, usize, f32) {
         let z = self.standardise(embedding, x);
         let mut score = 0.0;
-        let mut near: Vec<(f32, bool)> = Vec::with_capacity(self.alpha.len());
+        // The NEAREST largest kernel values, descending (earlier rows first
+        // among equals), kept in place: no per-request sort of every row.
+        let mut near = [(0.0f32, false); NEAREST];
+        let mut len = 0;
         for ((k, a), c) in self
             .kernel(&z)
             .zip(&self.alpha)
             .zip(self.support_cloud.bytes())
         {
             score += k * a;
-            near.push((k, c == b'1'));
+            let at = near[..len]
+                .iter()
+                .position(|(n, _)| n.total_cmp(&k) == std::cmp::Ordering::Less)
+                .unwrap_or(len);
+            if at < NEAREST {
+                len = (len + 1).min(NEAREST);
+                near.copy_within(at..len - 1, at + 1);
+                near[at] = (k, c == b'1');
+            }
         }
-        near.sort_by(|a, b| b.0.total_cmp(&a.0));
-        let top = &near[..NEAREST.min(near.len())];
+        let top = &near[..len];
         let cloud = top.iter().filter(|(_, c)| *c).count();
         let mean = top.iter().map(|(k, _)| k).sum::<f32>() / top.len().max(1) as f32;
         (score, cloud, mean)
@@ -625,6 +635,49 @@ mod tests {
         assert!((w.score(&e, &x) + want).abs() < 1e-3);
         e[0] = 0.0;
         assert!(w.score(&e, &x).abs() < 1e-6, "halfway is undecided");
+    }
+
+    /// The nearest stored prompts are the ones with the largest kernel
+    /// values, as sorting them all would give.
+    #[test]
+    fn the_nearest_are_the_most_similar_rows() {
+        let rows: Vec<Vec<f32>> = (0..12)
+            .map(|i| {
+                let mut r = vec![0.0; INPUTS];
+                r[0] = (i as f32 - 6.0) / 3.0;
+                r
+            })
+            .collect();
+        let cloud: Vec<bool> = (0..12).map(|i| i % 3 == 0).collect();
+        let w = Weights::new(
+            vec![0.0; INPUTS],
+            vec![1.0; INPUTS],
+            0.5,
+            &rows.iter().map(|r| quantize_row(r)).collect::<Vec<_>>(),
+            &cloud,
+            vec![1.0; 12],
+            0.0,
+            (0..QUANTILES).map(|i| i as f32).collect(),
+            info(),
+        )
+        .unwrap();
+        for at in [-2.0f32, 0.0, 0.7, 2.0] {
+            let mut e = vec![0.0; DIMS];
+            e[0] = at;
+            let x = [0.0; NF];
+            let z = w.standardise(&e, &x);
+            let mut all: Vec<(f32, bool)> = w.kernel(&z).zip(cloud.iter().copied()).collect();
+            all.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let top = &all[..NEAREST];
+            let want_cloud = top.iter().filter(|(_, c)| *c).count();
+            let want_mean = top.iter().map(|(k, _)| k).sum::<f32>() / NEAREST as f32;
+            let (_, cloud_n, mean) = w.score_nearest(&e, &x);
+            assert_eq!(cloud_n, want_cloud, "at {at}");
+            assert!(
+                (mean - want_mean).abs() < 1e-6,
+                "at {at}: {mean} vs {want_mean}"
+            );
+        }
     }
 
     #[test]
