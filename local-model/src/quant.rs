@@ -7,8 +7,10 @@
 //! ggml's Q8_1) and dotted with integer multiply-adds.
 //!
 //! On x86-64 the AVX-512 (F/BW/DQ/VL) kernels run when the CPU has them,
-//! else the AVX2+FMA ones (checked once, through `pulp`, with no `unsafe`
-//! here; `OPTIROUTE_SIMD=avx2` or `portable` caps them, to compare);
+//! with VNNI's one-instruction byte dot products where it has that too,
+//! else the AVX2+FMA ones (checked once, through `pulp`; the one `unsafe`
+//! block, VNNI's instruction behind its token, is in `quant/vnni.rs`;
+//! `OPTIROUTE_SIMD=avx512`, `avx2` or `portable` caps them, to compare);
 //! elsewhere portable loops do the same arithmetic. One binary is fast on
 //! modern CPUs and still correct on old ones, without `-C target-cpu`
 //! flags. The products ask the cache for the weights a few rows ahead: a
@@ -330,6 +332,8 @@ fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
@@ -376,7 +380,7 @@ pub fn vectorized<F: pulp::NullaryFnOnce>(op: F) -> F::Output {
     {
         // The same level as the kernels (`OPTIROUTE_SIMD` caps both).
         match simd::best() {
-            simd::Level::Avx512 => {
+            simd::Level::Avx512Vnni | simd::Level::Avx512 => {
                 if let Some(simd) = pulp::x86::V4::try_new() {
                     return simd.vectorize(op);
                 }
@@ -397,6 +401,7 @@ pub fn simd_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
         match simd::best() {
+            simd::Level::Avx512Vnni => return "avx512vnni",
             simd::Level::Avx512 => return "avx512bw",
             simd::Level::Avx2 => return "avx2+fma",
             simd::Level::Portable => {}
@@ -581,9 +586,17 @@ mod tests {
     #[test]
     fn every_kernel_level_matches_the_portable_loops() {
         use simd::Level;
-        let levels = [Level::Avx512, Level::Avx2, Level::Portable];
+        let levels = [
+            Level::Avx512Vnni,
+            Level::Avx512,
+            Level::Avx2,
+            Level::Portable,
+        ];
         if pulp::x86::V4::try_new().is_none() {
             eprintln!("no AVX-512 here: Level::Avx512 runs the AVX2 kernels");
+        }
+        if simd::best() != Level::Avx512Vnni {
+            eprintln!("no AVX-512 VNNI here: Level::Avx512Vnni runs the kernels below it");
         }
         // Past one row block (16), and a part not starting at row 0, as
         // the thread team hands out.
@@ -696,7 +709,12 @@ mod tests {
         assert_eq!(want[0].qs[1], 1);
         assert_eq!(want[0].qs[2], -1);
         assert_eq!(want[0].qs[3], -3);
-        for level in [Level::Avx512, Level::Avx2, Level::Portable] {
+        for level in [
+            Level::Avx512Vnni,
+            Level::Avx512,
+            Level::Avx2,
+            Level::Portable,
+        ] {
             let mut got = vec![BlockAct::default(); x.len() / BLOCK];
             simd::quantize_at(level, &x, &mut got);
             for (g, w) in got.iter().zip(&want) {

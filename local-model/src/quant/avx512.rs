@@ -9,11 +9,22 @@
 //! integer multiply-adds, one conversion, one scale product and one FMA;
 //! a row's pair is unpacked once for all the columns of a tile (up to 8).
 //!
+//! With AVX-512 VNNI (`Vnni` kernels) the two integer multiply-adds are
+//! one `vpdpbusd`. It multiplies unsigned bytes by signed ones, so for
+//! Q8_0 (signed weights) the activations are packed plus 128 (as unsigned
+//! bytes) and each row pair starts its sums from minus 128 times its
+//! weights' sums (one more `vpdpbusd` per row pair, not per column).
+//!
 //! Per (row, column) the arithmetic is the same whatever the number of
 //! columns, the tile and the row range, so a sequence gets bit-identical
-//! results alone or in a batch, on any thread.
+//! results alone or in a batch, on any thread; and the integer dot
+//! products are exact on every path, so VNNI or not gives the same bits.
 
+use super::vnni::Vnni;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
+use vnni_kernels::{Q41Vnni, Q80Vnni};
+
+mod vnni_kernels;
 use pulp::bytemuck::cast;
 use pulp::x86::V4;
 use std::arch::x86_64::{__m128i, __m512, __m512i};
@@ -29,7 +40,16 @@ const TILE: usize = 8;
 struct Packed {
     /// Columns.
     n: usize,
-    /// Pairs per column (`kb` rounded up to even, halved).
+    /// Groups of eight blocks per column packed for the VNNI kernels
+    /// (zero for the others), and the first block after them.
+    groups: usize,
+    first: usize,
+    /// Per group and column (`g * n + c`): for `k` in 0..4, the quants
+    /// `8k..8k + 8` of each of the eight blocks side by side.
+    q8: Vec<[[i8; 64]; 4]>,
+    /// Per group and column: block `b`'s scale in lanes `2b`, `2b + 1`.
+    d8: Vec<[f32; 16]>,
+    /// Pairs per column of the blocks from `first` on (rounded up).
     pairs: usize,
     /// Per pair and column (`p * n + c`): the 64 quants (zero past the
     /// last block).
@@ -47,10 +67,18 @@ struct Packed {
 }
 
 impl Packed {
-    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize) {
+    /// `shift`: the quants plus 128, as unsigned bytes (for VNNI's Q8_0);
+    /// `grouped`: eight blocks at a time first (the VNNI kernels).
+    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool, grouped: bool) {
         self.n = n;
-        self.pairs = kb.div_ceil(2);
+        self.groups = if grouped { kb / 8 } else { 0 };
+        self.first = 8 * self.groups;
+        self.pairs = (kb - self.first).div_ceil(2);
         self.spad = kb.div_ceil(16) * 16;
+        self.q8.clear();
+        self.q8.resize(self.groups * n, [[0; 64]; 4]);
+        self.d8.clear();
+        self.d8.resize(self.groups * n, [0.0; 16]);
         self.q.clear();
         self.q.resize(self.pairs * n, [0; 64]);
         self.d.clear();
@@ -60,8 +88,24 @@ impl Packed {
         for c in 0..n {
             let col = &act[c * kb..(c + 1) * kb];
             for (i, blk) in col.iter().enumerate() {
-                let (at, h) = ((i / 2) * n + c, i % 2);
-                self.q[at][32 * h..32 * (h + 1)].copy_from_slice(&blk.qs);
+                let mut qs = blk.qs;
+                if shift {
+                    // y + 128 in two's complement bits: the sign bit flipped.
+                    for q in &mut qs {
+                        *q ^= i8::MIN;
+                    }
+                }
+                if i < self.first {
+                    let (at, b) = ((i / 8) * n + c, i % 8);
+                    for (k, part) in qs.as_chunks::<8>().0.iter().enumerate() {
+                        self.q8[at][k][8 * b..8 * (b + 1)].copy_from_slice(part);
+                    }
+                    self.d8[at][2 * b..2 * (b + 1)].fill(blk.d);
+                    continue;
+                }
+                let j = i - self.first;
+                let (at, h) = ((j / 2) * n + c, j % 2);
+                self.q[at][32 * h..32 * (h + 1)].copy_from_slice(&qs);
                 self.d[at][8 * h..8 * (h + 1)].fill(blk.d);
             }
             for (s, blk) in self.s[c * self.spad..].iter_mut().zip(col) {
@@ -93,19 +137,72 @@ fn scales(simd: V4, a: f32, b: f32) -> __m512 {
     )
 }
 
+/// The instructions a kernel runs with: pulp's `V4`, or those and VNNI.
+trait Isa: Copy {
+    fn try_new() -> Option<Self>;
+    fn v4(self) -> V4;
+    fn vectorize<F: pulp::NullaryFnOnce>(self, f: F) -> F::Output;
+}
+
+impl Isa for V4 {
+    fn try_new() -> Option<Self> {
+        V4::try_new()
+    }
+
+    #[inline(always)]
+    fn v4(self) -> V4 {
+        self
+    }
+
+    fn vectorize<F: pulp::NullaryFnOnce>(self, f: F) -> F::Output {
+        V4::vectorize(self, f)
+    }
+}
+
+impl Isa for Vnni {
+    fn try_new() -> Option<Self> {
+        Vnni::try_new()
+    }
+
+    #[inline(always)]
+    fn v4(self) -> V4 {
+        self.v4
+    }
+
+    fn vectorize<F: pulp::NullaryFnOnce>(self, f: F) -> F::Output {
+        Vnni::vectorize(self, f)
+    }
+}
+
 /// A row's pair of blocks, unpacked once for a tile's columns.
 trait Pair: Copy {
     type Block;
+    type Isa: Isa;
+    /// Whether the activations are packed plus 128 (unsigned bytes).
+    const SHIFTED: bool = false;
+    /// Whether the blocks go eight at a time first ([`Pair::groups`]).
+    const GROUPED: bool = false;
     /// Blocks `i` and `i + 1` of `row` (the second absent: zero).
-    fn load(simd: V4, row: &[Self::Block], i: usize) -> Self;
+    fn load(simd: Self::Isa, row: &[Self::Block], i: usize) -> Self;
     /// The two blocks' weight scales (lanes as in [`scales`]).
     fn d(self) -> __m512;
     /// Per 4-element group, the integer dot product with `y`.
-    fn dot(self, simd: V4, y: __m512i) -> __m512i;
+    fn dot(self, simd: Self::Isa, y: __m512i) -> __m512i;
+    /// Adds the row's first `pk.groups` groups of eight blocks times
+    /// columns `c0..c0 + C` into `acc` (the VNNI kernels; others have none).
+    #[inline(always)]
+    fn groups<const C: usize>(
+        _simd: Self::Isa,
+        _row: &[Self::Block],
+        _pk: &Packed,
+        _c0: usize,
+        _acc: &mut [__m512; C],
+    ) {
+    }
     /// Per column `c0 + c`, a term to add to the row's products (16
     /// lanes), into `ex[c]`; `m` is scratch of `pk.spad` floats.
     fn extra(
-        simd: V4,
+        simd: Self::Isa,
         row: &[Self::Block],
         pk: &Packed,
         c0: usize,
@@ -123,6 +220,7 @@ struct Q41Pair {
 
 impl Pair for Q41Pair {
     type Block = BlockQ4_1;
+    type Isa = V4;
 
     /// The offset term `sum_i m_i * s_i`.
     #[inline(always)]
@@ -196,6 +294,7 @@ struct Q80Pair {
 
 impl Pair for Q80Pair {
     type Block = BlockQ8_0;
+    type Isa = V4;
 
     #[inline(always)]
     fn extra(simd: V4, _: &[BlockQ8_0], _: &Packed, _: usize, _: &mut [f32], ex: &mut [__m512]) {
@@ -204,16 +303,11 @@ impl Pair for Q80Pair {
 
     #[inline(always)]
     fn load(simd: V4, row: &[BlockQ8_0], i: usize) -> Self {
-        let a = &row[i];
-        let (bq, bd) = row.get(i + 1).map_or(([0i8; 32], 0.0), |b| (b.qs, b.d));
-        let mut both = [0i8; 64];
-        both[..32].copy_from_slice(&a.qs);
-        both[32..].copy_from_slice(&bq);
-        let x: __m512i = cast(both);
+        let (x, d) = q8_0_pair(simd, row, i);
         Q80Pair {
             ax: simd.avx512bw._mm512_abs_epi8(x),
             neg: simd.avx512bw._mm512_movepi8_mask(x),
-            d: scales(simd, a.d, bd),
+            d,
         }
     }
 
@@ -230,6 +324,18 @@ impl Pair for Q80Pair {
         simd.avx512bw
             ._mm512_madd_epi16(p16, simd.avx512f._mm512_set1_epi16(1))
     }
+}
+
+/// Blocks `i` and `i + 1` of a Q8_0 row (the second absent: zero): the
+/// 64 signed quants and the scales.
+#[inline(always)]
+fn q8_0_pair(simd: V4, row: &[BlockQ8_0], i: usize) -> (__m512i, __m512) {
+    let a = &row[i];
+    let (bq, bd) = row.get(i + 1).map_or(([0i8; 32], 0.0), |b| (b.qs, b.d));
+    let mut both = [0i8; 64];
+    both[..32].copy_from_slice(&a.qs);
+    both[32..].copy_from_slice(&bq);
+    (cast(both), scales(simd, a.d, bd))
 }
 
 /// The sums of the 16 lanes of each of 8 vectors, by the same additions
@@ -261,25 +367,28 @@ fn reduce8(simd: V4, v: [__m512; 8]) -> [f32; 8] {
 }
 
 /// One row by `C` (at most 8) columns `c0..c0 + C`: per column, starting
-/// from `extra` (Q4_1's offset term), the sum over pairs of
+/// from `extra` (Q4_1's offset term), the groups of eight blocks (VNNI),
+/// then the sum over the remaining pairs of
 /// `convert(int dot) * (weight scale * activation scale)` in 16 lanes,
 /// then the lanes summed.
 #[inline(always)]
 fn row_tile<P: Pair, const C: usize>(
-    simd: V4,
+    isa: P::Isa,
     row: &[P::Block],
     pk: &Packed,
     c0: usize,
     extra: &[__m512],
 ) -> [f32; C] {
+    let simd = isa.v4();
     let f = simd.avx512f;
     let mut acc: [__m512; C] = std::array::from_fn(|c| extra[c]);
+    P::groups::<C>(isa, row, pk, c0, &mut acc);
     for p in 0..pk.pairs {
-        let x = P::load(simd, row, 2 * p);
+        let x = P::load(isa, row, pk.first + 2 * p);
         let at = p * pk.n + c0;
         let (qs, ds) = (&pk.q[at..at + C], &pk.d[at..at + C]);
         for ((acc, q), d) in acc.iter_mut().zip(qs).zip(ds) {
-            let dot = x.dot(simd, cast(*q));
+            let dot = x.dot(isa, cast(*q));
             let sc = f._mm512_mul_ps(x.d(), cast(*d));
             *acc = f._mm512_fmadd_ps(f._mm512_cvtepi32_ps(dot), sc, *acc);
         }
@@ -297,7 +406,7 @@ fn row_tile<P: Pair, const C: usize>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn group<P: Pair, const C: usize>(
-    simd: V4,
+    isa: P::Isa,
     w: &[P::Block],
     kb: usize,
     rows: &Range<usize>,
@@ -308,6 +417,7 @@ fn group<P: Pair, const C: usize>(
     m: &mut [f32],
     ex: &mut [__m512],
 ) {
+    let simd = isa.v4();
     let ex = &mut ex[..C];
     let row_bytes = kb * std::mem::size_of::<P::Block>();
     for r in rows.clone() {
@@ -320,8 +430,8 @@ fn group<P: Pair, const C: usize>(
                 simd.sse._mm_prefetch::<3>(ahead.wrapping_add(line));
             }
         }
-        P::extra(simd, row, pk, c0, m, ex);
-        let t = row_tile::<P, C>(simd, row, pk, c0, ex);
+        P::extra(isa, row, pk, c0, m, ex);
+        let t = row_tile::<P, C>(isa, row, pk, c0, ex);
         for (dc, v) in t.iter().enumerate() {
             out[(c0 + dc) * ld + r - rows.start] = *v;
         }
@@ -340,7 +450,7 @@ const ROW_BLOCK: usize = 16;
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn product<P: Pair>(
-    simd: V4,
+    isa: P::Isa,
     w: &[P::Block],
     kb: usize,
     rows: Range<usize>,
@@ -357,19 +467,19 @@ fn product<P: Pair>(
         let out = &mut out[r0 - rows.start..];
         let mut c0 = 0;
         while c0 + TILE <= n {
-            group::<P, TILE>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, TILE>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
             c0 += TILE;
         }
         if c0 + 4 <= n {
-            group::<P, 4>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, 4>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
             c0 += 4;
         }
         if c0 + 2 <= n {
-            group::<P, 2>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, 2>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
             c0 += 2;
         }
         if c0 < n {
-            group::<P, 1>(simd, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, 1>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
         }
         r0 = block.end;
     }
@@ -379,7 +489,7 @@ fn product<P: Pair>(
 /// closure, so that `call` is forced inline into pulp's `target_feature`
 /// function down to the kernel, chosen statically by `P`).
 struct Run<'a, P: Pair> {
-    simd: V4,
+    isa: P::Isa,
     w: &'a [P::Block],
     kb: usize,
     rows: Range<usize>,
@@ -396,7 +506,7 @@ impl<P: Pair> pulp::NullaryFnOnce for Run<'_, P> {
     #[inline(always)]
     fn call(self) {
         let Run {
-            simd,
+            isa,
             w,
             kb,
             rows,
@@ -410,16 +520,17 @@ impl<P: Pair> pulp::NullaryFnOnce for Run<'_, P> {
         m.clear();
         m.resize(pk.spad, 0.0);
         ex.clear();
-        ex.resize(TILE, simd.avx512f._mm512_setzero_ps());
-        product::<P>(simd, w, kb, rows, pk, n, out, ld, &mut m, &mut ex);
+        ex.resize(TILE, isa.v4().avx512f._mm512_setzero_ps());
+        product::<P>(isa, w, kb, rows, pk, n, out, ld, &mut m, &mut ex);
         (pk.m, pk.ex) = (m, ex);
     }
 }
 
-/// The AVX-512 product, when the CPU has AVX-512 F/BW/DQ/VL (`false`:
-/// nothing done, use another kernel).
+/// The AVX-512 product, when the CPU has AVX-512 F/BW/DQ/VL, and VNNI if
+/// `vnni` asks for it (`false`: nothing done, use another kernel).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q4_1(
+    vnni: bool,
     w: &[BlockQ4_1],
     kb: usize,
     rows: Range<usize>,
@@ -428,11 +539,16 @@ pub fn matmul_q4_1(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    matmul::<Q41Pair>(w, kb, rows, act, n, out, ld)
+    if vnni {
+        matmul::<Q41Vnni>(w, kb, rows, act, n, out, ld)
+    } else {
+        matmul::<Q41Pair>(w, kb, rows, act, n, out, ld)
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q8_0(
+    vnni: bool,
     w: &[BlockQ8_0],
     kb: usize,
     rows: Range<usize>,
@@ -441,7 +557,11 @@ pub fn matmul_q8_0(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    matmul::<Q80Pair>(w, kb, rows, act, n, out, ld)
+    if vnni {
+        matmul::<Q80Vnni>(w, kb, rows, act, n, out, ld)
+    } else {
+        matmul::<Q80Pair>(w, kb, rows, act, n, out, ld)
+    }
 }
 
 /// Both formats' product: the activations packed once, then the tiles.
@@ -455,13 +575,13 @@ fn matmul<P: Pair>(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    let Some(simd) = V4::try_new() else {
+    let Some(isa) = P::Isa::try_new() else {
         return false;
     };
     with_packed(|pk| {
-        pk.fill(act, kb, n);
-        simd.vectorize(Run {
-            simd,
+        pk.fill(act, kb, n, P::SHIFTED, P::GROUPED);
+        isa.vectorize(Run {
+            isa,
             w,
             kb,
             rows,

@@ -2,6 +2,7 @@
 //! them; the portable loops of the parent module otherwise.
 
 use super::avx512;
+use super::vnni::Vnni;
 use super::{
     dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable, BlockAct, BlockQ4_1,
     BlockQ8_0,
@@ -351,28 +352,41 @@ tiled!(matmul_q8_0_v3, BlockQ8_0, q8_0_tile, q8_0_row4);
 /// The kernels a product can run with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// AVX-512 with VNNI.
+    Avx512Vnni,
     Avx512,
     Avx2,
     Portable,
 }
 
+impl Level {
+    /// Whether the AVX-512 kernels run (with VNNI or not).
+    pub fn avx512(self) -> bool {
+        matches!(self, Level::Avx512Vnni | Level::Avx512)
+    }
+}
+
 /// The fastest kernels this CPU runs, or slower ones that
-/// `OPTIROUTE_SIMD` asks for (`avx2`, `portable`: to compare them).
+/// `OPTIROUTE_SIMD` asks for (`avx512` without VNNI, `avx2`, `portable`:
+/// to compare them).
 pub fn best() -> Level {
     static CAP: OnceLock<Level> = OnceLock::new();
     let cap = *CAP.get_or_init(|| match std::env::var("OPTIROUTE_SIMD").as_deref() {
+        Ok("avx512") => Level::Avx512,
         Ok("avx2") => Level::Avx2,
         Ok("portable") => Level::Portable,
-        Ok("") | Err(_) => Level::Avx512,
+        Ok("") | Err(_) => Level::Avx512Vnni,
         Ok(other) => {
             tracing::warn!(
                 value = other,
-                "OPTIROUTE_SIMD is not `avx2` or `portable`: using the best kernels this CPU has"
+                "OPTIROUTE_SIMD is not `avx512`, `avx2` or `portable`: using the best kernels this CPU has"
             );
-            Level::Avx512
+            Level::Avx512Vnni
         }
     });
-    if cap == Level::Avx512 && V4::try_new().is_some() {
+    if cap == Level::Avx512Vnni && Vnni::try_new().is_some() {
+        Level::Avx512Vnni
+    } else if cap.avx512() && V4::try_new().is_some() {
         Level::Avx512
     } else if cap != Level::Portable && V3::try_new().is_some() {
         Level::Avx2
@@ -418,7 +432,8 @@ pub fn matmul_q4_1_at(
     out: &mut [f32],
     ld: usize,
 ) {
-    if level == Level::Avx512 && avx512::matmul_q4_1(w, kb, rows.clone(), act, n, out, ld) {
+    let vnni = level == Level::Avx512Vnni;
+    if level.avx512() && avx512::matmul_q4_1(vnni, w, kb, rows.clone(), act, n, out, ld) {
         return;
     }
     avx2_or_portable(level, w, kb, rows, act, n, out, ld, Q41, dot_q4_1_portable)
@@ -435,7 +450,8 @@ pub fn matmul_q8_0_at(
     out: &mut [f32],
     ld: usize,
 ) {
-    if level == Level::Avx512 && avx512::matmul_q8_0(w, kb, rows.clone(), act, n, out, ld) {
+    let vnni = level == Level::Avx512Vnni;
+    if level.avx512() && avx512::matmul_q8_0(vnni, w, kb, rows.clone(), act, n, out, ld) {
         return;
     }
     avx2_or_portable(level, w, kb, rows, act, n, out, ld, Q80, dot_q8_0_portable)
@@ -477,7 +493,7 @@ pub fn quantize(x: &[f32], out: &mut [BlockAct]) {
 }
 
 pub fn quantize_at(level: Level, x: &[f32], out: &mut [BlockAct]) {
-    if level == Level::Avx512 && avx512::quantize(x, out) {
+    if level.avx512() && avx512::quantize(x, out) {
         return;
     }
     match V3::try_new().filter(|_| level != Level::Portable) {
