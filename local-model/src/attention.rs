@@ -158,15 +158,7 @@ impl pulp::NullaryFnOnce for Attend<'_> {
                     b += 1;
                 }
                 let scores = &mut buf[..seen];
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                for s in scores.iter_mut() {
-                    *s /= sum;
-                }
+                crate::mathf::softmax(scores);
                 // The weighted values: the sums of all the head's elements
                 // stay in registers over the positions.
                 let at = (i - start) * dim + h * hd;

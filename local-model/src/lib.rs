@@ -34,6 +34,7 @@ use crate::gguf::Content;
 mod attention;
 pub mod engine;
 pub mod gguf;
+mod mathf;
 pub mod model;
 pub mod quant;
 pub mod sched;

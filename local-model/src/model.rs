@@ -586,9 +586,10 @@ impl Forward {
                 &[Mat::Gate(li), Mat::Up(li)],
                 &mut [&mut self.gate, &mut self.up],
             );
-            for (g, u) in self.gate.iter_mut().zip(&self.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            crate::quant::vectorized(crate::mathf::SwiGlu {
+                gate: &mut self.gate,
+                up: &self.up,
+            });
             Self::quantize(&mut self.acts, &self.gate);
             products(
                 &mut self.team,

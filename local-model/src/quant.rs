@@ -18,6 +18,8 @@
 
 use std::fmt;
 
+pub use grouped::Grouped;
+
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
 
@@ -59,6 +61,9 @@ impl Default for BlockAct {
 pub enum QData {
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
+    /// Regrouped for the VNNI kernels ([`grouped`]).
+    Q4_1x8(Grouped<BlockQ4_1>),
+    Q8_0x8(Grouped<BlockQ8_0>),
     F32(Vec<f32>),
 }
 
@@ -75,6 +80,8 @@ impl fmt::Debug for QMatrix {
         let kind = match self.data {
             QData::Q4_1(_) => "Q4_1",
             QData::Q8_0(_) => "Q8_0",
+            QData::Q4_1x8(_) => "Q4_1 (grouped)",
+            QData::Q8_0x8(_) => "Q8_0 (grouped)",
             QData::F32(_) => "F32",
         };
         write!(f, "QMatrix({kind} {}x{})", self.rows, self.cols)
@@ -175,7 +182,23 @@ impl QMatrix {
                 raw.len()
             ));
         }
-        Ok(QMatrix { rows, cols, data })
+        Ok(QMatrix { rows, cols, data }.for_kernels())
+    }
+
+    /// The weights in the layout this CPU's kernels read: regrouped eight
+    /// blocks at a time for the VNNI kernels (rows of at least one group),
+    /// else as they are.
+    fn for_kernels(self) -> Self {
+        let kb = self.cols / BLOCK;
+        if !simd::grouped() || kb < grouped::GROUP {
+            return self;
+        }
+        let data = match self.data {
+            QData::Q4_1(b) => QData::Q4_1x8(Grouped::new(&b, kb)),
+            QData::Q8_0(b) => QData::Q8_0x8(Grouped::new(&b, kb)),
+            other => other,
+        };
+        QMatrix { data, ..self }
     }
 
     /// Bytes the weights take in memory.
@@ -183,6 +206,8 @@ impl QMatrix {
         match &self.data {
             QData::Q4_1(b) => b.len() * std::mem::size_of::<BlockQ4_1>(),
             QData::Q8_0(b) => b.len() * std::mem::size_of::<BlockQ8_0>(),
+            QData::Q4_1x8(g) => g.bytes(),
+            QData::Q8_0x8(g) => g.bytes(),
             QData::F32(v) => v.len() * 4,
         }
     }
@@ -192,26 +217,26 @@ impl QMatrix {
         let kb = self.cols / BLOCK;
         match &self.data {
             QData::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),
-            QData::Q8_0(b) => {
-                for (blk, o) in b[r * kb..(r + 1) * kb]
-                    .iter()
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
-                    for (x, q) in o.iter_mut().zip(blk.qs) {
-                        *x = blk.d * f32::from(q);
-                    }
-                }
+            QData::Q4_1x8(g) => Self::dequant_q4_1(&g.row_blocks(r), out),
+            QData::Q8_0x8(g) => Self::dequant_q8_0(&g.row_blocks(r), out),
+            QData::Q8_0(b) => Self::dequant_q8_0(&b[r * kb..(r + 1) * kb], out),
+            QData::Q4_1(b) => Self::dequant_q4_1(&b[r * kb..(r + 1) * kb], out),
+        }
+    }
+
+    fn dequant_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {
+        for (blk, o) in blocks.iter().zip(out.chunks_exact_mut(BLOCK)) {
+            for (x, q) in o.iter_mut().zip(blk.qs) {
+                *x = blk.d * f32::from(q);
             }
-            QData::Q4_1(b) => {
-                for (blk, o) in b[r * kb..(r + 1) * kb]
-                    .iter()
-                    .zip(out.chunks_exact_mut(BLOCK))
-                {
-                    for j in 0..16 {
-                        o[j] = blk.d * f32::from(blk.qs[j] & 0x0f) + blk.m;
-                        o[j + 16] = blk.d * f32::from(blk.qs[j] >> 4) + blk.m;
-                    }
-                }
+        }
+    }
+
+    fn dequant_q4_1(blocks: &[BlockQ4_1], out: &mut [f32]) {
+        for (blk, o) in blocks.iter().zip(out.chunks_exact_mut(BLOCK)) {
+            for j in 0..16 {
+                o[j] = blk.d * f32::from(blk.qs[j] & 0x0f) + blk.m;
+                o[j + 16] = blk.d * f32::from(blk.qs[j] >> 4) + blk.m;
             }
         }
     }
@@ -253,6 +278,8 @@ impl QMatrix {
             }
             QData::Q4_1(w) => simd::matmul_q4_1(w, self.cols / BLOCK, rows, act, n, out, ld),
             QData::Q8_0(w) => simd::matmul_q8_0(w, self.cols / BLOCK, rows, act, n, out, ld),
+            QData::Q4_1x8(w) => w.matmul(rows, act, n, out, ld),
+            QData::Q8_0x8(w) => w.matmul(rows, act, n, out, ld),
         }
     }
 }
@@ -330,6 +357,7 @@ fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod grouped;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(target_arch = "x86_64")]
@@ -369,6 +397,10 @@ mod simd {
 
     pub fn quantize(x: &[f32], out: &mut [BlockAct]) {
         quantize_portable(x, out)
+    }
+
+    pub fn grouped() -> bool {
+        false
     }
 }
 

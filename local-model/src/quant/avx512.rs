@@ -20,6 +20,7 @@
 //! results alone or in a batch, on any thread; and the integer dot
 //! products are exact on every path, so VNNI or not gives the same bits.
 
+use super::grouped::{Grouped, GROUP};
 use super::vnni::Vnni;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
 use vnni_kernels::{Q41Vnni, Q80Vnni};
@@ -29,7 +30,6 @@ use pulp::bytemuck::cast;
 use pulp::x86::V4;
 use std::arch::x86_64::{__m128i, __m512, __m512i};
 use std::cell::RefCell;
-use std::marker::PhantomData;
 use std::ops::Range;
 
 /// Columns a tile serves with one unpacking of a row's blocks.
@@ -47,8 +47,10 @@ struct Packed {
     /// Per group and column (`g * n + c`): for `k` in 0..4, the quants
     /// `8k..8k + 8` of each of the eight blocks side by side.
     q8: Vec<[[i8; 64]; 4]>,
-    /// Per group and column: block `b`'s scale in lanes `2b`, `2b + 1`.
+    /// Per group and column: block `b`'s scale in lanes `2b`, `2b + 1`,
+    /// and its `s` (Q4_1's offset term) likewise.
     d8: Vec<[f32; 16]>,
+    s8: Vec<[f32; 16]>,
     /// Pairs per column of the blocks from `first` on (rounded up).
     pairs: usize,
     /// Per pair and column (`p * n + c`): the 64 quants (zero past the
@@ -56,8 +58,8 @@ struct Packed {
     q: Vec<[i8; 64]>,
     /// Per pair and column: each block's scale in its eight lanes.
     d: Vec<[f32; 16]>,
-    /// Per column: each block's `s` (Q4_1's offset term), zero-padded to a
-    /// multiple of 16 blocks.
+    /// Per column: each block's `s` from `first` on (Q4_1's offset term),
+    /// zero-padded to a multiple of 16 blocks.
     s: Vec<f32>,
     /// Blocks per column in `s`.
     spad: usize,
@@ -68,17 +70,20 @@ struct Packed {
 
 impl Packed {
     /// `shift`: the quants plus 128, as unsigned bytes (for VNNI's Q8_0);
-    /// `grouped`: eight blocks at a time first (the VNNI kernels).
-    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool, grouped: bool) {
+    /// the first `groups` groups of eight blocks as the VNNI kernels read
+    /// them (the weights' own groups), the rest in pairs.
+    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool, groups: usize) {
         self.n = n;
-        self.groups = if grouped { kb / 8 } else { 0 };
-        self.first = 8 * self.groups;
+        self.groups = groups;
+        self.first = GROUP * groups;
         self.pairs = (kb - self.first).div_ceil(2);
-        self.spad = kb.div_ceil(16) * 16;
+        self.spad = (kb - self.first).div_ceil(16) * 16;
         self.q8.clear();
         self.q8.resize(self.groups * n, [[0; 64]; 4]);
         self.d8.clear();
         self.d8.resize(self.groups * n, [0.0; 16]);
+        self.s8.clear();
+        self.s8.resize(self.groups * n, [0.0; 16]);
         self.q.clear();
         self.q.resize(self.pairs * n, [0; 64]);
         self.d.clear();
@@ -101,6 +106,7 @@ impl Packed {
                         self.q8[at][k][8 * b..8 * (b + 1)].copy_from_slice(part);
                     }
                     self.d8[at][2 * b..2 * (b + 1)].fill(blk.d);
+                    self.s8[at][2 * b..2 * (b + 1)].fill(blk.s);
                     continue;
                 }
                 let j = i - self.first;
@@ -108,7 +114,7 @@ impl Packed {
                 self.q[at][32 * h..32 * (h + 1)].copy_from_slice(&qs);
                 self.d[at][8 * h..8 * (h + 1)].fill(blk.d);
             }
-            for (s, blk) in self.s[c * self.spad..].iter_mut().zip(col) {
+            for (s, blk) in self.s[c * self.spad..].iter_mut().zip(&col[self.first..]) {
                 *s = blk.s;
             }
         }
@@ -177,23 +183,23 @@ impl Isa for Vnni {
 /// A row's pair of blocks, unpacked once for a tile's columns.
 trait Pair: Copy {
     type Block;
+    /// The weights' groups of eight blocks (VNNI kernels; `()` for others).
+    type Group;
     type Isa: Isa;
     /// Whether the activations are packed plus 128 (unsigned bytes).
     const SHIFTED: bool = false;
-    /// Whether the blocks go eight at a time first ([`Pair::groups`]).
-    const GROUPED: bool = false;
     /// Blocks `i` and `i + 1` of `row` (the second absent: zero).
     fn load(simd: Self::Isa, row: &[Self::Block], i: usize) -> Self;
     /// The two blocks' weight scales (lanes as in [`scales`]).
     fn d(self) -> __m512;
     /// Per 4-element group, the integer dot product with `y`.
     fn dot(self, simd: Self::Isa, y: __m512i) -> __m512i;
-    /// Adds the row's first `pk.groups` groups of eight blocks times
-    /// columns `c0..c0 + C` into `acc` (the VNNI kernels; others have none).
+    /// Adds the row's groups of eight blocks times columns `c0..c0 + C`
+    /// into `acc` (the VNNI kernels; the others have none).
     #[inline(always)]
     fn groups<const C: usize>(
         _simd: Self::Isa,
-        _row: &[Self::Block],
+        _groups: &[Self::Group],
         _pk: &Packed,
         _c0: usize,
         _acc: &mut [__m512; C],
@@ -220,6 +226,7 @@ struct Q41Pair {
 
 impl Pair for Q41Pair {
     type Block = BlockQ4_1;
+    type Group = ();
     type Isa = V4;
 
     /// The offset term `sum_i m_i * s_i`.
@@ -294,6 +301,7 @@ struct Q80Pair {
 
 impl Pair for Q80Pair {
     type Block = BlockQ8_0;
+    type Group = ();
     type Isa = V4;
 
     #[inline(always)]
@@ -366,14 +374,85 @@ fn reduce8(simd: V4, v: [__m512; 8]) -> [f32; 8] {
     [t[0], t[4], t[8], t[12], t[1], t[5], t[9], t[13]]
 }
 
+/// A matrix as the kernels read it: each row's `per_row` groups of eight
+/// blocks (the VNNI kernels' own layout; none for the others), then its
+/// `tail` blocks.
+struct Rows<'a, P: Pair> {
+    groups: &'a [P::Group],
+    per_row: usize,
+    blocks: &'a [P::Block],
+    tail: usize,
+}
+
+impl<P: Pair> Clone for Rows<'_, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P: Pair> Copy for Rows<'_, P> {}
+
+impl<'a, P: Pair> Rows<'a, P> {
+    /// Plain blocks, `kb` a row.
+    fn blocks(w: &'a [P::Block], kb: usize) -> Self {
+        Rows {
+            groups: &[],
+            per_row: 0,
+            blocks: w,
+            tail: kb,
+        }
+    }
+
+    /// Blocks a row holds.
+    fn kb(&self) -> usize {
+        GROUP * self.per_row + self.tail
+    }
+
+    #[inline(always)]
+    fn row(&self, r: usize) -> (&'a [P::Group], &'a [P::Block]) {
+        (
+            &self.groups[r * self.per_row..(r + 1) * self.per_row],
+            &self.blocks[r * self.tail..(r + 1) * self.tail],
+        )
+    }
+
+    /// Asks the cache for row `r`'s weights (a hint: past the end it does
+    /// nothing).
+    #[inline(always)]
+    fn prefetch(&self, simd: V4, r: usize) {
+        let parts = [
+            (
+                self.groups
+                    .as_ptr()
+                    .wrapping_add(r * self.per_row)
+                    .cast::<i8>(),
+                self.per_row * std::mem::size_of::<P::Group>(),
+            ),
+            (
+                self.blocks
+                    .as_ptr()
+                    .wrapping_add(r * self.tail)
+                    .cast::<i8>(),
+                self.tail * std::mem::size_of::<P::Block>(),
+            ),
+        ];
+        for (at, bytes) in parts {
+            for line in (0..bytes).step_by(64) {
+                simd.sse._mm_prefetch::<3>(at.wrapping_add(line));
+            }
+        }
+    }
+}
+
 /// One row by `C` (at most 8) columns `c0..c0 + C`: per column, starting
-/// from `extra` (Q4_1's offset term), the groups of eight blocks (VNNI),
-/// then the sum over the remaining pairs of
+/// from `extra` (Q4_1's offset term of the blocks past the groups), the
+/// groups of eight blocks (VNNI), then the sum over the remaining pairs of
 /// `convert(int dot) * (weight scale * activation scale)` in 16 lanes,
 /// then the lanes summed.
 #[inline(always)]
 fn row_tile<P: Pair, const C: usize>(
     isa: P::Isa,
+    groups: &[P::Group],
     row: &[P::Block],
     pk: &Packed,
     c0: usize,
@@ -382,9 +461,9 @@ fn row_tile<P: Pair, const C: usize>(
     let simd = isa.v4();
     let f = simd.avx512f;
     let mut acc: [__m512; C] = std::array::from_fn(|c| extra[c]);
-    P::groups::<C>(isa, row, pk, c0, &mut acc);
+    P::groups::<C>(isa, groups, pk, c0, &mut acc);
     for p in 0..pk.pairs {
-        let x = P::load(isa, row, pk.first + 2 * p);
+        let x = P::load(isa, row, 2 * p);
         let at = p * pk.n + c0;
         let (qs, ds) = (&pk.q[at..at + C], &pk.d[at..at + C]);
         for ((acc, q), d) in acc.iter_mut().zip(qs).zip(ds) {
@@ -407,8 +486,7 @@ fn row_tile<P: Pair, const C: usize>(
 #[allow(clippy::too_many_arguments)]
 fn group<P: Pair, const C: usize>(
     isa: P::Isa,
-    w: &[P::Block],
-    kb: usize,
+    w: Rows<P>,
     rows: &Range<usize>,
     pk: &Packed,
     c0: usize,
@@ -417,21 +495,16 @@ fn group<P: Pair, const C: usize>(
     m: &mut [f32],
     ex: &mut [__m512],
 ) {
-    let simd = isa.v4();
     let ex = &mut ex[..C];
-    let row_bytes = kb * std::mem::size_of::<P::Block>();
     for r in rows.clone() {
-        let row = &w[r * kb..(r + 1) * kb];
+        let (groups, row) = w.row(r);
         if c0 == 0 {
             // The weights of a row [`PREFETCH`] rows on, into the cache
-            // while this one computes (a hint: past the end it does nothing).
-            let ahead = w.as_ptr().wrapping_add((r + PREFETCH) * kb).cast::<i8>();
-            for line in (0..row_bytes).step_by(64) {
-                simd.sse._mm_prefetch::<3>(ahead.wrapping_add(line));
-            }
+            // while this one computes.
+            w.prefetch(isa.v4(), r + PREFETCH);
         }
         P::extra(isa, row, pk, c0, m, ex);
-        let t = row_tile::<P, C>(isa, row, pk, c0, ex);
+        let t = row_tile::<P, C>(isa, groups, row, pk, c0, ex);
         for (dc, v) in t.iter().enumerate() {
             out[(c0 + dc) * ld + r - rows.start] = *v;
         }
@@ -451,8 +524,7 @@ const ROW_BLOCK: usize = 16;
 #[allow(clippy::too_many_arguments)]
 fn product<P: Pair>(
     isa: P::Isa,
-    w: &[P::Block],
-    kb: usize,
+    w: Rows<P>,
     rows: Range<usize>,
     pk: &Packed,
     n: usize,
@@ -467,19 +539,19 @@ fn product<P: Pair>(
         let out = &mut out[r0 - rows.start..];
         let mut c0 = 0;
         while c0 + TILE <= n {
-            group::<P, TILE>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, TILE>(isa, w, &block, pk, c0, out, ld, m, ex);
             c0 += TILE;
         }
         if c0 + 4 <= n {
-            group::<P, 4>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, 4>(isa, w, &block, pk, c0, out, ld, m, ex);
             c0 += 4;
         }
         if c0 + 2 <= n {
-            group::<P, 2>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, 2>(isa, w, &block, pk, c0, out, ld, m, ex);
             c0 += 2;
         }
         if c0 < n {
-            group::<P, 1>(isa, w, kb, &block, pk, c0, out, ld, m, ex);
+            group::<P, 1>(isa, w, &block, pk, c0, out, ld, m, ex);
         }
         r0 = block.end;
     }
@@ -490,14 +562,12 @@ fn product<P: Pair>(
 /// function down to the kernel, chosen statically by `P`).
 struct Run<'a, P: Pair> {
     isa: P::Isa,
-    w: &'a [P::Block],
-    kb: usize,
+    w: Rows<'a, P>,
     rows: Range<usize>,
     pk: &'a mut Packed,
     n: usize,
     out: &'a mut [f32],
     ld: usize,
-    kernel: PhantomData<P>,
 }
 
 impl<P: Pair> pulp::NullaryFnOnce for Run<'_, P> {
@@ -508,26 +578,25 @@ impl<P: Pair> pulp::NullaryFnOnce for Run<'_, P> {
         let Run {
             isa,
             w,
-            kb,
             rows,
             pk,
             n,
             out,
             ld,
-            kernel: _,
         } = self;
         let (mut m, mut ex) = (std::mem::take(&mut pk.m), std::mem::take(&mut pk.ex));
         m.clear();
         m.resize(pk.spad, 0.0);
         ex.clear();
         ex.resize(TILE, isa.v4().avx512f._mm512_setzero_ps());
-        product::<P>(isa, w, kb, rows, pk, n, out, ld, &mut m, &mut ex);
+        product::<P>(isa, w, rows, pk, n, out, ld, &mut m, &mut ex);
         (pk.m, pk.ex) = (m, ex);
     }
 }
 
-/// The AVX-512 product, when the CPU has AVX-512 F/BW/DQ/VL, and VNNI if
-/// `vnni` asks for it (`false`: nothing done, use another kernel).
+/// The AVX-512 product over plain blocks, when the CPU has AVX-512
+/// F/BW/DQ/VL, and VNNI if `vnni` asks for it (`false`: nothing done, use
+/// another kernel).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_q4_1(
     vnni: bool,
@@ -540,9 +609,9 @@ pub fn matmul_q4_1(
     ld: usize,
 ) -> bool {
     if vnni {
-        matmul::<Q41Vnni>(w, kb, rows, act, n, out, ld)
+        matmul::<Q41Vnni>(Rows::blocks(w, kb), rows, act, n, out, ld)
     } else {
-        matmul::<Q41Pair>(w, kb, rows, act, n, out, ld)
+        matmul::<Q41Pair>(Rows::blocks(w, kb), rows, act, n, out, ld)
     }
 }
 
@@ -558,17 +627,51 @@ pub fn matmul_q8_0(
     ld: usize,
 ) -> bool {
     if vnni {
-        matmul::<Q80Vnni>(w, kb, rows, act, n, out, ld)
+        matmul::<Q80Vnni>(Rows::blocks(w, kb), rows, act, n, out, ld)
     } else {
-        matmul::<Q80Pair>(w, kb, rows, act, n, out, ld)
+        matmul::<Q80Pair>(Rows::blocks(w, kb), rows, act, n, out, ld)
     }
 }
 
-/// Both formats' product: the activations packed once, then the tiles.
-#[allow(clippy::too_many_arguments)]
+/// The VNNI product over regrouped weights (`false`: no VNNI, nothing
+/// done).
+pub fn matmul_grouped_q4_1(
+    w: &Grouped<BlockQ4_1>,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
+    let w = Rows::<Q41Vnni> {
+        groups: &w.groups,
+        per_row: w.per_row,
+        blocks: &w.blocks,
+        tail: w.tail,
+    };
+    matmul(w, rows, act, n, out, ld)
+}
+
+pub fn matmul_grouped_q8_0(
+    w: &Grouped<BlockQ8_0>,
+    rows: Range<usize>,
+    act: &[BlockAct],
+    n: usize,
+    out: &mut [f32],
+    ld: usize,
+) -> bool {
+    let w = Rows::<Q80Vnni> {
+        groups: &w.groups,
+        per_row: w.per_row,
+        blocks: &w.blocks,
+        tail: w.tail,
+    };
+    matmul(w, rows, act, n, out, ld)
+}
+
+/// Every kernel's product: the activations packed once, then the tiles.
 fn matmul<P: Pair>(
-    w: &[P::Block],
-    kb: usize,
+    w: Rows<P>,
     rows: Range<usize>,
     act: &[BlockAct],
     n: usize,
@@ -579,17 +682,15 @@ fn matmul<P: Pair>(
         return false;
     };
     with_packed(|pk| {
-        pk.fill(act, kb, n, P::SHIFTED, P::GROUPED);
+        pk.fill(act, w.kb(), n, P::SHIFTED, w.per_row);
         isa.vectorize(Run {
             isa,
             w,
-            kb,
             rows,
             pk,
             n,
             out,
             ld,
-            kernel: PhantomData::<P>,
         })
     });
     true

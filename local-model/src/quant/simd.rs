@@ -395,6 +395,11 @@ pub fn best() -> Level {
     }
 }
 
+/// Whether the weights are regrouped for the VNNI kernels (they run).
+pub fn grouped() -> bool {
+    best() == Level::Avx512Vnni
+}
+
 pub fn matmul_q4_1(
     w: &[BlockQ4_1],
     kb: usize,

@@ -5,45 +5,45 @@
 //! of a row (256 weights) four of them, one per eighth of every block
 //! (elements `8k..8k + 8`), build 16 lanes that each belong to one block
 //! (lanes `2b`, `2b + 1`: block `b`), and the float work (convert, scale,
-//! add) is done once per 256 products instead of once per 64. The
-//! activations are packed in the same order ([`Packed::fill`]); the
-//! weights are regrouped once per row group for all the columns of a
-//! tile. Blocks past the last whole group go two at a time, as in the
-//! other AVX-512 kernels.
+//! add) is done once per 256 products instead of once per 64. The weights
+//! are stored in that order ([`crate::quant::grouped`], built at load
+//! time), so a row group is a few whole-vector loads; the activations are
+//! packed the same way per call ([`Packed::fill`]). A row's blocks past
+//! its last whole group go two at a time, as in the other AVX-512 kernels.
 //!
 //! Q4_1's nibbles are unsigned and the activations signed, as `vpdpbusd`
-//! wants. Q8_0's weights are signed, so its activations are packed plus
-//! 128 (unsigned) and each lane starts from minus 128 times its weights'
-//! sum (computed once per row group), which leaves the sums exact.
+//! wants; its offset term (`m * s` per block) is added per group too.
+//! Q8_0's weights are signed, so its activations are packed plus 128
+//! (unsigned) and each lane starts from minus 128 times its weights' sum
+//! (computed once per row group), which leaves the sums exact.
 
 use super::{q8_0_pair, Packed, Pair, Q41Pair};
+use crate::quant::grouped::{GroupQ4_1, GroupQ8_0, GROUP};
 use crate::quant::vnni::Vnni;
 use crate::quant::{BlockQ4_1, BlockQ8_0};
 use pulp::bytemuck::cast;
 use pulp::x86::V4;
 use std::arch::x86_64::{__m512, __m512i};
 
-/// Eight 8-byte pieces side by side, `piece(b)` in bytes `8b..8b + 8`
-/// (built in registers: eight scalar stores read back as one vector
-/// would stall on store forwarding).
+/// A group's eight values, value `b` in lanes `2b` and `2b + 1`, or (with
+/// `odd_zero`) in lane `2b` only.
 #[inline(always)]
-fn pieces(simd: V4, piece: impl Fn(usize) -> [u8; 8]) -> __m512i {
-    let q = |b: usize| i64::from_le_bytes(piece(b));
-    simd.avx512f
-        ._mm512_set_epi64(q(7), q(6), q(5), q(4), q(3), q(2), q(1), q(0))
-}
-
-/// The row group's blocks' scales, block `b`'s in lanes `2b`, `2b + 1`.
-#[inline(always)]
-fn group_scales(simd: V4, d: [f32; 8]) -> __m512 {
-    let [a, b, c, e, f, g, h, i] = d;
-    simd.avx512f
-        ._mm512_set_ps(i, i, h, h, g, g, f, f, e, e, c, c, b, b, a, a)
+fn spread(simd: V4, v: [f32; GROUP], odd_zero: bool) -> __m512 {
+    let f = simd.avx512f;
+    let idx = f._mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    let v = f._mm512_castps256_ps512(cast(v));
+    if odd_zero {
+        f._mm512_maskz_permutexvar_ps(0x5555, idx, v)
+    } else {
+        f._mm512_permutexvar_ps(idx, v)
+    }
 }
 
 /// Adds one row group's products with columns `c0..c0 + C` into `acc`:
-/// per column, the four `vpdpbusd` from `start` (`unsigned_weights`: the
-/// weights are the unsigned operand), then convert, scale and add.
+/// per column, Q4_1's offset term (`m`: the blocks' offsets in even
+/// lanes, times their `s`), then the four `vpdpbusd` from `start`
+/// (`unsigned_weights`: the weights are the unsigned operand), converted,
+/// scaled and added.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn accumulate<const C: usize>(
@@ -52,13 +52,17 @@ fn accumulate<const C: usize>(
     start: __m512i,
     unsigned_weights: bool,
     wd: __m512,
+    m: Option<__m512>,
     pk: &Packed,
     at: usize,
     acc: &mut [__m512; C],
 ) {
     let f = v.v4.avx512f;
-    let (qs, ds) = (&pk.q8[at..at + C], &pk.d8[at..at + C]);
-    for ((acc, q), d) in acc.iter_mut().zip(qs).zip(ds) {
+    let (qs, ds, ss) = (&pk.q8[at..at + C], &pk.d8[at..at + C], &pk.s8[at..at + C]);
+    for (((acc, q), d), s) in acc.iter_mut().zip(qs).zip(ds).zip(ss) {
+        if let Some(m) = m {
+            *acc = f._mm512_fmadd_ps(m, cast(*s), *acc);
+        }
         let mut dot = start;
         for (x, q) in x.iter().zip(q) {
             let q: __m512i = cast(*q);
@@ -79,35 +83,34 @@ pub(super) struct Q41Vnni(Q41Pair);
 
 impl Pair for Q41Vnni {
     type Block = BlockQ4_1;
+    type Group = GroupQ4_1;
     type Isa = Vnni;
-    const GROUPED: bool = true;
 
     #[inline(always)]
     fn groups<const C: usize>(
         v: Vnni,
-        row: &[BlockQ4_1],
+        groups: &[GroupQ4_1],
         pk: &Packed,
         c0: usize,
         acc: &mut [__m512; C],
     ) {
         let simd = v.v4;
         let low = simd.avx512f._mm512_set1_epi8(0x0f);
-        for g in 0..pk.groups {
-            let blocks = &row[8 * g..8 * (g + 1)];
-            // Bytes 0..8 (elements 0..8 low, 16..24 high) and 8..16
-            // (8..16 low, 24..32 high) of each block's nibbles.
-            let halves: [__m512i; 2] =
-                std::array::from_fn(|h| pieces(simd, |b| blocks[b].qs.as_chunks::<8>().0[h]));
-            let nibbles = |v: __m512i| simd.avx512f._mm512_and_si512(v, low);
+        let nibbles = |v: __m512i| simd.avx512f._mm512_and_si512(v, low);
+        for (g, grp) in groups.iter().enumerate() {
+            // Bytes 0..8 of each block's nibbles hold elements 0..8 (low)
+            // and 16..24 (high), bytes 8..16 elements 8..16 and 24..32.
+            let (h0, h1): (__m512i, __m512i) = (cast(grp.qs[0]), cast(grp.qs[1]));
             let x = [
-                nibbles(halves[0]),
-                nibbles(halves[1]),
-                nibbles(simd.avx512bw._mm512_srli_epi16::<4>(halves[0])),
-                nibbles(simd.avx512bw._mm512_srli_epi16::<4>(halves[1])),
+                nibbles(h0),
+                nibbles(h1),
+                nibbles(simd.avx512bw._mm512_srli_epi16::<4>(h0)),
+                nibbles(simd.avx512bw._mm512_srli_epi16::<4>(h1)),
             ];
-            let wd = group_scales(simd, std::array::from_fn(|b| blocks[b].d));
+            let wd = spread(simd, grp.d, false);
+            let m = spread(simd, grp.m, true);
             let zero = simd.avx512f._mm512_setzero_si512();
-            accumulate(v, &x, zero, true, wd, pk, g * pk.n + c0, acc);
+            accumulate(v, &x, zero, true, wd, Some(m), pk, g * pk.n + c0, acc);
         }
     }
 
@@ -155,28 +158,28 @@ fn minus_128_sums(v: Vnni, x: &[__m512i]) -> __m512i {
 
 impl Pair for Q80Vnni {
     type Block = BlockQ8_0;
+    type Group = GroupQ8_0;
     type Isa = Vnni;
     const SHIFTED: bool = true;
-    const GROUPED: bool = true;
 
     #[inline(always)]
     fn groups<const C: usize>(
         v: Vnni,
-        row: &[BlockQ8_0],
+        groups: &[GroupQ8_0],
         pk: &Packed,
         c0: usize,
         acc: &mut [__m512; C],
     ) {
-        for g in 0..pk.groups {
-            let blocks = &row[8 * g..8 * (g + 1)];
-            let x: [__m512i; 4] = std::array::from_fn(|k| {
-                pieces(v.v4, |b| {
-                    blocks[b].qs.as_chunks::<8>().0[k].map(|q| q as u8)
-                })
-            });
-            let wd = group_scales(v.v4, std::array::from_fn(|b| blocks[b].d));
+        for (g, grp) in groups.iter().enumerate() {
+            let x: [__m512i; 4] = [
+                cast(grp.qs[0]),
+                cast(grp.qs[1]),
+                cast(grp.qs[2]),
+                cast(grp.qs[3]),
+            ];
+            let wd = spread(v.v4, grp.d, false);
             let start = minus_128_sums(v, &x);
-            accumulate(v, &x, start, false, wd, pk, g * pk.n + c0, acc);
+            accumulate(v, &x, start, false, wd, None, pk, g * pk.n + c0, acc);
         }
     }
 

@@ -1,0 +1,325 @@
+//! Weights regrouped eight blocks at a time, in the order the VNNI kernels
+//! read them (`avx512/vnni_kernels.rs`): a group's quants are whole
+//! 64-byte vectors, its scales one array, so a row group loads in a few
+//! instructions instead of being gathered from 8 blocks' fields. Built
+//! once at load time in place of the blocks (the same bytes), when those
+//! kernels run; each row keeps its last `kb % 8` blocks as blocks.
+
+use super::{dot_q4_1_portable, dot_q8_0_portable, matmul_portable, BlockAct};
+use super::{BlockQ4_1, BlockQ8_0};
+use std::ops::Range;
+
+/// Blocks a group holds.
+pub const GROUP: usize = 8;
+
+/// Eight Q4_1 blocks.
+#[derive(Clone, Copy)]
+pub struct GroupQ4_1 {
+    /// `qs[h][8b..8b + 8]`: bytes `8h..8h + 8` of block `b`'s nibbles.
+    pub qs: [[u8; 64]; 2],
+    pub d: [f32; GROUP],
+    pub m: [f32; GROUP],
+}
+
+/// Eight Q8_0 blocks.
+#[derive(Clone, Copy)]
+pub struct GroupQ8_0 {
+    /// `qs[k][8b..8b + 8]`: quants `8k..8k + 8` of block `b`.
+    pub qs: [[i8; 64]; 4],
+    pub d: [f32; GROUP],
+}
+
+/// A block type and its group.
+pub trait Regroup: Copy {
+    type Group: Copy;
+    fn group(blocks: &[Self; GROUP]) -> Self::Group;
+    fn ungroup(g: &Self::Group) -> [Self; GROUP];
+    /// The portable dot product of a row's blocks with a column.
+    fn dot(w: &[Self], act: &[BlockAct]) -> f32;
+    /// The VNNI product (`false`: not on this CPU, nothing done).
+    fn vnni(
+        w: &Grouped<Self>,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) -> bool;
+}
+
+impl Regroup for BlockQ4_1 {
+    type Group = GroupQ4_1;
+
+    fn group(blocks: &[Self; GROUP]) -> GroupQ4_1 {
+        let mut g = GroupQ4_1 {
+            qs: [[0; 64]; 2],
+            d: [0.0; GROUP],
+            m: [0.0; GROUP],
+        };
+        for (b, blk) in blocks.iter().enumerate() {
+            for (h, part) in blk.qs.as_chunks::<8>().0.iter().enumerate() {
+                g.qs[h][8 * b..8 * (b + 1)].copy_from_slice(part);
+            }
+            (g.d[b], g.m[b]) = (blk.d, blk.m);
+        }
+        g
+    }
+
+    fn ungroup(g: &GroupQ4_1) -> [Self; GROUP] {
+        std::array::from_fn(|b| {
+            let mut qs = [0u8; 16];
+            for (h, part) in qs.chunks_exact_mut(8).enumerate() {
+                part.copy_from_slice(&g.qs[h][8 * b..8 * (b + 1)]);
+            }
+            BlockQ4_1 {
+                d: g.d[b],
+                m: g.m[b],
+                qs,
+            }
+        })
+    }
+
+    fn dot(w: &[Self], act: &[BlockAct]) -> f32 {
+        dot_q4_1_portable(w, act)
+    }
+
+    #[allow(unused_variables)]
+    fn vnni(
+        w: &Grouped<Self>,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return super::avx512::matmul_grouped_q4_1(w, rows, act, n, out, ld);
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
+impl Regroup for BlockQ8_0 {
+    type Group = GroupQ8_0;
+
+    fn group(blocks: &[Self; GROUP]) -> GroupQ8_0 {
+        let mut g = GroupQ8_0 {
+            qs: [[0; 64]; 4],
+            d: [0.0; GROUP],
+        };
+        for (b, blk) in blocks.iter().enumerate() {
+            for (k, part) in blk.qs.as_chunks::<8>().0.iter().enumerate() {
+                g.qs[k][8 * b..8 * (b + 1)].copy_from_slice(part);
+            }
+            g.d[b] = blk.d;
+        }
+        g
+    }
+
+    fn ungroup(g: &GroupQ8_0) -> [Self; GROUP] {
+        std::array::from_fn(|b| {
+            let mut qs = [0i8; 32];
+            for (k, part) in qs.chunks_exact_mut(8).enumerate() {
+                part.copy_from_slice(&g.qs[k][8 * b..8 * (b + 1)]);
+            }
+            BlockQ8_0 { d: g.d[b], qs }
+        })
+    }
+
+    fn dot(w: &[Self], act: &[BlockAct]) -> f32 {
+        dot_q8_0_portable(w, act)
+    }
+
+    #[allow(unused_variables)]
+    fn vnni(
+        w: &Grouped<Self>,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return super::avx512::matmul_grouped_q8_0(w, rows, act, n, out, ld);
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
+/// A matrix's rows, each as `per_row` groups then `tail` blocks.
+#[derive(Clone)]
+pub struct Grouped<B: Regroup> {
+    pub groups: Vec<B::Group>,
+    pub blocks: Vec<B>,
+    pub per_row: usize,
+    pub tail: usize,
+}
+
+impl<B: Regroup> Grouped<B> {
+    /// Regroups `rows` rows of `kb` blocks each.
+    pub fn new(blocks: &[B], kb: usize) -> Self {
+        let (per_row, tail) = (kb / GROUP, kb % GROUP);
+        let rows = blocks.len().checked_div(kb).unwrap_or(0);
+        let mut g = Grouped {
+            groups: Vec::with_capacity(rows * per_row),
+            blocks: Vec::with_capacity(rows * tail),
+            per_row,
+            tail,
+        };
+        for row in blocks.chunks_exact(kb.max(1)).take(rows) {
+            let (whole, rest) = row.split_at(per_row * GROUP);
+            g.groups
+                .extend(whole.as_chunks::<GROUP>().0.iter().map(B::group));
+            g.blocks.extend_from_slice(rest);
+        }
+        g
+    }
+
+    /// Row `r`'s groups and remaining blocks.
+    pub fn row(&self, r: usize) -> (&[B::Group], &[B]) {
+        (
+            &self.groups[r * self.per_row..(r + 1) * self.per_row],
+            &self.blocks[r * self.tail..(r + 1) * self.tail],
+        )
+    }
+
+    /// Row `r` as blocks again.
+    pub fn row_blocks(&self, r: usize) -> Vec<B> {
+        let (groups, rest) = self.row(r);
+        let mut out: Vec<B> = groups.iter().flat_map(B::ungroup).collect();
+        out.extend_from_slice(rest);
+        out
+    }
+
+    /// The product over a row range (layout of `QMatrix::matmul_rows`):
+    /// the VNNI kernels, or (never where the weights were regrouped for
+    /// them) each row as blocks through the portable loop.
+    pub fn matmul(
+        &self,
+        rows: Range<usize>,
+        act: &[BlockAct],
+        n: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        if B::vnni(self, rows.clone(), act, n, out, ld) {
+            return;
+        }
+        for r in rows.clone() {
+            let row = self.row_blocks(r);
+            let out = &mut out[r - rows.start..];
+            matmul_portable(&row, row.len(), 0..1, act, n, out, ld, B::dot);
+        }
+    }
+
+    /// Bytes the weights take.
+    pub fn bytes(&self) -> usize {
+        self.groups.len() * std::mem::size_of::<B::Group>()
+            + self.blocks.len() * std::mem::size_of::<B>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::quantize_act;
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Regrouped weights give what the portable loops give on the blocks
+    /// (rows of fewer than one group, exactly one, groups and a tail),
+    /// each column of a batch bit for bit what it gets alone, and the
+    /// blocks back unchanged.
+    #[test]
+    fn regrouped_weights_match_the_portable_loops() {
+        for (cols, range) in [(96, 0..40), (256, 3..29), (576, 5..37), (1536, 0..20)] {
+            let (all, kb) = (40, cols / 32);
+            let rows = range.len();
+            let q41: Vec<BlockQ4_1> = (0..all * kb)
+                .map(|i| BlockQ4_1 {
+                    d: 0.01 + (i % 17) as f32 * 0.001,
+                    m: -0.05 + (i % 23) as f32 * 0.002,
+                    qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
+                })
+                .collect();
+            let q80: Vec<BlockQ8_0> = (0..all * kb)
+                .map(|i| BlockQ8_0 {
+                    d: 0.003 + (i % 19) as f32 * 0.0001,
+                    qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 256) as i32 - 128) as i8),
+                })
+                .collect();
+            let (g41, g80) = (Grouped::new(&q41, kb), Grouped::new(&q80, kb));
+            assert_eq!((g41.per_row, g41.tail), (kb / GROUP, kb % GROUP));
+            for r in 0..all {
+                let back = g41.row_blocks(r);
+                for (a, b) in back.iter().zip(&q41[r * kb..(r + 1) * kb]) {
+                    assert_eq!((a.d, a.m, a.qs), (b.d, b.m, b.qs));
+                }
+                let back = g80.row_blocks(r);
+                for (a, b) in back.iter().zip(&q80[r * kb..(r + 1) * kb]) {
+                    assert_eq!((a.d, a.qs), (b.d, b.qs));
+                }
+            }
+            for n in [1, 2, 3, 8, 9, 17] {
+                let x = pseudo(n * cols, 5 + n as u32);
+                let mut act = Vec::new();
+                quantize_act(&x, &mut act);
+                let mut want = vec![0f32; n * rows];
+                let mut got = vec![0f32; n * rows];
+                for q8 in [false, true] {
+                    if q8 {
+                        matmul_portable(
+                            &q80,
+                            kb,
+                            range.clone(),
+                            &act,
+                            n,
+                            &mut want,
+                            rows,
+                            BlockQ8_0::dot,
+                        );
+                        g80.matmul(range.clone(), &act, n, &mut got, rows);
+                    } else {
+                        matmul_portable(
+                            &q41,
+                            kb,
+                            range.clone(),
+                            &act,
+                            n,
+                            &mut want,
+                            rows,
+                            BlockQ4_1::dot,
+                        );
+                        g41.matmul(range.clone(), &act, n, &mut got, rows);
+                    }
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() < 1e-3 * w.abs().max(1.0),
+                            "q8 {q8} cols={cols} n={n}: {g} vs {w}"
+                        );
+                    }
+                    for c in 0..n {
+                        let mut one = vec![0f32; rows];
+                        let col = &act[c * kb..(c + 1) * kb];
+                        if q8 {
+                            g80.matmul(range.clone(), col, 1, &mut one, rows);
+                        } else {
+                            g41.matmul(range.clone(), col, 1, &mut one, rows);
+                        }
+                        for r in 0..rows {
+                            assert_eq!(got[c * rows + r].to_bits(), one[r].to_bits());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
