@@ -47,10 +47,21 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   [[ "${args[i]}" == "--concurrency" ]] && conc="${args[i + 1]}"
 done
 load "before llama.cpp"
-# ggml's OpenMP threads spin at every barrier; on a busy machine (another
-# build running) its two-thread decode fell to ~1.4 tokens/s that way,
-# ~10 with passive waiting. Set OMP_WAIT_POLICY=active on an idle machine.
-OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}" \
+# ggml's OpenMP threads spin at every barrier: on an idle machine that is
+# its fastest setting (two-thread decode 95 tokens/s here, 27 with passive
+# waits), on a busy one (another build running) it fell to ~1.4 tokens/s,
+# ~10 with passive waits. So: active unless the machine is already busy
+# (1-minute load average at or above the core count); OMP_WAIT_POLICY
+# overrides.
+if [[ -z "${OMP_WAIT_POLICY:-}" ]]; then
+  if awk -v n="$(nproc)" '{ exit !($1 >= n) }' /proc/loadavg; then
+    OMP_WAIT_POLICY=passive
+  else
+    OMP_WAIT_POLICY=active
+  fi
+fi
+echo "llama.cpp with OMP_WAIT_POLICY=$OMP_WAIT_POLICY"
+OMP_WAIT_POLICY="$OMP_WAIT_POLICY" \
   "$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
   --ours "$out/ours.json" --concurrency "$conc" --json "$out/llama.json"
 python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json"

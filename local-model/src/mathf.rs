@@ -12,15 +12,20 @@ pub fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    // t's low mantissa bits hold n in two's complement (|n| < 2^22).
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let e = p * r * r + r + 1.0;
-    // n is in -126..=127 after the clamp: a normal power of two.
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from n's bits (n is in -126..=127 after the clamp: a normal
+    // power of two). Integer operations, not `n as i32`, whose saturating
+    // conversion the compiler does one lane at a time.
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// SwiGLU's activation in place: `g = silu(g) * u` (`silu(g) = g / (1 +
