@@ -12,8 +12,9 @@
 #
 # llama.cpp comes from the llama-cpp-python package (built from source,
 # several minutes on 2 cores, once) in .tools/llama-venv. The Rust build is
-# portable (no -C target-cpu): AVX-512 or AVX2+FMA kernels are picked at
-# run time (OPTIROUTE_SIMD=avx2 caps them at AVX2, to compare).
+# portable (no -C target-cpu): AVX-512 VNNI, AVX-512 or AVX2+FMA kernels
+# are picked at run time (OPTIROUTE_SIMD=avx512|avx2|portable caps them, to
+# compare).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -24,6 +25,9 @@ trap 'rm -rf "$out"' EXIT
 # Other work on the machine skews every figure: say how busy it was.
 load() { echo "load average ($1): $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"; }
 load "before ours"
+# Whether the machine is busy, read before our engine loads both cores.
+busy=0
+awk -v n="$(nproc)" '{ exit !($1 >= n) }' /proc/loadavg && busy=1
 # --floor: the kernels' own bound (the weight products of one step alone).
 "$root/target/release/embedded-bench" --json "$out/ours.json" --floor "$@"
 if [[ -n "${NO_LLAMA:-}" ]]; then
@@ -50,11 +54,11 @@ load "before llama.cpp"
 # ggml's OpenMP threads spin at every barrier: on an idle machine that is
 # its fastest setting (two-thread decode 95 tokens/s here, 27 with passive
 # waits), on a busy one (another build running) it fell to ~1.4 tokens/s,
-# ~10 with passive waits. So: active unless the machine is already busy
-# (1-minute load average at or above the core count); OMP_WAIT_POLICY
-# overrides.
+# ~10 with passive waits. So: active unless the machine was already busy
+# before our run (1-minute load average at or above the core count; read
+# then, as our own run raises it); OMP_WAIT_POLICY overrides.
 if [[ -z "${OMP_WAIT_POLICY:-}" ]]; then
-  if awk -v n="$(nproc)" '{ exit !($1 >= n) }' /proc/loadavg; then
+  if ((busy)); then
     OMP_WAIT_POLICY=passive
   else
     OMP_WAIT_POLICY=active

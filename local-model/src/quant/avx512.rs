@@ -17,8 +17,10 @@
 //!
 //! Per (row, column) the arithmetic is the same whatever the number of
 //! columns, the tile and the row range, so a sequence gets bit-identical
-//! results alone or in a batch, on any thread; and the integer dot
-//! products are exact on every path, so VNNI or not gives the same bits.
+//! results alone or in a batch, on any thread. The integer dot products
+//! are exact on every path; the VNNI kernels over regrouped weights add
+//! their floats in another order (eight blocks per accumulator), so they
+//! agree with the others to rounding, not bit for bit.
 
 use super::grouped::{Grouped, GROUP};
 use super::vnni::Vnni;
@@ -101,7 +103,7 @@ impl Packed {
                     }
                 }
                 if i < self.first {
-                    let (at, b) = ((i / 8) * n + c, i % 8);
+                    let (at, b) = ((i / GROUP) * n + c, i % GROUP);
                     for (k, part) in qs.as_chunks::<8>().0.iter().enumerate() {
                         self.q8[at][k][8 * b..8 * (b + 1)].copy_from_slice(part);
                     }

@@ -7,7 +7,6 @@
 //! only through a [`Vnni`], which only [`Vnni::try_new`] makes, after the
 //! CPU was found to have every feature it needs. (pulp's `simd_type!`
 //! makes the token type and its `vectorize`, as it makes its own `V4`.)
-#![allow(unsafe_code)]
 
 use pulp::x86::V4;
 use pulp::NullaryFnOnce;
@@ -67,6 +66,7 @@ impl Vnni {
     /// Per 32-bit lane `i`: `acc[i] + sum over k < 4 of u[4i + k] * s[4i + k]`,
     /// `u`'s bytes unsigned, `s`'s signed (no saturation).
     #[inline(always)]
+    #[allow(unsafe_code)]
     pub fn dpbusd(self, acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
         // SAFETY: the intrinsic needs AVX-512F and AVX-512 VNNI (its
         // arguments are plain values, no pointers). `self` exists only if
