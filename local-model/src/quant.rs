@@ -443,11 +443,11 @@ pub fn simd_kernels() -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
+pub(crate) mod testdata {
+    use super::{BlockQ4_1, BlockQ8_0};
 
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    /// `n` pseudo-random floats in [-0.5, 0.5).
+    pub fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -456,6 +456,31 @@ mod tests {
             })
             .collect()
     }
+
+    /// `len` Q4_1 and Q8_0 blocks with varied scales and every quant value.
+    pub fn blocks(len: usize) -> (Vec<BlockQ4_1>, Vec<BlockQ8_0>) {
+        let q41 = (0..len)
+            .map(|i| BlockQ4_1 {
+                d: 0.01 + (i % 17) as f32 * 0.001,
+                m: -0.05 + (i % 23) as f32 * 0.002,
+                qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
+            })
+            .collect();
+        let q80 = (0..len)
+            .map(|i| BlockQ8_0 {
+                d: 0.003 + (i % 19) as f32 * 0.0001,
+                qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 256) as i32 - 128) as i8),
+            })
+            .collect();
+        (q41, q80)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::testdata::pseudo;
+    use super::*;
 
     #[test]
     fn f16_conversion() {
@@ -635,19 +660,7 @@ mod tests {
         for (cols, range) in [(96, 0..40), (576, 0..40), (576, 5..37)] {
             let (all, kb) = (40, cols / BLOCK);
             let rows = range.len();
-            let q41: Vec<BlockQ4_1> = (0..all * kb)
-                .map(|i| BlockQ4_1 {
-                    d: 0.01 + (i % 17) as f32 * 0.001,
-                    m: -0.05 + (i % 23) as f32 * 0.002,
-                    qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
-                })
-                .collect();
-            let q80: Vec<BlockQ8_0> = (0..all * kb)
-                .map(|i| BlockQ8_0 {
-                    d: 0.003 + (i % 19) as f32 * 0.0001,
-                    qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 256) as i32 - 128) as i8),
-                })
-                .collect();
+            let (q41, q80) = testdata::blocks(all * kb);
             for n in 1..=17 {
                 let x = pseudo(n * cols, 11 + n as u32);
                 let mut act = Vec::new();

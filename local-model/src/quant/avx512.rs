@@ -22,7 +22,7 @@
 //! their floats in another order (eight blocks per accumulator), so they
 //! agree with the others to rounding, not bit for bit.
 
-use super::grouped::{Grouped, GROUP};
+use super::grouped::{Grouped, Regroup, GROUP};
 use super::vnni::Vnni;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
 use vnni_kernels::{Q41Vnni, Q80Vnni};
@@ -405,6 +405,19 @@ impl<'a, P: Pair> Rows<'a, P> {
         }
     }
 
+    /// Regrouped weights, as the VNNI kernels read them.
+    fn grouped(w: &'a Grouped<P::Block>) -> Self
+    where
+        P::Block: Regroup<Group = P::Group>,
+    {
+        Rows {
+            groups: &w.groups,
+            per_row: w.per_row,
+            blocks: &w.blocks,
+            tail: w.tail,
+        }
+    }
+
     /// Blocks a row holds.
     fn kb(&self) -> usize {
         GROUP * self.per_row + self.tail
@@ -645,13 +658,7 @@ pub fn matmul_grouped_q4_1(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    let w = Rows::<Q41Vnni> {
-        groups: &w.groups,
-        per_row: w.per_row,
-        blocks: &w.blocks,
-        tail: w.tail,
-    };
-    matmul(w, rows, act, n, out, ld)
+    matmul(Rows::<Q41Vnni>::grouped(w), rows, act, n, out, ld)
 }
 
 pub fn matmul_grouped_q8_0(
@@ -662,13 +669,7 @@ pub fn matmul_grouped_q8_0(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    let w = Rows::<Q80Vnni> {
-        groups: &w.groups,
-        per_row: w.per_row,
-        blocks: &w.blocks,
-        tail: w.tail,
-    };
-    matmul(w, rows, act, n, out, ld)
+    matmul(Rows::<Q80Vnni>::grouped(w), rows, act, n, out, ld)
 }
 
 /// Every kernel's product: the activations packed once, then the tiles.

@@ -223,16 +223,7 @@ impl<B: Regroup> Grouped<B> {
 mod tests {
     use super::*;
     use crate::quant::quantize_act;
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((s >> 8) as f32 / (1u32 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::quant::testdata::{blocks, pseudo};
 
     /// Regrouped weights give what the portable loops give on the blocks
     /// (rows of fewer than one group, exactly one, groups and a tail),
@@ -255,19 +246,7 @@ mod tests {
         ] {
             let (all, kb) = (40, cols / 32);
             let rows = range.len();
-            let q41: Vec<BlockQ4_1> = (0..all * kb)
-                .map(|i| BlockQ4_1 {
-                    d: 0.01 + (i % 17) as f32 * 0.001,
-                    m: -0.05 + (i % 23) as f32 * 0.002,
-                    qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
-                })
-                .collect();
-            let q80: Vec<BlockQ8_0> = (0..all * kb)
-                .map(|i| BlockQ8_0 {
-                    d: 0.003 + (i % 19) as f32 * 0.0001,
-                    qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 256) as i32 - 128) as i8),
-                })
-                .collect();
+            let (q41, q80) = blocks(all * kb);
             let (g41, g80) = (Grouped::new(&q41, kb), Grouped::new(&q80, kb));
             assert_eq!((g41.per_row, g41.tail), (kb / GROUP, kb % GROUP));
             for r in 0..all {
