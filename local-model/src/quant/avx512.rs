@@ -19,7 +19,7 @@
 //! columns, the tile and the row range, so a sequence gets bit-identical
 //! results alone or in a batch, on any thread. The integer dot products
 //! are exact on every path; the VNNI kernels over regrouped weights add
-//! their floats in another order (eight blocks per accumulator), so they
+//! their floats in another order (sixteen blocks per accumulator), so they
 //! agree with the others to rounding, not bit for bit.
 
 use super::grouped::{Grouped, Regroup, GROUP};
@@ -42,17 +42,17 @@ const TILE: usize = 8;
 struct Packed {
     /// Columns.
     n: usize,
-    /// Groups of eight blocks per column packed for the VNNI kernels
+    /// Groups of sixteen blocks per column packed for the VNNI kernels
     /// (zero for the others), and the first block after them.
     groups: usize,
     first: usize,
-    /// Per group and column (`g * n + c`): for `k` in 0..4, the quants
-    /// `8k..8k + 8` of each of the eight blocks side by side.
-    q8: Vec<[[i8; 64]; 4]>,
-    /// Per group and column: block `b`'s scale in lanes `2b`, `2b + 1`,
-    /// and its `s` (Q4_1's offset term) likewise.
-    d8: Vec<[f32; 16]>,
-    s8: Vec<[f32; 16]>,
+    /// Per group and column (`g * n + c`): for `k` in 0..8, the quants
+    /// `4k..4k + 4` of each of the sixteen blocks side by side.
+    q16: Vec<[[i8; 64]; 8]>,
+    /// Per group and column: block `b`'s scale in lane `b`, and its `s`
+    /// (Q4_1's offset term) likewise.
+    d16: Vec<[f32; 16]>,
+    s16: Vec<[f32; 16]>,
     /// Pairs per column of the blocks from `first` on (rounded up).
     pairs: usize,
     /// Per pair and column (`p * n + c`): the 64 quants (zero past the
@@ -72,7 +72,7 @@ struct Packed {
 
 impl Packed {
     /// `shift`: the quants plus 128, as unsigned bytes (for VNNI's Q8_0);
-    /// the first `groups` groups of eight blocks as the VNNI kernels read
+    /// the first `groups` groups of sixteen blocks as the VNNI kernels read
     /// them (the weights' own groups), the rest in pairs.
     fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool, groups: usize) {
         self.n = n;
@@ -80,12 +80,12 @@ impl Packed {
         self.first = GROUP * groups;
         self.pairs = (kb - self.first).div_ceil(2);
         self.spad = (kb - self.first).div_ceil(16) * 16;
-        self.q8.clear();
-        self.q8.resize(self.groups * n, [[0; 64]; 4]);
-        self.d8.clear();
-        self.d8.resize(self.groups * n, [0.0; 16]);
-        self.s8.clear();
-        self.s8.resize(self.groups * n, [0.0; 16]);
+        self.q16.clear();
+        self.q16.resize(self.groups * n, [[0; 64]; 8]);
+        self.d16.clear();
+        self.d16.resize(self.groups * n, [0.0; 16]);
+        self.s16.clear();
+        self.s16.resize(self.groups * n, [0.0; 16]);
         self.q.clear();
         self.q.resize(self.pairs * n, [0; 64]);
         self.d.clear();
@@ -104,11 +104,11 @@ impl Packed {
                 }
                 if i < self.first {
                     let (at, b) = ((i / GROUP) * n + c, i % GROUP);
-                    for (k, part) in qs.as_chunks::<8>().0.iter().enumerate() {
-                        self.q8[at][k][8 * b..8 * (b + 1)].copy_from_slice(part);
+                    for (k, part) in qs.as_chunks::<4>().0.iter().enumerate() {
+                        self.q16[at][k][4 * b..4 * (b + 1)].copy_from_slice(part);
                     }
-                    self.d8[at][2 * b..2 * (b + 1)].fill(blk.d);
-                    self.s8[at][2 * b..2 * (b + 1)].fill(blk.s);
+                    self.d16[at][b] = blk.d;
+                    self.s16[at][b] = blk.s;
                     continue;
                 }
                 let j = i - self.first;
@@ -185,7 +185,7 @@ impl Isa for Vnni {
 /// A row's pair of blocks, unpacked once for a tile's columns.
 trait Pair: Copy {
     type Block;
-    /// The weights' groups of eight blocks (VNNI kernels; `()` for others).
+    /// The weights' groups of sixteen blocks (VNNI kernels; `()` for others).
     type Group;
     type Isa: Isa;
     /// Whether the activations are packed plus 128 (unsigned bytes).
@@ -196,7 +196,7 @@ trait Pair: Copy {
     fn d(self) -> __m512;
     /// Per 4-element group, the integer dot product with `y`.
     fn dot(self, simd: Self::Isa, y: __m512i) -> __m512i;
-    /// Adds the row's groups of eight blocks times columns `c0..c0 + C`
+    /// Adds the row's groups of sixteen blocks times columns `c0..c0 + C`
     /// into `acc` (the VNNI kernels; the others have none).
     #[inline(always)]
     fn groups<const C: usize>(
@@ -376,7 +376,7 @@ fn reduce8(simd: V4, v: [__m512; 8]) -> [f32; 8] {
     [t[0], t[4], t[8], t[12], t[1], t[5], t[9], t[13]]
 }
 
-/// A matrix as the kernels read it: each row's `per_row` groups of eight
+/// A matrix as the kernels read it: each row's `per_row` groups of sixteen
 /// blocks (the VNNI kernels' own layout; none for the others), then its
 /// `tail` blocks.
 struct Rows<'a, P: Pair> {
@@ -461,7 +461,7 @@ impl<'a, P: Pair> Rows<'a, P> {
 
 /// One row by `C` (at most 8) columns `c0..c0 + C`: per column, starting
 /// from `extra` (Q4_1's offset term of the blocks past the groups), the
-/// groups of eight blocks (VNNI), then the sum over the remaining pairs of
+/// groups of sixteen blocks (VNNI), then the sum over the remaining pairs of
 /// `convert(int dot) * (weight scale * activation scale)` in 16 lanes,
 /// then the lanes summed.
 #[inline(always)]

@@ -1,31 +1,32 @@
-//! Weights regrouped eight blocks at a time, in the order the VNNI kernels
-//! read them (`avx512/vnni_kernels.rs`): a group's quants are whole
-//! 64-byte vectors, its scales one array, so a row group loads in a few
-//! instructions instead of being gathered from 8 blocks' fields. Built
-//! once at load time in place of the blocks (the same bytes), when those
-//! kernels run; each row keeps its last `kb % 8` blocks as blocks.
+//! Weights regrouped sixteen blocks at a time, in the order the VNNI
+//! kernels read them (`avx512/vnni_kernels.rs`): a group's quants are
+//! whole 64-byte vectors (4 bytes of each of the 16 blocks), its scales one
+//! vector, so a row group loads in a few instructions instead of being
+//! gathered from 16 blocks' fields. Built once at load time in place of the
+//! blocks (the same bytes), when those kernels run; each row keeps its last
+//! `kb % 16` blocks as blocks.
 
 use super::{dot_q4_1_portable, dot_q8_0_portable, matmul_portable, BlockAct};
 use super::{BlockQ4_1, BlockQ8_0};
 use std::ops::Range;
 
 /// Blocks a group holds.
-pub const GROUP: usize = 8;
+pub const GROUP: usize = 16;
 
-/// Eight Q4_1 blocks.
+/// Sixteen Q4_1 blocks.
 #[derive(Clone, Copy)]
 pub struct GroupQ4_1 {
-    /// `qs[h][8b..8b + 8]`: bytes `8h..8h + 8` of block `b`'s nibbles.
-    pub qs: [[u8; 64]; 2],
+    /// `qs[p][4b..4b + 4]`: bytes `4p..4p + 4` of block `b`'s nibbles.
+    pub qs: [[u8; 64]; 4],
     pub d: [f32; GROUP],
     pub m: [f32; GROUP],
 }
 
-/// Eight Q8_0 blocks.
+/// Sixteen Q8_0 blocks.
 #[derive(Clone, Copy)]
 pub struct GroupQ8_0 {
-    /// `qs[k][8b..8b + 8]`: quants `8k..8k + 8` of block `b`.
-    pub qs: [[i8; 64]; 4],
+    /// `qs[k][4b..4b + 4]`: quants `4k..4k + 4` of block `b`.
+    pub qs: [[i8; 64]; 8],
     pub d: [f32; GROUP],
 }
 
@@ -52,13 +53,13 @@ impl Regroup for BlockQ4_1 {
 
     fn group(blocks: &[Self; GROUP]) -> GroupQ4_1 {
         let mut g = GroupQ4_1 {
-            qs: [[0; 64]; 2],
+            qs: [[0; 64]; 4],
             d: [0.0; GROUP],
             m: [0.0; GROUP],
         };
         for (b, blk) in blocks.iter().enumerate() {
-            for (h, part) in blk.qs.as_chunks::<8>().0.iter().enumerate() {
-                g.qs[h][8 * b..8 * (b + 1)].copy_from_slice(part);
+            for (p, part) in blk.qs.as_chunks::<4>().0.iter().enumerate() {
+                g.qs[p][4 * b..4 * (b + 1)].copy_from_slice(part);
             }
             (g.d[b], g.m[b]) = (blk.d, blk.m);
         }
@@ -68,8 +69,8 @@ impl Regroup for BlockQ4_1 {
     fn ungroup(g: &GroupQ4_1) -> [Self; GROUP] {
         std::array::from_fn(|b| {
             let mut qs = [0u8; 16];
-            for (h, part) in qs.chunks_exact_mut(8).enumerate() {
-                part.copy_from_slice(&g.qs[h][8 * b..8 * (b + 1)]);
+            for (p, part) in qs.chunks_exact_mut(4).enumerate() {
+                part.copy_from_slice(&g.qs[p][4 * b..4 * (b + 1)]);
             }
             BlockQ4_1 {
                 d: g.d[b],
@@ -104,12 +105,12 @@ impl Regroup for BlockQ8_0 {
 
     fn group(blocks: &[Self; GROUP]) -> GroupQ8_0 {
         let mut g = GroupQ8_0 {
-            qs: [[0; 64]; 4],
+            qs: [[0; 64]; 8],
             d: [0.0; GROUP],
         };
         for (b, blk) in blocks.iter().enumerate() {
-            for (k, part) in blk.qs.as_chunks::<8>().0.iter().enumerate() {
-                g.qs[k][8 * b..8 * (b + 1)].copy_from_slice(part);
+            for (k, part) in blk.qs.as_chunks::<4>().0.iter().enumerate() {
+                g.qs[k][4 * b..4 * (b + 1)].copy_from_slice(part);
             }
             g.d[b] = blk.d;
         }
@@ -119,8 +120,8 @@ impl Regroup for BlockQ8_0 {
     fn ungroup(g: &GroupQ8_0) -> [Self; GROUP] {
         std::array::from_fn(|b| {
             let mut qs = [0i8; 32];
-            for (k, part) in qs.chunks_exact_mut(8).enumerate() {
-                part.copy_from_slice(&g.qs[k][8 * b..8 * (b + 1)]);
+            for (k, part) in qs.chunks_exact_mut(4).enumerate() {
+                part.copy_from_slice(&g.qs[k][4 * b..4 * (b + 1)]);
             }
             BlockQ8_0 { d: g.d[b], qs }
         })
@@ -234,14 +235,15 @@ mod tests {
         if crate::quant::simd_kernels() != "avx512vnni" {
             eprintln!("no AVX-512 VNNI here: the regrouped weights run the portable fallback");
         }
-        // Fewer blocks than a group, exactly one, groups and an odd or even
-        // tail, and down projection's 48 blocks.
+        // Fewer blocks than a group, exactly one, one and an odd or even
+        // tail, two, and down projection's 48 blocks.
         for (cols, range) in [
             (96, 0..40),
-            (256, 3..29),
-            (288, 0..17),
-            (480, 2..40),
+            (512, 3..29),
+            (544, 0..17),
+            (736, 2..40),
             (576, 5..37),
+            (1024, 1..9),
             (1536, 0..20),
         ] {
             let (all, kb) = (40, cols / 32);

@@ -1,11 +1,11 @@
-//! The AVX-512 VNNI kernels: eight blocks share each accumulator.
+//! The AVX-512 VNNI kernels: sixteen blocks share each accumulator.
 //!
 //! `vpdpbusd` adds four byte products into each 32-bit lane, and several
-//! of them can add into the same lanes. So for each group of eight blocks
-//! of a row (256 weights) four of them, one per eighth of every block
-//! (elements `8k..8k + 8`), build 16 lanes that each belong to one block
-//! (lanes `2b`, `2b + 1`: block `b`), and the float work (convert, scale,
-//! add) is done once per 256 products instead of once per 64. The weights
+//! of them can add into the same lanes. So for each group of sixteen
+//! blocks of a row (512 weights) eight of them, one per eighth of every
+//! block (elements `4k..4k + 4`), build 16 lanes, lane `b` holding block
+//! `b`'s whole integer dot product, and the float work (convert, scale,
+//! add) is done once per 512 products instead of once per 64. The weights
 //! are stored in that order ([`crate::quant::grouped`], built at load
 //! time), so a row group is a few whole-vector loads; the activations are
 //! packed the same way per call ([`Packed::fill`]). A row's blocks past
@@ -18,37 +18,21 @@
 //! (computed once per row group), which leaves the sums exact.
 
 use super::{q8_0_pair, Packed, Pair, Q41Pair};
-use crate::quant::grouped::{GroupQ4_1, GroupQ8_0, GROUP};
+use crate::quant::grouped::{GroupQ4_1, GroupQ8_0};
 use crate::quant::vnni::Vnni;
 use crate::quant::{BlockQ4_1, BlockQ8_0};
 use pulp::bytemuck::cast;
-use pulp::x86::V4;
 use std::arch::x86_64::{__m512, __m512i};
 
-/// A group's eight values, value `b` in lanes `2b` and `2b + 1`, or (with
-/// `odd_zero`) in lane `2b` only.
-#[inline(always)]
-fn spread(simd: V4, v: [f32; GROUP], odd_zero: bool) -> __m512 {
-    let f = simd.avx512f;
-    let idx = f._mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    let v = f._mm512_castps256_ps512(cast(v));
-    if odd_zero {
-        f._mm512_maskz_permutexvar_ps(0x5555, idx, v)
-    } else {
-        f._mm512_permutexvar_ps(idx, v)
-    }
-}
-
 /// Adds one row group's products with columns `c0..c0 + C` into `acc`:
-/// per column, Q4_1's offset term (`m`: the blocks' offsets in even
-/// lanes, times their `s`), then the four `vpdpbusd` from `start`
-/// (`unsigned_weights`: the weights are the unsigned operand), converted,
-/// scaled and added.
+/// per column, Q4_1's offset term (`m`: the blocks' offsets, times their
+/// `s`), then the eight `vpdpbusd` from `start` (`unsigned_weights`: the
+/// weights are the unsigned operand), converted, scaled and added.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn accumulate<const C: usize>(
     v: Vnni,
-    x: &[__m512i; 4],
+    x: &[__m512i; 8],
     start: __m512i,
     unsigned_weights: bool,
     wd: __m512,
@@ -58,7 +42,11 @@ fn accumulate<const C: usize>(
     acc: &mut [__m512; C],
 ) {
     let f = v.v4.avx512f;
-    let (qs, ds, ss) = (&pk.q8[at..at + C], &pk.d8[at..at + C], &pk.s8[at..at + C]);
+    let (qs, ds, ss) = (
+        &pk.q16[at..at + C],
+        &pk.d16[at..at + C],
+        &pk.s16[at..at + C],
+    );
     for (((acc, q), d), s) in acc.iter_mut().zip(qs).zip(ds).zip(ss) {
         if let Some(m) = m {
             *acc = f._mm512_fmadd_ps(m, cast(*s), *acc);
@@ -77,7 +65,7 @@ fn accumulate<const C: usize>(
     }
 }
 
-/// Q4_1 with VNNI: groups of eight blocks, then pairs (one `vpdpbusd`).
+/// Q4_1 with VNNI: groups of sixteen blocks, then pairs (one `vpdpbusd`).
 #[derive(Clone, Copy)]
 pub(super) struct Q41Vnni(Q41Pair);
 
@@ -97,18 +85,27 @@ impl Pair for Q41Vnni {
         let simd = v.v4;
         let low = simd.avx512f._mm512_set1_epi8(0x0f);
         let nibbles = |v: __m512i| simd.avx512f._mm512_and_si512(v, low);
+        let high = |v: __m512i| nibbles(simd.avx512bw._mm512_srli_epi16::<4>(v));
         for (g, grp) in groups.iter().enumerate() {
-            // Bytes 0..8 of each block's nibbles hold elements 0..8 (low)
-            // and 16..24 (high), bytes 8..16 elements 8..16 and 24..32.
-            let (h0, h1): (__m512i, __m512i) = (cast(grp.qs[0]), cast(grp.qs[1]));
-            let x = [
-                nibbles(h0),
-                nibbles(h1),
-                nibbles(simd.avx512bw._mm512_srli_epi16::<4>(h0)),
-                nibbles(simd.avx512bw._mm512_srli_epi16::<4>(h1)),
+            // Bytes 4p..4p + 4 of each block's nibbles hold elements
+            // 4p..4p + 4 (low) and 16 + 4p..20 + 4p (high).
+            let h: [__m512i; 4] = [
+                cast(grp.qs[0]),
+                cast(grp.qs[1]),
+                cast(grp.qs[2]),
+                cast(grp.qs[3]),
             ];
-            let wd = spread(simd, grp.d, false);
-            let m = spread(simd, grp.m, true);
+            let x = [
+                nibbles(h[0]),
+                nibbles(h[1]),
+                nibbles(h[2]),
+                nibbles(h[3]),
+                high(h[0]),
+                high(h[1]),
+                high(h[2]),
+                high(h[3]),
+            ];
+            let (wd, m) = (cast(grp.d), cast(grp.m));
             let zero = simd.avx512f._mm512_setzero_si512();
             accumulate(v, &x, zero, true, wd, Some(m), pk, g * pk.n + c0, acc);
         }
@@ -171,13 +168,17 @@ impl Pair for Q80Vnni {
         acc: &mut [__m512; C],
     ) {
         for (g, grp) in groups.iter().enumerate() {
-            let x: [__m512i; 4] = [
+            let x: [__m512i; 8] = [
                 cast(grp.qs[0]),
                 cast(grp.qs[1]),
                 cast(grp.qs[2]),
                 cast(grp.qs[3]),
+                cast(grp.qs[4]),
+                cast(grp.qs[5]),
+                cast(grp.qs[6]),
+                cast(grp.qs[7]),
             ];
-            let wd = spread(v.v4, grp.d, false);
+            let wd = cast(grp.d);
             let start = minus_128_sums(v, &x);
             accumulate(v, &x, start, false, wd, None, pk, g * pk.n + c0, acc);
         }
