@@ -62,8 +62,8 @@ pub enum QData {
     Q4_1(Vec<BlockQ4_1>),
     Q8_0(Vec<BlockQ8_0>),
     /// Regrouped for the VNNI kernels ([`grouped`]).
-    Q4_1x8(Grouped<BlockQ4_1>),
-    Q8_0x8(Grouped<BlockQ8_0>),
+    Q4_1Grouped(Grouped<BlockQ4_1>),
+    Q8_0Grouped(Grouped<BlockQ8_0>),
     F32(Vec<f32>),
 }
 
@@ -80,8 +80,8 @@ impl fmt::Debug for QMatrix {
         let kind = match self.data {
             QData::Q4_1(_) => "Q4_1",
             QData::Q8_0(_) => "Q8_0",
-            QData::Q4_1x8(_) => "Q4_1 (grouped)",
-            QData::Q8_0x8(_) => "Q8_0 (grouped)",
+            QData::Q4_1Grouped(_) => "Q4_1 (grouped)",
+            QData::Q8_0Grouped(_) => "Q8_0 (grouped)",
             QData::F32(_) => "F32",
         };
         write!(f, "QMatrix({kind} {}x{})", self.rows, self.cols)
@@ -185,7 +185,7 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, data }.for_kernels())
     }
 
-    /// The weights in the layout this CPU's kernels read: regrouped eight
+    /// The weights in the layout this CPU's kernels read: regrouped sixteen
     /// blocks at a time for the VNNI kernels (rows of at least one group),
     /// else as they are.
     fn for_kernels(self) -> Self {
@@ -194,8 +194,8 @@ impl QMatrix {
             return self;
         }
         let data = match self.data {
-            QData::Q4_1(b) => QData::Q4_1x8(Grouped::new(&b, kb)),
-            QData::Q8_0(b) => QData::Q8_0x8(Grouped::new(&b, kb)),
+            QData::Q4_1(b) => QData::Q4_1Grouped(Grouped::new(&b, kb)),
+            QData::Q8_0(b) => QData::Q8_0Grouped(Grouped::new(&b, kb)),
             other => other,
         };
         QMatrix { data, ..self }
@@ -206,8 +206,8 @@ impl QMatrix {
         match &self.data {
             QData::Q4_1(b) => b.len() * std::mem::size_of::<BlockQ4_1>(),
             QData::Q8_0(b) => b.len() * std::mem::size_of::<BlockQ8_0>(),
-            QData::Q4_1x8(g) => g.bytes(),
-            QData::Q8_0x8(g) => g.bytes(),
+            QData::Q4_1Grouped(g) => g.bytes(),
+            QData::Q8_0Grouped(g) => g.bytes(),
             QData::F32(v) => v.len() * 4,
         }
     }
@@ -217,8 +217,8 @@ impl QMatrix {
         let kb = self.cols / BLOCK;
         match &self.data {
             QData::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),
-            QData::Q4_1x8(g) => Self::dequant_q4_1(&g.row_blocks(r), out),
-            QData::Q8_0x8(g) => Self::dequant_q8_0(&g.row_blocks(r), out),
+            QData::Q4_1Grouped(g) => Self::dequant_q4_1(&g.row_blocks(r), out),
+            QData::Q8_0Grouped(g) => Self::dequant_q8_0(&g.row_blocks(r), out),
             QData::Q8_0(b) => Self::dequant_q8_0(&b[r * kb..(r + 1) * kb], out),
             QData::Q4_1(b) => Self::dequant_q4_1(&b[r * kb..(r + 1) * kb], out),
         }
@@ -278,8 +278,8 @@ impl QMatrix {
             }
             QData::Q4_1(w) => simd::matmul_q4_1(w, self.cols / BLOCK, rows, act, n, out, ld),
             QData::Q8_0(w) => simd::matmul_q8_0(w, self.cols / BLOCK, rows, act, n, out, ld),
-            QData::Q4_1x8(w) => w.matmul(rows, act, n, out, ld),
-            QData::Q8_0x8(w) => w.matmul(rows, act, n, out, ld),
+            QData::Q4_1Grouped(w) => w.matmul(rows, act, n, out, ld),
+            QData::Q8_0Grouped(w) => w.matmul(rows, act, n, out, ld),
         }
     }
 }

@@ -37,7 +37,9 @@ use std::ops::Range;
 /// Columns a tile serves with one unpacking of a row's blocks.
 const TILE: usize = 8;
 
-/// A call's activations, two blocks at a time per column.
+/// A call's activations per column: the first `groups` groups of sixteen
+/// blocks as the VNNI kernels read them, then the rest two blocks at a
+/// time.
 #[derive(Default)]
 struct Packed {
     /// Columns.

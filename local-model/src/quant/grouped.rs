@@ -236,7 +236,7 @@ mod tests {
             eprintln!("no AVX-512 VNNI here: the regrouped weights run the portable fallback");
         }
         // Fewer blocks than a group, exactly one, one and an odd or even
-        // tail, two, and down projection's 48 blocks.
+        // tail, two, two and a tail, and down projection's 48 blocks.
         for (cols, range) in [
             (96, 0..40),
             (512, 3..29),
@@ -244,6 +244,7 @@ mod tests {
             (736, 2..40),
             (576, 5..37),
             (1024, 1..9),
+            (1120, 0..17),
             (1536, 0..20),
         ] {
             let (all, kb) = (40, cols / 32);
