@@ -301,16 +301,7 @@ fn weigh(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((s >> 8) as f32 / (1u32 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::quant::testdata::pseudo;
 
     /// What the KV cap counts is what a full cache holds: filling every
     /// position (a count that is not a multiple of the key block) never

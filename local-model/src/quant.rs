@@ -217,11 +217,25 @@ impl QMatrix {
         let kb = self.cols / BLOCK;
         match &self.data {
             QData::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),
-            QData::Q4_1Grouped(g) => Self::dequant_q4_1(&g.row_blocks(r), out),
-            QData::Q8_0Grouped(g) => Self::dequant_q8_0(&g.row_blocks(r), out),
+            QData::Q4_1Grouped(g) => Self::dequant_grouped(g, r, out, Self::dequant_q4_1),
+            QData::Q8_0Grouped(g) => Self::dequant_grouped(g, r, out, Self::dequant_q8_0),
             QData::Q8_0(b) => Self::dequant_q8_0(&b[r * kb..(r + 1) * kb], out),
             QData::Q4_1(b) => Self::dequant_q4_1(&b[r * kb..(r + 1) * kb], out),
         }
+    }
+
+    /// Row `r` of regrouped weights, a group at a time (no allocation).
+    fn dequant_grouped<B: grouped::Regroup>(
+        g: &Grouped<B>,
+        r: usize,
+        out: &mut [f32],
+        dequant: fn(&[B], &mut [f32]),
+    ) {
+        let mut at = 0;
+        g.row_parts(r, |blocks| {
+            dequant(blocks, &mut out[at..]);
+            at += blocks.len() * BLOCK;
+        });
     }
 
     fn dequant_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {

@@ -22,7 +22,7 @@
 //! their floats in another order (sixteen blocks per accumulator), so they
 //! agree with the others to rounding, not bit for bit.
 
-use super::grouped::{Grouped, Regroup, GROUP};
+use super::grouped::{scatter, Grouped, Regroup, GROUP};
 use super::vnni::Vnni;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
 use vnni_kernels::{Q41Vnni, Q80Vnni};
@@ -106,9 +106,7 @@ impl Packed {
                 }
                 if i < self.first {
                     let (at, b) = ((i / GROUP) * n + c, i % GROUP);
-                    for (k, part) in qs.as_chunks::<4>().0.iter().enumerate() {
-                        self.q16[at][k][4 * b..4 * (b + 1)].copy_from_slice(part);
-                    }
+                    scatter(&mut self.q16[at], b, &qs);
                     self.d16[at][b] = blk.d;
                     self.s16[at][b] = blk.s;
                     continue;

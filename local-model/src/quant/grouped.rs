@@ -30,6 +30,22 @@ pub struct GroupQ8_0 {
     pub d: [f32; GROUP],
 }
 
+/// Block `b`'s bytes `q` into a group's parts, in the order the VNNI
+/// kernels read weights and activations alike: bytes `4k..4k + 4` into
+/// part `k`, at `4b..4b + 4`.
+pub fn scatter<T: Copy, const P: usize>(parts: &mut [[T; 64]; P], b: usize, q: &[T]) {
+    for (part, q) in parts.iter_mut().zip(q.chunks_exact(4)) {
+        part[4 * b..4 * (b + 1)].copy_from_slice(q);
+    }
+}
+
+/// Block `b`'s bytes back out of a group's parts ([`scatter`] undone).
+fn gather<T: Copy, const P: usize>(parts: &[[T; 64]; P], b: usize, q: &mut [T]) {
+    for (part, q) in parts.iter().zip(q.chunks_exact_mut(4)) {
+        q.copy_from_slice(&part[4 * b..4 * (b + 1)]);
+    }
+}
+
 /// A block type and its group.
 pub trait Regroup: Copy {
     type Group: Copy;
@@ -58,9 +74,7 @@ impl Regroup for BlockQ4_1 {
             m: [0.0; GROUP],
         };
         for (b, blk) in blocks.iter().enumerate() {
-            for (p, part) in blk.qs.as_chunks::<4>().0.iter().enumerate() {
-                g.qs[p][4 * b..4 * (b + 1)].copy_from_slice(part);
-            }
+            scatter(&mut g.qs, b, &blk.qs);
             (g.d[b], g.m[b]) = (blk.d, blk.m);
         }
         g
@@ -69,9 +83,7 @@ impl Regroup for BlockQ4_1 {
     fn ungroup(g: &GroupQ4_1) -> [Self; GROUP] {
         std::array::from_fn(|b| {
             let mut qs = [0u8; 16];
-            for (p, part) in qs.chunks_exact_mut(4).enumerate() {
-                part.copy_from_slice(&g.qs[p][4 * b..4 * (b + 1)]);
-            }
+            gather(&g.qs, b, &mut qs);
             BlockQ4_1 {
                 d: g.d[b],
                 m: g.m[b],
@@ -109,9 +121,7 @@ impl Regroup for BlockQ8_0 {
             d: [0.0; GROUP],
         };
         for (b, blk) in blocks.iter().enumerate() {
-            for (k, part) in blk.qs.as_chunks::<4>().0.iter().enumerate() {
-                g.qs[k][4 * b..4 * (b + 1)].copy_from_slice(part);
-            }
+            scatter(&mut g.qs, b, &blk.qs);
             g.d[b] = blk.d;
         }
         g
@@ -120,9 +130,7 @@ impl Regroup for BlockQ8_0 {
     fn ungroup(g: &GroupQ8_0) -> [Self; GROUP] {
         std::array::from_fn(|b| {
             let mut qs = [0i8; 32];
-            for (k, part) in qs.chunks_exact_mut(4).enumerate() {
-                part.copy_from_slice(&g.qs[k][4 * b..4 * (b + 1)]);
-            }
+            gather(&g.qs, b, &mut qs);
             BlockQ8_0 { d: g.d[b], qs }
         })
     }
@@ -186,10 +194,19 @@ impl<B: Regroup> Grouped<B> {
 
     /// Row `r` as blocks again.
     pub fn row_blocks(&self, r: usize) -> Vec<B> {
-        let (groups, rest) = self.row(r);
-        let mut out: Vec<B> = groups.iter().flat_map(B::ungroup).collect();
-        out.extend_from_slice(rest);
+        let mut out = Vec::with_capacity(self.per_row * GROUP + self.tail);
+        self.row_parts(r, |blocks| out.extend_from_slice(blocks));
         out
+    }
+
+    /// Row `r` as blocks, a group (on the stack) or the tail at a time,
+    /// in order, without allocating.
+    pub fn row_parts(&self, r: usize, mut f: impl FnMut(&[B])) {
+        let (groups, rest) = self.row(r);
+        for g in groups {
+            f(&B::ungroup(g));
+        }
+        f(rest);
     }
 
     /// The product over a row range (layout of `QMatrix::matmul_rows`):
@@ -223,8 +240,8 @@ impl<B: Regroup> Grouped<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::quantize_act;
     use crate::quant::testdata::{blocks, pseudo};
+    use crate::quant::{quantize_act, QData, QMatrix};
 
     /// Regrouped weights give what the portable loops give on the blocks
     /// (rows of fewer than one group, exactly one, groups and a tail),
@@ -252,6 +269,37 @@ mod tests {
             let (q41, q80) = blocks(all * kb);
             let (g41, g80) = (Grouped::new(&q41, kb), Grouped::new(&q80, kb));
             assert_eq!((g41.per_row, g41.tail), (kb / GROUP, kb % GROUP));
+            // The embedding lookup reads regrouped rows as the blocks'.
+            let (m41, m80) = (
+                QMatrix {
+                    rows: all,
+                    cols,
+                    data: QData::Q4_1(q41.clone()),
+                },
+                QMatrix {
+                    rows: all,
+                    cols,
+                    data: QData::Q8_0(q80.clone()),
+                },
+            );
+            let (r41, r80) = (
+                QMatrix {
+                    data: QData::Q4_1Grouped(g41.clone()),
+                    ..m41.clone()
+                },
+                QMatrix {
+                    data: QData::Q8_0Grouped(g80.clone()),
+                    ..m80.clone()
+                },
+            );
+            for (plain, regrouped) in [(&m41, &r41), (&m80, &r80)] {
+                let (mut want, mut got) = (vec![0f32; cols], vec![0f32; cols]);
+                for r in [0, all / 2, all - 1] {
+                    plain.row(r, &mut want);
+                    regrouped.row(r, &mut got);
+                    assert_eq!(got, want, "cols={cols} row {r}");
+                }
+            }
             for r in 0..all {
                 let back = g41.row_blocks(r);
                 for (a, b) in back.iter().zip(&q41[r * kb..(r + 1) * kb]) {
