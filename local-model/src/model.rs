@@ -12,7 +12,7 @@ pub use crate::attention::KvCache;
 use crate::attention::{Attend, AttnInput};
 use crate::gguf::{Content, DType};
 
-use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK};
+use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK, GROUP};
 use crate::team::{Job, Team};
 
 #[derive(Debug, Clone)]
@@ -367,13 +367,13 @@ fn attention(
 }
 
 /// The part of `rows` that part `part` of `parts` computes: equal shares,
-/// cut at multiples of 4 (the kernels' row tile).
+/// cut at multiples of 16 (the interleaved weights' row groups).
 fn share(rows: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
     let cut = |p: usize| {
         if p >= parts {
             rows
         } else {
-            (rows * p / parts) / 4 * 4
+            (rows * p / parts) / GROUP * GROUP
         }
     };
     cut(part)..cut(part + 1)

@@ -18,7 +18,7 @@
 
 use std::fmt;
 
-pub use grouped::Grouped;
+pub use grouped::{Grouped, GROUP};
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
@@ -185,12 +185,11 @@ impl QMatrix {
         Ok(QMatrix { rows, cols, data }.for_kernels())
     }
 
-    /// The weights in the layout this CPU's kernels read: regrouped sixteen
-    /// blocks at a time for the VNNI kernels (rows of at least one group),
-    /// else as they are.
+    /// The weights in the layout this CPU's kernels read: interleaved
+    /// sixteen rows at a time for the VNNI kernels, else as they are.
     fn for_kernels(self) -> Self {
         let kb = self.cols / BLOCK;
-        if !simd::grouped() || kb < grouped::GROUP {
+        if !simd::grouped() {
             return self;
         }
         let data = match self.data {
@@ -224,18 +223,16 @@ impl QMatrix {
         }
     }
 
-    /// Row `r` of regrouped weights, a group at a time (no allocation).
+    /// Row `r` of regrouped weights, a block at a time (no allocation).
     fn dequant_grouped<B: grouped::Regroup>(
         g: &Grouped<B>,
         r: usize,
         out: &mut [f32],
         dequant: fn(&[B], &mut [f32]),
     ) {
-        let mut at = 0;
-        g.row_parts(r, |blocks| {
-            dequant(blocks, &mut out[at..]);
-            at += blocks.len() * BLOCK;
-        });
+        for (blk, out) in g.row_blocks(r).zip(out.chunks_exact_mut(BLOCK)) {
+            dequant(&[blk], out);
+        }
     }
 
     fn dequant_q8_0(blocks: &[BlockQ8_0], out: &mut [f32]) {

@@ -18,14 +18,15 @@
 //! Per (row, column) the arithmetic is the same whatever the number of
 //! columns, the tile and the row range, so a sequence gets bit-identical
 //! results alone or in a batch, on any thread. The integer dot products
-//! are exact on every path; the VNNI kernels over regrouped weights add
-//! their floats in another order (sixteen blocks per accumulator), so they
-//! agree with the others to rounding, not bit for bit.
+//! are exact on every path; the VNNI kernels over interleaved weights
+//! (`vnni_kernels`) add their floats in another order (block after block,
+//! sixteen rows per register), so they agree with the others to rounding,
+//! not bit for bit.
 
-use super::grouped::{scatter, Grouped, Regroup, GROUP};
+use super::grouped::Grouped;
 use super::vnni::Vnni;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
-use vnni_kernels::{Q41Vnni, Q80Vnni};
+use vnni_kernels::{matmul_grouped, Q41Vnni, Q80Vnni};
 
 mod vnni_kernels;
 use pulp::bytemuck::cast;
@@ -37,32 +38,19 @@ use std::ops::Range;
 /// Columns a tile serves with one unpacking of a row's blocks.
 const TILE: usize = 8;
 
-/// A call's activations per column: the first `groups` groups of sixteen
-/// blocks as the VNNI kernels read them, then the rest two blocks at a
-/// time.
+/// A call's activations per column, two blocks at a time.
 #[derive(Default)]
 struct Packed {
     /// Columns.
     n: usize,
-    /// Groups of sixteen blocks per column packed for the VNNI kernels
-    /// (zero for the others), and the first block after them.
-    groups: usize,
-    first: usize,
-    /// Per group and column (`g * n + c`): for `k` in 0..8, the quants
-    /// `4k..4k + 4` of each of the sixteen blocks side by side.
-    q16: Vec<[[i8; 64]; 8]>,
-    /// Per group and column: block `b`'s scale in lane `b`, and its `s`
-    /// (Q4_1's offset term) likewise.
-    d16: Vec<[f32; 16]>,
-    s16: Vec<[f32; 16]>,
-    /// Pairs per column of the blocks from `first` on (rounded up).
+    /// Pairs per column (rounded up).
     pairs: usize,
     /// Per pair and column (`p * n + c`): the 64 quants (zero past the
     /// last block).
     q: Vec<[i8; 64]>,
     /// Per pair and column: each block's scale in its eight lanes.
     d: Vec<[f32; 16]>,
-    /// Per column: each block's `s` from `first` on (Q4_1's offset term),
+    /// Per column: each block's `s` (Q4_1's offset term),
     /// zero-padded to a multiple of 16 blocks.
     s: Vec<f32>,
     /// Blocks per column in `s`.
@@ -73,21 +61,11 @@ struct Packed {
 }
 
 impl Packed {
-    /// `shift`: the quants plus 128, as unsigned bytes (for VNNI's Q8_0);
-    /// the first `groups` groups of sixteen blocks as the VNNI kernels read
-    /// them (the weights' own groups), the rest in pairs.
-    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool, groups: usize) {
+    /// `shift`: the quants plus 128, as unsigned bytes (for VNNI's Q8_0).
+    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool) {
         self.n = n;
-        self.groups = groups;
-        self.first = GROUP * groups;
-        self.pairs = (kb - self.first).div_ceil(2);
-        self.spad = (kb - self.first).div_ceil(16) * 16;
-        self.q16.clear();
-        self.q16.resize(self.groups * n, [[0; 64]; 8]);
-        self.d16.clear();
-        self.d16.resize(self.groups * n, [0.0; 16]);
-        self.s16.clear();
-        self.s16.resize(self.groups * n, [0.0; 16]);
+        self.pairs = kb.div_ceil(2);
+        self.spad = kb.div_ceil(16) * 16;
         self.q.clear();
         self.q.resize(self.pairs * n, [0; 64]);
         self.d.clear();
@@ -104,19 +82,11 @@ impl Packed {
                         *q ^= i8::MIN;
                     }
                 }
-                if i < self.first {
-                    let (at, b) = ((i / GROUP) * n + c, i % GROUP);
-                    scatter(&mut self.q16[at], b, &qs);
-                    self.d16[at][b] = blk.d;
-                    self.s16[at][b] = blk.s;
-                    continue;
-                }
-                let j = i - self.first;
-                let (at, h) = ((j / 2) * n + c, j % 2);
+                let (at, h) = ((i / 2) * n + c, i % 2);
                 self.q[at][32 * h..32 * (h + 1)].copy_from_slice(&qs);
                 self.d[at][8 * h..8 * (h + 1)].fill(blk.d);
             }
-            for (s, blk) in self.s[c * self.spad..].iter_mut().zip(&col[self.first..]) {
+            for (s, blk) in self.s[c * self.spad..].iter_mut().zip(col) {
                 *s = blk.s;
             }
         }
@@ -185,8 +155,6 @@ impl Isa for Vnni {
 /// A row's pair of blocks, unpacked once for a tile's columns.
 trait Pair: Copy {
     type Block;
-    /// The weights' groups of sixteen blocks (VNNI kernels; `()` for others).
-    type Group;
     type Isa: Isa;
     /// Whether the activations are packed plus 128 (unsigned bytes).
     const SHIFTED: bool = false;
@@ -196,17 +164,6 @@ trait Pair: Copy {
     fn d(self) -> __m512;
     /// Per 4-element group, the integer dot product with `y`.
     fn dot(self, simd: Self::Isa, y: __m512i) -> __m512i;
-    /// Adds the row's groups of sixteen blocks times columns `c0..c0 + C`
-    /// into `acc` (the VNNI kernels; the others have none).
-    #[inline(always)]
-    fn groups<const C: usize>(
-        _simd: Self::Isa,
-        _groups: &[Self::Group],
-        _pk: &Packed,
-        _c0: usize,
-        _acc: &mut [__m512; C],
-    ) {
-    }
     /// Per column `c0 + c`, a term to add to the row's products (16
     /// lanes), into `ex[c]`; `m` is scratch of `pk.spad` floats.
     fn extra(
@@ -228,7 +185,6 @@ struct Q41Pair {
 
 impl Pair for Q41Pair {
     type Block = BlockQ4_1;
-    type Group = ();
     type Isa = V4;
 
     /// The offset term `sum_i m_i * s_i`.
@@ -303,7 +259,6 @@ struct Q80Pair {
 
 impl Pair for Q80Pair {
     type Block = BlockQ8_0;
-    type Group = ();
     type Isa = V4;
 
     #[inline(always)]
@@ -376,14 +331,10 @@ fn reduce8(simd: V4, v: [__m512; 8]) -> [f32; 8] {
     [t[0], t[4], t[8], t[12], t[1], t[5], t[9], t[13]]
 }
 
-/// A matrix as the kernels read it: each row's `per_row` groups of sixteen
-/// blocks (the VNNI kernels' own layout; none for the others), then its
-/// `tail` blocks.
+/// A matrix's rows of `kb` blocks as the kernels read them.
 struct Rows<'a, P: Pair> {
-    groups: &'a [P::Group],
-    per_row: usize,
     blocks: &'a [P::Block],
-    tail: usize,
+    kb: usize,
 }
 
 impl<P: Pair> Clone for Rows<'_, P> {
@@ -395,79 +346,29 @@ impl<P: Pair> Clone for Rows<'_, P> {
 impl<P: Pair> Copy for Rows<'_, P> {}
 
 impl<'a, P: Pair> Rows<'a, P> {
-    /// Plain blocks, `kb` a row.
-    fn blocks(w: &'a [P::Block], kb: usize) -> Self {
-        Rows {
-            groups: &[],
-            per_row: 0,
-            blocks: w,
-            tail: kb,
-        }
-    }
-
-    /// Regrouped weights, as the VNNI kernels read them.
-    fn grouped(w: &'a Grouped<P::Block>) -> Self
-    where
-        P::Block: Regroup<Group = P::Group>,
-    {
-        Rows {
-            groups: &w.groups,
-            per_row: w.per_row,
-            blocks: &w.blocks,
-            tail: w.tail,
-        }
-    }
-
-    /// Blocks a row holds.
-    fn kb(&self) -> usize {
-        GROUP * self.per_row + self.tail
-    }
-
     #[inline(always)]
-    fn row(&self, r: usize) -> (&'a [P::Group], &'a [P::Block]) {
-        (
-            &self.groups[r * self.per_row..(r + 1) * self.per_row],
-            &self.blocks[r * self.tail..(r + 1) * self.tail],
-        )
+    fn row(&self, r: usize) -> &'a [P::Block] {
+        &self.blocks[r * self.kb..(r + 1) * self.kb]
     }
 
     /// Asks the cache for row `r`'s weights (a hint: past the end it does
     /// nothing).
     #[inline(always)]
     fn prefetch(&self, simd: V4, r: usize) {
-        let parts = [
-            (
-                self.groups
-                    .as_ptr()
-                    .wrapping_add(r * self.per_row)
-                    .cast::<i8>(),
-                self.per_row * std::mem::size_of::<P::Group>(),
-            ),
-            (
-                self.blocks
-                    .as_ptr()
-                    .wrapping_add(r * self.tail)
-                    .cast::<i8>(),
-                self.tail * std::mem::size_of::<P::Block>(),
-            ),
-        ];
-        for (at, bytes) in parts {
-            for line in (0..bytes).step_by(64) {
-                simd.sse._mm_prefetch::<3>(at.wrapping_add(line));
-            }
+        let at = self.blocks.as_ptr().wrapping_add(r * self.kb).cast::<i8>();
+        for line in (0..self.kb * std::mem::size_of::<P::Block>()).step_by(64) {
+            simd.sse._mm_prefetch::<3>(at.wrapping_add(line));
         }
     }
 }
 
 /// One row by `C` (at most 8) columns `c0..c0 + C`: per column, starting
-/// from `extra` (Q4_1's offset term of the blocks past the groups), the
-/// groups of sixteen blocks (VNNI), then the sum over the remaining pairs of
+/// from `extra` (Q4_1's offset term), the sum over the pairs of
 /// `convert(int dot) * (weight scale * activation scale)` in 16 lanes,
 /// then the lanes summed.
 #[inline(always)]
 fn row_tile<P: Pair, const C: usize>(
     isa: P::Isa,
-    groups: &[P::Group],
     row: &[P::Block],
     pk: &Packed,
     c0: usize,
@@ -476,7 +377,6 @@ fn row_tile<P: Pair, const C: usize>(
     let simd = isa.v4();
     let f = simd.avx512f;
     let mut acc: [__m512; C] = std::array::from_fn(|c| extra[c]);
-    P::groups::<C>(isa, groups, pk, c0, &mut acc);
     for p in 0..pk.pairs {
         let x = P::load(isa, row, 2 * p);
         let at = p * pk.n + c0;
@@ -512,14 +412,14 @@ fn group<P: Pair, const C: usize>(
 ) {
     let ex = &mut ex[..C];
     for r in rows.clone() {
-        let (groups, row) = w.row(r);
+        let row = w.row(r);
         if c0 == 0 {
             // The weights of a row [`PREFETCH`] rows on, into the cache
             // while this one computes.
             w.prefetch(isa.v4(), r + PREFETCH);
         }
         P::extra(isa, row, pk, c0, m, ex);
-        let t = row_tile::<P, C>(isa, groups, row, pk, c0, ex);
+        let t = row_tile::<P, C>(isa, row, pk, c0, ex);
         for (dc, v) in t.iter().enumerate() {
             out[(c0 + dc) * ld + r - rows.start] = *v;
         }
@@ -624,9 +524,9 @@ pub fn matmul_q4_1(
     ld: usize,
 ) -> bool {
     if vnni {
-        matmul::<Q41Vnni>(Rows::blocks(w, kb), rows, act, n, out, ld)
+        matmul::<Q41Vnni>(Rows { blocks: w, kb }, rows, act, n, out, ld)
     } else {
-        matmul::<Q41Pair>(Rows::blocks(w, kb), rows, act, n, out, ld)
+        matmul::<Q41Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
     }
 }
 
@@ -642,13 +542,13 @@ pub fn matmul_q8_0(
     ld: usize,
 ) -> bool {
     if vnni {
-        matmul::<Q80Vnni>(Rows::blocks(w, kb), rows, act, n, out, ld)
+        matmul::<Q80Vnni>(Rows { blocks: w, kb }, rows, act, n, out, ld)
     } else {
-        matmul::<Q80Pair>(Rows::blocks(w, kb), rows, act, n, out, ld)
+        matmul::<Q80Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
     }
 }
 
-/// The VNNI product over regrouped weights (`false`: no VNNI, nothing
+/// The VNNI product over interleaved weights (`false`: no VNNI, nothing
 /// done).
 pub fn matmul_grouped_q4_1(
     w: &Grouped<BlockQ4_1>,
@@ -658,7 +558,7 @@ pub fn matmul_grouped_q4_1(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    matmul(Rows::<Q41Vnni>::grouped(w), rows, act, n, out, ld)
+    matmul_grouped(w, rows, act, n, out, ld)
 }
 
 pub fn matmul_grouped_q8_0(
@@ -669,7 +569,7 @@ pub fn matmul_grouped_q8_0(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    matmul(Rows::<Q80Vnni>::grouped(w), rows, act, n, out, ld)
+    matmul_grouped(w, rows, act, n, out, ld)
 }
 
 /// Every kernel's product: the activations packed once, then the tiles.
@@ -685,7 +585,7 @@ fn matmul<P: Pair>(
         return false;
     };
     with_packed(|pk| {
-        pk.fill(act, w.kb(), n, P::SHIFTED, w.per_row);
+        pk.fill(act, w.kb, n, P::SHIFTED);
         isa.vectorize(Run {
             isa,
             w,

@@ -1,56 +1,62 @@
-//! Weights regrouped sixteen blocks at a time, in the order the VNNI
-//! kernels read them (`avx512/vnni_kernels.rs`): a group's quants are
-//! whole 64-byte vectors (4 bytes of each of the 16 blocks), its scales one
-//! vector, so a row group loads in a few instructions instead of being
-//! gathered from 16 blocks' fields. Built once at load time in place of the
-//! blocks (the same bytes), when those kernels run; each row keeps its last
-//! `kb % 16` blocks as blocks.
+//! Weights interleaved sixteen rows at a time, in the order the VNNI
+//! kernels read them (`avx512/vnni_kernels.rs`): for each group of sixteen
+//! rows and each block position, the sixteen rows' blocks side by side,
+//! their quants as whole 64-byte vectors (4 bytes of each row's block) and
+//! their scales one vector each. One `vpdpbusd` of such a vector with four
+//! activation bytes broadcast adds four products into each row's lane, so
+//! a row group's product with a column is sixteen rows' sums in one
+//! register, with no sum across lanes and no leftover blocks whatever the
+//! row length. Built once at load time in place of the blocks (the same
+//! bytes; a matrix's last group is padded with zero rows), when those
+//! kernels run.
 
 use super::{dot_q4_1_portable, dot_q8_0_portable, matmul_portable, BlockAct};
 use super::{BlockQ4_1, BlockQ8_0};
 use std::ops::Range;
 
-/// Blocks a group holds.
+/// Rows a group holds.
 pub const GROUP: usize = 16;
 
-/// Sixteen Q4_1 blocks.
+/// One block position of sixteen rows, Q4_1.
 #[derive(Clone, Copy)]
 pub struct GroupQ4_1 {
-    /// `qs[p][4b..4b + 4]`: bytes `4p..4p + 4` of block `b`'s nibbles.
+    /// `qs[p][4r..4r + 4]`: bytes `4p..4p + 4` of row `r`'s nibbles.
     pub qs: [[u8; 64]; 4],
     pub d: [f32; GROUP],
     pub m: [f32; GROUP],
 }
 
-/// Sixteen Q8_0 blocks.
+/// One block position of sixteen rows, Q8_0: the quants plus 128, as
+/// unsigned bytes (`vpdpbusd` multiplies unsigned by signed).
 #[derive(Clone, Copy)]
 pub struct GroupQ8_0 {
-    /// `qs[k][4b..4b + 4]`: quants `4k..4k + 4` of block `b`.
-    pub qs: [[i8; 64]; 8],
+    /// `qs[k][4r..4r + 4]`: quants `4k..4k + 4` of row `r`, plus 128.
+    pub qs: [[u8; 64]; 8],
     pub d: [f32; GROUP],
 }
 
-/// Block `b`'s bytes `q` into a group's parts, in the order the VNNI
-/// kernels read weights and activations alike: bytes `4k..4k + 4` into
-/// part `k`, at `4b..4b + 4`.
-pub fn scatter<T: Copy, const P: usize>(parts: &mut [[T; 64]; P], b: usize, q: &[T]) {
+/// Row `r`'s bytes `q` into a group's parts: bytes `4k..4k + 4` into part
+/// `k`, at `4r..4r + 4`.
+fn scatter<T: Copy, const P: usize>(parts: &mut [[T; 64]; P], r: usize, q: &[T]) {
     for (part, q) in parts.iter_mut().zip(q.chunks_exact(4)) {
-        part[4 * b..4 * (b + 1)].copy_from_slice(q);
+        part[4 * r..4 * (r + 1)].copy_from_slice(q);
     }
 }
 
-/// Block `b`'s bytes back out of a group's parts ([`scatter`] undone).
-fn gather<T: Copy, const P: usize>(parts: &[[T; 64]; P], b: usize, q: &mut [T]) {
+/// Row `r`'s bytes back out of a group's parts ([`scatter`] undone).
+fn gather<T: Copy, const P: usize>(parts: &[[T; 64]; P], r: usize, q: &mut [T]) {
     for (part, q) in parts.iter().zip(q.chunks_exact_mut(4)) {
-        q.copy_from_slice(&part[4 * b..4 * (b + 1)]);
+        q.copy_from_slice(&part[4 * r..4 * (r + 1)]);
     }
 }
 
 /// A block type and its group.
 pub trait Regroup: Copy {
     type Group: Copy;
-    fn group(blocks: &[Self; GROUP]) -> Self::Group;
-    fn ungroup(g: &Self::Group) -> [Self; GROUP];
+    /// Sixteen rows' blocks at one position (`None`: a padding row).
+    fn group(blocks: [Option<&Self>; GROUP]) -> Self::Group;
+    /// Row `r`'s block back out of a group.
+    fn lane(g: &Self::Group, r: usize) -> Self;
     /// The portable dot product of a row's blocks with a column.
     fn dot(w: &[Self], act: &[BlockAct]) -> f32;
     /// The VNNI product (`false`: not on this CPU, nothing done).
@@ -67,29 +73,29 @@ pub trait Regroup: Copy {
 impl Regroup for BlockQ4_1 {
     type Group = GroupQ4_1;
 
-    fn group(blocks: &[Self; GROUP]) -> GroupQ4_1 {
+    fn group(blocks: [Option<&Self>; GROUP]) -> GroupQ4_1 {
         let mut g = GroupQ4_1 {
             qs: [[0; 64]; 4],
             d: [0.0; GROUP],
             m: [0.0; GROUP],
         };
-        for (b, blk) in blocks.iter().enumerate() {
-            scatter(&mut g.qs, b, &blk.qs);
-            (g.d[b], g.m[b]) = (blk.d, blk.m);
+        for (r, blk) in blocks.iter().enumerate() {
+            if let Some(blk) = blk {
+                scatter(&mut g.qs, r, &blk.qs);
+                (g.d[r], g.m[r]) = (blk.d, blk.m);
+            }
         }
         g
     }
 
-    fn ungroup(g: &GroupQ4_1) -> [Self; GROUP] {
-        std::array::from_fn(|b| {
-            let mut qs = [0u8; 16];
-            gather(&g.qs, b, &mut qs);
-            BlockQ4_1 {
-                d: g.d[b],
-                m: g.m[b],
-                qs,
-            }
-        })
+    fn lane(g: &GroupQ4_1, r: usize) -> Self {
+        let mut qs = [0u8; 16];
+        gather(&g.qs, r, &mut qs);
+        BlockQ4_1 {
+            d: g.d[r],
+            m: g.m[r],
+            qs,
+        }
     }
 
     fn dot(w: &[Self], act: &[BlockAct]) -> f32 {
@@ -115,24 +121,30 @@ impl Regroup for BlockQ4_1 {
 impl Regroup for BlockQ8_0 {
     type Group = GroupQ8_0;
 
-    fn group(blocks: &[Self; GROUP]) -> GroupQ8_0 {
+    fn group(blocks: [Option<&Self>; GROUP]) -> GroupQ8_0 {
         let mut g = GroupQ8_0 {
-            qs: [[0; 64]; 8],
+            // A padding row's quants: zero, plus 128.
+            qs: [[0x80; 64]; 8],
             d: [0.0; GROUP],
         };
-        for (b, blk) in blocks.iter().enumerate() {
-            scatter(&mut g.qs, b, &blk.qs);
-            g.d[b] = blk.d;
+        for (r, blk) in blocks.iter().enumerate() {
+            if let Some(blk) = blk {
+                // q + 128 as an unsigned byte: the sign bit flipped.
+                let q: [u8; 32] = blk.qs.map(|q| q.cast_unsigned() ^ 0x80);
+                scatter(&mut g.qs, r, &q);
+                g.d[r] = blk.d;
+            }
         }
         g
     }
 
-    fn ungroup(g: &GroupQ8_0) -> [Self; GROUP] {
-        std::array::from_fn(|b| {
-            let mut qs = [0i8; 32];
-            gather(&g.qs, b, &mut qs);
-            BlockQ8_0 { d: g.d[b], qs }
-        })
+    fn lane(g: &GroupQ8_0, r: usize) -> Self {
+        let mut q = [0u8; 32];
+        gather(&g.qs, r, &mut q);
+        BlockQ8_0 {
+            d: g.d[r],
+            qs: q.map(|q| (q ^ 0x80).cast_signed()),
+        }
     }
 
     fn dot(w: &[Self], act: &[BlockAct]) -> f32 {
@@ -155,58 +167,43 @@ impl Regroup for BlockQ8_0 {
     }
 }
 
-/// A matrix's rows, each as `per_row` groups then `tail` blocks.
+/// A matrix's rows sixteen at a time: group `g`'s block position `b` at
+/// `groups[g * kb + b]`.
 #[derive(Clone)]
 pub struct Grouped<B: Regroup> {
     pub groups: Vec<B::Group>,
-    pub blocks: Vec<B>,
-    pub per_row: usize,
-    pub tail: usize,
+    /// Blocks a row holds.
+    pub kb: usize,
+    /// Rows (the last group's padding rows not counted).
+    pub rows: usize,
 }
 
 impl<B: Regroup> Grouped<B> {
-    /// Regroups `rows` rows of `kb` blocks each.
+    /// Interleaves the rows of `kb` blocks each.
     pub fn new(blocks: &[B], kb: usize) -> Self {
-        let (per_row, tail) = (kb / GROUP, kb % GROUP);
         let rows = blocks.len().checked_div(kb).unwrap_or(0);
-        let mut g = Grouped {
-            groups: Vec::with_capacity(rows * per_row),
-            blocks: Vec::with_capacity(rows * tail),
-            per_row,
-            tail,
-        };
-        for row in blocks.chunks_exact(kb.max(1)).take(rows) {
-            let (whole, rest) = row.split_at(per_row * GROUP);
-            g.groups
-                .extend(whole.as_chunks::<GROUP>().0.iter().map(B::group));
-            g.blocks.extend_from_slice(rest);
+        let mut groups = Vec::with_capacity(rows.div_ceil(GROUP) * kb);
+        for g in 0..rows.div_ceil(GROUP) {
+            for b in 0..kb {
+                groups.push(B::group(std::array::from_fn(|i| {
+                    let r = g * GROUP + i;
+                    (r < rows).then(|| &blocks[r * kb + b])
+                })));
+            }
         }
-        g
+        Grouped { groups, kb, rows }
     }
 
-    /// Row `r`'s groups and remaining blocks.
-    pub fn row(&self, r: usize) -> (&[B::Group], &[B]) {
-        (
-            &self.groups[r * self.per_row..(r + 1) * self.per_row],
-            &self.blocks[r * self.tail..(r + 1) * self.tail],
-        )
+    /// Row group `g`'s block positions.
+    pub fn group(&self, g: usize) -> &[B::Group] {
+        &self.groups[g * self.kb..(g + 1) * self.kb]
     }
 
-    /// Row `r` as blocks again.
-    pub fn row_blocks(&self, r: usize) -> Vec<B> {
-        let mut out = Vec::with_capacity(self.per_row * GROUP + self.tail);
-        self.row_parts(r, |blocks| out.extend_from_slice(blocks));
-        out
-    }
-
-    /// Row `r` as blocks, a group (on the stack) or the tail at a time,
-    /// in order, without allocating.
-    pub fn row_parts(&self, r: usize, mut f: impl FnMut(&[B])) {
-        let (groups, rest) = self.row(r);
-        for g in groups {
-            f(&B::ungroup(g));
-        }
-        f(rest);
+    /// Row `r`'s blocks, one at a time, in order.
+    pub fn row_blocks(&self, r: usize) -> impl Iterator<Item = B> + '_ {
+        self.group(r / GROUP)
+            .iter()
+            .map(move |g| B::lane(g, r % GROUP))
     }
 
     /// The product over a row range (layout of `QMatrix::matmul_rows`):
@@ -224,7 +221,7 @@ impl<B: Regroup> Grouped<B> {
             return;
         }
         for r in rows.clone() {
-            let row = self.row_blocks(r);
+            let row: Vec<B> = self.row_blocks(r).collect();
             let out = &mut out[r - rows.start..];
             matmul_portable(&row, row.len(), 0..1, act, n, out, ld, B::dot);
         }
@@ -233,7 +230,6 @@ impl<B: Regroup> Grouped<B> {
     /// Bytes the weights take.
     pub fn bytes(&self) -> usize {
         self.groups.len() * std::mem::size_of::<B::Group>()
-            + self.blocks.len() * std::mem::size_of::<B>()
     }
 }
 
@@ -243,8 +239,9 @@ mod tests {
     use crate::quant::testdata::{blocks, pseudo};
     use crate::quant::{quantize_act, QData, QMatrix};
 
-    /// Regrouped weights give what the portable loops give on the blocks
-    /// (rows of fewer than one group, exactly one, groups and a tail),
+    /// Interleaved weights give what the portable loops give on the
+    /// blocks (rows of 3 to 48 blocks; row ranges cut inside a group of
+    /// sixteen rows; 40 rows, so the last group holds 8 padding rows),
     /// each column of a batch bit for bit what it gets alone, and the
     /// blocks back unchanged.
     #[test]
@@ -252,8 +249,8 @@ mod tests {
         if crate::quant::simd_kernels() != "avx512vnni" {
             eprintln!("no AVX-512 VNNI here: the regrouped weights run the portable fallback");
         }
-        // Fewer blocks than a group, exactly one, one and an odd or even
-        // tail, two, two and a tail, and down projection's 48 blocks.
+        // Row lengths in blocks: 3, 16, 17, 23, 18 (the model's 576), 32,
+        // 35 and 48 (down projection's 1536).
         for (cols, range) in [
             (96, 0..40),
             (512, 3..29),
@@ -268,7 +265,7 @@ mod tests {
             let rows = range.len();
             let (q41, q80) = blocks(all * kb);
             let (g41, g80) = (Grouped::new(&q41, kb), Grouped::new(&q80, kb));
-            assert_eq!((g41.per_row, g41.tail), (kb / GROUP, kb % GROUP));
+            assert_eq!((g41.rows, g41.kb), (all, kb));
             // The embedding lookup reads regrouped rows as the blocks'.
             let (m41, m80) = (
                 QMatrix {
@@ -301,11 +298,11 @@ mod tests {
                 }
             }
             for r in 0..all {
-                let back = g41.row_blocks(r);
+                let back: Vec<_> = g41.row_blocks(r).collect();
                 for (a, b) in back.iter().zip(&q41[r * kb..(r + 1) * kb]) {
                     assert_eq!((a.d, a.m, a.qs), (b.d, b.m, b.qs));
                 }
-                let back = g80.row_blocks(r);
+                let back: Vec<_> = g80.row_blocks(r).collect();
                 for (a, b) in back.iter().zip(&q80[r * kb..(r + 1) * kb]) {
                     assert_eq!((a.d, a.qs), (b.d, b.qs));
                 }
