@@ -609,7 +609,9 @@ mod tests {
                     .collect(),
             ),
         };
-        for m in [&q41, &q80] {
+        // And as this CPU's kernels read them (interleaved for VNNI).
+        let (k41, k80) = (q41.clone().for_kernels(), q80.clone().for_kernels());
+        for m in [&q41, &q80, &k41, &k80] {
             for n in [1, 2, 3, 4, 5, 8, 11] {
                 let x = pseudo(n * cols, 3 + n as u32);
                 let mut act = Vec::new();

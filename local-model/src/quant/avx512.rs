@@ -9,11 +9,8 @@
 //! integer multiply-adds, one conversion, one scale product and one FMA;
 //! a row's pair is unpacked once for all the columns of a tile (up to 8).
 //!
-//! With AVX-512 VNNI (`Vnni` kernels) the two integer multiply-adds are
-//! one `vpdpbusd`. It multiplies unsigned bytes by signed ones, so for
-//! Q8_0 (signed weights) the activations are packed plus 128 (as unsigned
-//! bytes) and each row pair starts its sums from minus 128 times its
-//! weights' sums (one more `vpdpbusd` per row pair, not per column).
+//! With AVX-512 VNNI the weights are interleaved at load time and run
+//! their own kernels (`vnni_kernels`).
 //!
 //! Per (row, column) the arithmetic is the same whatever the number of
 //! columns, the tile and the row range, so a sequence gets bit-identical
@@ -24,9 +21,8 @@
 //! not bit for bit.
 
 use super::grouped::Grouped;
-use super::vnni::Vnni;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
-use vnni_kernels::{matmul_grouped, Q41Vnni, Q80Vnni};
+use vnni_kernels::matmul_grouped;
 
 mod vnni_kernels;
 use pulp::bytemuck::cast;
@@ -61,8 +57,7 @@ struct Packed {
 }
 
 impl Packed {
-    /// `shift`: the quants plus 128, as unsigned bytes (for VNNI's Q8_0).
-    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize, shift: bool) {
+    fn fill(&mut self, act: &[BlockAct], kb: usize, n: usize) {
         self.n = n;
         self.pairs = kb.div_ceil(2);
         self.spad = kb.div_ceil(16) * 16;
@@ -75,15 +70,8 @@ impl Packed {
         for c in 0..n {
             let col = &act[c * kb..(c + 1) * kb];
             for (i, blk) in col.iter().enumerate() {
-                let mut qs = blk.qs;
-                if shift {
-                    // y + 128 in two's complement bits: the sign bit flipped.
-                    for q in &mut qs {
-                        *q ^= i8::MIN;
-                    }
-                }
                 let (at, h) = ((i / 2) * n + c, i % 2);
-                self.q[at][32 * h..32 * (h + 1)].copy_from_slice(&qs);
+                self.q[at][32 * h..32 * (h + 1)].copy_from_slice(&blk.qs);
                 self.d[at][8 * h..8 * (h + 1)].fill(blk.d);
             }
             for (s, blk) in self.s[c * self.spad..].iter_mut().zip(col) {
@@ -115,59 +103,19 @@ fn scales(simd: V4, a: f32, b: f32) -> __m512 {
     )
 }
 
-/// The instructions a kernel runs with: pulp's `V4`, or those and VNNI.
-trait Isa: Copy {
-    fn try_new() -> Option<Self>;
-    fn v4(self) -> V4;
-    fn vectorize<F: pulp::NullaryFnOnce>(self, f: F) -> F::Output;
-}
-
-impl Isa for V4 {
-    fn try_new() -> Option<Self> {
-        V4::try_new()
-    }
-
-    #[inline(always)]
-    fn v4(self) -> V4 {
-        self
-    }
-
-    fn vectorize<F: pulp::NullaryFnOnce>(self, f: F) -> F::Output {
-        V4::vectorize(self, f)
-    }
-}
-
-impl Isa for Vnni {
-    fn try_new() -> Option<Self> {
-        Vnni::try_new()
-    }
-
-    #[inline(always)]
-    fn v4(self) -> V4 {
-        self.v4
-    }
-
-    fn vectorize<F: pulp::NullaryFnOnce>(self, f: F) -> F::Output {
-        Vnni::vectorize(self, f)
-    }
-}
-
 /// A row's pair of blocks, unpacked once for a tile's columns.
 trait Pair: Copy {
     type Block;
-    type Isa: Isa;
-    /// Whether the activations are packed plus 128 (unsigned bytes).
-    const SHIFTED: bool = false;
     /// Blocks `i` and `i + 1` of `row` (the second absent: zero).
-    fn load(simd: Self::Isa, row: &[Self::Block], i: usize) -> Self;
+    fn load(simd: V4, row: &[Self::Block], i: usize) -> Self;
     /// The two blocks' weight scales (lanes as in [`scales`]).
     fn d(self) -> __m512;
     /// Per 4-element group, the integer dot product with `y`.
-    fn dot(self, simd: Self::Isa, y: __m512i) -> __m512i;
+    fn dot(self, simd: V4, y: __m512i) -> __m512i;
     /// Per column `c0 + c`, a term to add to the row's products (16
     /// lanes), into `ex[c]`; `m` is scratch of `pk.spad` floats.
     fn extra(
-        simd: Self::Isa,
+        simd: V4,
         row: &[Self::Block],
         pk: &Packed,
         c0: usize,
@@ -185,7 +133,6 @@ struct Q41Pair {
 
 impl Pair for Q41Pair {
     type Block = BlockQ4_1;
-    type Isa = V4;
 
     /// The offset term `sum_i m_i * s_i`.
     #[inline(always)]
@@ -259,7 +206,6 @@ struct Q80Pair {
 
 impl Pair for Q80Pair {
     type Block = BlockQ8_0;
-    type Isa = V4;
 
     #[inline(always)]
     fn extra(simd: V4, _: &[BlockQ8_0], _: &Packed, _: usize, _: &mut [f32], ex: &mut [__m512]) {
@@ -368,13 +314,13 @@ impl<'a, P: Pair> Rows<'a, P> {
 /// then the lanes summed.
 #[inline(always)]
 fn row_tile<P: Pair, const C: usize>(
-    isa: P::Isa,
+    isa: V4,
     row: &[P::Block],
     pk: &Packed,
     c0: usize,
     extra: &[__m512],
 ) -> [f32; C] {
-    let simd = isa.v4();
+    let simd = isa;
     let f = simd.avx512f;
     let mut acc: [__m512; C] = std::array::from_fn(|c| extra[c]);
     for p in 0..pk.pairs {
@@ -400,7 +346,7 @@ fn row_tile<P: Pair, const C: usize>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn group<P: Pair, const C: usize>(
-    isa: P::Isa,
+    isa: V4,
     w: Rows<P>,
     rows: &Range<usize>,
     pk: &Packed,
@@ -416,7 +362,7 @@ fn group<P: Pair, const C: usize>(
         if c0 == 0 {
             // The weights of a row [`PREFETCH`] rows on, into the cache
             // while this one computes.
-            w.prefetch(isa.v4(), r + PREFETCH);
+            w.prefetch(isa, r + PREFETCH);
         }
         P::extra(isa, row, pk, c0, m, ex);
         let t = row_tile::<P, C>(isa, row, pk, c0, ex);
@@ -438,7 +384,7 @@ const ROW_BLOCK: usize = 16;
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn product<P: Pair>(
-    isa: P::Isa,
+    isa: V4,
     w: Rows<P>,
     rows: Range<usize>,
     pk: &Packed,
@@ -476,7 +422,7 @@ fn product<P: Pair>(
 /// closure, so that `call` is forced inline into pulp's `target_feature`
 /// function down to the kernel, chosen statically by `P`).
 struct Run<'a, P: Pair> {
-    isa: P::Isa,
+    isa: V4,
     w: Rows<'a, P>,
     rows: Range<usize>,
     pk: &'a mut Packed,
@@ -503,18 +449,15 @@ impl<P: Pair> pulp::NullaryFnOnce for Run<'_, P> {
         m.clear();
         m.resize(pk.spad, 0.0);
         ex.clear();
-        ex.resize(TILE, isa.v4().avx512f._mm512_setzero_ps());
+        ex.resize(TILE, isa.avx512f._mm512_setzero_ps());
         product::<P>(isa, w, rows, pk, n, out, ld, &mut m, &mut ex);
         (pk.m, pk.ex) = (m, ex);
     }
 }
 
 /// The AVX-512 product over plain blocks, when the CPU has AVX-512
-/// F/BW/DQ/VL, and VNNI if `vnni` asks for it (`false`: nothing done, use
-/// another kernel).
-#[allow(clippy::too_many_arguments)]
+/// F/BW/DQ/VL (`false`: nothing done, use another kernel).
 pub fn matmul_q4_1(
-    vnni: bool,
     w: &[BlockQ4_1],
     kb: usize,
     rows: Range<usize>,
@@ -523,16 +466,10 @@ pub fn matmul_q4_1(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    if vnni {
-        matmul::<Q41Vnni>(Rows { blocks: w, kb }, rows, act, n, out, ld)
-    } else {
-        matmul::<Q41Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
-    }
+    matmul::<Q41Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn matmul_q8_0(
-    vnni: bool,
     w: &[BlockQ8_0],
     kb: usize,
     rows: Range<usize>,
@@ -541,11 +478,7 @@ pub fn matmul_q8_0(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    if vnni {
-        matmul::<Q80Vnni>(Rows { blocks: w, kb }, rows, act, n, out, ld)
-    } else {
-        matmul::<Q80Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
-    }
+    matmul::<Q80Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
 }
 
 /// The VNNI product over interleaved weights (`false`: no VNNI, nothing
@@ -581,11 +514,11 @@ fn matmul<P: Pair>(
     out: &mut [f32],
     ld: usize,
 ) -> bool {
-    let Some(isa) = P::Isa::try_new() else {
+    let Some(isa) = V4::try_new() else {
         return false;
     };
     with_packed(|pk| {
-        pk.fill(act, w.kb, n, P::SHIFTED);
+        pk.fill(act, w.kb, n);
         isa.vectorize(Run {
             isa,
             w,

@@ -6,9 +6,9 @@
 //! activation bytes broadcast adds four products into each row's lane, so
 //! a row group's product with a column is sixteen rows' sums in one
 //! register, with no sum across lanes and no leftover blocks whatever the
-//! row length. Built once at load time in place of the blocks (the same
-//! bytes; a matrix's last group is padded with zero rows), when those
-//! kernels run.
+//! row length. Built once at load time in place of the blocks (as many
+//! bytes, Q8_0's quants stored plus 128; a matrix's last group is padded
+//! with zero rows), when those kernels run.
 
 use super::{dot_q4_1_portable, dot_q8_0_portable, matmul_portable, BlockAct};
 use super::{BlockQ4_1, BlockQ8_0};
@@ -17,8 +17,10 @@ use std::ops::Range;
 /// Rows a group holds.
 pub const GROUP: usize = 16;
 
-/// One block position of sixteen rows, Q4_1.
+/// One block position of sixteen rows, Q4_1 (a whole number of cache
+/// lines, aligned to them).
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 pub struct GroupQ4_1 {
     /// `qs[p][4r..4r + 4]`: bytes `4p..4p + 4` of row `r`'s nibbles.
     pub qs: [[u8; 64]; 4],
@@ -27,8 +29,10 @@ pub struct GroupQ4_1 {
 }
 
 /// One block position of sixteen rows, Q8_0: the quants plus 128, as
-/// unsigned bytes (`vpdpbusd` multiplies unsigned by signed).
+/// unsigned bytes (`vpdpbusd` multiplies unsigned by signed); a whole
+/// number of cache lines, aligned to them.
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 pub struct GroupQ8_0 {
     /// `qs[k][4r..4r + 4]`: quants `4k..4k + 4` of row `r`, plus 128.
     pub qs: [[u8; 64]; 8],
@@ -201,6 +205,7 @@ impl<B: Regroup> Grouped<B> {
 
     /// Row `r`'s blocks, one at a time, in order.
     pub fn row_blocks(&self, r: usize) -> impl Iterator<Item = B> + '_ {
+        debug_assert!(r < self.rows, "row {r} past the matrix");
         self.group(r / GROUP)
             .iter()
             .map(move |g| B::lane(g, r % GROUP))
@@ -217,6 +222,7 @@ impl<B: Regroup> Grouped<B> {
         out: &mut [f32],
         ld: usize,
     ) {
+        debug_assert!(rows.end <= self.rows, "rows past the matrix");
         if B::vnni(self, rows.clone(), act, n, out, ld) {
             return;
         }
@@ -260,12 +266,16 @@ mod tests {
             (1024, 1..9),
             (1120, 0..17),
             (1536, 0..20),
+            // Whole groups, as the threads' shares are cut.
+            (576, 16..32),
+            (576, 0..32),
         ] {
             let (all, kb) = (40, cols / 32);
             let rows = range.len();
             let (q41, q80) = blocks(all * kb);
             let (g41, g80) = (Grouped::new(&q41, kb), Grouped::new(&q80, kb));
             assert_eq!((g41.rows, g41.kb), (all, kb));
+            assert_eq!(g41.groups.len(), all.div_ceil(GROUP) * kb);
             // The embedding lookup reads regrouped rows as the blocks'.
             let (m41, m80) = (
                 QMatrix {

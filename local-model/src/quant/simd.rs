@@ -437,8 +437,7 @@ pub fn matmul_q4_1_at(
     out: &mut [f32],
     ld: usize,
 ) {
-    let vnni = level == Level::Avx512Vnni;
-    if level.avx512() && avx512::matmul_q4_1(vnni, w, kb, rows.clone(), act, n, out, ld) {
+    if level.avx512() && avx512::matmul_q4_1(w, kb, rows.clone(), act, n, out, ld) {
         return;
     }
     avx2_or_portable(level, w, kb, rows, act, n, out, ld, Q41, dot_q4_1_portable)
@@ -455,8 +454,7 @@ pub fn matmul_q8_0_at(
     out: &mut [f32],
     ld: usize,
 ) {
-    let vnni = level == Level::Avx512Vnni;
-    if level.avx512() && avx512::matmul_q8_0(vnni, w, kb, rows.clone(), act, n, out, ld) {
+    if level.avx512() && avx512::matmul_q8_0(w, kb, rows.clone(), act, n, out, ld) {
         return;
     }
     avx2_or_portable(level, w, kb, rows, act, n, out, ld, Q80, dot_q8_0_portable)

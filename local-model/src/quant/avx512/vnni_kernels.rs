@@ -19,11 +19,8 @@
 //! wants. Q8_0's weights are stored plus 128 (unsigned), so each sum
 //! starts from minus 128 times the activation block's quants summed, which
 //! leaves it exact.
-//!
-//! Over plain blocks (not interleaved) the VNNI kernels are the other
-//! AVX-512 kernels' pairs with one `vpdpbusd` in place of two instructions.
 
-use super::{q8_0_pair, Packed, Pair, Q41Pair};
+use super::TILE;
 use crate::quant::grouped::{GroupQ4_1, GroupQ8_0, Grouped, Regroup, GROUP};
 use crate::quant::vnni::Vnni;
 use crate::quant::{BlockAct, BlockQ4_1, BlockQ8_0};
@@ -32,11 +29,8 @@ use std::arch::x86_64::{__m512, __m512i};
 use std::cell::RefCell;
 use std::ops::Range;
 
-/// Columns a tile serves with one unpacking of a group's weights.
-const TILE: usize = 8;
-
-/// The cache level prefetches fill (`_MM_HINT_T0`: every level).
-const PREFETCH_HINT: i32 = 2;
+/// The cache level prefetches fill: L2 (and the last level).
+const PREFETCH_HINT: i32 = std::arch::x86_64::_MM_HINT_T1;
 
 /// A block position of sixteen rows, unpacked for the kernel.
 pub(super) trait Unpack: Regroup {
@@ -264,85 +258,4 @@ pub(super) fn matmul_grouped<B: Unpack>(
         run(starts);
     });
     true
-}
-
-/// Q4_1 with VNNI over plain blocks: pairs (one `vpdpbusd`).
-#[derive(Clone, Copy)]
-pub(super) struct Q41Vnni(Q41Pair);
-
-impl Pair for Q41Vnni {
-    type Block = BlockQ4_1;
-    type Isa = Vnni;
-
-    #[inline(always)]
-    fn extra(v: Vnni, row: &[BlockQ4_1], pk: &Packed, c0: usize, m: &mut [f32], ex: &mut [__m512]) {
-        Q41Pair::extra(v.v4, row, pk, c0, m, ex)
-    }
-
-    #[inline(always)]
-    fn load(v: Vnni, row: &[BlockQ4_1], i: usize) -> Self {
-        Q41Vnni(Q41Pair::load(v.v4, row, i))
-    }
-
-    #[inline(always)]
-    fn d(self) -> __m512 {
-        self.0.d
-    }
-
-    #[inline(always)]
-    fn dot(self, v: Vnni, y: __m512i) -> __m512i {
-        v.dpbusd(v.v4.avx512f._mm512_setzero_si512(), self.0.x, y)
-    }
-}
-
-/// Q8_0 with VNNI: against activations plus 128 (unsigned), each sum
-/// starts from minus 128 times its weights' sum, so it ends exact.
-#[derive(Clone, Copy)]
-pub(super) struct Q80Vnni {
-    x: __m512i,
-    /// Per lane, -128 * (the lane's four weights summed).
-    start: __m512i,
-    d: __m512,
-}
-
-/// Per lane, minus 128 times the sum of the lane's weights in `x`.
-#[inline(always)]
-fn minus_128_sums(v: Vnni, x: &[__m512i]) -> __m512i {
-    let f = v.v4.avx512f;
-    let zero = f._mm512_setzero_si512();
-    // 128 as an unsigned byte: 0x80.
-    let c128 = f._mm512_set1_epi8(i8::MIN);
-    let sum = x.iter().fold(zero, |acc, x| v.dpbusd(acc, c128, *x));
-    f._mm512_sub_epi32(zero, sum)
-}
-
-impl Pair for Q80Vnni {
-    type Block = BlockQ8_0;
-    type Isa = Vnni;
-    const SHIFTED: bool = true;
-
-    #[inline(always)]
-    fn extra(v: Vnni, _: &[BlockQ8_0], _: &Packed, _: usize, _: &mut [f32], ex: &mut [__m512]) {
-        ex.fill(v.v4.avx512f._mm512_setzero_ps());
-    }
-
-    #[inline(always)]
-    fn load(v: Vnni, row: &[BlockQ8_0], i: usize) -> Self {
-        let (x, d) = q8_0_pair(v.v4, row, i);
-        Q80Vnni {
-            x,
-            start: minus_128_sums(v, &[x]),
-            d,
-        }
-    }
-
-    #[inline(always)]
-    fn d(self) -> __m512 {
-        self.d
-    }
-
-    #[inline(always)]
-    fn dot(self, v: Vnni, y: __m512i) -> __m512i {
-        v.dpbusd(self.start, y, self.x)
-    }
 }
