@@ -278,6 +278,49 @@ enum Event {
     Done(Result<GenerateResponse, Error>),
 }
 
+/// How long a stream that broke after its first token waits for tokens
+/// still on their way: they come straight from the worker, the error
+/// through the router, so the error can be first to arrive.
+const LATE_TOKEN_GRACE: Duration = Duration::from_millis(200);
+
+/// A stream's events in the order the client must see them: tokens before
+/// the final answer or error (`biased`: tokens already here go first), and
+/// after an error that says tokens went out (`StreamInterrupted`), the
+/// tokens that arrive within [`LATE_TOKEN_GRACE`] of each other before it.
+struct Events {
+    tokens: mpsc::Receiver<String>,
+    events: mpsc::Receiver<Event>,
+    /// An interruption held back until the tokens before it are out.
+    held: Option<Event>,
+}
+
+impl Events {
+    /// The next event (`None`: both sides closed).
+    async fn next(&mut self) -> Option<Event> {
+        if let Some(held) = self.held.take() {
+            return match tokio::time::timeout(LATE_TOKEN_GRACE, self.tokens.recv()).await {
+                Ok(Some(t)) => {
+                    self.held = Some(held);
+                    Some(Event::Delta(t))
+                }
+                _ => Some(held),
+            };
+        }
+        let event = tokio::select! {
+            biased;
+            Some(t) = self.tokens.recv() => Event::Delta(t),
+            e = self.events.recv() => e?,
+        };
+        match event {
+            Event::Done(Err(e)) if e.kind == ErrorKind::StreamInterrupted => {
+                self.held = Some(Event::Done(Err(e)));
+                Box::pin(self.next()).await
+            }
+            other => Some(other),
+        }
+    }
+}
+
 /// Streams a completion. The first event (a token, or the final answer or
 /// error) is awaited before the response starts, so a request that fails
 /// before any token gets a proper HTTP error status.
@@ -325,13 +368,13 @@ async fn stream_completion(
     meta.stream_inbox = Some(inbox.clone());
     meta.api_key = api_key;
     let started = Instant::now();
-    let (events_tx, mut events_rx) = mpsc::channel::<Event>(64);
+    let (events_tx, events_rx) = mpsc::channel::<Event>(64);
     let relay_state = state.clone();
     let relay = tokio::spawn(async move {
         let answer = crate::relay(&relay_state, &meta, &req).await;
         let _ = events_tx.send(Event::Done(answer)).await;
     });
-    let (tokens_tx, mut tokens_rx) = mpsc::channel::<String>(64);
+    let (tokens_tx, tokens_rx) = mpsc::channel::<String>(64);
     let token_pump = tokio::spawn(async move {
         let mut expected = 0u32;
         while let Some(msg) = chunks.next().await {
@@ -354,12 +397,14 @@ async fn stream_completion(
         cancel_subject: Subjects::cancel(&inbox),
         settled: false,
     };
+    let mut events = Events {
+        tokens: tokens_rx,
+        events: events_rx,
+        held: None,
+    };
     // The first event decides the status. If the client goes away before
     // it, dropping `tasks` stops the relay and tells the provider.
-    let first = tokio::select! {
-        t = tokens_rx.recv() => t.map(Event::Delta),
-        e = events_rx.recv() => e,
-    };
+    let first = events.next().await;
     let first = match first {
         Some(Event::Done(Err(e))) => {
             tasks.finish();
@@ -388,8 +433,7 @@ async fn stream_completion(
             let event = match ev.take() {
                 Some(e) => e,
                 None => tokio::select! {
-                    t = tokens_rx.recv() => match t { Some(t) => Event::Delta(t), None => continue },
-                    e = events_rx.recv() => match e { Some(e) => e, None => break None },
+                    e = events.next() => match e { Some(e) => e, None => break None },
                     _ = sse.closed() => break Some(ErrorKind::Cancelled),
                 },
             };
@@ -650,4 +694,78 @@ pub(crate) async fn models(State(state): State<AppState>) -> Response {
         Json(json!({"object": "list", "data": data})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events() -> (mpsc::Sender<String>, mpsc::Sender<Event>, Events) {
+        let (tokens_tx, tokens) = mpsc::channel(8);
+        let (events_tx, events) = mpsc::channel(8);
+        let ev = Events {
+            tokens,
+            events,
+            held: None,
+        };
+        (tokens_tx, events_tx, ev)
+    }
+
+    fn interrupted() -> Event {
+        Event::Done(Err(Error::new(ErrorKind::StreamInterrupted, "broke")))
+    }
+
+    fn describe(e: Option<Event>) -> String {
+        match e {
+            Some(Event::Delta(t)) => format!("token {t}"),
+            Some(Event::Done(Ok(_))) => "answer".into(),
+            Some(Event::Done(Err(e))) => format!("error {}", e.kind.as_str()),
+            None => "end".into(),
+        }
+    }
+
+    /// The interruption can arrive before the tokens sent ahead of it (it
+    /// comes through the router, they straight from the worker): they are
+    /// still delivered first, so the stream starts (200) and ends with the
+    /// error event instead of failing as a whole.
+    #[tokio::test]
+    async fn tokens_sent_before_an_interruption_come_before_it() {
+        let (tokens, done, mut ev) = events();
+        done.send(interrupted()).await.unwrap();
+        drop(done);
+        tokio::spawn(async move {
+            for t in ["a", "b"] {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                tokens.send(t.to_string()).await.unwrap();
+            }
+        });
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(describe(ev.next().await));
+        }
+        assert_eq!(
+            seen,
+            ["token a", "token b", "error stream_interrupted", "end"]
+        );
+    }
+
+    /// Tokens already here go before the final answer, whichever the
+    /// runtime would poll first; with no token at all, an interruption is
+    /// delivered after the grace.
+    #[tokio::test]
+    async fn queued_tokens_go_before_the_answer() {
+        let (tokens, done, mut ev) = events();
+        tokens.send("x".to_string()).await.unwrap();
+        done.send(Event::Done(Err(Error::internal("late"))))
+            .await
+            .unwrap();
+        assert_eq!(describe(ev.next().await), "token x");
+        assert_eq!(describe(ev.next().await), "error internal");
+
+        let (_tokens, done, mut ev) = events();
+        done.send(interrupted()).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(describe(ev.next().await), "error stream_interrupted");
+        assert!(started.elapsed() >= LATE_TOKEN_GRACE);
+    }
 }
