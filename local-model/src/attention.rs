@@ -3,7 +3,10 @@
 //! Keys are kept in blocks of [`KEY_BLOCK`] positions, transposed (per
 //! block, element `j` of the 16 positions side by side), so the scores of
 //! a query against 16 positions are 16 lanes of one vector with no
-//! horizontal sums; values stay one position after another. Both are kept
+//! horizontal sums; values stay one position after another. Each KV head's
+//! keys and values are contiguous (a head's attention reads two plain
+//! streams, which the hardware prefetches, and no cache line it does not
+//! use). Both are kept
 //! as bfloat16 (the model's training precision; half the bytes of f32, and
 //! attention over a long context is bound by reading them). The loops are
 //! plain Rust, compiled with the CPU's SIMD features through
@@ -18,14 +21,33 @@ use crate::model::Config;
 /// Positions a block of the key cache holds.
 pub const KEY_BLOCK: usize = 16;
 
-/// One layer's keys and values of a sequence.
+/// One layer's keys and values of a sequence, allocated for the positions
+/// reserved (zeroed pages, touched only as positions fill).
 #[derive(Default)]
 pub struct LayerKv {
-    /// Blocks of [`KEY_BLOCK`] positions, each `kv_dim` rows of
-    /// [`KEY_BLOCK`] lanes (zero past the last position).
+    /// Per KV head, `blocks` blocks of [`KEY_BLOCK`] positions, each
+    /// `head_dim` rows of [`KEY_BLOCK`] lanes (zero past the last position).
     keys: Vec<u16>,
-    /// `positions × kv_dim`.
+    /// Per KV head, `positions × head_dim`.
     values: Vec<u16>,
+    head_dim: usize,
+    /// Positions reserved, and held.
+    positions: usize,
+    filled: usize,
+}
+
+impl LayerKv {
+    /// KV head `kvh`'s keys (blocks of `head_dim × KEY_BLOCK`) and values
+    /// (`head_dim` a position).
+    fn head(&self, kvh: usize) -> (&[u16], &[u16]) {
+        let hd = self.head_dim;
+        let k = self.positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
+        let v = self.positions * hd;
+        (
+            &self.keys[kvh * k..(kvh + 1) * k],
+            &self.values[kvh * v..(kvh + 1) * v],
+        )
+    }
 }
 
 /// A layer's cache, shared with the helper threads that read it during
@@ -54,8 +76,11 @@ impl KvCache {
             layers: (0..cfg.layers)
                 .map(|_| {
                     Arc::new(RwLock::new(LayerKv {
-                        keys: Vec::with_capacity(k),
-                        values: Vec::with_capacity(tokens * kv_dim),
+                        keys: vec![0; k],
+                        values: vec![0; tokens * kv_dim],
+                        head_dim: cfg.head_dim,
+                        positions: tokens,
+                        filled: 0,
                     }))
                 })
                 .collect(),
@@ -80,25 +105,31 @@ impl KvCache {
     /// Stores position `pos`'s key and value for `layer` (positions come
     /// in order).
     pub(crate) fn push(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let kv_dim = k.len();
         let mut l = self.layers[layer]
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let LayerKv { keys, values } = &mut *l;
         // Positions come in order; anything else would write the wrong
-        // slots and grow the cache past its reservation.
+        // slots or past the reservation.
         assert!(
-            values.len() == pos * kv_dim && values.len() + kv_dim <= values.capacity(),
+            l.filled == pos && pos < l.positions && k.len() == v.len(),
             "KV cache position {pos} out of order or past the reserved length"
         );
-        if pos.is_multiple_of(KEY_BLOCK) {
-            keys.resize(keys.len() + KEY_BLOCK * kv_dim, 0);
+        l.filled += 1;
+        let hd = l.head_dim;
+        let kstride = l.positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
+        let vstride = l.positions * hd;
+        let base = pos / KEY_BLOCK * KEY_BLOCK * hd + pos % KEY_BLOCK;
+        let LayerKv { keys, values, .. } = &mut *l;
+        for (h, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+            let keys = &mut keys[h * kstride + base..];
+            for (j, x) in k.iter().enumerate() {
+                keys[j * KEY_BLOCK] = to_bf16(*x);
+            }
+            let at = h * vstride + pos * hd;
+            for (o, x) in values[at..at + hd].iter_mut().zip(v) {
+                *o = to_bf16(*x);
+            }
         }
-        let base = pos / KEY_BLOCK * KEY_BLOCK * kv_dim + pos % KEY_BLOCK;
-        for (j, x) in k.iter().enumerate() {
-            keys[base + j * KEY_BLOCK] = to_bf16(*x);
-        }
-        values.extend(v.iter().map(|x| to_bf16(*x)));
     }
 }
 
@@ -128,7 +159,7 @@ impl pulp::NullaryFnOnce for Attend<'_> {
     #[inline(always)]
     fn call(self) {
         let c = self.cfg;
-        let (dim, hd, kv_dim) = (c.dim, c.head_dim, c.kv_heads * c.head_dim);
+        let (dim, hd) = (c.dim, c.head_dim);
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let buf: &mut Vec<f32> = self.scores;
@@ -137,25 +168,20 @@ impl pulp::NullaryFnOnce for Attend<'_> {
             let layer = self.input.kv[i]
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
-            let (keys, values) = (&layer.keys, &layer.values);
             let seen = self.input.pos[i] + 1;
             let blocks = seen.div_ceil(KEY_BLOCK);
             buf.resize(blocks * KEY_BLOCK, 0.0);
             for h in 0..c.heads {
-                let kvh = h / group;
+                let (keys, values) = layer.head(h / group);
                 let q = &self.input.q[i * dim + h * hd..i * dim + (h + 1) * hd];
                 // Scores, 16 positions at a time, four blocks at once
                 // (independent chains of additions).
-                let off = kvh * hd * KEY_BLOCK;
-                let stride = KEY_BLOCK * kv_dim;
+                let stride = KEY_BLOCK * hd;
                 let mut b = 0;
-                while b + 4 <= blocks {
-                    score_blocks4(q, keys, b, stride, off, buf, scale);
-                    b += 4;
-                }
                 while b < blocks {
-                    score_block(q, keys, b, stride, off, buf, scale);
-                    b += 1;
+                    let n = (blocks - b).min(4);
+                    score_blocks4(q, keys, b, n, stride, buf, scale);
+                    b += n;
                 }
                 let scores = &mut buf[..seen];
                 crate::mathf::softmax(scores);
@@ -163,11 +189,10 @@ impl pulp::NullaryFnOnce for Attend<'_> {
                 // stay in registers over the positions.
                 let at = (i - start) * dim + h * hd;
                 let out = &mut self.att[at..at + hd];
-                let off = kvh * hd;
                 if hd == 64 {
-                    weigh64(scores, values, kv_dim, off, out);
+                    weigh64(scores, &values[..seen * hd], out);
                 } else {
-                    weigh(scores, values, kv_dim, off, out);
+                    weigh(scores, &values[..seen * hd], out);
                 }
             }
         }
@@ -199,48 +224,27 @@ fn axpy16(s: &mut [f32; 16], q: f32, k: &[u16]) {
     }
 }
 
-/// A query's scores against key block `b` of one head (at `off` in each
-/// block of `stride` floats), scaled, into `out[16 * b..]`.
-#[inline(always)]
-fn score_block(
-    q: &[f32],
-    keys: &[u16],
-    b: usize,
-    stride: usize,
-    off: usize,
-    out: &mut [f32],
-    scale: f32,
-) {
-    let at = b * stride + off;
-    let blk = &keys[at..at + q.len() * KEY_BLOCK];
-    let mut s = [0f32; KEY_BLOCK];
-    for (qd, col) in q.iter().zip(blk.chunks_exact(KEY_BLOCK)) {
-        axpy16(&mut s, *qd, col);
-    }
-    for (o, s) in out[b * KEY_BLOCK..(b + 1) * KEY_BLOCK].iter_mut().zip(s) {
-        *o = s * scale;
-    }
-}
-
-/// [`score_block`] for blocks `b..b + 4` at once: four independent
-/// chains of additions, each block's arithmetic unchanged.
+/// A query's scores against key blocks `b..b + n` (`n` at most 4; each
+/// block `stride` elements: the head's `q.len()` rows of 16 positions),
+/// scaled, into `out[16 * b..]`: four independent chains of additions (a
+/// short group repeats its last block, and drops the copies).
 #[inline(always)]
 fn score_blocks4(
     q: &[f32],
     keys: &[u16],
     b: usize,
+    n: usize,
     stride: usize,
-    off: usize,
     out: &mut [f32],
     scale: f32,
 ) {
-    let n = q.len() * KEY_BLOCK;
-    let at = |j: usize| (b + j) * stride + off;
+    let len = q.len() * KEY_BLOCK;
+    let at = |j: usize| (b + j.min(n.max(1) - 1)) * stride;
     let (k0, k1, k2, k3) = (
-        &keys[at(0)..at(0) + n],
-        &keys[at(1)..at(1) + n],
-        &keys[at(2)..at(2) + n],
-        &keys[at(3)..at(3) + n],
+        &keys[at(0)..at(0) + len],
+        &keys[at(1)..at(1) + len],
+        &keys[at(2)..at(2) + len],
+        &keys[at(3)..at(3) + len],
     );
     let (mut s0, mut s1, mut s2, mut s3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
     for (d, qd) in q.iter().enumerate() {
@@ -250,7 +254,7 @@ fn score_blocks4(
         axpy16(&mut s2, *qd, &k2[r.clone()]);
         axpy16(&mut s3, *qd, &k3[r]);
     }
-    for (j, s) in [s0, s1, s2, s3].iter().enumerate() {
+    for (j, s) in [s0, s1, s2, s3].iter().enumerate().take(n) {
         let o = (b + j) * KEY_BLOCK;
         for (o, s) in out[o..o + KEY_BLOCK].iter_mut().zip(s) {
             *o = s * scale;
@@ -258,41 +262,41 @@ fn score_blocks4(
     }
 }
 
-/// `out = sum_t p[t] * values[t]` over one head's 64 elements (at `off` in
-/// each position's `kv_dim`), the position order kept per element; four
+/// `out = sum_t p[t] * values[t]` over one head's 64 elements (`values`:
+/// the head's 64 a position), the position order kept per element; four
 /// independent chains.
 #[inline(always)]
-fn weigh64(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) {
+fn weigh64(p: &[f32], values: &[u16], out: &mut [f32]) {
     let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
-    for (t, p) in p.iter().enumerate() {
-        let at = t * kv_dim + off;
-        axpy16(&mut a0, *p, &values[at..at + 16]);
-        axpy16(&mut a1, *p, &values[at + 16..at + 32]);
-        axpy16(&mut a2, *p, &values[at + 32..at + 48]);
-        axpy16(&mut a3, *p, &values[at + 48..at + 64]);
+    for (p, v) in p.iter().zip(values.chunks_exact(64)) {
+        axpy16(&mut a0, *p, &v[..16]);
+        axpy16(&mut a1, *p, &v[16..32]);
+        axpy16(&mut a2, *p, &v[32..48]);
+        axpy16(&mut a3, *p, &v[48..]);
     }
     for (o, a) in out.chunks_exact_mut(16).zip([a0, a1, a2, a3]) {
         o.copy_from_slice(&a);
     }
 }
 
-/// The same for any head size, 16 elements at a time (then one by one).
+/// The same for any head size (`values`: the head's `out.len()` a
+/// position), 16 elements at a time (then one by one).
 #[inline(always)]
-fn weigh(p: &[f32], values: &[u16], kv_dim: usize, off: usize, out: &mut [f32]) {
+fn weigh(p: &[f32], values: &[u16], out: &mut [f32]) {
+    let hd = out.len();
     let (chunks, rest) = out.as_chunks_mut::<16>();
     for (ci, chunk) in chunks.iter_mut().enumerate() {
         let mut acc = [0f32; 16];
-        for (t, p) in p.iter().enumerate() {
-            let at = t * kv_dim + off + 16 * ci;
-            axpy16(&mut acc, *p, &values[at..at + 16]);
+        for (p, v) in p.iter().zip(values.chunks_exact(hd)) {
+            axpy16(&mut acc, *p, &v[16 * ci..16 * (ci + 1)]);
         }
         *chunk = acc;
     }
     let d0 = 16 * chunks.len();
     for (d, o) in rest.iter_mut().enumerate() {
         let mut acc = 0f32;
-        for (t, p) in p.iter().enumerate() {
-            acc += p * from_bf16(values[t * kv_dim + off + d0 + d]);
+        for (p, v) in p.iter().zip(values.chunks_exact(hd)) {
+            acc += p * from_bf16(v[d0 + d]);
         }
         *o = acc;
     }

@@ -50,7 +50,18 @@ impl pulp::NullaryFnOnce for SwiGlu<'_> {
 /// 16 at a time and summed in 16 lanes.
 #[inline(always)]
 pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+    // The largest, 16 lanes at a time (a NaN is passed over).
+    let mut top = [f32::NEG_INFINITY; 16];
+    let (chunks, rest) = x.as_chunks::<16>();
+    for c in chunks {
+        for (m, v) in top.iter_mut().zip(c) {
+            *m = if *v > *m { *v } else { *m };
+        }
+    }
+    let max = top
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, v| if *v > m { *v } else { m });
     for s in x.iter_mut() {
         *s = exp(*s - max);
     }
