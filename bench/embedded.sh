@@ -28,8 +28,10 @@ load "before ours"
 # Whether the machine is busy, read before our engine loads both cores.
 busy=0
 awk -v n="$(nproc)" '{ exit !($1 >= n) }' /proc/loadavg && busy=1
-# --floor: the kernels' own bound (the weight products of one step alone).
-"$root/target/release/embedded-bench" --json "$out/ours.json" --floor "$@"
+# --floor: the kernels' own bound (the weight products of one step alone);
+# --breakdown: where a whole decoding step's time goes (products, attention,
+# the rest), on the engine's threads.
+"$root/target/release/embedded-bench" --json "$out/ours.json" --floor --breakdown "$@"
 if [[ -n "${NO_LLAMA:-}" ]]; then
   python3 bench/embedded_compare.py "$out/ours.json"
   exit 0

@@ -66,6 +66,15 @@ def main():
             print(f"  bound: the weight products alone (one thread, no attention, sampling or prompts) "
                   f"give 8 at once / one = {floor[8]['tps'] / floor[1]['tps']:.2f} "
                   f"({floor[1]['ms_per_step']:.1f} ms a step for one, {floor[8]['ms_per_step']:.1f} ms for 8)")
+        steps = {r["concurrency"]: r for r in ours.get("breakdown", [])}
+        if 1 in steps and 8 in steps:
+            one, eight = steps[1], steps[8]
+            print(f"  whole decoding steps (both threads, prompts read): 8 at once give "
+                  f"{8 * one['ms_per_step'] / eight['ms_per_step']:.2f}x one's tokens/s; "
+                  f"one {one['ms_per_step']:.2f} ms (products {one['products_ms']:.2f}, attention "
+                  f"{one['attention_ms']:.2f}, rest {one['rest_ms']:.2f}), 8 {eight['ms_per_step']:.2f} ms "
+                  f"(products {eight['products_ms']:.2f}, attention {eight['attention_ms']:.2f}, "
+                  f"rest {eight['rest_ms']:.2f})")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ mod text;
 pub mod tokenizer;
 
 pub use engine::{BatchEngine, EngineLoad, OnDone, OnTextSend};
+pub use model::StepTimes;
 use model::Weights;
 pub use quant::simd_kernels;
 pub use sched::{OnText, Progress, Scheduler, SchedulerConfig, SeqId};

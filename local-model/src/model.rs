@@ -7,6 +7,7 @@
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use crate::attention::KvCache;
 use crate::attention::{Attend, AttnInput};
@@ -302,6 +303,21 @@ pub struct Forward {
     acts: Arc<Vec<BlockAct>>,
     /// Logits of the rows that asked for them, in row order, `vocab` each.
     pub logits: Vec<f32>,
+    times: StepTimes,
+}
+
+/// Where the time of [`Forward::step`] went, summed over the steps so far
+/// (the rest of `total`: norms, rotary, quantizing, SwiGLU, KV writes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// Steps, and the rows they fed.
+    pub steps: u64,
+    pub rows: u64,
+    pub total: Duration,
+    /// The weight products, every layer's and the output head's.
+    pub products: Duration,
+    /// Attention over the KV caches.
+    pub attention: Duration,
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -327,6 +343,19 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
 /// the team when there are several (each row's arithmetic is the same on
 /// any thread).
 fn attention(
+    team: &mut Team,
+    w: &Arc<Weights>,
+    input: &Arc<AttnInput>,
+    scores: &mut Vec<f32>,
+    att: &mut [f32],
+    spent: &mut Duration,
+) {
+    let started = Instant::now();
+    attend(team, w, input, scores, att);
+    *spent += started.elapsed();
+}
+
+fn attend(
     team: &mut Team,
     w: &Arc<Weights>,
     input: &Arc<AttnInput>,
@@ -380,8 +409,25 @@ fn share(rows: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
 }
 
 /// `outs[i] = mats[i] · columns` for `n` columns (`x` as floats, quantized
-/// in `acts`), each product split by rows across the team.
+/// in `acts`), each product split by rows across the team; the time taken
+/// added to `spent`.
+#[allow(clippy::too_many_arguments)]
 fn products(
+    team: &mut Team,
+    w: &Arc<Weights>,
+    acts: &Arc<Vec<BlockAct>>,
+    x: &[f32],
+    n: usize,
+    mats: &[Mat],
+    outs: &mut [&mut Vec<f32>],
+    spent: &mut Duration,
+) {
+    let started = Instant::now();
+    split_products(team, w, acts, x, n, mats, outs);
+    *spent += started.elapsed();
+}
+
+fn split_products(
     team: &mut Team,
     w: &Arc<Weights>,
     acts: &Arc<Vec<BlockAct>>,
@@ -456,7 +502,13 @@ impl Forward {
             pos: Vec::new(),
             acts: Arc::new(Vec::new()),
             logits: Vec::new(),
+            times: StepTimes::default(),
         }
+    }
+
+    /// Where the steps' time went so far.
+    pub fn times(&self) -> StepTimes {
+        self.times
     }
 
     pub fn weights(&self) -> &Arc<Weights> {
@@ -473,6 +525,16 @@ impl Forward {
     /// model, appending to the sequences' caches; fills [`Self::logits`]
     /// for the rows that ask for them.
     pub fn step(&mut self, rows: &[Row], caches: &mut [&mut KvCache]) {
+        let started = Instant::now();
+        self.feed(rows, caches);
+        if !rows.is_empty() {
+            self.times.steps += 1;
+            self.times.rows += rows.len() as u64;
+            self.times.total += started.elapsed();
+        }
+    }
+
+    fn feed(&mut self, rows: &[Row], caches: &mut [&mut KvCache]) {
         let w = Arc::clone(&self.weights);
         let c = &w.cfg;
         let n = rows.len();
@@ -518,6 +580,7 @@ impl Forward {
                 n,
                 &[Mat::Q(li), Mat::K(li), Mat::V(li)],
                 &mut [&mut self.q, &mut self.k, &mut self.v],
+                &mut self.times.products,
             );
             for i in 0..n {
                 let rot = &self.rot[i * half..(i + 1) * half];
@@ -549,6 +612,7 @@ impl Forward {
                 &self.attn,
                 &mut self.scores,
                 &mut self.att,
+                &mut self.times.attention,
             );
             // Let go of the batch's caches at once: a sequence that ends
             // after this step must not keep a layer alive past its
@@ -568,6 +632,7 @@ impl Forward {
                 n,
                 &[Mat::O(li)],
                 &mut [&mut self.proj],
+                &mut self.times.products,
             );
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
@@ -585,6 +650,7 @@ impl Forward {
                 n,
                 &[Mat::Gate(li), Mat::Up(li)],
                 &mut [&mut self.gate, &mut self.up],
+                &mut self.times.products,
             );
             crate::quant::vectorized(crate::mathf::SwiGlu {
                 gate: &mut self.gate,
@@ -599,6 +665,7 @@ impl Forward {
                 n,
                 &[Mat::Down(li)],
                 &mut [&mut self.proj],
+                &mut self.times.products,
             );
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
@@ -633,6 +700,7 @@ impl Forward {
             m,
             &[Mat::Output],
             &mut [&mut self.logits],
+            &mut self.times.products,
         );
     }
 }

@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::model::{Forward, KvCache, Row, Weights};
+use crate::model::{Forward, KvCache, Row, StepTimes, Weights};
 use crate::text::{apply_repeat_penalty, Sampler, TextStream};
 use crate::tokenizer::ChatTokenizer;
 use crate::{Completion, FinishReason, GenerateError, GenerateParams};
@@ -262,6 +262,11 @@ impl<'a> Scheduler<'a> {
     }
 
     /// Nothing to do.
+    /// Where the model's steps spent their time so far.
+    pub fn step_times(&self) -> StepTimes {
+        self.forward.times()
+    }
+
     pub fn is_idle(&self) -> bool {
         self.active.is_empty() && self.waiting.is_empty()
     }

@@ -18,12 +18,13 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use optiroute_local_model::{
-    BatchEngine, EmbeddedModel, GenerateParams, SchedulerConfig, Turn, DEFAULT_MODEL_PATH,
+    BatchEngine, EmbeddedModel, GenerateParams, Progress, SchedulerConfig, StepTimes, Turn,
+    DEFAULT_MODEL_PATH,
 };
 
 const USAGE: &str = "usage: embedded-bench [--model PATH] [--max-tokens N] \
 [--concurrency 1,2,4,8,16] [--runs N] [--threads N] [--prompt TEXT] [--show] \
-[--repeat-penalty F] [--json FILE] [--floor]";
+[--repeat-penalty F] [--json FILE] [--floor] [--breakdown]";
 
 /// Long-form prompts, so that every generation runs its `max_tokens`.
 const PROMPTS: [&str; 4] = [
@@ -44,6 +45,7 @@ struct Args {
     repeat_penalty: f32,
     json: Option<PathBuf>,
     floor: bool,
+    breakdown: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -58,6 +60,7 @@ fn parse() -> Result<Args, String> {
         repeat_penalty: GenerateParams::default().repeat_penalty,
         json: None,
         floor: false,
+        breakdown: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,6 +82,7 @@ fn parse() -> Result<Args, String> {
             "--prompt" => a.prompt = Some(value("--prompt")?),
             "--show" => a.show = true,
             "--floor" => a.floor = true,
+            "--breakdown" => a.breakdown = true,
             "--json" => a.json = Some(PathBuf::from(value("--json")?)),
             "--repeat-penalty" => {
                 a.repeat_penalty = value("--repeat-penalty")?
@@ -170,6 +174,68 @@ fn round(
     }
     let wall = started.elapsed().as_secs_f64();
     Ok((out.into_iter().flatten().collect(), wall))
+}
+
+/// Where a decoding step's time goes with `n` sequences (a scheduler on
+/// this thread and `threads` in all, as the engine runs it): per step, the
+/// weight products, attention and the rest, over the steps after every
+/// sequence has read its prompt. Appends `"breakdown":[...],`.
+fn breakdown(
+    model: &EmbeddedModel,
+    prompts: &[Vec<u32>],
+    params: &GenerateParams,
+    args: &Args,
+    json: &mut String,
+) -> Result<(), String> {
+    let mut parts = Vec::new();
+    for &n in &args.concurrency {
+        let mut sched = model.scheduler(SchedulerConfig {
+            max_active: n.max(1),
+            max_queue: n.max(1),
+            threads: args.threads,
+            ..SchedulerConfig::default()
+        });
+        let ids = (0..n.max(1))
+            .map(|i| {
+                let prompt = prompts[i % prompts.len()].clone();
+                sched.submit(
+                    prompt,
+                    params.clone(),
+                    Box::new(|_| ControlFlow::Continue(())),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let decoding = |sched: &optiroute_local_model::Scheduler| {
+            ids.iter().all(|id| match sched.progress(*id) {
+                Progress::Active { generated, .. } => generated > 0,
+                Progress::Queued => false,
+                Progress::Gone => true,
+            })
+        };
+        while !decoding(&sched) {
+            sched.step();
+        }
+        let from = sched.step_times();
+        while !sched.is_idle() {
+            sched.step();
+        }
+        let to = sched.step_times();
+        let steps = (to.steps - from.steps).max(1) as f64;
+        let ms = |f: fn(&StepTimes) -> Duration| (f(&to) - f(&from)).as_secs_f64() * 1000.0 / steps;
+        let (total, products, attention) =
+            (ms(|t| t.total), ms(|t| t.products), ms(|t| t.attention));
+        let rest = total - products - attention;
+        println!(
+            "breakdown {n:>2}: a decoding step of {:.1} rows takes {total:.2} ms: weight products {products:.2}, attention {attention:.2}, the rest {rest:.2} (over {steps:.0} steps)",
+            (to.rows - from.rows) as f64 / steps
+        );
+        parts.push(format!(
+            "{{\"concurrency\":{n},\"steps\":{steps:.0},\"ms_per_step\":{total:.3},\"products_ms\":{products:.3},\"attention_ms\":{attention:.3},\"rest_ms\":{rest:.3}}}"
+        ));
+    }
+    let _ = write!(json, "\"breakdown\":[{}],", parts.join(","));
+    Ok(())
 }
 
 /// The kernels' own bound: the weight products of one decoding step for
@@ -298,6 +364,12 @@ fn main() -> ExitCode {
     let mut first = true;
     if args.floor {
         floor(&model, &args.concurrency, &mut json);
+    }
+    if args.breakdown {
+        if let Err(e) = breakdown(&model, &prompts, &params, &args, &mut json) {
+            eprintln!("breakdown: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     json.push_str("\"results\":[");
     // Runs outermost: each concurrency level is sampled across the whole
