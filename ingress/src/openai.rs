@@ -295,28 +295,27 @@ struct Events {
 }
 
 impl Events {
-    /// The next event (`None`: both sides closed).
+    /// The next event (`None`: both sides closed). Cancel-safe: dropped
+    /// while waiting, it loses nothing (a held interruption stays held).
     async fn next(&mut self) -> Option<Event> {
-        if let Some(held) = self.held.take() {
-            return match tokio::time::timeout(LATE_TOKEN_GRACE, self.tokens.recv()).await {
-                Ok(Some(t)) => {
-                    self.held = Some(held);
-                    Some(Event::Delta(t))
-                }
-                _ => Some(held),
-            };
-        }
-        let event = tokio::select! {
-            biased;
-            Some(t) = self.tokens.recv() => Event::Delta(t),
-            e = self.events.recv() => e?,
-        };
-        match event {
-            Event::Done(Err(e)) if e.kind == ErrorKind::StreamInterrupted => {
-                self.held = Some(Event::Done(Err(e)));
-                Box::pin(self.next()).await
+        loop {
+            if self.held.is_some() {
+                return match tokio::time::timeout(LATE_TOKEN_GRACE, self.tokens.recv()).await {
+                    Ok(Some(t)) => Some(Event::Delta(t)),
+                    _ => self.held.take(),
+                };
             }
-            other => Some(other),
+            let event = tokio::select! {
+                biased;
+                Some(t) = self.tokens.recv() => Event::Delta(t),
+                e = self.events.recv() => e?,
+            };
+            match event {
+                Event::Done(Err(e)) if e.kind == ErrorKind::StreamInterrupted => {
+                    self.held = Some(Event::Done(Err(e)));
+                }
+                other => return Some(other),
+            }
         }
     }
 }
@@ -728,7 +727,7 @@ mod tests {
     /// comes through the router, they straight from the worker): they are
     /// still delivered first, so the stream starts (200) and ends with the
     /// error event instead of failing as a whole.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn tokens_sent_before_an_interruption_come_before_it() {
         let (tokens, done, mut ev) = events();
         done.send(interrupted()).await.unwrap();
@@ -752,7 +751,7 @@ mod tests {
     /// Tokens already here go before the final answer, whichever the
     /// runtime would poll first; with no token at all, an interruption is
     /// delivered after the grace.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn queued_tokens_go_before_the_answer() {
         let (tokens, done, mut ev) = events();
         tokens.send("x".to_string()).await.unwrap();
@@ -764,7 +763,7 @@ mod tests {
 
         let (_tokens, done, mut ev) = events();
         done.send(interrupted()).await.unwrap();
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         assert_eq!(describe(ev.next().await), "error stream_interrupted");
         assert!(started.elapsed() >= LATE_TOKEN_GRACE);
     }

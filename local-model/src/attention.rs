@@ -4,9 +4,8 @@
 //! block, element `j` of the 16 positions side by side), so the scores of
 //! a query against 16 positions are 16 lanes of one vector with no
 //! horizontal sums; values stay one position after another. Each KV head's
-//! keys and values are contiguous (a head's attention reads two plain
-//! streams, which the hardware prefetches, and no cache line it does not
-//! use). Both are kept
+//! keys and values are contiguous, so a head's attention reads two plain
+//! streams. Both are kept
 //! as bfloat16 (the model's training precision; half the bytes of f32, and
 //! attention over a long context is bound by reading them). The loops are
 //! plain Rust, compiled with the CPU's SIMD features through
@@ -21,18 +20,17 @@ use crate::model::Config;
 /// Positions a block of the key cache holds.
 pub const KEY_BLOCK: usize = 16;
 
-/// One layer's keys and values of a sequence, allocated for the positions
-/// reserved (zeroed pages, touched only as positions fill).
-#[derive(Default)]
+/// One layer's keys and values of a sequence, per KV head, each reserved
+/// for the positions asked for when the sequence joined (pages touched only
+/// as positions fill; never grown past the reservation).
 pub struct LayerKv {
-    /// Per KV head, `blocks` blocks of [`KEY_BLOCK`] positions, each
-    /// `head_dim` rows of [`KEY_BLOCK`] lanes (zero past the last position).
-    keys: Vec<u16>,
-    /// Per KV head, `positions × head_dim`.
-    values: Vec<u16>,
+    /// Per KV head: blocks of [`KEY_BLOCK`] positions, each `head_dim` rows
+    /// of [`KEY_BLOCK`] lanes (zero past the last position).
+    keys: Vec<Vec<u16>>,
+    /// Per KV head: `positions × head_dim`.
+    values: Vec<Vec<u16>>,
     head_dim: usize,
-    /// Positions reserved, and held.
-    positions: usize,
+    /// Positions written; the next push is at `filled`.
     filled: usize,
 }
 
@@ -40,13 +38,7 @@ impl LayerKv {
     /// KV head `kvh`'s keys (blocks of `head_dim × KEY_BLOCK`) and values
     /// (`head_dim` a position).
     fn head(&self, kvh: usize) -> (&[u16], &[u16]) {
-        let hd = self.head_dim;
-        let k = self.positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
-        let v = self.positions * hd;
-        (
-            &self.keys[kvh * k..(kvh + 1) * k],
-            &self.values[kvh * v..(kvh + 1) * v],
-        )
+        (&self.keys[kvh], &self.values[kvh])
     }
 }
 
@@ -70,16 +62,17 @@ impl KvCache {
     /// Room for `tokens` positions, allocated once (pages are touched only
     /// as positions fill), so the cache never grows past what was reserved.
     pub fn new(cfg: &Config, tokens: usize) -> Self {
-        let kv_dim = cfg.kv_heads * cfg.head_dim;
-        let k = tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK * kv_dim;
+        let hd = cfg.head_dim;
+        let k = tokens.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
         KvCache {
             layers: (0..cfg.layers)
                 .map(|_| {
                     Arc::new(RwLock::new(LayerKv {
-                        keys: vec![0; k],
-                        values: vec![0; tokens * kv_dim],
-                        head_dim: cfg.head_dim,
-                        positions: tokens,
+                        keys: (0..cfg.kv_heads).map(|_| Vec::with_capacity(k)).collect(),
+                        values: (0..cfg.kv_heads)
+                            .map(|_| Vec::with_capacity(tokens * hd))
+                            .collect(),
+                        head_dim: hd,
                         filled: 0,
                     }))
                 })
@@ -108,28 +101,40 @@ impl KvCache {
         let mut l = self.layers[layer]
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        // Positions come in order; anything else would write the wrong
-        // slots or past the reservation.
+        let hd = l.head_dim;
+        let LayerKv {
+            keys,
+            values,
+            filled,
+            ..
+        } = &mut *l;
+        // Positions come in order, within the reservation, a key and a
+        // value for every head; anything else would write the wrong slots
+        // or grow the cache past what was reserved.
         assert!(
-            l.filled == pos && pos < l.positions && k.len() == v.len(),
+            *filled == pos
+                && k.len() == keys.len() * hd
+                && v.len() == k.len()
+                && values
+                    .iter()
+                    .all(|v| v.len() == pos * hd && v.len() + hd <= v.capacity()),
             "KV cache position {pos} out of order or past the reserved length"
         );
-        l.filled += 1;
-        let hd = l.head_dim;
-        let kstride = l.positions.div_ceil(KEY_BLOCK) * KEY_BLOCK * hd;
-        let vstride = l.positions * hd;
         let base = pos / KEY_BLOCK * KEY_BLOCK * hd + pos % KEY_BLOCK;
-        let LayerKv { keys, values, .. } = &mut *l;
-        for (h, (k, v)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-            let keys = &mut keys[h * kstride + base..];
+        for ((keys, values), (k, v)) in keys
+            .iter_mut()
+            .zip(values.iter_mut())
+            .zip(k.chunks_exact(hd).zip(v.chunks_exact(hd)))
+        {
+            if pos.is_multiple_of(KEY_BLOCK) {
+                keys.resize(keys.len() + KEY_BLOCK * hd, 0);
+            }
             for (j, x) in k.iter().enumerate() {
-                keys[j * KEY_BLOCK] = to_bf16(*x);
+                keys[base + j * KEY_BLOCK] = to_bf16(*x);
             }
-            let at = h * vstride + pos * hd;
-            for (o, x) in values[at..at + hd].iter_mut().zip(v) {
-                *o = to_bf16(*x);
-            }
+            values.extend(v.iter().map(|x| to_bf16(*x)));
         }
+        *filled += 1;
     }
 }
 
@@ -169,6 +174,8 @@ impl pulp::NullaryFnOnce for Attend<'_> {
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             let seen = self.input.pos[i] + 1;
+            // Only positions written are read.
+            assert!(seen <= layer.filled, "attention past the KV cache");
             let blocks = seen.div_ceil(KEY_BLOCK);
             buf.resize(blocks * KEY_BLOCK, 0.0);
             for h in 0..c.heads {
@@ -330,7 +337,10 @@ mod tests {
             (0..cfg.layers)
                 .map(|l| {
                     let g = c.layer(l).read().unwrap();
-                    (g.keys.capacity(), g.values.capacity())
+                    (
+                        g.keys.iter().map(Vec::capacity).sum::<usize>(),
+                        g.values.iter().map(Vec::capacity).sum::<usize>(),
+                    )
                 })
                 .collect()
         };
