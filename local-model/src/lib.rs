@@ -8,9 +8,8 @@
 //!   (Q4_1, Q8_0) with integer dot-product kernels ([`quant`]) picked at run
 //!   time: AVX-512 with VNNI, AVX-512 or AVX2+FMA where the CPU has them
 //!   (the weights interleaved sixteen rows at a time at load for the VNNI
-//!   kernels), portable loops
-//!   elsewhere. So one binary, built without `-C target-cpu`, is fast on
-//!   modern CPUs and still runs on old ones.
+//!   kernels), portable loops elsewhere. So one binary, built without
+//!   `-C target-cpu`, is fast on modern CPUs and still runs on old ones.
 //! - The tokenizer is built from the file's own vocabulary and merges by
 //!   our own byte-level BPE ([`tokenizer::ChatTokenizer`]); prompts use
 //!   SmolLM2's ChatML template.
