@@ -306,6 +306,14 @@ pub struct Forward {
     times: StepTimes,
 }
 
+/// Runs `f`, adding the time it took to `spent`.
+fn timed<T>(spent: &mut Duration, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    *spent += started.elapsed();
+    out
+}
+
 /// Where the time of [`Forward::step`] went, summed over the steps so far
 /// (the rest of `total`: norms, rotary, quantizing, SwiGLU, KV writes).
 #[derive(Debug, Clone, Copy, Default)]
@@ -343,19 +351,6 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
 /// the team when there are several (each row's arithmetic is the same on
 /// any thread).
 fn attention(
-    team: &mut Team,
-    w: &Arc<Weights>,
-    input: &Arc<AttnInput>,
-    scores: &mut Vec<f32>,
-    att: &mut [f32],
-    spent: &mut Duration,
-) {
-    let started = Instant::now();
-    attend(team, w, input, scores, att);
-    *spent += started.elapsed();
-}
-
-fn attend(
     team: &mut Team,
     w: &Arc<Weights>,
     input: &Arc<AttnInput>,
@@ -409,25 +404,8 @@ fn share(rows: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
 }
 
 /// `outs[i] = mats[i] · columns` for `n` columns (`x` as floats, quantized
-/// in `acts`), each product split by rows across the team; the time taken
-/// added to `spent`.
-#[allow(clippy::too_many_arguments)]
+/// in `acts`), each product split by rows across the team.
 fn products(
-    team: &mut Team,
-    w: &Arc<Weights>,
-    acts: &Arc<Vec<BlockAct>>,
-    x: &[f32],
-    n: usize,
-    mats: &[Mat],
-    outs: &mut [&mut Vec<f32>],
-    spent: &mut Duration,
-) {
-    let started = Instant::now();
-    split_products(team, w, acts, x, n, mats, outs);
-    *spent += started.elapsed();
-}
-
-fn split_products(
     team: &mut Team,
     w: &Arc<Weights>,
     acts: &Arc<Vec<BlockAct>>,
@@ -572,16 +550,17 @@ impl Forward {
                 rms_norm(x, &l.attn_norm, c.rms_eps, xn);
             }
             Self::quantize(&mut self.acts, &self.xn);
-            products(
-                &mut self.team,
-                &w,
-                &self.acts,
-                &self.xn,
-                n,
-                &[Mat::Q(li), Mat::K(li), Mat::V(li)],
-                &mut [&mut self.q, &mut self.k, &mut self.v],
-                &mut self.times.products,
-            );
+            timed(&mut self.times.products, || {
+                products(
+                    &mut self.team,
+                    &w,
+                    &self.acts,
+                    &self.xn,
+                    n,
+                    &[Mat::Q(li), Mat::K(li), Mat::V(li)],
+                    &mut [&mut self.q, &mut self.k, &mut self.v],
+                );
+            });
             for i in 0..n {
                 let rot = &self.rot[i * half..(i + 1) * half];
                 rope(&mut self.q[i * dim..(i + 1) * dim], hd, rot);
@@ -606,14 +585,15 @@ impl Forward {
                     .kv
                     .extend(rows.iter().map(|r| Arc::clone(caches[r.seq].layer(li))));
             }
-            attention(
-                &mut self.team,
-                &w,
-                &self.attn,
-                &mut self.scores,
-                &mut self.att,
-                &mut self.times.attention,
-            );
+            timed(&mut self.times.attention, || {
+                attention(
+                    &mut self.team,
+                    &w,
+                    &self.attn,
+                    &mut self.scores,
+                    &mut self.att,
+                );
+            });
             // Let go of the batch's caches at once: a sequence that ends
             // after this step must not keep a layer alive past its
             // reservation (the KV cap counts only live sequences). A late
@@ -624,16 +604,17 @@ impl Forward {
                 None => self.attn = Arc::default(),
             }
             Self::quantize(&mut self.acts, &self.att);
-            products(
-                &mut self.team,
-                &w,
-                &self.acts,
-                &self.att,
-                n,
-                &[Mat::O(li)],
-                &mut [&mut self.proj],
-                &mut self.times.products,
-            );
+            timed(&mut self.times.products, || {
+                products(
+                    &mut self.team,
+                    &w,
+                    &self.acts,
+                    &self.att,
+                    n,
+                    &[Mat::O(li)],
+                    &mut [&mut self.proj],
+                );
+            });
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
             }
@@ -642,31 +623,33 @@ impl Forward {
                 rms_norm(x, &l.ffn_norm, c.rms_eps, xn);
             }
             Self::quantize(&mut self.acts, &self.xn);
-            products(
-                &mut self.team,
-                &w,
-                &self.acts,
-                &self.xn,
-                n,
-                &[Mat::Gate(li), Mat::Up(li)],
-                &mut [&mut self.gate, &mut self.up],
-                &mut self.times.products,
-            );
+            timed(&mut self.times.products, || {
+                products(
+                    &mut self.team,
+                    &w,
+                    &self.acts,
+                    &self.xn,
+                    n,
+                    &[Mat::Gate(li), Mat::Up(li)],
+                    &mut [&mut self.gate, &mut self.up],
+                );
+            });
             crate::quant::vectorized(crate::mathf::SwiGlu {
                 gate: &mut self.gate,
                 up: &self.up,
             });
             Self::quantize(&mut self.acts, &self.gate);
-            products(
-                &mut self.team,
-                &w,
-                &self.acts,
-                &self.gate,
-                n,
-                &[Mat::Down(li)],
-                &mut [&mut self.proj],
-                &mut self.times.products,
-            );
+            timed(&mut self.times.products, || {
+                products(
+                    &mut self.team,
+                    &w,
+                    &self.acts,
+                    &self.gate,
+                    n,
+                    &[Mat::Down(li)],
+                    &mut [&mut self.proj],
+                );
+            });
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
             }
@@ -692,15 +675,16 @@ impl Forward {
         }
         let xl = &self.xn[..m * dim];
         Self::quantize(&mut self.acts, xl);
-        products(
-            &mut self.team,
-            &w,
-            &self.acts,
-            xl,
-            m,
-            &[Mat::Output],
-            &mut [&mut self.logits],
-            &mut self.times.products,
-        );
+        timed(&mut self.times.products, || {
+            products(
+                &mut self.team,
+                &w,
+                &self.acts,
+                xl,
+                m,
+                &[Mat::Output],
+                &mut [&mut self.logits],
+            );
+        });
     }
 }

@@ -20,9 +20,9 @@
 //! sixteen rows per register), so they agree with the others to rounding,
 //! not bit for bit.
 
-use super::grouped::Grouped;
 use super::{BlockAct, BlockQ4_1, BlockQ8_0};
-use vnni_kernels::matmul_grouped;
+/// The VNNI product over interleaved weights.
+pub(crate) use vnni_kernels::matmul_grouped;
 
 mod vnni_kernels;
 use pulp::bytemuck::cast;
@@ -479,30 +479,6 @@ pub fn matmul_q8_0(
     ld: usize,
 ) -> bool {
     matmul::<Q80Pair>(Rows { blocks: w, kb }, rows, act, n, out, ld)
-}
-
-/// The VNNI product over interleaved weights (`false`: no VNNI, nothing
-/// done).
-pub fn matmul_grouped_q4_1(
-    w: &Grouped<BlockQ4_1>,
-    rows: Range<usize>,
-    act: &[BlockAct],
-    n: usize,
-    out: &mut [f32],
-    ld: usize,
-) -> bool {
-    matmul_grouped(w, rows, act, n, out, ld)
-}
-
-pub fn matmul_grouped_q8_0(
-    w: &Grouped<BlockQ8_0>,
-    rows: Range<usize>,
-    act: &[BlockAct],
-    n: usize,
-    out: &mut [f32],
-    ld: usize,
-) -> bool {
-    matmul_grouped(w, rows, act, n, out, ld)
 }
 
 /// Every kernel's product: the activations packed once, then the tiles.

@@ -116,7 +116,7 @@ impl Regroup for BlockQ4_1 {
         ld: usize,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return super::avx512::matmul_grouped_q4_1(w, rows, act, n, out, ld);
+        return super::avx512::matmul_grouped(w, rows, act, n, out, ld);
         #[cfg(not(target_arch = "x86_64"))]
         false
     }
@@ -165,7 +165,7 @@ impl Regroup for BlockQ8_0 {
         ld: usize,
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        return super::avx512::matmul_grouped_q8_0(w, rows, act, n, out, ld);
+        return super::avx512::matmul_grouped(w, rows, act, n, out, ld);
         #[cfg(not(target_arch = "x86_64"))]
         false
     }

@@ -33,7 +33,7 @@ use std::ops::Range;
 const PREFETCH_HINT: i32 = std::arch::x86_64::_MM_HINT_T1;
 
 /// A block position of sixteen rows, unpacked for the kernel.
-pub(super) trait Unpack: Regroup {
+pub(crate) trait Unpack: Regroup {
     /// Whether each sum starts from minus 128 times the activations'
     /// quants summed (weights stored plus 128).
     const SHIFTED: bool;
@@ -214,7 +214,7 @@ thread_local! {
 
 /// The VNNI product over interleaved weights (`false`: no VNNI, nothing
 /// done).
-pub(super) fn matmul_grouped<B: Unpack>(
+pub(crate) fn matmul_grouped<B: Unpack>(
     w: &Grouped<B>,
     rows: Range<usize>,
     act: &[BlockAct],
