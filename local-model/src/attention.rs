@@ -358,6 +358,12 @@ mod tests {
             cache.push(0, tokens, &kv, &kv);
         }));
         assert!(full.is_err(), "a position past the reservation is refused");
+        // A key or value short of a head is refused too, not half written.
+        let mut fresh = KvCache::new(&cfg, tokens);
+        let short = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            fresh.push(0, 0, &kv[..16], &kv[..16]);
+        }));
+        assert!(short.is_err(), "a short key is refused");
     }
 
     /// The blocked, transposed cache gives textbook attention (softmax of
