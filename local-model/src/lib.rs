@@ -37,6 +37,7 @@ pub mod engine;
 pub mod gguf;
 mod mathf;
 pub mod model;
+mod pages;
 pub mod quant;
 pub mod sched;
 mod team;
@@ -107,6 +108,10 @@ pub struct ModelInfo {
     /// Which dot-product kernels run on this CPU (`avx512bw`, `avx2+fma` or
     /// `portable`).
     pub kernels: &'static str,
+    /// Whether the weights sit in memory advised for huge pages (the
+    /// kernel still decides; `AnonHugePages` in `/proc/<pid>/smaps_rollup`
+    /// says what it gave).
+    pub huge_pages: bool,
     pub load_time: Duration,
 }
 
@@ -262,6 +267,7 @@ impl EmbeddedModel {
             layers: weights.cfg.layers,
             weight_bytes: weights.bytes(),
             kernels: simd_kernels(),
+            huge_pages: weights.huge_pages(),
             load_time: started.elapsed(),
         };
         let stop_ids = vec![tokenizer.im_end, tokenizer.end_of_text];

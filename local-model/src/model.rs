@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 pub use crate::attention::KvCache;
 use crate::attention::{Attend, AttnInput};
 use crate::gguf::{Content, DType};
+use crate::pages::{Pack, Paging};
 
 use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK, GROUP};
 use crate::team::{Job, Team};
@@ -65,6 +66,8 @@ pub struct Weights {
     layers: Vec<Layer>,
     /// RoPE inverse frequencies, one per pair of a head's dimensions.
     inv_freq: Vec<f32>,
+    /// Where the quantized weights live.
+    paging: Paging,
 }
 
 fn md_u32(ct: &Content, key: &str) -> Result<usize, String> {
@@ -176,14 +179,49 @@ impl Weights {
         let inv_freq = (0..half)
             .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
             .collect();
-        Ok(Weights {
+        let mut w = Weights {
             cfg: Config { vocab, ..cfg },
             embed,
             output,
             out_norm,
             layers,
             inv_freq,
-        })
+            paging: Paging::Empty,
+        };
+        w.paging = w.pack();
+        Ok(w)
+    }
+
+    /// Moves the quantized weights into one mapping on huge pages
+    /// ([`crate::pages`]); if it cannot be made, they stay where they are.
+    fn pack(&mut self) -> Paging {
+        let mut mats: Vec<&mut QMatrix> = vec![&mut self.embed];
+        mats.extend(self.output.as_mut());
+        for l in &mut self.layers {
+            mats.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        let mut slabs: Vec<&mut dyn Pack> =
+            mats.into_iter().filter_map(QMatrix::slab_mut).collect();
+        match crate::pages::pack(&mut slabs) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "weights stay on small pages: no mapping for them");
+                Paging::SmallPages
+            }
+        }
+    }
+
+    /// Whether the weights were moved to memory advised for huge pages.
+    pub fn huge_pages(&self) -> bool {
+        self.paging == Paging::Advised
     }
 
     fn mat(&self, m: Mat) -> &QMatrix {

@@ -18,6 +18,7 @@
 
 use std::fmt;
 
+use crate::pages::{Pack, Slab};
 pub use grouped::{Grouped, GROUP};
 
 /// Values per quantization block.
@@ -25,7 +26,8 @@ pub const BLOCK: usize = 32;
 
 /// A Q4_1 block: value = d * q + m, q in 0..16. `qs[j]` holds element j in
 /// its low nibble and element j + 16 in its high nibble.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 pub struct BlockQ4_1 {
     pub d: f32,
     pub m: f32,
@@ -33,7 +35,8 @@ pub struct BlockQ4_1 {
 }
 
 /// A Q8_0 block: value = d * q.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 pub struct BlockQ8_0 {
     pub d: f32,
     pub qs: [i8; 32],
@@ -59,8 +62,8 @@ impl Default for BlockAct {
 
 #[derive(Clone)]
 pub enum QData {
-    Q4_1(Vec<BlockQ4_1>),
-    Q8_0(Vec<BlockQ8_0>),
+    Q4_1(Slab<BlockQ4_1>),
+    Q8_0(Slab<BlockQ8_0>),
     /// Regrouped for the VNNI kernels ([`grouped`]).
     Q4_1Grouped(Grouped<BlockQ4_1>),
     Q8_0Grouped(Grouped<BlockQ8_0>),
@@ -154,7 +157,8 @@ impl QMatrix {
                                 qs,
                             }
                         })
-                        .collect(),
+                        .collect::<Vec<_>>()
+                        .into(),
                 ),
             ),
             FileType::Q8_0 => (
@@ -172,7 +176,8 @@ impl QMatrix {
                                 qs,
                             }
                         })
-                        .collect(),
+                        .collect::<Vec<_>>()
+                        .into(),
                 ),
             ),
         };
@@ -198,6 +203,18 @@ impl QMatrix {
             other => other,
         };
         QMatrix { data, ..self }
+    }
+
+    /// The quantized weights' items, for [`crate::pages::pack`] (`None`:
+    /// floats, which stay in their vector).
+    pub(crate) fn slab_mut(&mut self) -> Option<&mut dyn Pack> {
+        match &mut self.data {
+            QData::Q4_1(b) => Some(b),
+            QData::Q8_0(b) => Some(b),
+            QData::Q4_1Grouped(g) => Some(&mut g.groups),
+            QData::Q8_0Grouped(g) => Some(&mut g.groups),
+            QData::F32(_) => None,
+        }
     }
 
     /// Bytes the weights take in memory.
@@ -525,7 +542,7 @@ mod tests {
         let m = QMatrix {
             rows,
             cols,
-            data: QData::Q4_1(q41.clone()),
+            data: QData::Q4_1(q41.clone().into()),
         };
         m.matvec(&x, &act, &mut fast);
         for (r, o) in portable.iter_mut().enumerate() {
@@ -556,7 +573,7 @@ mod tests {
         let m = QMatrix {
             rows,
             cols,
-            data: QData::Q8_0(q80.clone()),
+            data: QData::Q8_0(q80.clone().into()),
         };
         m.matvec(&x, &act, &mut fast);
         for (r, o) in portable.iter_mut().enumerate() {
@@ -594,7 +611,8 @@ mod tests {
                         m: -0.05 + i as f32 * 0.002,
                         qs: std::array::from_fn(|j| ((i * 7 + j * 13) % 256) as u8),
                     })
-                    .collect(),
+                    .collect::<Vec<_>>()
+                    .into(),
             ),
         };
         let q80 = QMatrix {
@@ -606,7 +624,8 @@ mod tests {
                         d: 0.003 + i as f32 * 0.0001,
                         qs: std::array::from_fn(|j| (((i * 31 + j * 17) % 255) as i32 - 127) as i8),
                     })
-                    .collect(),
+                    .collect::<Vec<_>>()
+                    .into(),
             ),
         };
         // And as this CPU's kernels read them (interleaved for VNNI).

@@ -10,6 +10,11 @@
 //! cargo run --release -p optiroute-local-model --bin embedded-bench -- --concurrency 1,8
 //! ```
 
+/// The allocator every OptiRoute process runs with (the local pool's
+/// worker included), so memory figures read as they would there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -109,7 +114,16 @@ fn default_model() -> PathBuf {
 
 /// A line of `/proc/self/status` in MiB (VmRSS, VmHWM).
 fn status_mib(key: &str) -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+    proc_mib("/proc/self/status", key)
+}
+
+/// A figure of `/proc/self/smaps_rollup` in MiB (0 where there is none).
+fn rollup_mib(key: &str) -> f64 {
+    proc_mib("/proc/self/smaps_rollup", key)
+}
+
+fn proc_mib(file: &str, key: &str) -> f64 {
+    std::fs::read_to_string(file)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -295,12 +309,18 @@ fn main() -> ExitCode {
     };
     let info = model.info();
     println!(
-        "loaded in {:.2}s: {} layers, vocab {}, context {}, weights {:.0} MiB, kernels {}; RSS {:.0} MiB (was {:.0})",
+        "loaded in {:.2}s: {} layers, vocab {}, context {}, weights {:.0} MiB ({}; {:.0} MiB of memory on huge pages), kernels {}; RSS {:.0} MiB (was {:.0})",
         info.load_time.as_secs_f64(),
         info.layers,
         info.vocab_size,
         info.context_length,
         info.weight_bytes as f64 / (1 << 20) as f64,
+        if info.huge_pages {
+            "huge pages asked for"
+        } else {
+            "small pages"
+        },
+        rollup_mib("AnonHugePages:"),
         info.kernels,
         status_mib("VmRSS:"),
         rss_before

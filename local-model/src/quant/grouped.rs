@@ -12,6 +12,7 @@
 
 use super::{dot_q4_1_portable, dot_q8_0_portable, matmul_portable, BlockAct};
 use super::{BlockQ4_1, BlockQ8_0};
+use crate::pages::Slab;
 use std::ops::Range;
 
 /// Rows a group holds.
@@ -19,7 +20,7 @@ pub const GROUP: usize = 16;
 
 /// One block position of sixteen rows, Q4_1 (a whole number of cache
 /// lines, aligned to them).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(64))]
 pub struct GroupQ4_1 {
     /// `qs[p][4r..4r + 4]`: bytes `4p..4p + 4` of row `r`'s nibbles.
@@ -31,7 +32,7 @@ pub struct GroupQ4_1 {
 /// One block position of sixteen rows, Q8_0: the quants plus 128, as
 /// unsigned bytes (`vpdpbusd` multiplies unsigned by signed); a whole
 /// number of cache lines, aligned to them.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C, align(64))]
 pub struct GroupQ8_0 {
     /// `qs[k][4r..4r + 4]`: quants `4k..4k + 4` of row `r`, plus 128.
@@ -56,7 +57,7 @@ fn gather<T: Copy, const P: usize>(parts: &[[T; 64]; P], r: usize, q: &mut [T]) 
 
 /// A block type and its group.
 pub trait Regroup: Copy {
-    type Group: Copy;
+    type Group: bytemuck::Pod;
     /// Sixteen rows' blocks at one position (`None`: a padding row).
     fn group(blocks: [Option<&Self>; GROUP]) -> Self::Group;
     /// Row `r`'s block back out of a group.
@@ -175,7 +176,7 @@ impl Regroup for BlockQ8_0 {
 /// `groups[g * kb + b]`.
 #[derive(Clone)]
 pub struct Grouped<B: Regroup> {
-    pub groups: Vec<B::Group>,
+    pub groups: Slab<B::Group>,
     /// Blocks a row holds.
     pub kb: usize,
     /// Rows (the last group's padding rows not counted).
@@ -195,7 +196,11 @@ impl<B: Regroup> Grouped<B> {
                 })));
             }
         }
-        Grouped { groups, kb, rows }
+        Grouped {
+            groups: groups.into(),
+            kb,
+            rows,
+        }
     }
 
     /// Row group `g`'s block positions.
@@ -281,12 +286,12 @@ mod tests {
                 QMatrix {
                     rows: all,
                     cols,
-                    data: QData::Q4_1(q41.clone()),
+                    data: QData::Q4_1(q41.clone().into()),
                 },
                 QMatrix {
                     rows: all,
                     cols,
-                    data: QData::Q8_0(q80.clone()),
+                    data: QData::Q8_0(q80.clone().into()),
                 },
             );
             let (r41, r80) = (
