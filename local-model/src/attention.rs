@@ -5,7 +5,9 @@
 //! a query against 16 positions are 16 lanes of one vector with no
 //! horizontal sums; values stay one position after another. Each KV head's
 //! keys and values are contiguous, so a head's attention reads two plain
-//! streams. Both are kept
+//! streams, and the query heads that share a KV head (three in SmolLM2)
+//! read them together: each key and value is widened once for all of them,
+//! while each head's sums stay what they would be alone. Both are kept
 //! as bfloat16 (the model's training precision; half the bytes of f32, and
 //! attention over a long context is bound by reading them). The loops are
 //! plain Rust, compiled with the CPU's SIMD features through
@@ -176,31 +178,85 @@ impl pulp::NullaryFnOnce for Attend<'_> {
             let seen = self.input.pos[i] + 1;
             // Only positions written are read.
             assert!(seen <= layer.filled, "attention past the KV cache");
-            let blocks = seen.div_ceil(KEY_BLOCK);
-            buf.resize(blocks * KEY_BLOCK, 0.0);
-            for h in 0..c.heads {
-                let (keys, values) = layer.head(h / group);
-                let q = &self.input.q[i * dim + h * hd..i * dim + (h + 1) * hd];
-                // Scores, 16 positions at a time, four blocks at once
-                // (independent chains of additions).
-                let stride = KEY_BLOCK * hd;
-                let mut b = 0;
-                while b < blocks {
-                    let n = (blocks - b).min(4);
-                    score_blocks4(q, keys, b, n, stride, buf, scale);
-                    b += n;
+            let ld = seen.div_ceil(KEY_BLOCK) * KEY_BLOCK;
+            buf.resize(ld * HEADS_AT_ONCE, 0.0);
+            let q = &self.input.q[i * dim..(i + 1) * dim];
+            let att = &mut self.att[(i - start) * dim..(i - start + 1) * dim];
+            // The query heads that share a KV head go through its keys and
+            // values together, a few at a time: each key and value is
+            // widened once for all of them.
+            let mut first = 0;
+            while first < c.heads {
+                let end = (first + HEADS_AT_ONCE).min((first / group + 1) * group);
+                let heads = Heads {
+                    kv: layer.head(first / group),
+                    q: &q[first * hd..end * hd],
+                    seen,
+                    scores: &mut buf[..],
+                    ld,
+                    scale,
+                    att: &mut att[first * hd..end * hd],
+                };
+                match end - first {
+                    3 => heads.attend::<3>(),
+                    2 => heads.attend::<2>(),
+                    _ => heads.attend::<1>(),
                 }
-                let scores = &mut buf[..seen];
-                crate::mathf::softmax(scores);
-                // The weighted values: the sums of all the head's elements
-                // stay in registers over the positions.
-                let at = (i - start) * dim + h * hd;
-                let out = &mut self.att[at..at + hd];
-                if hd == 64 {
-                    weigh64(scores, &values[..seen * hd], out);
-                } else {
-                    weigh(scores, &values[..seen * hd], out);
-                }
+                first = end;
+            }
+        }
+    }
+}
+
+/// Query heads at most attended together (SmolLM2 has three a KV head).
+const HEADS_AT_ONCE: usize = 3;
+
+/// `G` consecutive query heads of one row that share a KV head.
+struct Heads<'a> {
+    /// The KV head's keys and values.
+    kv: (&'a [u16], &'a [u16]),
+    /// The heads' queries, `head_dim` each.
+    q: &'a [f32],
+    /// Positions attended.
+    seen: usize,
+    /// Room for `G` rows of scores, `ld` apart.
+    scores: &'a mut [f32],
+    ld: usize,
+    scale: f32,
+    /// The heads' outputs, `head_dim` each.
+    att: &'a mut [f32],
+}
+
+impl Heads<'_> {
+    /// Each head's scores, softmax and weighted values. Per head the
+    /// arithmetic is what it would be alone (the same sums in the same
+    /// order); only the widened keys and values are shared.
+    #[inline(always)]
+    fn attend<const G: usize>(self) {
+        let hd = self.q.len() / G;
+        let (keys, values) = self.kv;
+        let q: [&[f32]; G] = std::array::from_fn(|g| &self.q[g * hd..(g + 1) * hd]);
+        let blocks = self.seen.div_ceil(KEY_BLOCK);
+        // Scores, 16 positions at a time, four blocks at once
+        // (independent chains of additions).
+        let stride = KEY_BLOCK * hd;
+        let mut b = 0;
+        while b < blocks {
+            let n = (blocks - b).min(4);
+            score_blocks4(q, keys, b, n, stride, self.scores, self.ld, self.scale);
+            b += n;
+        }
+        for g in 0..G {
+            crate::mathf::softmax(&mut self.scores[g * self.ld..g * self.ld + self.seen]);
+        }
+        let p: [&[f32]; G] =
+            std::array::from_fn(|g| &self.scores[g * self.ld..g * self.ld + self.seen]);
+        let values = &values[..self.seen * hd];
+        if hd == 64 {
+            weigh64(p, values, self.att);
+        } else {
+            for (g, out) in self.att.chunks_exact_mut(hd).enumerate() {
+                weigh(p[g], values, out);
             }
         }
     }
@@ -221,68 +277,102 @@ pub(crate) fn from_bf16(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
-/// `s += q * k`, lane by lane (one vector operation each on AVX-512, after
-/// widening `k`).
+/// `k` widened to f32.
 #[inline(always)]
-fn axpy16(s: &mut [f32; 16], q: f32, k: &[u16]) {
+fn widen16(k: &[u16]) -> [f32; 16] {
     let k: &[u16; 16] = k.try_into().unwrap_or(&[0; 16]);
+    let mut w = [0f32; 16];
+    for (w, k) in w.iter_mut().zip(k) {
+        *w = from_bf16(*k);
+    }
+    w
+}
+
+/// `s += q * k`, lane by lane (one vector operation each on AVX-512).
+#[inline(always)]
+fn axpy16(s: &mut [f32; 16], q: f32, k: &[f32; 16]) {
     for (s, k) in s.iter_mut().zip(k) {
-        *s += q * from_bf16(*k);
+        *s += q * k;
     }
 }
 
-/// A query's scores against key blocks `b..b + n` (`n` at most 4; each
-/// block `stride` elements: the head's `q.len()` rows of 16 positions),
-/// scaled, into `out[16 * b..]`: four independent chains of additions (a
-/// short group repeats its last block, and drops the copies).
+/// `G` queries' scores against key blocks `b..b + n` (`n` at most 4; each
+/// block `stride` elements: a head's rows of 16 positions), scaled, into
+/// `out[g * ld + 16 * b..]` for query `g`: four independent chains of
+/// additions a query (a short group repeats its last block, and drops the
+/// copies); each key row widened once for every query.
+///
+/// Indexed loops on purpose: written with iterators over the queries and
+/// accumulators, the compiler kept the sums in memory and moved them with
+/// gathers and scatters (attention took 7× as long).
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[inline(always)]
-fn score_blocks4(
-    q: &[f32],
+fn score_blocks4<const G: usize>(
+    q: [&[f32]; G],
     keys: &[u16],
     b: usize,
     n: usize,
     stride: usize,
     out: &mut [f32],
+    ld: usize,
     scale: f32,
 ) {
-    let len = q.len() * KEY_BLOCK;
+    let hd = q[0].len();
+    let len = hd * KEY_BLOCK;
     let at = |j: usize| (b + j.min(n.max(1) - 1)) * stride;
-    let (k0, k1, k2, k3) = (
-        &keys[at(0)..at(0) + len],
-        &keys[at(1)..at(1) + len],
-        &keys[at(2)..at(2) + len],
-        &keys[at(3)..at(3) + len],
-    );
-    let (mut s0, mut s1, mut s2, mut s3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
-    for (d, qd) in q.iter().enumerate() {
+    let k: [&[u16]; 4] = std::array::from_fn(|j| &keys[at(j)..at(j) + len]);
+    let mut s = [[[0f32; 16]; 4]; G];
+    for d in 0..hd {
         let r = d * KEY_BLOCK..(d + 1) * KEY_BLOCK;
-        axpy16(&mut s0, *qd, &k0[r.clone()]);
-        axpy16(&mut s1, *qd, &k1[r.clone()]);
-        axpy16(&mut s2, *qd, &k2[r.clone()]);
-        axpy16(&mut s3, *qd, &k3[r]);
+        let kw = [
+            widen16(&k[0][r.clone()]),
+            widen16(&k[1][r.clone()]),
+            widen16(&k[2][r.clone()]),
+            widen16(&k[3][r]),
+        ];
+        let qd: [f32; G] = std::array::from_fn(|g| q[g][d]);
+        for g in 0..G {
+            for j in 0..4 {
+                axpy16(&mut s[g][j], qd[g], &kw[j]);
+            }
+        }
     }
-    for (j, s) in [s0, s1, s2, s3].iter().enumerate().take(n) {
-        let o = (b + j) * KEY_BLOCK;
-        for (o, s) in out[o..o + KEY_BLOCK].iter_mut().zip(s) {
-            *o = s * scale;
+    for (g, s) in s.iter().enumerate() {
+        for (j, s) in s.iter().enumerate().take(n) {
+            let o = g * ld + (b + j) * KEY_BLOCK;
+            for (o, s) in out[o..o + KEY_BLOCK].iter_mut().zip(s) {
+                *o = s * scale;
+            }
         }
     }
 }
 
-/// `out = sum_t p[t] * values[t]` over one head's 64 elements (`values`:
-/// the head's 64 a position), the position order kept per element; four
-/// independent chains.
+/// `out_g = sum_t p_g[t] * values[t]` over one head's 64 elements
+/// (`values`: 64 a position) for `G` heads (`out`: 64 each), the position
+/// order kept per element; four independent chains a head, each value
+/// widened once for every head (indexed loops, as in [`score_blocks4`]).
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn weigh64(p: &[f32], values: &[u16], out: &mut [f32]) {
-    let (mut a0, mut a1, mut a2, mut a3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
-    for (p, v) in p.iter().zip(values.chunks_exact(64)) {
-        axpy16(&mut a0, *p, &v[..16]);
-        axpy16(&mut a1, *p, &v[16..32]);
-        axpy16(&mut a2, *p, &v[32..48]);
-        axpy16(&mut a3, *p, &v[48..]);
+fn weigh64<const G: usize>(p: [&[f32]; G], values: &[u16], out: &mut [f32]) {
+    let mut a = [[[0f32; 16]; 4]; G];
+    for (t, v) in values.chunks_exact(64).enumerate() {
+        let vw = [
+            widen16(&v[..16]),
+            widen16(&v[16..32]),
+            widen16(&v[32..48]),
+            widen16(&v[48..]),
+        ];
+        let pt: [f32; G] = std::array::from_fn(|g| p[g][t]);
+        for g in 0..G {
+            for k in 0..4 {
+                axpy16(&mut a[g][k], pt[g], &vw[k]);
+            }
+        }
     }
-    for (o, a) in out.chunks_exact_mut(16).zip([a0, a1, a2, a3]) {
-        o.copy_from_slice(&a);
+    for (o, a) in out.chunks_exact_mut(64).zip(&a) {
+        for (o, a) in o.chunks_exact_mut(16).zip(a) {
+            o.copy_from_slice(a);
+        }
     }
 }
 
@@ -295,7 +385,7 @@ fn weigh(p: &[f32], values: &[u16], out: &mut [f32]) {
     for (ci, chunk) in chunks.iter_mut().enumerate() {
         let mut acc = [0f32; 16];
         for (p, v) in p.iter().zip(values.chunks_exact(hd)) {
-            axpy16(&mut acc, *p, &v[16 * ci..16 * (ci + 1)]);
+            axpy16(&mut acc, *p, &widen16(&v[16 * ci..16 * (ci + 1)]));
         }
         *chunk = acc;
     }
@@ -368,21 +458,25 @@ mod tests {
 
     /// The blocked, transposed cache gives textbook attention (softmax of
     /// scaled dot products, weighted values) at positions on both sides
-    /// of block boundaries, with grouped heads, for head sizes that take
-    /// the general loops (20) and the unrolled ones (32, 64).
+    /// of block boundaries, for head sizes that take the general loops
+    /// (20) and the unrolled ones (32, 64), with 1 to 4 query heads a KV
+    /// head (attended three, two or one at a time: 4 is three and one).
     #[test]
     fn attention_over_the_blocked_cache_is_softmax_attention() {
         for hd in [20, 32, 64] {
-            check_attention(hd);
+            for group in [1, 2, 3, 4] {
+                check_attention(hd, group);
+            }
         }
     }
 
-    fn check_attention(hd: usize) {
+    fn check_attention(hd: usize, group: usize) {
+        let heads = 2 * group;
         let cfg = Config {
-            dim: 6 * hd,
+            dim: heads * hd,
             hidden: 0,
             layers: 2,
-            heads: 6,
+            heads,
             kv_heads: 2,
             head_dim: hd,
             vocab: 0,
@@ -390,7 +484,7 @@ mod tests {
             rms_eps: 1e-5,
             rope_base: 10_000.0,
         };
-        let (kv_dim, dim) = (2 * hd, 6 * hd);
+        let (kv_dim, dim) = (2 * hd, heads * hd);
         let tokens = 90;
         // The cache keeps bfloat16: the reference gets the same values.
         let bf = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| from_bf16(to_bf16(*x))).collect() };
@@ -439,7 +533,7 @@ mod tests {
         assert_eq!(att, split);
         for (i, &pos) in positions.iter().enumerate() {
             for h in 0..cfg.heads {
-                let kvh = h / 3;
+                let kvh = h / group;
                 let qh = &q[i * dim + h * hd..i * dim + (h + 1) * hd];
                 let s: Vec<f64> = (0..=pos)
                     .map(|t| {
@@ -458,7 +552,7 @@ mod tests {
                     let got = f64::from(att[i * dim + h * hd + d]);
                     assert!(
                         (got - want).abs() < 1e-5,
-                        "pos {pos} head {h} d {d}: {got} vs {want}"
+                        "group {group} pos {pos} head {h} d {d}: {got} vs {want}"
                     );
                 }
             }

@@ -78,9 +78,94 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// The index of the largest value under [`f32::total_cmp`], the last of
+/// equals (what `iter().max_by(total_cmp)` gives; 0 for no values),
+/// compiled with the CPU's SIMD features: the greedy choice over a
+/// vocabulary's logits, once a sequence a step. The values' total-order
+/// keys are integers, whose maximum vectorizes (the float comparison,
+/// with its index, does not): the largest key of each chunk, then the
+/// last chunk holding the overall largest searched from its end.
+pub struct Argmax<'a>(pub &'a [f32]);
+
+/// Values per chunk of [`Argmax`]'s first pass.
+const ARGMAX_CHUNK: usize = 512;
+
+/// `x`'s key in `total_cmp`'s order (as the standard library computes it).
+#[inline(always)]
+fn total_key(x: f32) -> i32 {
+    let b = x.to_bits().cast_signed();
+    b ^ (((b >> 31).cast_unsigned() >> 1).cast_signed())
+}
+
+impl pulp::NullaryFnOnce for Argmax<'_> {
+    type Output = usize;
+
+    #[inline(always)]
+    fn call(self) -> usize {
+        let (mut best, mut at) = (i32::MIN, 0);
+        for (c, chunk) in self.0.chunks(ARGMAX_CHUNK).enumerate() {
+            let top = chunk.iter().fold(i32::MIN, |m, x| m.max(total_key(*x)));
+            if top >= best {
+                (best, at) = (top, c);
+            }
+        }
+        let start = at * ARGMAX_CHUNK;
+        let chunk = self.0.get(start..).unwrap_or_default();
+        let chunk = &chunk[..chunk.len().min(ARGMAX_CHUNK)];
+        start
+            + chunk
+                .iter()
+                .rposition(|x| total_key(*x) == best)
+                .unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same index as `max_by(total_cmp)`, the last of equal maxima,
+    /// across chunk edges, with infinities, zeros of both signs and NaNs.
+    #[test]
+    fn argmax_is_the_last_largest_under_total_order() {
+        let want = |x: &[f32]| {
+            x.iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i)
+        };
+        let got = |x: &[f32]| crate::quant::vectorized(Argmax(x));
+        assert_eq!(got(&[]), 0);
+        let mut seed = 7u32;
+        for len in [1, 2, 15, 16, 17, 511, 512, 513, 1024, 1500, 49_152] {
+            let mut x: Vec<f32> = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 8) % 1000) as f32 / 10.0 - 50.0
+                })
+                .collect();
+            assert_eq!(got(&x), want(&x), "len {len}");
+            // Ties: the largest repeated, in the same chunk and across one.
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) + 1.0;
+            for at in [0, len / 3, len - 1] {
+                x[at] = m;
+                assert_eq!(got(&x), want(&x), "len {len} tie at {at}");
+            }
+            for special in [
+                f32::INFINITY,
+                -0.0,
+                0.0,
+                f32::NAN,
+                -f32::NAN,
+                f32::NEG_INFINITY,
+            ] {
+                x[len / 2] = special;
+                assert_eq!(got(&x), want(&x), "len {len} with {special}");
+            }
+        }
+        let all_neg_inf = [f32::NEG_INFINITY; 600];
+        assert_eq!(got(&all_neg_inf), want(&all_neg_inf));
+    }
 
     /// Within 4 ulp (relative 5e-7) of libm's `expf` across the range,
     /// clamped outside it, and NaN through.

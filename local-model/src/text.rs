@@ -50,11 +50,7 @@ impl Sampler {
     }
 
     pub(crate) fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map_or(0, |(i, _)| i as u32);
+        let argmax = crate::quant::vectorized(crate::mathf::Argmax(logits)) as u32;
         let Some(t) = self.temperature else {
             return argmax;
         };
