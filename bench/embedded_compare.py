@@ -66,6 +66,13 @@ def main():
             print(f"  bound: the weight products alone (one thread, no attention, sampling or prompts) "
                   f"give 8 at once / one = {floor[8]['tps'] / floor[1]['tps']:.2f} "
                   f"({floor[1]['ms_per_step']:.1f} ms a step for one, {floor[8]['ms_per_step']:.1f} ms for 8)")
+            if "together_ms" in floor[1] and "together_ms" in floor[8]:
+                c = floor[1]["cores"]
+                print(f"  the same products on all {c} cores at once: {floor[1]['together_ms']:.2f} ms each for one "
+                      f"sequence, {floor[8]['together_ms']:.2f} ms for 8, so {c} cores do one sequence's step in "
+                      f"{floor[1]['together_ms'] / c:.2f} ms at best and 8 sequences' in "
+                      f"{floor[8]['together_ms'] / c:.2f} ms: 8 at once / one <= "
+                      f"{8 * floor[1]['together_ms'] / floor[8]['together_ms']:.2f} from the products alone")
         steps = {r["concurrency"]: r for r in ours.get("breakdown", [])}
         if 1 in steps and 8 in steps:
             one, eight = steps[1], steps[8]

@@ -256,6 +256,7 @@ fn breakdown(
 /// `n` sequences (every layer and the output head) on one thread, without
 /// attention, sampling or thread hand-off. Appends `"floor":[...],`.
 fn floor(model: &EmbeddedModel, ns: &[usize], json: &mut String) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut one = None;
     let mut parts = Vec::new();
     let mut ns: Vec<usize> = ns.to_vec();
@@ -269,16 +270,29 @@ fn floor(model: &EmbeddedModel, ns: &[usize], json: &mut String) {
         let probe = model.time_products(n, 1).as_secs_f64();
         let reps = ((1.0 / probe.max(1e-6)) as usize).clamp(3, 200);
         let per_step = model.time_products(n, reps).as_secs_f64() / reps as f64;
+        // The same on every core at once: what the cores give together
+        // (they share caches, memory and, on some machines, execution
+        // units), so what splitting a step across them can reach.
+        let together = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..cores)
+                .map(|_| s.spawn(|| model.time_products(n, reps).as_secs_f64()))
+                .collect();
+            let times: Vec<f64> = runs.into_iter().filter_map(|r| r.join().ok()).collect();
+            times.iter().sum::<f64>() / times.len().max(1) as f64 / reps as f64
+        });
         let tps = n as f64 / per_step;
         let one_tps = *one.get_or_insert(tps);
         println!(
-            "floor {n:>2}: weight products of one step for {n} sequence(s) on one thread: {:.2} ms = {tps:.0} tokens/s, {:.2}x one sequence's",
+            "floor {n:>2}: weight products of one step for {n} sequence(s) on one thread: {:.2} ms = {tps:.0} tokens/s, {:.2}x one sequence's; on all {cores} cores at once: {:.2} ms each ({:.2}x one core's throughput)",
             per_step * 1000.0,
-            tps / one_tps
+            tps / one_tps,
+            together * 1000.0,
+            cores as f64 * per_step / together
         );
         parts.push(format!(
-            "{{\"concurrency\":{n},\"ms_per_step\":{:.3},\"tps\":{tps:.1}}}",
-            per_step * 1000.0
+            "{{\"concurrency\":{n},\"ms_per_step\":{:.3},\"tps\":{tps:.1},\"cores\":{cores},\"together_ms\":{:.3}}}",
+            per_step * 1000.0,
+            together * 1000.0
         ));
     }
     let _ = write!(json, "\"floor\":[{}],", parts.join(","));
