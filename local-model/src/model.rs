@@ -43,6 +43,52 @@ struct Layer {
     w_down: QMatrix,
 }
 
+impl Layer {
+    fn mats(&mut self) -> [&mut QMatrix; 7] {
+        [
+            &mut self.wq,
+            &mut self.wk,
+            &mut self.wv,
+            &mut self.wo,
+            &mut self.w_gate,
+            &mut self.w_up,
+            &mut self.w_down,
+        ]
+    }
+}
+
+/// Quantized weights that load before they move to huge pages: the most
+/// extra memory loading takes (besides one matrix).
+const PACK_BYTES: usize = 32 << 20;
+
+/// Where the weights went as they loaded ([`crate::pages`]).
+#[derive(Default)]
+struct Packing {
+    paging: Paging,
+}
+
+impl Packing {
+    /// Moves `mats`' quantized weights into one mapping on huge pages; if
+    /// it cannot be made, they stay where they are (small pages).
+    fn add(&mut self, mats: Vec<&mut QMatrix>) {
+        let mut slabs: Vec<&mut dyn Pack> =
+            mats.into_iter().filter_map(QMatrix::slab_mut).collect();
+        let now = match crate::pages::pack(&mut slabs) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "weights stay on small pages: no mapping for them");
+                Paging::SmallPages
+            }
+        };
+        // Huge pages asked for only if they were for every part.
+        self.paging = match (self.paging, now) {
+            (Paging::SmallPages, _) | (_, Paging::SmallPages) => Paging::SmallPages,
+            (Paging::Empty, p) | (p, Paging::Empty) => p,
+            (Paging::Advised, Paging::Advised) => Paging::Advised,
+        };
+    }
+}
+
 /// Names a weight matrix, so a `'static` job on a helper thread can find
 /// it in the shared weights.
 #[derive(Debug, Clone, Copy)]
@@ -131,18 +177,25 @@ impl Weights {
             m.row(0, &mut v);
             Ok(v)
         };
-        let embed = read("token_embd.weight")?;
-        let output = if ct.tensors.contains_key("output.weight") {
+        // The quantized weights move to memory on huge pages as they load,
+        // a few tens of MB at a time, so loading never holds two copies of
+        // them all.
+        let mut packing = Packing::default();
+        let mut embed = read("token_embd.weight")?;
+        packing.add(vec![&mut embed]);
+        let mut output = if ct.tensors.contains_key("output.weight") {
             Some(read("output.weight")?)
         } else {
             None
         };
+        packing.add(output.iter_mut().collect());
         let out_norm = vector(read("output_norm.weight")?, "output_norm.weight")?;
-        let mut layers = Vec::with_capacity(cfg.layers);
+        let mut layers: Vec<Layer> = Vec::with_capacity(cfg.layers);
+        let (mut first, mut pending) = (0, 0);
         for i in 0..cfg.layers {
             let p = format!("blk.{i}");
             let n = |s: &str| format!("{p}.{s}.weight");
-            layers.push(Layer {
+            let mut layer = Layer {
                 attn_norm: vector(read(&n("attn_norm"))?, "attn_norm")?,
                 wq: read(&n("attn_q"))?,
                 wk: read(&n("attn_k"))?,
@@ -152,7 +205,13 @@ impl Weights {
                 w_gate: read(&n("ffn_gate"))?,
                 w_up: read(&n("ffn_up"))?,
                 w_down: read(&n("ffn_down"))?,
-            });
+            };
+            pending += layer.mats().iter().map(|m| m.bytes()).sum::<usize>();
+            layers.push(layer);
+            if pending >= PACK_BYTES || i + 1 == cfg.layers {
+                packing.add(layers[first..].iter_mut().flat_map(Layer::mats).collect());
+                (first, pending) = (i + 1, 0);
+            }
         }
         let kv_dim = cfg.kv_heads * cfg.head_dim;
         for (i, l) in layers.iter().enumerate() {
@@ -179,49 +238,27 @@ impl Weights {
         let inv_freq = (0..half)
             .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
             .collect();
-        let mut w = Weights {
+        let w = Weights {
             cfg: Config { vocab, ..cfg },
             embed,
             output,
             out_norm,
             layers,
             inv_freq,
-            paging: Paging::Empty,
+            paging: packing.paging,
         };
-        w.paging = w.pack();
         Ok(w)
     }
 
-    /// Moves the quantized weights into one mapping on huge pages
-    /// ([`crate::pages`]); if it cannot be made, they stay where they are.
-    fn pack(&mut self) -> Paging {
-        let mut mats: Vec<&mut QMatrix> = vec![&mut self.embed];
-        mats.extend(self.output.as_mut());
-        for l in &mut self.layers {
-            mats.extend([
-                &mut l.wq,
-                &mut l.wk,
-                &mut l.wv,
-                &mut l.wo,
-                &mut l.w_gate,
-                &mut l.w_up,
-                &mut l.w_down,
-            ]);
-        }
-        let mut slabs: Vec<&mut dyn Pack> =
-            mats.into_iter().filter_map(QMatrix::slab_mut).collect();
-        match crate::pages::pack(&mut slabs) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "weights stay on small pages: no mapping for them");
-                Paging::SmallPages
-            }
-        }
-    }
-
-    /// Whether the weights were moved to memory advised for huge pages.
+    /// Whether the weights, all of them, were moved to memory advised for
+    /// huge pages.
     pub fn huge_pages(&self) -> bool {
-        self.paging == Paging::Advised
+        let mut mats = [&self.embed].into_iter().chain(&self.output).chain(
+            self.layers
+                .iter()
+                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]),
+        );
+        self.paging == Paging::Advised && mats.all(QMatrix::moved)
     }
 
     fn mat(&self, m: Mat) -> &QMatrix {

@@ -1,7 +1,7 @@
-//! The weights' memory: once loaded, every matrix moves into one anonymous
-//! mapping that the kernel is asked to back with 2 MB pages (transparent
-//! huge pages; `madvise` is the usual system setting, so the request is
-//! what turns them on).
+//! The weights' memory: as they load, the matrices move, a few tens of MB
+//! at a time, into anonymous mappings that the kernel is asked to back
+//! with 2 MB pages (transparent huge pages; `madvise` is the usual system
+//! setting, so the request is what turns them on).
 //!
 //! Each decoding step reads all the weights (106 MB for SmolLM2-135M). On
 //! 4 KB pages that is some 27 000 TLB misses a step, and in a virtual
@@ -101,9 +101,10 @@ impl<T: Pod> Pack for Slab<T> {
 /// Whether the kernel backed a mapping with huge pages, as far as we
 /// asked: `Advised` when the request went through (the kernel still
 /// decides page by page).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Paging {
     /// Nothing to move.
+    #[default]
     Empty,
     Advised,
     /// The mapping was made, the huge-page request refused (or not on

@@ -217,6 +217,18 @@ impl QMatrix {
         }
     }
 
+    /// Whether the quantized weights were moved to shared memory (floats
+    /// never are, and count as moved).
+    pub(crate) fn moved(&self) -> bool {
+        match &self.data {
+            QData::Q4_1(b) => b.owned_bytes().is_none(),
+            QData::Q8_0(b) => b.owned_bytes().is_none(),
+            QData::Q4_1Grouped(g) => g.groups.owned_bytes().is_none(),
+            QData::Q8_0Grouped(g) => g.groups.owned_bytes().is_none(),
+            QData::F32(_) => true,
+        }
+    }
+
     /// Bytes the weights take in memory.
     pub fn bytes(&self) -> usize {
         match &self.data {

@@ -200,6 +200,15 @@ fn deadline_and_cancellation_stop_generation() {
     assert!(matches!(e, GenerateError::Cancelled), "{e}");
 }
 
+/// The weights moved, every part of them, to memory advised for huge
+/// pages as they loaded (on Linux; elsewhere they stay where they were
+/// built), and the answers above are computed from there.
+#[test]
+fn the_weights_are_on_memory_advised_for_huge_pages() {
+    let info = model().info();
+    assert_eq!(info.huge_pages, cfg!(target_os = "linux"), "{info:?}");
+}
+
 #[test]
 fn tokenizer_matches_the_models_vocabulary() {
     let t = model().tokenizer();
