@@ -134,6 +134,7 @@ impl EmbeddedEngine {
             load_ms = info.load_time.as_millis() as u64,
             weights_mib = info.weight_bytes >> 20,
             kernels = info.kernels,
+            huge_pages = info.huge_pages,
             max_active = sched.max_active,
             max_kv_cache_mib = cfg.max_kv_cache_mib,
             threads = sched.threads,
