@@ -6,8 +6,13 @@
 //! Each decoding step reads all the weights (106 MB for SmolLM2-135M). On
 //! 4 KB pages that is some 27 000 TLB misses a step, and in a virtual
 //! machine each miss walks two levels of page tables; on 2 MB pages, 53.
-//! On this project's 2-core VM the products of a step took 30 % less time
-//! for one sequence and 45 % less for eight (`embedded-bench --floor`).
+//! On this project's 2-core VM a step's products on one thread
+//! (`embedded-bench --floor`) took 4.0 ms instead of 5.7 for one sequence
+//! and 6.3–7.0 instead of 11.3 for eight, against weights on glibc's 4 KB
+//! pages. mimalloc, which every OptiRoute process runs, happened to put
+//! most of them on huge pages by itself; this keeps it so whatever the
+//! allocator does (and its steps measured about 3 % faster than with
+//! mimalloc's placement alone).
 //!
 //! Where the mapping or the advice is refused (another OS, huge pages
 //! turned off), the weights stay in their vectors or on small pages: the
