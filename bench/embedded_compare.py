@@ -66,7 +66,7 @@ def main():
             print(f"  bound: the weight products alone (one thread, no attention, sampling or prompts) "
                   f"give 8 at once / one = {floor[8]['tps'] / floor[1]['tps']:.2f} "
                   f"({floor[1]['ms_per_step']:.1f} ms a step for one, {floor[8]['ms_per_step']:.1f} ms for 8)")
-            if "together_ms" in floor[1] and "together_ms" in floor[8]:
+            if floor[1].get("together_ms", 0) > 0 and floor[8].get("together_ms", 0) > 0:
                 c = floor[1]["cores"]
                 print(f"  the same products on all {c} cores at once: {floor[1]['together_ms']:.2f} ms each for one "
                       f"sequence, {floor[8]['together_ms']:.2f} ms for 8, so {c} cores do one sequence's step in "
@@ -82,7 +82,7 @@ def main():
                   f"{one['attention_ms']:.2f}, rest {one['rest_ms']:.2f}), 8 {eight['ms_per_step']:.2f} ms "
                   f"(products {eight['products_ms']:.2f}, attention {eight['attention_ms']:.2f}, "
                   f"rest {eight['rest_ms']:.2f})")
-            if 8 in floor and "together_ms" in floor[8]:
+            if 8 in floor and floor[8].get("together_ms", 0) > 0:
                 # A generous bound from the same run: one sequence's step as
                 # measured, against a step of 8 whose products split
                 # perfectly over the cores and whose per-sequence work

@@ -171,6 +171,13 @@ impl pulp::NullaryFnOnce for Attend<'_> {
         let scale = 1.0 / (hd as f32).sqrt();
         let buf: &mut Vec<f32> = self.scores;
         let start = self.rows.start;
+        // Three heads' sums fill AVX-512's 32 registers; with AVX2's 16
+        // they would spill (attention measured 12 % slower), so one.
+        let at_once = if crate::quant::wide_vectors() {
+            HEADS_AT_ONCE
+        } else {
+            1
+        };
         for i in self.rows {
             let layer = self.input.kv[i]
                 .read()
@@ -179,7 +186,7 @@ impl pulp::NullaryFnOnce for Attend<'_> {
             // Only positions written are read.
             assert!(seen <= layer.filled, "attention past the KV cache");
             let ld = seen.div_ceil(KEY_BLOCK) * KEY_BLOCK;
-            buf.resize(ld * HEADS_AT_ONCE, 0.0);
+            buf.resize(ld * at_once, 0.0);
             let q = &self.input.q[i * dim..(i + 1) * dim];
             let att = &mut self.att[(i - start) * dim..(i - start + 1) * dim];
             // The query heads that share a KV head go through its keys and
@@ -187,7 +194,7 @@ impl pulp::NullaryFnOnce for Attend<'_> {
             // widened once for all of them.
             let mut first = 0;
             while first < c.heads {
-                let end = (first + HEADS_AT_ONCE).min((first / group + 1) * group);
+                let end = (first + at_once).min((first / group + 1) * group);
                 let heads = Heads {
                     kv: layer.head(first / group),
                     q: &q[first * hd..end * hd],
@@ -208,7 +215,8 @@ impl pulp::NullaryFnOnce for Attend<'_> {
     }
 }
 
-/// Query heads at most attended together (SmolLM2 has three a KV head).
+/// Query heads at most attended together with AVX-512 (SmolLM2 has three
+/// a KV head).
 const HEADS_AT_ONCE: usize = 3;
 
 /// `G` consecutive query heads of one row that share a KV head.

@@ -58,7 +58,8 @@ impl Layer {
 }
 
 /// Quantized weights that load before they move to huge pages: the most
-/// extra memory loading takes (besides one matrix).
+/// extra memory loading takes (checked after each layer, so up to one
+/// layer more).
 const PACK_BYTES: usize = 32 << 20;
 
 /// Where the weights went as they loaded ([`crate::pages`]).

@@ -14,9 +14,12 @@
 //! allocator does (and its steps measured about 3 % faster than with
 //! mimalloc's placement alone).
 //!
-//! Where the mapping or the advice is refused (another OS, huge pages
-//! turned off), the weights stay in their vectors or on small pages: the
-//! same bytes, only slower.
+//! Where the mapping cannot be made, the weights stay in their vectors;
+//! where the advice is refused (another OS, a kernel without transparent
+//! huge pages) they are on small pages; and where huge pages are turned
+//! off (`/sys/kernel/mm/transparent_hugepage/enabled` at `never`) the
+//! advice is accepted and the kernel gives small pages anyway. The same
+//! bytes every time, only slower.
 
 use std::marker::PhantomData;
 use std::ops::Deref;
@@ -86,6 +89,9 @@ pub trait Pack {
 
 impl<T: Pod> Pack for Slab<T> {
     fn owned_bytes(&self) -> Option<&[u8]> {
+        // Every slab starts on a cache line: an item aligned past it could
+        // not be read back from the mapping.
+        const { assert!(std::mem::align_of::<T>() <= LINE) };
         match self {
             Slab::Owned(v) => Some(bytemuck::cast_slice(v)),
             Slab::Shared { .. } => None,
@@ -112,8 +118,8 @@ pub enum Paging {
     #[default]
     Empty,
     Advised,
-    /// The mapping was made, the huge-page request refused (or not on
-    /// Linux): small pages.
+    /// Small pages: the huge-page request was refused (or not on Linux),
+    /// or no mapping could be made (the weights stayed in their vectors).
     SmallPages,
 }
 
@@ -134,8 +140,9 @@ pub fn pack(slabs: &mut [&mut dyn Pack]) -> std::io::Result<Paging> {
     if total == 0 {
         return Ok(Paging::Empty);
     }
-    // Room to start on a huge page wherever the mapping lands; the slack
-    // is never touched, so it takes address space, not memory.
+    // Room to start on a huge page wherever the mapping lands. The slack
+    // is never written; only the huge page that holds the last bytes may
+    // reach into it (at most 2 MB of memory a mapping).
     let mut map = MmapMut::map_anon(total + HUGE_PAGE)?;
     let base = map.as_ptr() as usize;
     let skip = base.next_multiple_of(HUGE_PAGE) - base;

@@ -218,15 +218,16 @@ impl QMatrix {
     }
 
     /// Whether the quantized weights were moved to shared memory (floats
-    /// never are, and count as moved).
+    /// never are, and count as moved, as does an empty matrix).
     pub(crate) fn moved(&self) -> bool {
-        match &self.data {
-            QData::Q4_1(b) => b.owned_bytes().is_none(),
-            QData::Q8_0(b) => b.owned_bytes().is_none(),
-            QData::Q4_1Grouped(g) => g.groups.owned_bytes().is_none(),
-            QData::Q8_0Grouped(g) => g.groups.owned_bytes().is_none(),
-            QData::F32(_) => true,
-        }
+        let owned = match &self.data {
+            QData::Q4_1(b) => b.owned_bytes(),
+            QData::Q8_0(b) => b.owned_bytes(),
+            QData::Q4_1Grouped(g) => g.groups.owned_bytes(),
+            QData::Q8_0Grouped(g) => g.groups.owned_bytes(),
+            QData::F32(_) => None,
+        };
+        owned.is_none_or(<[u8]>::is_empty)
     }
 
     /// Bytes the weights take in memory.
@@ -324,80 +325,17 @@ impl QMatrix {
     }
 }
 
-/// The portable product over a range of rows (same layout as
-/// [`QMatrix::matmul_rows`]).
-#[allow(clippy::too_many_arguments)]
-fn matmul_portable<B>(
-    w: &[B],
-    kb: usize,
-    rows: std::ops::Range<usize>,
-    act: &[BlockAct],
-    n: usize,
-    out: &mut [f32],
-    ld: usize,
-    dot: impl Fn(&[B], &[BlockAct]) -> f32,
-) {
-    for r in rows.clone() {
-        let row = &w[r * kb..(r + 1) * kb];
-        for c in 0..n {
-            out[c * ld + r - rows.start] = dot(row, &act[c * kb..(c + 1) * kb]);
-        }
-    }
-}
-
 /// Quantizes `x` to 8-bit blocks (`x.len()` a multiple of 32).
 pub fn quantize_act(x: &[f32], out: &mut Vec<BlockAct>) {
     out.resize(x.len() / BLOCK, BlockAct::default());
     simd::quantize(x, out);
 }
 
-#[inline(always)]
-fn quantize_portable(x: &[f32], out: &mut [BlockAct]) {
-    for (blk, xs) in out.iter_mut().zip(x.chunks_exact(BLOCK)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, v) in blk.qs.iter_mut().zip(xs) {
-            let r = (v * id).round() as i32;
-            *q = r.clamp(-127, 127) as i8;
-            sum += i32::from(*q);
-        }
-        blk.d = d;
-        blk.s = d * sum as f32;
-    }
-}
-
-#[inline(always)]
-fn dot_q4_1_portable(w: &[BlockQ4_1], act: &[BlockAct]) -> f32 {
-    let mut sum = 0f32;
-    for (b, a) in w.iter().zip(act) {
-        let mut s = 0i32;
-        for j in 0..16 {
-            s += i32::from(b.qs[j] & 0x0f) * i32::from(a.qs[j]);
-            s += i32::from(b.qs[j] >> 4) * i32::from(a.qs[j + 16]);
-        }
-        sum += b.d * a.d * s as f32 + b.m * a.s;
-    }
-    sum
-}
-
-#[inline(always)]
-fn dot_q8_0_portable(w: &[BlockQ8_0], act: &[BlockAct]) -> f32 {
-    let mut sum = 0f32;
-    for (b, a) in w.iter().zip(act) {
-        let mut s = 0i32;
-        for (x, y) in b.qs.iter().zip(a.qs) {
-            s += i32::from(*x) * i32::from(y);
-        }
-        sum += b.d * a.d * s as f32;
-    }
-    sum
-}
-
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod grouped;
+mod portable;
+use portable::{dot_q4_1_portable, dot_q8_0_portable, matmul_portable, quantize_portable};
 #[cfg(target_arch = "x86_64")]
 mod simd;
 #[cfg(target_arch = "x86_64")]
@@ -447,6 +385,19 @@ mod simd {
 /// Runs `op` compiled with the best SIMD features this CPU has (its `call`
 /// must be `#[inline(always)]`). For plain float code the results are the
 /// same on every CPU: Rust does not fuse or reorder float operations.
+/// Whether [`vectorized`] compiles with AVX-512: 32 vector registers of
+/// 16 floats (AVX2 has 16 of 8), so loops may keep more sums in them.
+pub(crate) fn wide_vectors() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd::best().avx512() && pulp::x86::V4::try_new().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 pub fn vectorized<F: pulp::NullaryFnOnce>(op: F) -> F::Output {
     #[cfg(target_arch = "x86_64")]
     {

@@ -254,7 +254,8 @@ fn breakdown(
 
 /// The kernels' own bound: the weight products of one decoding step for
 /// `n` sequences (every layer and the output head) on one thread, without
-/// attention, sampling or thread hand-off. Appends `"floor":[...],`.
+/// attention, sampling or thread hand-off; then the same on every core at
+/// once (what the cores give together). Appends `"floor":[...],`.
 fn floor(model: &EmbeddedModel, ns: &[usize], json: &mut String) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut one = None;
