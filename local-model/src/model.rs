@@ -44,6 +44,19 @@ struct Layer {
 }
 
 impl Layer {
+    /// The layer's seven matrices.
+    fn all(&self) -> [&QMatrix; 7] {
+        [
+            &self.wq,
+            &self.wk,
+            &self.wv,
+            &self.wo,
+            &self.w_gate,
+            &self.w_up,
+            &self.w_down,
+        ]
+    }
+
     fn mats(&mut self) -> [&mut QMatrix; 7] {
         [
             &mut self.wq,
@@ -196,7 +209,7 @@ impl Weights {
         for i in 0..cfg.layers {
             let p = format!("blk.{i}");
             let n = |s: &str| format!("{p}.{s}.weight");
-            let mut layer = Layer {
+            let layer = Layer {
                 attn_norm: vector(read(&n("attn_norm"))?, "attn_norm")?,
                 wq: read(&n("attn_q"))?,
                 wk: read(&n("attn_k"))?,
@@ -207,7 +220,7 @@ impl Weights {
                 w_up: read(&n("ffn_up"))?,
                 w_down: read(&n("ffn_down"))?,
             };
-            pending += layer.mats().iter().map(|m| m.bytes()).sum::<usize>();
+            pending += layer.all().iter().map(|m| m.bytes()).sum::<usize>();
             layers.push(layer);
             if pending >= PACK_BYTES || i + 1 == cfg.layers {
                 packing.add(layers[first..].iter_mut().flat_map(Layer::mats).collect());
@@ -239,7 +252,7 @@ impl Weights {
         let inv_freq = (0..half)
             .map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
             .collect();
-        let w = Weights {
+        Ok(Weights {
             cfg: Config { vocab, ..cfg },
             embed,
             output,
@@ -247,18 +260,16 @@ impl Weights {
             layers,
             inv_freq,
             paging: packing.paging,
-        };
-        Ok(w)
+        })
     }
 
     /// Whether the weights, all of them, were moved to memory advised for
     /// huge pages.
     pub fn huge_pages(&self) -> bool {
-        let mut mats = [&self.embed].into_iter().chain(&self.output).chain(
-            self.layers
-                .iter()
-                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]),
-        );
+        let mut mats = [&self.embed]
+            .into_iter()
+            .chain(&self.output)
+            .chain(self.layers.iter().flat_map(Layer::all));
         self.paging == Paging::Advised && mats.all(QMatrix::moved)
     }
 
@@ -330,12 +341,8 @@ impl Weights {
         let l: usize = self
             .layers
             .iter()
-            .map(|l| {
-                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                    .iter()
-                    .map(|m| m.bytes())
-                    .sum::<usize>()
-            })
+            .flat_map(Layer::all)
+            .map(QMatrix::bytes)
             .sum();
         l + self.embed.bytes() + self.output.as_ref().map_or(0, QMatrix::bytes)
     }
