@@ -15,7 +15,7 @@ use crate::gguf::{Content, DType};
 use crate::pages::{Pack, Paging};
 
 use crate::quant::{quantize_act, BlockAct, FileType, QData, QMatrix, BLOCK, GROUP};
-use crate::team::{Job, Team};
+use crate::team::{Job, Part, Team};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -468,8 +468,17 @@ fn attention(
             });
         })
     };
-    team.run(&job, |part, buf| {
-        att[cut(part) * dim..cut(part + 1) * dim].copy_from_slice(buf);
+    team.run_with(&job, |p| match p {
+        Part::Own(part) => crate::quant::vectorized(Attend {
+            input,
+            rows: cut(part)..cut(part + 1),
+            scores: &mut *scores,
+            att: &mut att[cut(part) * dim..cut(part + 1) * dim],
+            cfg: &w.cfg,
+        }),
+        Part::Done(part, buf) => {
+            att[cut(part) * dim..cut(part + 1) * dim].copy_from_slice(buf);
+        }
     });
 }
 
@@ -528,16 +537,28 @@ fn products(
             }
         })
     };
-    team.run(&job, |part, buf| {
-        let mut at = 0;
-        for (o, r) in outs.iter_mut().zip(&rows) {
-            let range = share(*r, part, parts);
-            let len = range.len();
-            for c in 0..n {
-                o[c * r + range.start..c * r + range.end]
-                    .copy_from_slice(&buf[at + c * len..at + (c + 1) * len]);
+    team.run_with(&job, |p| match p {
+        // The caller's parts straight into place (row `i` of column `c` at
+        // `c * r + i`), the helpers' copied from their buffers.
+        Part::Own(part) => {
+            for ((m, o), r) in mats.iter().zip(outs.iter_mut()).zip(&rows) {
+                let range = share(*r, part, parts);
+                let start = range.start;
+                w.mat(*m)
+                    .matmul_rows(&[], acts, n, range, &mut o[start..], *r);
             }
-            at += n * len;
+        }
+        Part::Done(part, buf) => {
+            let mut at = 0;
+            for (o, r) in outs.iter_mut().zip(&rows) {
+                let range = share(*r, part, parts);
+                let len = range.len();
+                for c in 0..n {
+                    o[c * r + range.start..c * r + range.end]
+                        .copy_from_slice(&buf[at + c * len..at + (c + 1) * len]);
+                }
+                at += n * len;
+            }
         }
     });
 }

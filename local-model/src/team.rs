@@ -10,7 +10,8 @@
 //!
 //! The weights are shared through an `Arc` and a job is a `'static`
 //! closure, so no `unsafe` is needed: a helper computes a part into its own
-//! buffer and sends it back; the caller copies it into place.
+//! buffer and sends it back, and the caller copies it into place; the
+//! caller computes its own parts in place.
 //!
 //! Between jobs a helper spins briefly, then yields its core for up to a
 //! millisecond, before it blocks: the products of one forward pass come
@@ -60,7 +61,6 @@ pub struct Team {
     jobs: Vec<Sender<Arc<Task>>>,
     done: Receiver<Done>,
     handles: Vec<JoinHandle<()>>,
-    local: Vec<f32>,
     next_task: u64,
     /// Whether each part of the current task has been merged.
     merged: Vec<bool>,
@@ -130,7 +130,6 @@ impl Team {
             jobs,
             done,
             handles,
-            local: Vec::new(),
             next_task: 0,
             merged: Vec::new(),
         }
@@ -145,16 +144,17 @@ impl Team {
         }
     }
 
-    /// Runs `job(part)` for every part in `0..self.parts()` on whichever
-    /// thread claims it (the caller too), and hands each part's buffer to
-    /// `merge` on the calling thread, exactly once per part. Parts a helper
-    /// claimed but did not deliver in time (descheduled, or it panicked)
-    /// are run by the caller too.
-    pub fn run(&mut self, job: &Job, mut merge: impl FnMut(usize, &[f32])) {
+    /// Runs every part in `0..self.parts()` on whichever thread claims it,
+    /// the caller included, and hands `handle`, on the calling thread,
+    /// every part exactly once: the caller's own to compute straight into
+    /// their final place (`Part::Own`), the helpers' (`job` run into a
+    /// buffer) to copy there (`Part::Done`). Parts a helper claimed but did
+    /// not deliver in time (descheduled, or it panicked) come back as the
+    /// caller's own.
+    pub fn run_with(&mut self, job: &Job, mut handle: impl FnMut(Part<'_>)) {
         let parts = self.parts();
         if parts == 1 {
-            job(0, &mut self.local);
-            merge(0, &self.local);
+            handle(Part::Own(0));
             return;
         }
         self.next_task += 1;
@@ -175,8 +175,7 @@ impl Team {
             if part >= parts {
                 break;
             }
-            job(part, &mut self.local);
-            merge(part, &self.local);
+            handle(Part::Own(part));
             self.merged[part] = true;
             left -= 1;
             own += 1;
@@ -206,18 +205,25 @@ impl Team {
                 // That helper is gone; its part is ours.
                 break;
             };
-            merge(d.part, &buf);
+            handle(Part::Done(d.part, &buf));
             self.merged[d.part] = true;
             left -= 1;
         }
         for part in 0..parts {
             if !self.merged[part] {
-                job(part, &mut self.local);
-                merge(part, &self.local);
+                handle(Part::Own(part));
                 self.merged[part] = true;
             }
         }
     }
+}
+
+/// A part of a job, as [`Team::run_with`] hands it to the caller.
+pub enum Part<'a> {
+    /// For the caller to compute.
+    Own(usize),
+    /// Computed by a helper, into this buffer.
+    Done(usize, &'a [f32]),
 }
 
 impl Drop for Team {
@@ -233,6 +239,21 @@ impl Drop for Team {
 mod tests {
     use super::*;
 
+    /// Every part's values, as the caller got them: its own parts
+    /// computed by `job` on this thread, the helpers' as delivered.
+    fn run(team: &mut Team, job: &Job) -> Vec<(usize, Vec<f32>)> {
+        let mut seen = Vec::new();
+        team.run_with(job, |p| match p {
+            Part::Own(part) => {
+                let mut buf = Vec::new();
+                job(part, &mut buf);
+                seen.push((part, buf));
+            }
+            Part::Done(part, buf) => seen.push((part, buf.to_vec())),
+        });
+        seen
+    }
+
     #[test]
     fn every_part_is_merged_once() {
         for threads in [1, 2, 3] {
@@ -245,7 +266,7 @@ mod tests {
                     buf.extend([part as f32, round as f32]);
                 });
                 let mut seen = Vec::new();
-                team.run(&job, |part, buf| seen.push((part, buf.to_vec())));
+                seen.extend(run(&mut team, &job));
                 seen.sort_by_key(|s| s.0);
                 let want: Vec<_> = (0..parts)
                     .map(|p| (p, vec![p as f32, round as f32]))
@@ -265,7 +286,7 @@ mod tests {
             buf.push(part as f32);
         });
         let mut seen = Vec::new();
-        team.run(&job, |part, buf| seen.push((part, buf.to_vec())));
+        seen.extend(run(&mut team, &job));
         seen.sort_by_key(|s| s.0);
         let want: Vec<_> = (0..team.parts()).map(|p| (p, vec![p as f32])).collect();
         assert_eq!(seen, want);
@@ -302,7 +323,7 @@ mod tests {
             })
         };
         let mut seen = Vec::new();
-        team.run(&job, |part, buf| seen.push((part, buf.to_vec())));
+        seen.extend(run(&mut team, &job));
         let _ = release.send(());
         assert!(
             claimed.load(Ordering::Acquire),
