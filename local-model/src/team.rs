@@ -278,15 +278,34 @@ mod tests {
 
     #[test]
     fn a_part_that_panics_on_a_helper_is_run_by_the_caller() {
+        use std::sync::atomic::AtomicBool;
         let mut team = Team::new(2);
         let caller = std::thread::current().id();
-        let job: Job = Arc::new(move |part, buf: &mut Vec<f32>| {
-            assert!(std::thread::current().id() == caller, "helper fails");
-            buf.clear();
-            buf.push(part as f32);
-        });
+        let claimed = Arc::new(AtomicBool::new(false));
+        let job: Job = {
+            let claimed = Arc::clone(&claimed);
+            Arc::new(move |part, buf: &mut Vec<f32>| {
+                if std::thread::current().id() == caller {
+                    // Until the helper has claimed a part (bounded), so
+                    // the panic path runs.
+                    let t = Instant::now();
+                    while !claimed.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(5) {
+                        std::thread::yield_now();
+                    }
+                } else {
+                    claimed.store(true, Ordering::Release);
+                    panic!("helper fails");
+                }
+                buf.clear();
+                buf.push(part as f32);
+            })
+        };
         let mut seen = Vec::new();
         seen.extend(run(&mut team, &job));
+        assert!(
+            claimed.load(Ordering::Acquire),
+            "the helper never claimed a part"
+        );
         seen.sort_by_key(|s| s.0);
         let want: Vec<_> = (0..team.parts()).map(|p| (p, vec![p as f32])).collect();
         assert_eq!(seen, want);
