@@ -473,6 +473,39 @@ mod tests {
     use super::testdata::pseudo;
     use super::*;
 
+    /// A matrix counts as moved to shared memory once its quantized blocks
+    /// are there, or when it has none to move (no rows); floats never
+    /// move and count as moved.
+    #[test]
+    fn a_matrix_is_moved_once_its_blocks_are_shared() {
+        let block = BlockQ4_1 {
+            d: 0.5,
+            m: -1.0,
+            qs: [0x21; 16],
+        };
+        let mut full = QMatrix {
+            rows: 2,
+            cols: BLOCK,
+            data: QData::Q4_1(vec![block; 2].into()),
+        };
+        assert!(!full.moved());
+        let mut slabs: Vec<&mut dyn Pack> = full.slab_mut().into_iter().collect();
+        crate::pages::pack(&mut slabs).unwrap();
+        assert!(full.moved());
+        let empty = QMatrix {
+            rows: 0,
+            cols: BLOCK,
+            data: QData::Q8_0(Vec::new().into()),
+        };
+        assert!(empty.moved(), "nothing to move");
+        let floats = QMatrix {
+            rows: 1,
+            cols: 2,
+            data: QData::F32(vec![1.0, 2.0]),
+        };
+        assert!(floats.moved());
+    }
+
     #[test]
     fn f16_conversion() {
         assert_eq!(f16_to_f32(0x3c00), 1.0);
