@@ -83,31 +83,33 @@ def main():
                   f"(products {eight['products_ms']:.2f}, attention {eight['attention_ms']:.2f}, "
                   f"rest {eight['rest_ms']:.2f})")
             if 1 in floor and 8 in floor and floor[1].get("together_ms", 0) > 0 \
-                    and floor[8].get("together_ms", 0) > 0:
-                # What the machine allows, both sides at their best, from
-                # the same run: the weight products split perfectly over
-                # the cores, each core at the rate it has while the others
-                # work (`together_ms`); each sequence's own work (attention
-                # over its own KV cache, norms, rotary, quantizing, SwiGLU,
-                # KV writes, the greedy pick: nothing a batch shares) at what
-                # one sequence's costs, on one core for a lone sequence (as
-                # the engine runs it; splitting it would only make the lone
-                # sequence faster and the ratio smaller) and split
-                # perfectly for a batch.
-                c = floor[8]["cores"]
-                own, attn = one["attention_ms"] + one["rest_ms"], one["attention_ms"]
-                one_best = floor[1]["together_ms"] / c + own
-                eight_best = (floor[8]["together_ms"] + 8 * own) / c
-                eight_free = (floor[8]["together_ms"] + 8 * attn) / c
-                print(f"  both at their best on this machine, from the same run: one sequence's step "
-                      f"{floor[1]['together_ms'] / c:.2f} ms of products split perfectly over {c} cores + "
-                      f"{own:.2f} ms of its own work = {one_best:.2f} ms; a step of 8 "
-                      f"{floor[8]['together_ms'] / c:.2f} + 8 x {own:.2f} / {c} = {eight_best:.2f} ms: "
-                      f"8 at once / one <= {8 * one_best / eight_best:.2f} "
-                      f"(measured: {8 * one['ms_per_step'] / eight['ms_per_step']:.2f})")
-                print(f"  and if the batch's norms, rotary, quantizing, SwiGLU, KV writes and picks cost "
-                      f"nothing (attention alone, {attn:.2f} ms a sequence): <= "
-                      f"{8 * one_best / eight_free:.2f}")
+                    and floor[8].get("together_ms", 0) > 0 and floor[1].get("cores", 0) > 0:
+                # Each step at its best, from the same run, to see how far
+                # each is from it (figures rounded first, so the printed
+                # sums add up): the weight products split perfectly over the
+                # cores, each core at the rate it has while the others work
+                # (`together_ms`); a lone sequence's own work (attention over
+                # its KV cache, norms, rotary, quantizing, SwiGLU, KV writes)
+                # on one core, as the engine runs it; for 8, attention at
+                # eight times one sequence's (each reads its own KV cache)
+                # and the other per-row work as measured at 8 (the engine
+                # runs it on one thread), both split perfectly.
+                c = floor[1]["cores"]
+                r2 = lambda v: round(v, 2)  # noqa: E731
+                p1, p8 = r2(floor[1]["together_ms"] / c), r2(floor[8]["together_ms"] / c)
+                own1 = r2(one["attention_ms"] + one["rest_ms"])
+                attn8, rest8 = r2(8 * one["attention_ms"]), r2(eight["rest_ms"])
+                one_best = r2(p1 + own1)
+                eight_best = r2(p8 + (attn8 + rest8) / c)
+                need = r2(8 * one["ms_per_step"] / 4)
+                print(f"  each step at its best, from the same run: one sequence's {p1:.2f} ms of products "
+                      f"split perfectly over {c} cores + {own1:.2f} ms of its own work on one core = "
+                      f"{one_best:.2f} ms (measured {one['ms_per_step']:.2f}); 8 sequences' {p8:.2f} + "
+                      f"({attn8:.2f} of attention + {rest8:.2f} of other per-row work) / {c} = "
+                      f"{eight_best:.2f} ms (measured {eight['ms_per_step']:.2f})")
+                print(f"  so with both steps at their best, 8 at once / one <= {8 * one_best / eight_best:.2f}; "
+                      f"with one sequence's step as measured, 4x needs a step of 8 in {need:.2f} ms at most: "
+                      f"{need / eight_best:.2f}x its best")
 
 if __name__ == "__main__":
     main()
