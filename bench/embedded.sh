@@ -4,8 +4,8 @@
 # and the same prompt token ids in the same run: tokens/s per sequence and
 # in total for 1, 2, 4, 8, 16 concurrent generations, time to first token
 # under load, RSS; then the targets as ratios, with the bounds the
-# weight products alone, and whole steps with both sides at their best,
-# set on the batching ratio.
+# weight products alone set on the batching ratio, and each whole step
+# against its best.
 #
 #   bench/embedded.sh                                   # 128 tokens, 2 runs each
 #   bench/embedded.sh --max-tokens 256 --concurrency 1,8 --runs 3

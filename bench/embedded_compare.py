@@ -111,5 +111,6 @@ def main():
                       f"with one sequence's step as measured, 4x needs a step of 8 in {need:.2f} ms at most: "
                       f"{need / eight_best:.2f}x its best")
 
+
 if __name__ == "__main__":
     main()
