@@ -495,9 +495,27 @@ fn share(rows: usize, part: usize, parts: usize) -> std::ops::Range<usize> {
     cut(part)..cut(part + 1)
 }
 
-/// `outs[i] = mats[i] · columns` for `n` columns (`x` as floats, quantized
-/// in `acts`), each product split by rows across the team.
+/// `outs[i] = mats[i] · columns` for `n` columns: `x` quantized into the
+/// shared activation buffer `acts` (helpers have released it by the time a
+/// product returns), then each product split by rows across the team, its
+/// time (not the quantizing's) added to `spent`.
+#[allow(clippy::too_many_arguments)]
 fn products(
+    team: &mut Team,
+    spent: &mut Duration,
+    w: &Arc<Weights>,
+    acts: &mut Arc<Vec<BlockAct>>,
+    x: &[f32],
+    n: usize,
+    mats: &[Mat],
+    outs: &mut [&mut Vec<f32>],
+) {
+    quantize_act(x, Arc::make_mut(acts));
+    timed(spent, || split_products(team, w, acts, x, n, mats, outs));
+}
+
+/// [`products`] once `x` is quantized in `acts`.
+fn split_products(
     team: &mut Team,
     w: &Arc<Weights>,
     acts: &Arc<Vec<BlockAct>>,
@@ -597,12 +615,6 @@ impl Forward {
         &self.weights
     }
 
-    /// Quantizes `x` into the shared activation buffer (helpers have
-    /// released it by the time a product returns).
-    fn quantize(acts: &mut Arc<Vec<BlockAct>>, x: &[f32]) {
-        quantize_act(x, Arc::make_mut(acts));
-    }
-
     /// Feeds `rows` (each at its sequence's next position) through the
     /// model, appending to the sequences' caches; fills [`Self::logits`]
     /// for the rows that ask for them.
@@ -653,18 +665,16 @@ impl Forward {
             for (x, xn) in self.x.chunks_exact(dim).zip(self.xn.chunks_exact_mut(dim)) {
                 rms_norm(x, &l.attn_norm, c.rms_eps, xn);
             }
-            Self::quantize(&mut self.acts, &self.xn);
-            timed(&mut self.times.products, || {
-                products(
-                    &mut self.team,
-                    &w,
-                    &self.acts,
-                    &self.xn,
-                    n,
-                    &[Mat::Q(li), Mat::K(li), Mat::V(li)],
-                    &mut [&mut self.q, &mut self.k, &mut self.v],
-                );
-            });
+            products(
+                &mut self.team,
+                &mut self.times.products,
+                &w,
+                &mut self.acts,
+                &self.xn,
+                n,
+                &[Mat::Q(li), Mat::K(li), Mat::V(li)],
+                &mut [&mut self.q, &mut self.k, &mut self.v],
+            );
             for i in 0..n {
                 let rot = &self.rot[i * half..(i + 1) * half];
                 rope(&mut self.q[i * dim..(i + 1) * dim], hd, rot);
@@ -707,18 +717,16 @@ impl Forward {
                 Some(input) => input.kv.clear(),
                 None => self.attn = Arc::default(),
             }
-            Self::quantize(&mut self.acts, &self.att);
-            timed(&mut self.times.products, || {
-                products(
-                    &mut self.team,
-                    &w,
-                    &self.acts,
-                    &self.att,
-                    n,
-                    &[Mat::O(li)],
-                    &mut [&mut self.proj],
-                );
-            });
+            products(
+                &mut self.team,
+                &mut self.times.products,
+                &w,
+                &mut self.acts,
+                &self.att,
+                n,
+                &[Mat::O(li)],
+                &mut [&mut self.proj],
+            );
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
             }
@@ -726,34 +734,30 @@ impl Forward {
             for (x, xn) in self.x.chunks_exact(dim).zip(self.xn.chunks_exact_mut(dim)) {
                 rms_norm(x, &l.ffn_norm, c.rms_eps, xn);
             }
-            Self::quantize(&mut self.acts, &self.xn);
-            timed(&mut self.times.products, || {
-                products(
-                    &mut self.team,
-                    &w,
-                    &self.acts,
-                    &self.xn,
-                    n,
-                    &[Mat::Gate(li), Mat::Up(li)],
-                    &mut [&mut self.gate, &mut self.up],
-                );
-            });
+            products(
+                &mut self.team,
+                &mut self.times.products,
+                &w,
+                &mut self.acts,
+                &self.xn,
+                n,
+                &[Mat::Gate(li), Mat::Up(li)],
+                &mut [&mut self.gate, &mut self.up],
+            );
             crate::quant::vectorized(crate::mathf::SwiGlu {
                 gate: &mut self.gate,
                 up: &self.up,
             });
-            Self::quantize(&mut self.acts, &self.gate);
-            timed(&mut self.times.products, || {
-                products(
-                    &mut self.team,
-                    &w,
-                    &self.acts,
-                    &self.gate,
-                    n,
-                    &[Mat::Down(li)],
-                    &mut [&mut self.proj],
-                );
-            });
+            products(
+                &mut self.team,
+                &mut self.times.products,
+                &w,
+                &mut self.acts,
+                &self.gate,
+                n,
+                &[Mat::Down(li)],
+                &mut [&mut self.proj],
+            );
             for (x, p) in self.x.iter_mut().zip(&self.proj) {
                 *x += p;
             }
@@ -778,17 +782,15 @@ impl Forward {
             return;
         }
         let xl = &self.xn[..m * dim];
-        Self::quantize(&mut self.acts, xl);
-        timed(&mut self.times.products, || {
-            products(
-                &mut self.team,
-                &w,
-                &self.acts,
-                xl,
-                m,
-                &[Mat::Output],
-                &mut [&mut self.logits],
-            );
-        });
+        products(
+            &mut self.team,
+            &mut self.times.products,
+            &w,
+            &mut self.acts,
+            xl,
+            m,
+            &[Mat::Output],
+            &mut [&mut self.logits],
+        );
     }
 }
