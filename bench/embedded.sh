@@ -3,9 +3,11 @@
 # (one continuous-batching engine), next to llama.cpp on the same GGUF file
 # and the same prompt token ids in the same run: tokens/s per sequence and
 # in total for 1, 2, 4, 8, 16 concurrent generations, time to first token
-# under load, RSS; then the targets as ratios, with the bounds the
-# weight products alone set on the batching ratio, and each whole step
-# against its best.
+# under load, RSS; llama.cpp both serving the requests one after another
+# and decoding them batched (its own multi-sequence decoding, as its
+# server's parallel slots run it); then the targets as ratios, with
+# llama.cpp's own batching ratio, the bounds the weight products alone set
+# on ours, and each whole step against its best.
 #
 #   bench/embedded.sh                                   # 128 tokens, 2 runs each
 #   bench/embedded.sh --max-tokens 256 --concurrency 1,8 --runs 3
@@ -33,8 +35,12 @@ awk -v n="$(nproc)" '{ exit !($1 >= n) }' /proc/loadavg && busy=1
 # --breakdown: where a whole decoding step's time goes (products, attention,
 # the rest), on the engine's threads.
 "$root/target/release/embedded-bench" --json "$out/ours.json" --floor --breakdown "$@"
+# One generation alone on one core (the engine without its helper): what
+# the batching ratio would read if a lone generation did not use both.
+"$root/target/release/embedded-bench" --json "$out/one-core.json" --threads 1 \
+  --concurrency 1 --runs 3 >/dev/null
 if [[ -n "${NO_LLAMA:-}" ]]; then
-  python3 bench/embedded_compare.py "$out/ours.json"
+  python3 bench/embedded_compare.py "$out/ours.json" --one-core "$out/one-core.json"
   exit 0
 fi
 venv="$root/.tools/llama-venv"
@@ -71,4 +77,4 @@ echo "llama.cpp with OMP_WAIT_POLICY=$OMP_WAIT_POLICY"
 OMP_WAIT_POLICY="$OMP_WAIT_POLICY" \
   "$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
   --ours "$out/ours.json" --concurrency "$conc" --json "$out/llama.json"
-python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json"
+python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json" --one-core "$out/one-core.json"

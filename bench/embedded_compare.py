@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints embedded-bench and llama.cpp figures side by side, with the
-issue's targets as ratios. Usage: embedded_compare.py OURS.json [LLAMA.json]"""
+issue's targets as ratios. Usage:
+embedded_compare.py OURS.json [LLAMA.json] [--one-core OURS-ONE-THREAD.json]"""
 import json
 import statistics as st
 import sys
@@ -11,8 +12,14 @@ def best(rows, key):
 
 
 def main():
-    ours = json.load(open(sys.argv[1]))
-    llama = json.load(open(sys.argv[2])) if len(sys.argv) > 2 else None
+    args = sys.argv[1:]
+    one_core = None
+    if "--one-core" in args:
+        i = args.index("--one-core")
+        one_core = json.load(open(args[i + 1]))
+        del args[i:i + 2]
+    ours = json.load(open(args[0]))
+    llama = json.load(open(args[1])) if len(args) > 1 else None
     res = ours["results"]
     by_n = {}
     for r in res:
@@ -21,8 +28,14 @@ def main():
     print(f"== embedded engine ({ours['threads']} threads, continuous batching), "
           f"{ours['max_tokens']} tokens per generation, prompts of {ours['prompt_tokens']} tokens ==")
     print(f"{'concurrent':>10} {'total tok/s':>12} {'per seq tok/s':>14} {'TTFT mean ms':>13} "
-          f"{'TTFT max ms':>12} {'RSS MiB':>8}" + (f" | {'llama.cpp total':>15} {'TTFT mean':>10} {'TTFT max':>9}" if llama else ""))
+          f"{'TTFT max ms':>12} {'RSS MiB':>8}" + (f" | {'llama.cpp total':>15} {'TTFT mean':>10} {'TTFT max':>9}"
+                                                  f" | {'llama.cpp batched':>17} {'TTFT':>6}" if llama else ""))
     seq = {r["concurrency"]: r for r in (llama or {}).get("sequential", [])}
+    lb = {}
+    for r in (llama or {}).get("batched", []):
+        lb.setdefault(r["concurrency"], []).append(r)
+    lb_total = {n: st.median(r["total_tps"] for r in rs) for n, rs in lb.items()}
+    lb_decode = {n: st.median(r["decode_tps"] for r in rs) for n, rs in lb.items()}
     for n in sorted(by_n):
         rows = by_n[n]
         total = st.median(r["total_tps"] for r in rows)
@@ -34,6 +47,8 @@ def main():
         if n in seq:
             s = seq[n]
             line += f" | {s['total_tps']:>15.1f} {st.mean(s['ttft_ms']):>10.0f} {max(s['ttft_ms']):>9.0f}"
+        if n in lb:
+            line += f" | {lb_total[n]:>17.1f} {st.median(r['ttft_ms'] for r in lb[n]):>6.0f}"
         print(line)
     single = by_n.get(1, [])
     ours_tps = st.median(r["per_seq_tps"][0] for r in single) if single else float("nan")
@@ -47,6 +62,10 @@ def main():
             rows = [r for r in llama["single"] if r["threads"] == t]
             print(f"{f'llama.cpp {t} thread(s)':24} {st.median(r['tps'] for r in rows):>12.1f} "
                   f"{st.median(r['ttft_ms'] for r in rows):>15.0f}")
+        if 1 in lb:
+            print(f"{'llama.cpp low-level API':24} {lb_decode[1]:>12.1f} "
+                  f"{st.median(r['ttft_ms'] for r in lb[1]):>15.0f}   "
+                  f"({max(r['threads'] for r in lb[1])} threads, argmax in numpy, no repeat penalty)")
         print(f"llama.cpp peak RSS {llama['peak_rss_mib']:.0f} MiB")
     print()
     print("== targets ==")
@@ -55,12 +74,28 @@ def main():
         rows = [r for r in llama["single"] if r["threads"] == t2]
         l_tps = st.median(r["tps"] for r in rows)
         l_ttft = st.median(r["ttft_ms"] for r in rows)
-        print(f"single-stream decode / llama.cpp {t2}-thread decode: {ours_tps / l_tps:.2f} (target >= 1)")
-        print(f"llama.cpp {t2}-thread first token / ours: {l_ttft / ours_ttft:.2f} (target >= 1)")
+        # The faster of llama.cpp's two ways (its Python generate loop, or
+        # the low-level API without that loop's sampling) is the reference.
+        if 1 in lb:
+            l_tps = max(l_tps, lb_decode[1])
+            l_ttft = min(l_ttft, st.median(r["ttft_ms"] for r in lb[1]))
+        print(f"single-stream decode / llama.cpp {t2}-thread decode (its faster way): "
+              f"{ours_tps / l_tps:.2f} (target >= 1)")
+        print(f"llama.cpp {t2}-thread first token (its faster way) / ours: {l_ttft / ours_ttft:.2f} (target >= 1)")
     if 8 in by_n and single:
         t8 = st.median(r["total_tps"] for r in by_n[8])
         t1 = st.median(r["total_tps"] for r in single)
         print(f"8 concurrent total / single-stream total: {t8 / t1:.2f} (target >= 4)")
+        if 1 in lb and 8 in lb:
+            print(f"  llama.cpp's own batching in the same run (8 sequences in one llama_decode a step): "
+                  f"8 / one = {lb_total[8] / lb_total[1]:.2f} in total tokens/s "
+                  f"({lb_decode[8] / lb_decode[1]:.2f} decoding alone); our 8 concurrent give "
+                  f"{t8 / lb_total[8]:.2f}x its 8 batched")
+        if one_core and one_core.get("results"):
+            t1c = st.median(r["total_tps"] for r in one_core["results"])
+            print(f"  a lone generation on one core (threads 1) makes {t1c:.1f} tokens/s, "
+                  f"and 8 at once on both / that = {t8 / t1c:.2f}: the ratio reads higher when "
+                  f"the lone generation is slower (the issue asks it to use both cores)")
         floor = {r["concurrency"]: r for r in ours.get("floor", [])}
         if 1 in floor and 8 in floor:
             print(f"  bound: the weight products alone (one thread, no attention, sampling or prompts) "
