@@ -37,7 +37,9 @@ awk -v n="$(nproc)" '{ exit !($1 >= n) }' /proc/loadavg && busy=1
 "$root/target/release/embedded-bench" --json "$out/ours.json" --floor --breakdown "$@"
 # One generation alone on one core (the engine without its helper): what
 # the batching ratio would read if a lone generation did not use both.
-"$root/target/release/embedded-bench" --json "$out/one-core.json" --threads 1 \
+# The caller's options, then these (embedded-bench keeps an option's last
+# value).
+"$root/target/release/embedded-bench" "$@" --json "$out/one-core.json" --threads 1 \
   --concurrency 1 --runs 3 >/dev/null
 if [[ -n "${NO_LLAMA:-}" ]]; then
   python3 bench/embedded_compare.py "$out/ours.json" --one-core "$out/one-core.json"
@@ -55,9 +57,11 @@ if ! "$venv/bin/python" -c 'import llama_cpp' 2>/dev/null; then
 fi
 # The same prompts, token limit and concurrency list as above.
 conc="1,2,4,8,16"
+runs=2
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
   [[ "${args[i]}" == "--concurrency" ]] && conc="${args[i + 1]}"
+  [[ "${args[i]}" == "--runs" ]] && runs="${args[i + 1]}"
 done
 load "before llama.cpp"
 # ggml's OpenMP threads spin at every barrier: on an idle machine that is
@@ -76,5 +80,5 @@ fi
 echo "llama.cpp with OMP_WAIT_POLICY=$OMP_WAIT_POLICY"
 OMP_WAIT_POLICY="$OMP_WAIT_POLICY" \
   "$venv/bin/python" bench/llama_cpp_bench.py --model "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf" \
-  --ours "$out/ours.json" --concurrency "$conc" --json "$out/llama.json"
+  --ours "$out/ours.json" --concurrency "$conc" --runs "$runs" --json "$out/llama.json"
 python3 bench/embedded_compare.py "$out/ours.json" "$out/llama.json" --one-core "$out/one-core.json"
