@@ -74,8 +74,8 @@ def main():
         rows = [r for r in llama["single"] if r["threads"] == t2]
         l_tps = st.median(r["tps"] for r in rows)
         l_ttft = st.median(r["ttft_ms"] for r in rows)
-        # The faster of llama.cpp's two ways (its Python generate loop, or
-        # the low-level API without that loop's sampling) is the reference.
+        # The faster of llama.cpp's two ways (the package's generate, or its
+        # low-level API) is the reference.
         if 1 in lb:
             l_tps = max(l_tps, lb_decode[1])
             l_ttft = min(l_ttft, st.median(r["ttft_ms"] for r in lb[1]))
