@@ -7,10 +7,6 @@ import statistics as st
 import sys
 
 
-def best(rows, key):
-    return max(r[key] for r in rows) if rows else float("nan")
-
-
 def main():
     args = sys.argv[1:]
     one_core = None
@@ -66,6 +62,10 @@ def main():
             print(f"{'llama.cpp low-level API':24} {lb_decode[1]:>12.1f} "
                   f"{st.median(r['ttft_ms'] for r in lb[1]):>15.0f}   "
                   f"({max(r['threads'] for r in lb[1])} threads, argmax in numpy, no repeat penalty)")
+        same = [r["same_as_alone"] for rs in lb.values() for r in rs if "same_as_alone" in r]
+        if same:
+            print(f"llama.cpp batched: sequence 0 chose at least the first {min(same)} of "
+                  f"{ours['max_tokens']} tokens it chose alone, at every N")
         print(f"llama.cpp peak RSS {llama['peak_rss_mib']:.0f} MiB")
     print()
     print("== targets ==")
